@@ -1,0 +1,60 @@
+"""`sandbox-operator run` / `python -m sandbox_operator run`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sandbox_operator import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandbox-operator", description="E2B-style sandboxes on Kubernetes")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], dest="namespaces",
+                       help="watch only this namespace (repeatable; globs allowed); default: all namespaces")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces (default)")
+    run.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster, else KUBECONFIG)")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--bind-address", default="0.0.0.0", help="address for /metrics and /healthz")
+    run.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
+    run.add_argument("--liveness-port", type=int, default=8080, help="liveness /healthz port (0 = off)")
+    run.add_argument("--workers", type=int, default=16, help="concurrent reconciles")
+    run.add_argument("--max-in-flight", type=int, default=64, help="concurrent API requests")
+    run.add_argument("--gateway-namespace", default="sandbox-system",
+                     help="namespace of the gateway pods allowed into sandboxes by NetworkPolicy")
+    run.add_argument("--normal-events", choices=["on", "off"], default="on",
+                     help="post Normal-type Events on transitions (Warnings are always posted)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    if args.command == "run":
+        from sandbox_operator.controller.config import OperatorConfig
+        from sandbox_operator.controller.main import run_operator
+
+        config = OperatorConfig(
+            namespaces=tuple(args.namespaces),
+            kubeconfig=args.kubeconfig,
+            bind_address=args.bind_address,
+            metrics_port=args.metrics_port,
+            liveness_port=args.liveness_port,
+            workers=args.workers,
+            max_in_flight=args.max_in_flight,
+            gateway_namespace=args.gateway_namespace,
+            normal_events=args.normal_events == "on",
+        )
+        sys.exit(run_operator(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Agent configuration: command-line flags with environment-variable defaults (the operator's contract)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ENVD_PORT = 49983
+DEFAULT_INTERPRETER_PORT = 49999
+DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_EXECUTIONS = 64
+DEFAULT_MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
+DEFAULT_MAX_RPC_BODY_BYTES = 8 * 1024 * 1024
+
+# Never handed to user processes or kernels: they would let sandboxed code mint signed URLs.
+SECRET_ENV_VARS = frozenset({"SANDBOX_ACCESS_TOKEN"})
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host: str = "0.0.0.0"
+    envd_port: int = DEFAULT_ENVD_PORT
+    interpreter_port: int = DEFAULT_INTERPRETER_PORT
+    workdir: Path = field(default_factory=lambda: default_workdir({}))
+    sandbox_id: str = ""
+    access_token: str | None = None
+    execution_timeout: float = 0.0
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_concurrent_executions: int = DEFAULT_MAX_CONCURRENT_EXECUTIONS
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_rpc_body_bytes: int = DEFAULT_MAX_RPC_BODY_BYTES
+    prewarm_kernel: bool = False
+    enable_interpreter: bool = True
+
+
+def default_workdir(env: Mapping[str, str]) -> Path:
+    """SANDBOX_WORKDIR, else /home/user when it exists (the images), else the current user's home."""
+    configured = env.get("SANDBOX_WORKDIR")
+    if configured:
+        return Path(configured)
+    image_home = Path("/home/user")
+    if image_home.is_dir():
+        return image_home
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as error:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from error
+    if value < 0:
+        raise SystemExit(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    return int(_env_float(env, name, float(default)))
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    return raw in {"1", "true", "yes", "on"}
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="sandbox-agent",
+        description="In-sandbox agent: envd-compatible API and code interpreter for the E2B SDKs.",
+    )
+    parser.add_argument("--host", default=env.get("SANDBOX_AGENT_HOST", "0.0.0.0"), help="bind address")
+    parser.add_argument(
+        "--envd-port", type=int, default=_env_int(env, "SANDBOX_ENVD_PORT", DEFAULT_ENVD_PORT)
+    )
+    parser.add_argument(
+        "--interpreter-port",
+        type=int,
+        default=_env_int(env, "SANDBOX_INTERPRETER_PORT", DEFAULT_INTERPRETER_PORT),
+        help="code interpreter port; 0 disables the separate listener",
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="workspace and default user's home")
+    parser.add_argument(
+        "--execution-timeout",
+        type=float,
+        default=_env_float(env, "SANDBOX_EXECUTION_TIMEOUT", 0.0),
+        help="seconds a process or code execution may run; 0 = no limit",
+    )
+    parser.add_argument(
+        "--max-output-bytes",
+        type=int,
+        default=_env_int(env, "SANDBOX_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES),
+        help="output kept per execution before truncation; 0 = no limit",
+    )
+    parser.add_argument(
+        "--max-concurrent-executions",
+        type=int,
+        default=_env_int(env, "SANDBOX_MAX_CONCURRENT_EXECUTIONS", DEFAULT_MAX_CONCURRENT_EXECUTIONS),
+        help="processes plus code executions running at once; 0 = no limit",
+    )
+    parser.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=_env_int(env, "SANDBOX_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
+    )
+    parser.add_argument(
+        "--prewarm-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool(env, "SANDBOX_PREWARM_KERNEL", False),
+        help="start the default Python kernel at startup instead of on first use",
+    )
+    args = parser.parse_args(argv)
+    workdir: Path = args.workdir if args.workdir is not None else default_workdir(env)
+    token = env.get("SANDBOX_ACCESS_TOKEN") or None
+    return AgentConfig(
+        host=args.host,
+        envd_port=args.envd_port,
+        interpreter_port=args.interpreter_port,
+        workdir=workdir.resolve(),
+        sandbox_id=env.get("SANDBOX_ID", ""),
+        access_token=token,
+        execution_timeout=max(0.0, args.execution_timeout),
+        max_output_bytes=max(0, args.max_output_bytes),
+        max_concurrent_executions=max(0, args.max_concurrent_executions),
+        max_upload_bytes=max(0, args.max_upload_bytes),
+        prewarm_kernel=args.prewarm_kernel,
+    )

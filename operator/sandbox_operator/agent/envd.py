@@ -1,0 +1,599 @@
+"""The envd-compatible API (port 49983): process and filesystem RPCs plus the plain HTTP endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import IO, Final
+
+from aiohttp import BodyPartReader, web
+
+from .connect import ConnectError, JsonObject
+from .filesystem import FilesystemService, make_dirs_as, write_metadata
+from .limits import ExecutionStats
+from .process import SIGNALS_BY_NAME, ManagedProcess, ProcessManager, set_window_size
+from .protojson import (
+    bool_field,
+    decode_bytes,
+    enum_field,
+    field,
+    message_field,
+    selector,
+    string_field,
+    string_list_field,
+    string_map_field,
+    uint_field,
+)
+from .rpc import client_stream, server_stream, unary, unimplemented
+from .signing import Operation, tokens_equal, verify_signature
+from .sysmetrics import PROMETHEUS_CONTENT_TYPE, ResourceSampler, envd_metrics, prometheus_text
+from .users import SandboxState, UserContext, UserError, username_from_basic_auth
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEPALIVE_SECONDS: Final = 90.0
+FILE_CHUNK: Final = 256 * 1024
+METADATA_HEADER_PREFIX: Final = "x-metadata-"
+MAX_METADATA_BYTES: Final = 4096
+MAX_METADATA_KEY_BYTES: Final = 246
+# Paths any caller may use; /files checks the token or a signature itself.
+PUBLIC_PATHS: Final = frozenset({"/health"})
+SELF_AUTHENTICATED_PATHS: Final = frozenset({"/files"})
+# The code-interpreter SDK sends no token on these (only /execute carries X-Access-Token).
+INTERPRETER_PUBLIC_PREFIXES: Final = ("/contexts",)
+# Monitoring requests are not user activity.
+INACTIVE_PATHS: Final = frozenset({"/health", "/metrics", "/agent/metrics"})
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"code": status, "message": message}, status=status)
+
+
+def is_rpc_path(path: str) -> bool:
+    return path.startswith(("/process.Process/", "/filesystem.Filesystem/"))
+
+
+def keepalive_interval(request: web.Request) -> float:
+    raw = request.headers.get("Keepalive-Ping-Interval", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return DEFAULT_KEEPALIVE_SECONDS
+    return value if value > 0 else DEFAULT_KEEPALIVE_SECONDS
+
+
+def parse_metadata_headers(request: web.Request) -> dict[str, str]:
+    """X-Metadata-<key>: <value> → {key.lower(): value}; first value wins; printable ASCII only."""
+    metadata: dict[str, str] = {}
+    total = 0
+    for name, value in request.headers.items():
+        if not name.lower().startswith(METADATA_HEADER_PREFIX):
+            continue
+        key = name[len(METADATA_HEADER_PREFIX) :].lower()
+        if key in metadata:
+            continue
+        if not key or not all(0x20 <= ord(char) <= 0x7E for char in key + value):
+            raise web.HTTPBadRequest(reason="invalid metadata")
+        if len(key) > MAX_METADATA_KEY_BYTES:
+            raise web.HTTPBadRequest(reason="metadata key too long")
+        total += len("user.e2b.") + len(key) + len(value)
+        if total > MAX_METADATA_BYTES:
+            raise web.HTTPBadRequest(reason="metadata too large")
+        metadata[key] = value
+    return metadata
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() != "gzip":
+            continue
+        quality = params.strip()
+        if quality.startswith("q="):
+            try:
+                return float(quality[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
+
+
+class EnvdServer:
+    def __init__(
+        self,
+        state: SandboxState,
+        stats: ExecutionStats,
+        processes: ProcessManager,
+        filesystem: FilesystemService,
+        sampler: ResourceSampler,
+    ) -> None:
+        self.state = state
+        self.stats = stats
+        self.processes = processes
+        self.filesystem = filesystem
+        self.sampler = sampler
+
+    # -- application ---------------------------------------------------------------------------
+
+    def routes(self, app: web.Application) -> None:
+        router = app.router
+        router.add_get("/health", self.health)
+        router.add_get("/metrics", self.metrics)
+        router.add_get("/agent/metrics", self.prometheus_metrics)
+        router.add_get("/envs", self.envs)
+        router.add_post("/init", self.init)
+        router.add_get("/files", self.download)
+        router.add_post("/files", self.upload)
+        unary_methods: dict[str, Callable[[web.Request, JsonObject], Awaitable[JsonObject]]] = {
+            "process.Process/List": self.list_processes,
+            "process.Process/SendInput": self.send_input,
+            "process.Process/SendSignal": self.send_signal,
+            "process.Process/Update": self.update,
+            "process.Process/CloseStdin": self.close_stdin,
+            "filesystem.Filesystem/Stat": self.stat,
+            "filesystem.Filesystem/MakeDir": self.make_dir,
+            "filesystem.Filesystem/Move": self.move,
+            "filesystem.Filesystem/ListDir": self.list_dir,
+            "filesystem.Filesystem/Remove": self.remove,
+            "filesystem.Filesystem/CreateWatcher": self.create_watcher,
+            "filesystem.Filesystem/GetWatcherEvents": self.get_watcher_events,
+            "filesystem.Filesystem/RemoveWatcher": self.remove_watcher,
+        }
+        for path, handler in unary_methods.items():
+            router.add_post(f"/{path}", unary(handler))
+        router.add_post("/process.Process/Start", server_stream(self.start))
+        router.add_post("/process.Process/Connect", server_stream(self.connect))
+        router.add_post("/filesystem.Filesystem/WatchDir", server_stream(self.watch_dir))
+        router.add_post("/process.Process/StreamInput", client_stream(self.stream_input))
+        router.add_post("/{service:[a-z]+\\.[A-Za-z]+}/{method}", unimplemented)
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        path = request.path
+        if path not in INACTIVE_PATHS:
+            self.stats.touch()
+        token = self.state.access_token
+        if (
+            token
+            and path not in PUBLIC_PATHS
+            and path not in SELF_AUTHENTICATED_PATHS
+            and not path.startswith(INTERPRETER_PUBLIC_PREFIXES)
+            and not tokens_equal(request.headers.get("X-Access-Token"), token)
+        ):
+            message = "missing or invalid access token (X-Access-Token)"
+            if is_rpc_path(path):
+                return web.json_response({"code": "unauthenticated", "message": message}, status=401)
+            return json_error(401, message)
+        return await handler(request)
+
+    # -- plain HTTP ----------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if request.query.get("format") == "prometheus":
+            return await self.prometheus_metrics(request)
+        sample = self.sampler.sample()
+        body = envd_metrics(sample, self.sampler.cpu_used_percent(sample), self.stats)
+        return web.json_response(body)
+
+    async def prometheus_metrics(self, request: web.Request) -> web.Response:
+        text = prometheus_text(self.sampler.sample(), self.stats, self.state.config.sandbox_id)
+        return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+    async def envs(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state.env_vars)
+
+    async def init(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return json_error(400, "request body must be JSON")
+        if not isinstance(body, dict):
+            return json_error(400, "request body must be a JSON object")
+        env_vars = body.get("envVars")
+        if env_vars is not None:
+            if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+                return json_error(400, "envVars must be a map of strings")
+            self.state.env_vars.update(env_vars)
+        token = body.get("accessToken")
+        if isinstance(token, str) and token:
+            self.state.access_token = token
+        user = body.get("defaultUser")
+        if isinstance(user, str) and user:
+            try:
+                self.state.user(user)
+            except UserError as error:
+                return json_error(400, str(error))
+            self.state.default_user = user
+        workdir = body.get("defaultWorkdir")
+        if isinstance(workdir, str) and workdir:
+            self.state.default_workdir = Path(workdir)
+        return web.Response(status=204)
+
+    def _file_request_user(self, request: web.Request, operation: Operation) -> tuple[UserContext, str]:
+        path = request.query.get("path", "")
+        username = request.query.get("username") or ""
+        token = self.state.access_token
+        if token and not tokens_equal(request.headers.get("X-Access-Token"), token):
+            refusal = verify_signature(
+                signature=request.query.get("signature"),
+                expiration=request.query.get("signature_expiration"),
+                path=path,
+                operation=operation,
+                username=username,
+                access_token=token,
+                now=time.time(),
+            )
+            if refusal is not None:
+                raise web.HTTPUnauthorized(
+                    text=json.dumps({"code": 401, "message": refusal}), content_type="application/json"
+                )
+        try:
+            return self.state.user(username or None), path
+        except UserError as error:
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"code": 401, "message": str(error)}), content_type="application/json"
+            ) from error
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        user, raw_path = self._file_request_user(request, "read")
+        if not raw_path:
+            return json_error(400, "missing 'path' query parameter")
+        path = user.resolve(raw_path)
+        loop = asyncio.get_running_loop()
+        try:
+            handle: IO[bytes] = await loop.run_in_executor(None, _open_regular_file, path)
+        except FileNotFoundError:
+            return json_error(404, f"path '{path}' does not exist")
+        except IsADirectoryError:
+            return json_error(400, f"path '{path}' is a directory")
+        except PermissionError:
+            return json_error(401, f"permission denied: '{path}'")
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            gzip_body = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            if gzip_body:
+                response.headers["Content-Encoding"] = "gzip"
+            else:
+                response.content_length = size
+            await response.prepare(request)
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip_body else None
+            while True:
+                chunk: bytes = await loop.run_in_executor(None, handle.read, FILE_CHUNK)
+                if not chunk:
+                    break
+                await response.write(compressor.compress(chunk) if compressor else chunk)
+            if compressor is not None:
+                await response.write(compressor.flush())
+            await response.write_eof()
+            return response
+        finally:
+            await loop.run_in_executor(None, handle.close)
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        user, raw_path = self._file_request_user(request, "write")
+        metadata = parse_metadata_headers(request)
+        written: list[JsonObject] = []
+        try:
+            if request.content_type == "multipart/form-data":
+                reader = await request.multipart()
+                while True:
+                    part = await reader.next()
+                    if part is None:
+                        break
+                    if not isinstance(part, BodyPartReader) or part.name != "file":
+                        continue
+                    destination = raw_path if raw_path and not written else (part.filename or "")
+                    if not destination:
+                        return json_error(400, "a file part has no destination path (filename or 'path')")
+                    written.append(await self._store(user, destination, _part_chunks(part), metadata))
+                if not written:
+                    return json_error(400, "no 'file' part in the multipart body")
+            else:
+                if not raw_path:
+                    return json_error(400, "the 'path' query parameter is required for octet-stream uploads")
+                written.append(await self._store(user, raw_path, _body_chunks(request), metadata))
+        except _UploadTooLarge:
+            return json_error(413, f"upload exceeds the limit of {self.state.config.max_upload_bytes} bytes")
+        except IsADirectoryError as error:
+            return json_error(400, f"path '{error.filename}' is a directory")
+        except PermissionError as error:
+            return json_error(401, f"permission denied: '{error.filename}'")
+        except OSError as error:
+            if error.errno == 28:  # ENOSPC
+                return json_error(507, "not enough disk space available")
+            return json_error(500, f"error writing file: {error}")
+        except zlib.error as error:
+            return json_error(400, f"invalid gzip body: {error}")
+        return web.json_response(written)
+
+    async def _store(
+        self, user: UserContext, raw_path: str, chunks: AsyncIterator[bytes], metadata: dict[str, str]
+    ) -> JsonObject:
+        path = user.resolve(raw_path)
+        loop = asyncio.get_running_loop()
+        limit = self.state.config.max_upload_bytes
+        handle: IO[bytes] = await loop.run_in_executor(None, _open_for_write, path, user)
+        size = 0
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if limit and size > limit:
+                    raise _UploadTooLarge
+                await loop.run_in_executor(None, handle.write, chunk)
+        finally:
+            await loop.run_in_executor(None, handle.close)
+        if metadata or os.path.exists(path):
+            try:
+                await loop.run_in_executor(None, write_metadata, path, metadata)
+            except OSError as error:
+                if metadata:
+                    raise OSError(error.errno, f"cannot store metadata: {error.strerror}") from error
+        info: JsonObject = {"name": path.name, "type": "file", "path": str(path)}
+        if metadata:
+            info["metadata"] = metadata
+        return info
+
+    # -- RPC helpers ---------------------------------------------------------------------------
+
+    def _user(self, request: web.Request) -> UserContext:
+        try:
+            return self.state.user(username_from_basic_auth(request.headers.get("Authorization")))
+        except UserError as error:
+            raise ConnectError(
+                "permission_denied" if error.status == 403 else "unauthenticated", str(error)
+            ) from error
+
+    def _path(self, request: web.Request, message: JsonObject, name: str = "path") -> Path:
+        raw = string_field(message, name)
+        if not raw:
+            raise ConnectError("invalid_argument", f"field {name!r} must not be empty")
+        return self._user(request).resolve(raw)
+
+    def _process(self, message: JsonObject) -> ManagedProcess:
+        kind, value = selector(message)
+        return self.processes.find(kind, value)
+
+    # -- process.Process ---------------------------------------------------------------------
+
+    async def list_processes(self, request: web.Request, message: JsonObject) -> JsonObject:
+        return {"processes": self.processes.list()}
+
+    async def start(
+        self, request: web.Request, message: JsonObject, deadline: float | None
+    ) -> AsyncIterator[JsonObject]:
+        config = message_field(message, "process")
+        pty = field(message, "pty")
+        pty_size: tuple[int, int] | None = None
+        if isinstance(pty, dict):
+            size = message_field(pty, "size")
+            pty_size = (uint_field(size, "cols", 80), uint_field(size, "rows", 24))
+        tag = field(message, "tag")
+        stdin = field(message, "stdin")
+        cwd = field(config, "cwd")
+        managed, queue = await self.processes.start(
+            user=self._user(request),
+            cmd=string_field(config, "cmd"),
+            args=string_list_field(config, "args"),
+            envs=string_map_field(config, "envs"),
+            cwd=cwd if isinstance(cwd, str) and cwd else None,
+            tag=tag if isinstance(tag, str) else None,
+            pty_size=pty_size,
+            # Absent means true for old SDKs (proto comment).
+            stdin=True if stdin is None else bool(stdin),
+        )
+        # The stream's deadline bounds the command: when it passes, the command is killed.
+        killer: asyncio.TimerHandle | None = None
+        if deadline is not None:
+            killer = asyncio.get_running_loop().call_at(
+                asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic()), managed.kill_group
+            )
+        try:
+            yield {"event": {"start": {"pid": managed.pid}}}
+            async for event in self._process_events(managed, queue, keepalive_interval(request), deadline):
+                yield {"event": event}
+        finally:
+            managed.unsubscribe(queue)
+            if killer is not None and managed.finished.is_set():
+                killer.cancel()
+
+    async def connect(
+        self, request: web.Request, message: JsonObject, deadline: float | None
+    ) -> AsyncIterator[JsonObject]:
+        managed = self._process(message)
+        queue = managed.subscribe()
+        try:
+            yield {"event": {"start": {"pid": managed.pid}}}
+            async for event in self._process_events(managed, queue, keepalive_interval(request), deadline):
+                yield {"event": event}
+        finally:
+            managed.unsubscribe(queue)
+
+    async def _process_events(
+        self,
+        managed: ManagedProcess,
+        queue: asyncio.Queue[JsonObject],
+        keepalive: float,
+        deadline: float | None,
+    ) -> AsyncIterator[JsonObject]:
+        while True:
+            try:
+                event = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                wait = keepalive
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ConnectError("deadline_exceeded", "the command's timeout expired") from None
+                    wait = min(wait, remaining)
+                try:
+                    event = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise ConnectError("deadline_exceeded", "the command's timeout expired") from None
+                    yield {"keepalive": {}}
+                    continue
+            yield event
+            if "end" in event:
+                if managed.timed_out:
+                    raise ConnectError("deadline_exceeded", event["end"].get("error", "execution timed out"))
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ConnectError("deadline_exceeded", "the command's timeout expired")
+                return
+
+    async def send_input(self, request: web.Request, message: JsonObject) -> JsonObject:
+        managed = self._process(message)
+        data = _input_bytes(message_field(message, "input"))
+        if data is not None:
+            await managed.write_input(data)
+        return {}
+
+    async def stream_input(self, request: web.Request, messages: AsyncIterator[JsonObject]) -> JsonObject:
+        managed: ManagedProcess | None = None
+        async for message in messages:
+            if "start" in message:
+                managed = self._process(message_field(message, "start"))
+            elif "data" in message:
+                if managed is None:
+                    raise ConnectError("invalid_argument", "the first StreamInput message must be 'start'")
+                data = _input_bytes(message_field(message_field(message, "data"), "input"))
+                if data is not None:
+                    await managed.write_input(data)
+        if managed is None:
+            raise ConnectError("invalid_argument", "StreamInput needs a 'start' message")
+        return {}
+
+    async def send_signal(self, request: web.Request, message: JsonObject) -> JsonObject:
+        managed = self._process(message)
+        signum = enum_field(message, "signal", SIGNALS_BY_NAME)
+        if signum not in (9, 15):
+            raise ConnectError("invalid_argument", "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
+        managed.kill_group(signum)
+        return {}
+
+    async def update(self, request: web.Request, message: JsonObject) -> JsonObject:
+        managed = self._process(message)
+        pty = field(message, "pty")
+        if isinstance(pty, dict):
+            if managed.master_fd is None:
+                raise ConnectError("invalid_argument", "the process has no PTY to resize")
+            size = message_field(pty, "size")
+            set_window_size(managed.master_fd, uint_field(size, "cols", 80), uint_field(size, "rows", 24))
+        return {}
+
+    async def close_stdin(self, request: web.Request, message: JsonObject) -> JsonObject:
+        self._process(message).close_stdin()
+        return {}
+
+    # -- filesystem.Filesystem -----------------------------------------------------------------
+
+    async def stat(self, request: web.Request, message: JsonObject) -> JsonObject:
+        return await self.filesystem.stat(self._path(request, message))
+
+    async def make_dir(self, request: web.Request, message: JsonObject) -> JsonObject:
+        return await self.filesystem.make_dir(self._path(request, message), self._user(request))
+
+    async def move(self, request: web.Request, message: JsonObject) -> JsonObject:
+        source = self._path(request, message, "source")
+        destination = self._path(request, message, "destination")
+        return await self.filesystem.move(source, destination, self._user(request))
+
+    async def list_dir(self, request: web.Request, message: JsonObject) -> JsonObject:
+        return await self.filesystem.list_dir(self._path(request, message), uint_field(message, "depth", 1))
+
+    async def remove(self, request: web.Request, message: JsonObject) -> JsonObject:
+        return await self.filesystem.remove(self._path(request, message))
+
+    async def watch_dir(
+        self, request: web.Request, message: JsonObject, deadline: float | None
+    ) -> AsyncIterator[JsonObject]:
+        events: asyncio.Queue[JsonObject] = asyncio.Queue()
+        watch = self.filesystem.open_watch(
+            self._path(request, message),
+            bool_field(message, "recursive"),
+            bool_field(message, "include_entry"),
+            events.put_nowait,
+        )
+        keepalive = keepalive_interval(request)
+        try:
+            yield {"start": {}}
+            while True:
+                wait = keepalive
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise ConnectError("deadline_exceeded", "the watch's timeout expired")
+                try:
+                    yield {"filesystem": await asyncio.wait_for(events.get(), wait)}
+                except TimeoutError:
+                    yield {"keepalive": {}}
+        finally:
+            watch.close()
+
+    async def create_watcher(self, request: web.Request, message: JsonObject) -> JsonObject:
+        watcher_id = self.filesystem.create_watcher(
+            self._path(request, message),
+            bool_field(message, "recursive"),
+            bool_field(message, "include_entry"),
+        )
+        return {"watcherId": watcher_id}
+
+    async def get_watcher_events(self, request: web.Request, message: JsonObject) -> JsonObject:
+        return {"events": self.filesystem.watcher_events(string_field(message, "watcher_id"))}
+
+    async def remove_watcher(self, request: web.Request, message: JsonObject) -> JsonObject:
+        self.filesystem.remove_watcher(string_field(message, "watcher_id"))
+        return {}
+
+
+class _UploadTooLarge(Exception):
+    pass
+
+
+def _input_bytes(process_input: JsonObject) -> bytes | None:
+    for name in ("stdin", "pty"):
+        if name in process_input:
+            return decode_bytes(process_input[name], name)
+    return None
+
+
+def _open_regular_file(path: Path) -> IO[bytes]:
+    # open() refuses directories with IsADirectoryError.
+    return open(path, "rb")
+
+
+def _open_for_write(path: Path, user: UserContext) -> IO[bytes]:
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory", str(path))
+    make_dirs_as(path.parent, user)
+    handle = open(path, "wb")  # noqa: SIM115 - closed by the caller after streaming
+    if user.switch:
+        with contextlib.suppress(OSError):
+            os.fchown(handle.fileno(), user.uid, user.gid)
+    return handle
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while True:
+        chunk = await part.read_chunk(FILE_CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    # aiohttp already undoes Content-Encoding: gzip on request bodies.
+    async for chunk in request.content.iter_chunked(FILE_CHUNK):
+        yield chunk

@@ -1,0 +1,161 @@
+"""HTTP endpoints of the code interpreter (port 49999): /execute, /contexts, /health."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .interpreter import CodeInterpreter, InterpreterError, KernelContext
+from .limits import ExecutionStats
+from .signing import tokens_equal
+from .users import SandboxState
+
+log = logging.getLogger(__name__)
+
+NDJSON_CONTENT_TYPE = "application/x-ndjson"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"code": status, "message": message}, status=status)
+
+
+def _line(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+class InterpreterServer:
+    def __init__(self, interpreter: CodeInterpreter, state: SandboxState, stats: ExecutionStats) -> None:
+        self.interpreter = interpreter
+        self.state = state
+        self.stats = stats
+
+    def routes(self, app: web.Application, *, with_health: bool) -> None:
+        if with_health:
+            app.router.add_get("/health", self.health)
+        app.router.add_post("/execute", self.execute)
+        app.router.add_get("/contexts", self.list_contexts)
+        app.router.add_post("/contexts", self.create_context)
+        app.router.add_post("/contexts/{context_id}/restart", self.restart_context)
+        app.router.add_delete("/contexts/{context_id}", self.remove_context)
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path != "/health":
+            self.stats.touch()
+        return await handler(request)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response("OK")
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError as error:
+            raise InterpreterError(400, f"request body is not valid JSON: {error}") from error
+        except web.HTTPRequestEntityTooLarge as error:
+            raise InterpreterError(413, "request body is too large") from error
+        if not isinstance(body, dict):
+            raise InterpreterError(400, "request body must be a JSON object")
+        return body
+
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        token = self.state.access_token
+        if token and not tokens_equal(request.headers.get("X-Access-Token"), token):
+            return _error(401, "missing or invalid access token (X-Access-Token)")
+        try:
+            body = await self._json_body(request)
+            code = body.get("code")
+            if not isinstance(code, str):
+                raise InterpreterError(400, "'code' must be a string")
+            context_id = body.get("context_id")
+            language = body.get("language")
+            env_vars = body.get("env_vars")
+            if context_id is not None and language is not None:
+                raise InterpreterError(400, "provide either 'context_id' or 'language', not both")
+            if language is not None and not isinstance(language, str):
+                raise InterpreterError(400, "'language' must be a string")
+            if env_vars is not None and (
+                not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values())
+            ):
+                raise InterpreterError(400, "'env_vars' must be a map of strings")
+            context: KernelContext
+            if context_id is not None:
+                if not isinstance(context_id, str):
+                    raise InterpreterError(400, "'context_id' must be a string")
+                context = self.interpreter.get(context_id)
+            else:
+                context = await self.interpreter.default_context(language)
+            lines = self.interpreter.execute(context, code, env_vars)
+            # The first line comes before the status is sent, so a refused execution gets a real error status.
+            first = await anext(lines)
+        except InterpreterError as error:
+            return _error(error.status, error.message)
+
+        response = web.StreamResponse(headers={"Content-Type": NDJSON_CONTENT_TYPE})
+        await response.prepare(request)
+        client_connected = True
+        try:
+            await response.write(_line(first))
+        except ConnectionResetError:
+            client_connected = False
+            await self.interpreter.interrupt(context)
+        try:
+            async for line in lines:
+                if not client_connected:
+                    continue
+                try:
+                    await response.write(_line(line))
+                except ConnectionResetError:
+                    # Nobody reads the result any more: stop the work instead of letting it hold the context.
+                    client_connected = False
+                    await self.interpreter.interrupt(context)
+        except Exception as error:
+            log.exception("execution in context %s failed", context.id)
+            if client_connected:
+                failure = {
+                    "type": "error",
+                    "name": type(error).__name__,
+                    "value": str(error),
+                    "traceback": "",
+                }
+                await response.write(_line(failure) + _line({"type": "end_of_execution"}))
+        if client_connected:
+            await response.write_eof()
+        return response
+
+    async def list_contexts(self, request: web.Request) -> web.Response:
+        return web.json_response([context.describe() for context in self.interpreter.contexts.values()])
+
+    async def create_context(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json_body(request)
+            language = body.get("language")
+            cwd = body.get("cwd")
+            if language is not None and not isinstance(language, str):
+                raise InterpreterError(400, "'language' must be a string")
+            if cwd is not None and not isinstance(cwd, str):
+                raise InterpreterError(400, "'cwd' must be a string")
+            context = await self.interpreter.create_context(language, cwd)
+        except InterpreterError as error:
+            return _error(error.status, error.message)
+        return web.json_response(context.describe())
+
+    async def restart_context(self, request: web.Request) -> web.Response:
+        try:
+            await self.interpreter.restart(request.match_info["context_id"])
+        except InterpreterError as error:
+            return _error(error.status, error.message)
+        return web.json_response({})
+
+    async def remove_context(self, request: web.Request) -> web.Response:
+        try:
+            await self.interpreter.remove(request.match_info["context_id"])
+        except InterpreterError as error:
+            return _error(error.status, error.message)
+        return web.Response(status=204)

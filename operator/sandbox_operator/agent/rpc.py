@@ -1,0 +1,153 @@
+"""aiohttp adapters that serve handlers over the Connect protocol (unary, server- and client-streaming)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from .connect import (
+    ENVELOPE_HEADER,
+    FLAG_END_STREAM,
+    STREAM_CONTENT_TYPE,
+    UNARY_CONTENT_TYPE,
+    ConnectError,
+    JsonObject,
+    decode_json_message,
+    encode_end_stream,
+    encode_json,
+    encode_message_envelope,
+    is_json_content_type,
+    parse_envelope_header,
+    parse_timeout_ms,
+)
+
+log = logging.getLogger(__name__)
+
+UnaryHandler = Callable[[web.Request, JsonObject], Awaitable[JsonObject]]
+ServerStreamHandler = Callable[[web.Request, JsonObject, float | None], AsyncIterator[JsonObject]]
+ClientStreamHandler = Callable[[web.Request, AsyncIterator[JsonObject]], Awaitable[JsonObject]]
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def connect_error_response(error: ConnectError) -> web.Response:
+    return web.Response(
+        status=error.http_status, body=encode_json(error.to_json()), content_type=UNARY_CONTENT_TYPE
+    )
+
+
+def request_deadline(request: web.Request) -> float | None:
+    """Monotonic deadline from Connect-Timeout-Ms, or None."""
+    timeout = parse_timeout_ms(request.headers.get("Connect-Timeout-Ms"))
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def unary(handler: UnaryHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        try:
+            if not is_json_content_type(request.headers.get("Content-Type", ""), UNARY_CONTENT_TYPE):
+                return web.Response(
+                    status=415,
+                    body=encode_json(
+                        {"code": "unimplemented", "message": "only the JSON codec is supported"}
+                    ),
+                    content_type=UNARY_CONTENT_TYPE,
+                    headers={"Accept-Post": "application/json"},
+                )
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge as error:
+                raise ConnectError("resource_exhausted", "request body is too large") from error
+            result = await handler(request, decode_json_message(body))
+        except ConnectError as error:
+            return connect_error_response(error)
+        return web.Response(body=encode_json(result), content_type=UNARY_CONTENT_TYPE)
+
+    return serve
+
+
+async def read_envelopes(request: web.Request) -> AsyncIterator[JsonObject]:
+    """Messages of a Connect streaming request body, until the client closes it."""
+    while True:
+        try:
+            header = await request.content.readexactly(ENVELOPE_HEADER.size)
+        except asyncio.IncompleteReadError as error:
+            if error.partial:
+                raise ConnectError("invalid_argument", "truncated envelope") from error
+            return
+        flags, length = parse_envelope_header(header, MAX_MESSAGE_BYTES)
+        try:
+            payload = await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as error:
+            raise ConnectError("invalid_argument", "truncated envelope") from error
+        if flags & FLAG_END_STREAM:
+            return
+        yield decode_json_message(payload)
+
+
+def _check_stream_content_type(request: web.Request) -> None:
+    if not is_json_content_type(request.headers.get("Content-Type", ""), STREAM_CONTENT_TYPE):
+        raise ConnectError("unimplemented", "only the connect+json codec is supported for streams")
+
+
+def server_stream(handler: ServerStreamHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        try:
+            _check_stream_content_type(request)
+            first: JsonObject | None = None
+            async for message in read_envelopes(request):
+                first = message
+                break
+            if first is None:
+                raise ConnectError("invalid_argument", "missing request message")
+        except ConnectError as error:
+            return connect_error_response(error)
+
+        response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
+        await response.prepare(request)
+        end_error: ConnectError | None = None
+        try:
+            async with contextlib.aclosing(handler(request, first, request_deadline(request))) as messages:
+                async for message in messages:
+                    await response.write(encode_message_envelope(message))
+        except ConnectError as error:
+            end_error = error
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            log.exception("stream %s failed", request.path)
+            end_error = ConnectError("internal", str(error) or type(error).__name__)
+        await response.write(encode_end_stream(end_error))
+        await response.write_eof()
+        return response
+
+    return serve
+
+
+def client_stream(handler: ClientStreamHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        try:
+            _check_stream_content_type(request)
+        except ConnectError as error:
+            return connect_error_response(error)
+        end_error: ConnectError | None = None
+        result: JsonObject = {}
+        try:
+            result = await handler(request, read_envelopes(request))
+        except ConnectError as error:
+            end_error = error
+        body = encode_end_stream(end_error)
+        if end_error is None:
+            body = encode_message_envelope(result) + body
+        return web.Response(body=body, headers={"Content-Type": STREAM_CONTENT_TYPE})
+
+    return serve
+
+
+async def unimplemented(request: web.Request) -> web.StreamResponse:
+    return connect_error_response(ConnectError("unimplemented", f"{request.path} is not implemented"))

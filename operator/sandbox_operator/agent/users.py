@@ -1,0 +1,96 @@
+"""Which OS user an operation runs as, and the per-sandbox state set through /init."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import pwd
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import AgentConfig
+
+# The SDK's default username for old envd versions; it means "the sandbox's default user".
+SDK_DEFAULT_USERNAME = "user"
+
+
+class UserError(Exception):
+    """A requested user that cannot be used; status is the HTTP status envd answers with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class UserContext:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    # True when the agent must switch to this user (it runs as root and the user differs).
+    switch: bool
+
+    def resolve(self, path: str) -> Path:
+        """Absolute path for an SDK path: relative paths and ~ resolve against the user's home."""
+        if path == "~" or path.startswith("~/"):
+            path = str(self.home) + path[1:]
+        resolved = Path(path)
+        if not resolved.is_absolute():
+            resolved = self.home / resolved
+        return Path(os.path.normpath(resolved))
+
+
+@dataclass
+class SandboxState:
+    """Mutable sandbox-wide settings; /init may change them after start."""
+
+    config: AgentConfig
+    access_token: str | None
+    env_vars: dict[str, str] = field(default_factory=dict)
+    default_user: str | None = None
+    default_workdir: Path | None = None
+
+    @property
+    def workdir(self) -> Path:
+        return self.default_workdir or self.config.workdir
+
+    def user(self, requested: str | None) -> UserContext:
+        """The user for a request (None = default user)."""
+        me = pwd.getpwuid(os.getuid())
+        name = requested or self.default_user
+        if not name or name == me.pw_name or (name == SDK_DEFAULT_USERNAME and not _user_exists(name)):
+            return UserContext(me.pw_name, me.pw_uid, me.pw_gid, self.config.workdir, switch=False)
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError as error:
+            raise UserError(f"error looking up user '{name}': unknown user {name}", 401) from error
+        if os.getuid() != 0:
+            raise UserError(
+                f"cannot act as user '{name}': the agent runs as non-root user '{me.pw_name}'", 403
+            )
+        home = self.config.workdir if name == self.default_user else Path(entry.pw_dir)
+        return UserContext(entry.pw_name, entry.pw_uid, entry.pw_gid, home, switch=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def username_from_basic_auth(header: str | None) -> str | None:
+    """Authorization: Basic base64("<user>:") → user (the SDK's way to pick a user)."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[0] or None

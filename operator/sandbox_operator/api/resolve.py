@@ -1,0 +1,80 @@
+"""Resolve a Sandbox's effective resources and timeouts from its spec and its template.
+
+The CRD leaves ``spec.resources`` and ``spec.timeouts`` unset when the user does (the API server
+cannot see the template), so the operator fills them in here: spec value, else template default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .quantity import parse_bytes, parse_duration, parse_millicores
+from .v1alpha1 import SandboxSpec, SandboxTemplateSpec
+
+__all__ = ["ResolvedResources", "ResolvedTimeouts", "resolve_resources", "resolve_timeouts"]
+
+
+@dataclass(frozen=True)
+class ResolvedResources:
+    """Effective resources of a sandbox, with the quantities kept for building pod specs."""
+
+    cpu: str
+    memory: str
+    disk: str
+    cpu_millicores: int
+    memory_bytes: int
+    disk_bytes: int
+    violations: tuple[str, ...]
+    """Human-readable reasons the request exceeds the template's resources.max (empty when it fits)."""
+
+
+@dataclass(frozen=True)
+class ResolvedTimeouts:
+    """Effective timeouts of a sandbox in seconds; 0 means "no timeout"."""
+
+    idle: int
+    max_lifetime: int
+    execution: int
+
+
+def resolve_resources(spec: SandboxSpec, template: SandboxTemplateSpec) -> ResolvedResources:
+    """Spec resources over template defaults, checked against the template's maximum."""
+    requested = spec.resources
+    defaults = template.resources.default
+    cpu = (requested.cpu if requested else None) or defaults.cpu
+    memory = (requested.memory if requested else None) or defaults.memory
+    disk = (requested.disk if requested else None) or defaults.disk
+    amounts = {"cpu": parse_millicores(cpu), "memory": parse_bytes(memory), "disk": parse_bytes(disk)}
+    violations = []
+    maximum = template.resources.max
+    if maximum is not None:
+        for name, value, limit in (
+            ("cpu", cpu, maximum.cpu),
+            ("memory", memory, maximum.memory),
+            ("disk", disk, maximum.disk),
+        ):
+            if limit is None:
+                continue
+            limit_amount = parse_millicores(limit) if name == "cpu" else parse_bytes(limit)
+            if amounts[name] > limit_amount:
+                violations.append(f"resources.{name} {value} exceeds the template's maximum {limit}")
+    return ResolvedResources(
+        cpu=cpu,
+        memory=memory,
+        disk=disk,
+        cpu_millicores=amounts["cpu"],
+        memory_bytes=amounts["memory"],
+        disk_bytes=amounts["disk"],
+        violations=tuple(violations),
+    )
+
+
+def resolve_timeouts(spec: SandboxSpec, template: SandboxTemplateSpec) -> ResolvedTimeouts:
+    """Spec timeouts over the template's timeouts, in seconds."""
+    own = spec.timeouts
+    fallback = template.timeouts
+    return ResolvedTimeouts(
+        idle=parse_duration((own.idle if own else None) or fallback.idle),
+        max_lifetime=parse_duration((own.max_lifetime if own else None) or fallback.max_lifetime),
+        execution=parse_duration((own.execution if own else None) or fallback.execution),
+    )

@@ -1,0 +1,117 @@
+"""Wiring: credentials, the runtime, kopf settings and handlers, the metrics and liveness servers.
+
+kopf supplies the watch streams (re-listing, bookmarks, inactivity detection); every handler only
+updates the store and enqueues a key. Reconciles run in our own worker pool over a deduplicating
+work queue (controller.workqueue), which is also the single deadline scheduler for timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from sandbox_operator.api import GROUP, VERSION
+from sandbox_operator.controller.config import ANNOTATION_PREFIX, FINALIZER, MANAGED_BY, OperatorConfig
+from sandbox_operator.controller.kube import Credentials, KubeClient
+from sandbox_operator.controller.runtime import Runtime
+from sandbox_operator.controller.store import key_of
+
+log = logging.getLogger(__name__)
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    """All handlers on an explicit registry, so several operators can run in one test process."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+        runtime: Runtime = memo.runtime
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+        )
+        # Events: we post our own transition Events; never mirror logs as Events.
+        settings.posting.level = logging.WARNING
+        settings.posting.loggers = False
+        # Only our pods and claims reach memory: server-side label selectors, chunked lists.
+        settings.watching.label_selectors["v1/pods"] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        settings.watching.label_selectors["v1/persistentvolumeclaims"] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        settings.watching.chunk_size = 500
+        settings.networking.request_timeout = 30
+        settings.networking.connect_timeout = 10
+        settings.queueing.worker_limit = None
+        runtime.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: Any, **_: Any) -> None:
+        await memo.runtime.stop()
+
+    # Low-level event handlers: no diff-base annotation, no progress storage, no PATCH per event.
+    @kopf.on.event(GROUP, VERSION, "sandboxes", registry=registry)
+    def sandbox_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+        memo.runtime.on_sandbox_event(event["type"], event["object"])
+
+    @kopf.on.event(GROUP, VERSION, "sandboxtemplates", registry=registry)
+    def template_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+        memo.runtime.on_template_event(event["type"], event["object"])
+
+    @kopf.on.event(GROUP, VERSION, "sandboxpools", registry=registry)
+    def pool_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+        memo.runtime.on_pool_event(event["type"], event["object"])
+
+    @kopf.on.event("v1", "pods", registry=registry, labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+    def pod_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+        memo.runtime.on_pod_event(event["type"], event["object"])
+
+    @kopf.on.event("v1", "persistentvolumeclaims", registry=registry,
+                   labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+    def pvc_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+        memo.runtime.on_pvc_event(event["type"], event["object"])
+
+    del key_of  # imported for type-checkers of handlers that may need it later
+    return registry
+
+
+async def operate(config: OperatorConfig, stop_flag: asyncio.Event | None = None,
+                  ready_flag: asyncio.Event | None = None) -> Runtime:
+    """Run the operator until stopped; returns the runtime (for tests and benchmarks)."""
+    credentials = await asyncio.to_thread(Credentials.load, config.kubeconfig)
+    client = KubeClient(credentials, max_in_flight=config.max_in_flight)
+    runtime = Runtime(client, config)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.bind_address, registry=runtime.metrics.registry)
+        log.info("serving /metrics on %s:%d", config.bind_address, config.metrics_port)
+    liveness = (
+        f"http://{config.bind_address}:{config.liveness_port}/healthz" if config.liveness_port else None
+    )
+    try:
+        await kopf.operator(
+            registry=build_registry(),
+            memo=kopf.Memo(runtime=runtime),
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+            liveness_endpoint=liveness,
+            standalone=True,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        await runtime.stop()
+    return runtime
+
+
+def run_operator(config: OperatorConfig) -> int:
+    try:
+        asyncio.run(operate(config))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,178 @@
+"""The operator's runtime: store + work queue + reconcile workers.
+
+Handlers (controller.main) call the `on_*_event` methods; workers take keys from the queue and run
+`reconcile.reconcile_sandbox` / `pools.reconcile_pool`, which hold the I/O around the pure core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+from sandbox_operator.controller.config import OperatorConfig
+from sandbox_operator.controller.kube import ApiError, KubeClient
+from sandbox_operator.controller.store import POOL_LABEL, SANDBOX_LABEL, Key, Store, key_of
+from sandbox_operator.controller.workqueue import QueueClosed, WorkQueue
+from sandbox_operator.metrics.lifecycle import LifecycleMetrics, PhaseCount, PoolCount
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["sandbox", "pool"]
+QueueKey = tuple[Kind, str, str]  # (kind, namespace, name)
+
+
+class Runtime:
+    def __init__(self, client: KubeClient, config: OperatorConfig) -> None:
+        self.client = client
+        self.config = config
+        self.store = Store()
+        self.queue: WorkQueue[QueueKey] = WorkQueue()
+        self.metrics = LifecycleMetrics()
+        self.metrics.attach_snapshot(self._phase_counts, self._pool_counts, lambda: client.writes,
+                                     lambda: len(self.queue))
+        self._workers: list[asyncio.Task[None]] = []
+        self._failures: dict[QueueKey, int] = {}
+        # Pool pods being handed to a sandbox right now: never offered twice.
+        self.claims_in_flight: set[Key] = set()
+        self.started = False
+
+    # --- lifecycle of the runtime ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        self._workers = [
+            asyncio.create_task(self._worker(i), name=f"reconcile-worker-{i}") for i in range(self.config.workers)
+        ]
+
+    async def stop(self) -> None:
+        self.queue.close()
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
+        await self.client.close()
+
+    # --- events from the watch streams -----------------------------------------------------------
+
+    def on_sandbox_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
+        qkey: QueueKey = ("sandbox", *key)
+        if event_type == "DELETED":
+            self.store.delete_sandbox(key)
+            self.queue.forget(qkey)
+            self._failures.pop(qkey, None)
+            return
+        self.store.put_sandbox(body)
+        self.queue.add(qkey)
+
+    def on_template_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        name = str(body["metadata"]["name"])
+        if event_type == "DELETED":
+            self.store.delete_template(name)
+        else:
+            self.store.put_template(body)
+        # Sandboxes waiting for (or using) this template re-evaluate; pools refill with it.
+        for key in self.store.sandboxes_using_template(name):
+            self.queue.add(("sandbox", *key))
+        for pool_key, pool in self.store.pools.items():
+            if (pool.get("spec") or {}).get("template") == name:
+                self.queue.add(("pool", *pool_key))
+
+    def on_pool_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
+        if event_type == "DELETED":
+            self.store.delete_pool(key)
+            self.queue.forget(("pool", *key))
+            return
+        self.store.put_pool(body)
+        self.queue.add(("pool", *key))
+
+    def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
+        if event_type == "DELETED":
+            pod = self.store.delete_pod(key)
+        else:
+            pod = self.store.put_pod(body)
+        if pod is None:
+            return
+        labels = pod["metadata"].get("labels") or {}
+        if SANDBOX_LABEL in labels:
+            self.queue.add(("sandbox", key[0], labels[SANDBOX_LABEL]))
+        if POOL_LABEL in labels:
+            self.queue.add(("pool", key[0], labels[POOL_LABEL]))
+        # A pool pod just claimed by a sandbox: its pool refills.
+        claimed_from = (pod["metadata"].get("annotations") or {}).get("sandbox.dev/claimed-from-pool")
+        if claimed_from:
+            self.queue.add(("pool", key[0], claimed_from))
+
+    def on_pvc_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
+        if event_type == "DELETED":
+            self.store.delete_pvc(key)
+        else:
+            self.store.put_pvc(body)
+        owner = ((body.get("metadata") or {}).get("labels") or {}).get(SANDBOX_LABEL)
+        if owner:
+            self.queue.add(("sandbox", key[0], owner))
+
+    # --- workers ---------------------------------------------------------------------------------
+
+    async def _worker(self, index: int) -> None:
+        from sandbox_operator.controller.pools import reconcile_pool
+        from sandbox_operator.controller.reconcile import reconcile_sandbox
+
+        while True:
+            try:
+                qkey = await self.queue.get()
+            except QueueClosed:
+                return
+            kind, namespace, name = qkey
+            started = time.perf_counter()
+            try:
+                if kind == "sandbox":
+                    await reconcile_sandbox(self, (namespace, name))
+                else:
+                    await reconcile_pool(self, (namespace, name))
+                self._failures.pop(qkey, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, ApiError) else type(exc).__name__
+                self.metrics.reconcile_errors.labels(reason).inc()
+                failures = self._failures.get(qkey, 0) + 1
+                self._failures[qkey] = failures
+                delay = min(0.1 * 2 ** (failures - 1), 30.0)  # exponential backoff, capped
+                log.warning("reconcile %s/%s/%s failed (%s), retry in %.1fs: %s",
+                            kind, namespace, name, reason, delay, exc)
+                self.queue.add_after(qkey, delay)
+            finally:
+                self.queue.done(qkey)
+                if kind == "sandbox":
+                    self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    # --- metrics snapshots -----------------------------------------------------------------------
+
+    def _phase_counts(self) -> Iterator[PhaseCount]:
+        for (namespace, _), body in list(self.store.sandboxes.items()):
+            phase = (body.get("status") or {}).get("phase") or "Pending"
+            template = (body.get("spec") or {}).get("template") or ""
+            yield PhaseCount(namespace=namespace, template=template, phase=phase)
+
+    def _pool_counts(self) -> Iterator[PoolCount]:
+        for (namespace, name), body in list(self.store.pools.items()):
+            status = body.get("status") or {}
+            yield PoolCount(
+                namespace=namespace,
+                pool=name,
+                desired=int((body.get("spec") or {}).get("size") or 0),
+                ready=int(status.get("ready") or 0),
+                claimed=int(status.get("claimed") or 0),
+            )

@@ -1,0 +1,137 @@
+"""The operator's in-memory view of the cluster, fed by kopf's watch streams.
+
+Objects are stripped to what the reconciler reads (no managedFields, no last-applied annotations),
+which keeps memory flat at thousands of sandboxes (DESIGN.md §7: ≤ 150 MB at 1,000).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+JSON = dict[str, Any]
+Key = tuple[str, str]  # (namespace, name)
+
+SANDBOX_LABEL = "sandbox.dev/sandbox"
+POOL_LABEL = "sandbox.dev/pool"
+TEMPLATE_LABEL = "sandbox.dev/template"
+
+_DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+def strip(body: Mapping[str, Any], *, keep_spec: bool = True) -> JSON:
+    """A copy of an object without managedFields and bulky annotations (and spec, if asked)."""
+    meta = dict(body.get("metadata") or {})
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k not in _DROPPED_ANNOTATIONS}
+    stripped: JSON = {"metadata": meta}
+    if keep_spec and "spec" in body:
+        stripped["spec"] = body["spec"]
+    if "status" in body:
+        stripped["status"] = body["status"]
+    return stripped
+
+
+def strip_pod(body: Mapping[str, Any]) -> JSON:
+    """Pods: keep metadata, the few spec fields we compare, and status (minus noisy parts)."""
+    stripped = strip(body, keep_spec=False)
+    spec = body.get("spec") or {}
+    stripped["spec"] = {"nodeName": spec.get("nodeName"), "volumes": spec.get("volumes", [])}
+    return stripped
+
+
+class Store:
+    def __init__(self) -> None:
+        self.sandboxes: dict[Key, JSON] = {}
+        self.templates: dict[str, JSON] = {}
+        self.pools: dict[Key, JSON] = {}
+        self.pods: dict[Key, JSON] = {}
+        self.pvcs: dict[Key, JSON] = {}
+        # Secondary indexes: pods by owning sandbox, warm pods by pool.
+        self._pods_by_sandbox: dict[Key, set[str]] = defaultdict(set)
+        self._pods_by_pool: dict[Key, set[str]] = defaultdict(set)
+
+    # --- sandboxes, templates, pools -----------------------------------------------------------
+
+    def put_sandbox(self, body: Mapping[str, Any]) -> Key:
+        key = key_of(body)
+        self.sandboxes[key] = strip(body)
+        return key
+
+    def delete_sandbox(self, key: Key) -> None:
+        self.sandboxes.pop(key, None)
+
+    def put_template(self, body: Mapping[str, Any]) -> str:
+        name = str(body["metadata"]["name"])
+        self.templates[name] = strip(body)
+        return name
+
+    def delete_template(self, name: str) -> None:
+        self.templates.pop(name, None)
+
+    def put_pool(self, body: Mapping[str, Any]) -> Key:
+        key = key_of(body)
+        self.pools[key] = strip(body)
+        return key
+
+    def delete_pool(self, key: Key) -> None:
+        self.pools.pop(key, None)
+
+    def sandboxes_using_template(self, template: str) -> Iterator[Key]:
+        for key, body in self.sandboxes.items():
+            if (body.get("spec") or {}).get("template") == template:
+                yield key
+
+    # --- pods ------------------------------------------------------------------------------------
+
+    def put_pod(self, body: Mapping[str, Any]) -> JSON:
+        key = key_of(body)
+        self._unindex_pod(key)
+        pod = strip_pod(body)
+        self.pods[key] = pod
+        labels = pod["metadata"].get("labels") or {}
+        if SANDBOX_LABEL in labels:
+            self._pods_by_sandbox[(key[0], labels[SANDBOX_LABEL])].add(key[1])
+        elif POOL_LABEL in labels:
+            self._pods_by_pool[(key[0], labels[POOL_LABEL])].add(key[1])
+        return pod
+
+    def delete_pod(self, key: Key) -> JSON | None:
+        self._unindex_pod(key)
+        return self.pods.pop(key, None)
+
+    def _unindex_pod(self, key: Key) -> None:
+        old = self.pods.get(key)
+        if old is None:
+            return
+        labels = old["metadata"].get("labels") or {}
+        for index, label in ((self._pods_by_sandbox, SANDBOX_LABEL), (self._pods_by_pool, POOL_LABEL)):
+            owner = labels.get(label)
+            if owner is not None:
+                names = index.get((key[0], owner))
+                if names is not None:
+                    names.discard(key[1])
+                    if not names:
+                        del index[(key[0], owner)]
+
+    def pods_of_sandbox(self, key: Key) -> list[JSON]:
+        return [self.pods[(key[0], n)] for n in sorted(self._pods_by_sandbox.get(key, ()))]
+
+    def pods_of_pool(self, key: Key) -> list[JSON]:
+        return [self.pods[(key[0], n)] for n in sorted(self._pods_by_pool.get(key, ()))]
+
+    # --- pvcs ------------------------------------------------------------------------------------
+
+    def put_pvc(self, body: Mapping[str, Any]) -> None:
+        self.pvcs[key_of(body)] = strip(body, keep_spec=False)
+
+    def delete_pvc(self, key: Key) -> None:
+        self.pvcs.pop(key, None)
+
+
+def key_of(body: Mapping[str, Any]) -> Key:
+    meta = body["metadata"]
+    return (str(meta.get("namespace") or ""), str(meta["name"]))

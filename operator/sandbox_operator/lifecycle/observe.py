@@ -1,0 +1,187 @@
+"""Read the lifecycle's observations out of Kubernetes objects (plain camelCase dicts, as the API
+server or a kopf index hands them over), and Desired/Observed out of the API models.
+
+Pure: the controller fetches the objects, these functions only look at them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sandbox_operator.api import Sandbox, SandboxTemplate, parse_duration, resolve_timeouts
+from sandbox_operator.lifecycle.deadlines import Deadlines, compute_deadlines, expires_at
+from sandbox_operator.lifecycle.status import parse_time
+from sandbox_operator.lifecycle.types import (
+    ConditionType,
+    Desired,
+    Observed,
+    PodObservation,
+    PodPhase,
+    PvcObservation,
+    PvcPhase,
+    RetryPolicy,
+)
+from sandbox_operator.resources.resolve import ResourcesExceedMax, resolve_resources
+
+__all__ = [
+    "deadlines",
+    "desired_from",
+    "observed_from",
+    "pod_observation",
+    "pvc_observation",
+    "sandbox_expires_at",
+]
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Mapping[str, Any]]:
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
+
+
+def _container_reasons(statuses: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    terminated: list[str] = []
+    waiting: list[str] = []
+    for container in statuses:
+        for state_key in ("state", "lastState"):
+            state = _mapping(container.get(state_key))
+            reason = _mapping(state.get("terminated")).get("reason")
+            if isinstance(reason, str) and reason not in terminated:
+                terminated.append(reason)
+        reason = _mapping(_mapping(container.get("state")).get("waiting")).get("reason")
+        if isinstance(reason, str) and reason not in waiting:
+            waiting.append(reason)
+    return tuple(terminated), tuple(waiting)
+
+
+def pod_observation(pod: Mapping[str, Any]) -> PodObservation:
+    """The facts the lifecycle needs from a Pod object."""
+    metadata, status = _mapping(pod.get("metadata")), _mapping(pod.get("status"))
+    try:
+        phase = PodPhase(status.get("phase") or PodPhase.PENDING)
+    except ValueError:
+        phase = PodPhase.UNKNOWN
+    ready = any(
+        condition.get("type") == "Ready" and condition.get("status") == "True"
+        for condition in _list(status.get("conditions"))
+    )
+    containers = [*_list(status.get("initContainerStatuses")), *_list(status.get("containerStatuses"))]
+    terminated, waiting = _container_reasons(containers)
+    reason, message = status.get("reason"), status.get("message")
+    return PodObservation(
+        phase=phase,
+        ready=ready,
+        deleting=metadata.get("deletionTimestamp") is not None,
+        reason=reason if isinstance(reason, str) else None,
+        message=message if isinstance(message, str) else None,
+        terminated_reasons=terminated,
+        waiting_reasons=waiting,
+    )
+
+
+def pvc_observation(pvc: Mapping[str, Any]) -> PvcObservation:
+    """The facts the lifecycle needs from a PersistentVolumeClaim object."""
+    metadata, status = _mapping(pvc.get("metadata")), _mapping(pvc.get("status"))
+    try:
+        phase = PvcPhase(status.get("phase") or PvcPhase.PENDING)
+    except ValueError:
+        phase = PvcPhase.PENDING
+    return PvcObservation(phase=phase, deleting=metadata.get("deletionTimestamp") is not None)
+
+
+def _seconds(value: int) -> timedelta | None:
+    return timedelta(seconds=value) if value else None
+
+
+def desired_from(sandbox: Sandbox, template: SandboxTemplate, retry: RetryPolicy | None = None) -> Desired:
+    """Desired state from the spec, with the template's defaults and limits applied."""
+    spec, template_spec = sandbox.spec, template.spec
+    timeouts = resolve_timeouts(spec, template_spec)
+    resources = resolve_resources(spec, template_spec)
+    ttl = spec.ttl_after_terminated
+    return Desired(
+        suspended=spec.suspended,
+        max_lifetime=_seconds(timeouts.max_lifetime),
+        idle_timeout=_seconds(timeouts.idle),
+        on_idle=spec.on_idle,
+        ttl_after_terminated=None if ttl is None else timedelta(seconds=parse_duration(ttl)),
+        persistent_workspace=template_spec.persistence.enabled,
+        resources_violation=resources.message if isinstance(resources, ResourcesExceedMax) else None,
+        retry=retry or RetryPolicy(),
+        generation=sandbox.metadata.generation,
+    )
+
+
+def observed_from(
+    sandbox: Sandbox,
+    *,
+    pod: Mapping[str, Any] | None,
+    pvc: Mapping[str, Any] | None,
+    service_present: bool | None = None,
+    network_policy_present: bool | None = None,
+) -> Observed:
+    """Observed state from the Sandbox (metadata and status) and its children as seen.
+
+    ``pod``/``pvc`` are the child objects (None when absent). Children that are not watched can be
+    passed as None ("unknown"): the lifecycle then asks for idempotent ensures.
+    """
+    metadata, status = sandbox.metadata, sandbox.status
+    if metadata.creation_timestamp is None:
+        raise ValueError(
+            "the Sandbox has no metadata.creationTimestamp: pass the object as the API server returns it"
+        )
+    # terminatedAt, recreateAttempts and lastRecreateAt are not in the v1alpha1 status model yet; read
+    # them when present, and fall back to the Terminated condition for the termination time.
+    terminated_at = parse_time(getattr(status, "terminated_at", None))
+    terminated = status.condition(ConditionType.TERMINATED)
+    if terminated_at is None and terminated is not None and terminated.status == "True":
+        terminated_at = terminated.last_transition_time
+    attempts = getattr(status, "recreate_attempts", None)
+    return Observed(
+        created_at=_aware(metadata.creation_timestamp),
+        phase=status.phase,
+        reason=status.reason,
+        message=status.message,
+        deleting=metadata.deletion_timestamp is not None,
+        started_at=_aware_or_none(status.started_at),
+        last_activity_at=_aware_or_none(status.last_activity_at),
+        terminated_at=_aware_or_none(terminated_at),
+        recreate_attempts=attempts if isinstance(attempts, int) else 0,
+        last_recreate_at=parse_time(getattr(status, "last_recreate_at", None)),
+        observed_generation=status.observed_generation,
+        pod=pod_observation(pod) if pod is not None else None,
+        pvc=pvc_observation(pvc) if pvc is not None else None,
+        service_present=service_present,
+        network_policy_present=network_policy_present,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    parsed = parse_time(moment)
+    assert parsed is not None  # a datetime always parses
+    return parsed
+
+
+def _aware_or_none(moment: datetime | None) -> datetime | None:
+    return parse_time(moment)
+
+
+def deadlines(sandbox: Sandbox, template: SandboxTemplate) -> Deadlines:
+    """maxLifetime, idle and ttl deadlines of a Sandbox as its spec and status stand."""
+    observed = observed_from(sandbox, pod=None, pvc=None)
+    return compute_deadlines(
+        desired_from(sandbox, template),
+        created_at=observed.created_at,
+        started_at=observed.started_at,
+        last_activity_at=observed.last_activity_at,
+        terminated_at=observed.terminated_at,
+    )
+
+
+def sandbox_expires_at(sandbox: Sandbox, template: SandboxTemplate) -> datetime | None:
+    """When the Sandbox ends if nothing changes (see deadlines.expires_at)."""
+    return expires_at(desired_from(sandbox, template), deadlines(sandbox, template))

@@ -1,0 +1,353 @@
+"""The vocabulary of the lifecycle: what decide() reads (Desired, Observed) and returns (Decision).
+
+Everything here is an immutable value. The controller builds Desired from the Sandbox spec and its
+SandboxTemplate, Observed from the Sandbox status and the children it sees, and carries out the
+Decision's actions in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sandbox_operator.api import OnIdle, Phase
+
+__all__ = [
+    "Action",
+    "Condition",
+    "ConditionStatus",
+    "ConditionType",
+    "CreatePod",
+    "Decision",
+    "DeleteNetworkPolicy",
+    "DeleteObject",
+    "DeletePVC",
+    "DeletePod",
+    "DeleteService",
+    "Desired",
+    "EmitEvent",
+    "EnsureNetworkPolicy",
+    "EnsurePVC",
+    "EnsureService",
+    "EventType",
+    "Observed",
+    "OnIdle",
+    "PodObservation",
+    "PodPhase",
+    "PvcObservation",
+    "PvcPhase",
+    "Reason",
+    "RemoveFinalizer",
+    "RequeueAfter",
+    "RetryPolicy",
+    "SetSuspended",
+    "StatusFields",
+]
+
+
+class Reason(StrEnum):
+    """Stable, CamelCase reasons for status.reason, condition reasons and Events."""
+
+    # Creating / Running
+    CREATING = "Creating"
+    POD_PENDING = "PodPending"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    STARTED = "Started"
+    RESUMED = "Resumed"
+    POD_NOT_READY = "PodNotReady"
+    POD_TERMINATING = "PodTerminating"
+    POD_RECREATED = "PodRecreated"
+    RECREATE_BACKOFF = "RecreateBackoff"
+    # Suspend / resume
+    SUSPEND_REQUESTED = "SuspendRequested"
+    RESUME_REQUESTED = "ResumeRequested"
+    # Termination
+    MAX_LIFETIME = "MaxLifetime"
+    IDLE_TIMEOUT = "IdleTimeout"
+    DELETED = "Deleted"
+    TTL_EXPIRED = "TTLExpired"
+    # Errors
+    POD_FAILED = "PodFailed"
+    POD_SUCCEEDED = "PodSucceeded"
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    IMAGE_ERROR = "ImageError"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    RECREATE_BUDGET_EXHAUSTED = "RecreateBudgetExhausted"
+    RESOURCES_EXCEED_TEMPLATE_MAX = "ResourcesExceedTemplateMax"
+    WORKSPACE_LOST = "WorkspaceLost"
+    # Error → Creating
+    RETRYING = "Retrying"
+    SPEC_CHANGED = "SpecChanged"
+
+
+class PodPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    UNKNOWN = "Unknown"
+
+
+class PvcPhase(StrEnum):
+    PENDING = "Pending"
+    BOUND = "Bound"
+    LOST = "Lost"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodObservation:
+    """The few facts about the sandbox Pod that the lifecycle looks at (see observe.pod_observation)."""
+
+    phase: PodPhase
+    ready: bool = False
+    deleting: bool = False
+    # pod.status.reason, e.g. "Evicted", "NodeLost", "UnexpectedAdmissionError".
+    reason: str | None = None
+    message: str | None = None
+    # Reasons of containers whose state (or lastState) is terminated, e.g. "OOMKilled", "Error".
+    terminated_reasons: tuple[str, ...] = ()
+    # Reasons of containers that are waiting, e.g. "ImagePullBackOff", "ContainerCreating".
+    waiting_reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PvcObservation:
+    phase: PvcPhase
+    deleting: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How often a lost or failed pod is replaced before the sandbox stays in Error.
+
+    ``backoff[k]`` is the wait after the previous attempt before attempt ``k + 1`` (k = attempts so
+    far); the last entry repeats. After ``stable_after`` of a ready pod the attempt count resets, so a
+    long-lived sandbox losing a node once a week does not end up in Error.
+    """
+
+    budget: int = 3
+    backoff: tuple[timedelta, ...] = (timedelta(0), timedelta(seconds=10), timedelta(seconds=30))
+    stable_after: timedelta = timedelta(minutes=10)
+
+    def delay_before_attempt(self, attempts_so_far: int) -> timedelta:
+        if not self.backoff:
+            return timedelta(0)
+        return self.backoff[min(attempts_so_far, len(self.backoff) - 1)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Desired:
+    """What the spec (with template defaults applied) asks for.
+
+    Timeouts of None (or zero) mean "no limit"; ``ttl_after_terminated`` None keeps a Terminated
+    object until someone deletes it, zero deletes it as soon as it is Terminated.
+    """
+
+    suspended: bool = False
+    max_lifetime: timedelta | None = None
+    idle_timeout: timedelta | None = None
+    on_idle: OnIdle = OnIdle.SUSPEND
+    ttl_after_terminated: timedelta | None = None
+    # False when the template has no persistence: no PVC, the workspace is an emptyDir.
+    persistent_workspace: bool = True
+    # Set when spec.resources exceed the template maximum (resources.resolve_resources): a human
+    # message naming the field. No pod is ever created while this is set.
+    resources_violation: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # metadata.generation: a spec change lets an Error sandbox try again with a fresh budget.
+    generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observed:
+    """What the operator sees: the Sandbox's own status and metadata, and its children.
+
+    ``service_present`` / ``network_policy_present``: None means "not observed"; decide() then asks
+    for an (idempotent) ensure while the sandbox needs the child.
+    """
+
+    created_at: datetime
+    phase: Phase | None = None
+    reason: str | None = None
+    message: str | None = None
+    deleting: bool = False
+    started_at: datetime | None = None
+    last_activity_at: datetime | None = None
+    terminated_at: datetime | None = None
+    recreate_attempts: int = 0
+    last_recreate_at: datetime | None = None
+    observed_generation: int | None = None
+    pod: PodObservation | None = None
+    pvc: PvcObservation | None = None
+    service_present: bool | None = None
+    network_policy_present: bool | None = None
+
+
+# --- actions -------------------------------------------------------------------------------------
+# The controller executes them in the order given and stops at the first failure: the order puts the
+# NetworkPolicy before the Pod so that a sandbox never runs without its policy. Creates treat 409
+# AlreadyExists as success, deletes treat 404 as success.
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureNetworkPolicy:
+    """Create the sandbox NetworkPolicy (resources.build_network_policy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnsurePVC:
+    """Create the workspace PVC (resources.build_pvc)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureService:
+    """Create the headless Service (resources.build_service)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreatePod:
+    """Create the sandbox Pod (resources.build_pod)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeletePod:
+    """Delete the sandbox Pod (the workspace PVC and Service stay)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeletePVC:
+    """Delete the workspace PVC (only when the Sandbox itself is being deleted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteService:
+    """Delete the Service (only when the Sandbox itself is being deleted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteNetworkPolicy:
+    """Delete the NetworkPolicy (only when the Sandbox itself is being deleted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteObject:
+    """Delete the Sandbox object itself: ttlAfterTerminated has passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveFinalizer:
+    """The Sandbox is being deleted and its pod is gone: let the API server finish the deletion."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetSuspended:
+    """Patch ``spec.suspended``; the idle timeout records its suspension in the desired state so that
+    resuming is the same operation for everyone (spec.suspended=false)."""
+
+    suspended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueAfter:
+    """Reconcile again after this many seconds (0 = at once), even if nothing else happens."""
+
+    seconds: float
+
+
+class EventType(StrEnum):
+    NORMAL = "Normal"
+    WARNING = "Warning"
+
+
+@dataclass(frozen=True, slots=True)
+class EmitEvent:
+    """Post a Kubernetes Event on the Sandbox."""
+
+    type: EventType
+    reason: str
+    message: str
+
+
+Action = (
+    EnsureNetworkPolicy
+    | EnsurePVC
+    | EnsureService
+    | CreatePod
+    | DeletePod
+    | DeletePVC
+    | DeleteService
+    | DeleteNetworkPolicy
+    | DeleteObject
+    | RemoveFinalizer
+    | SetSuspended
+    | RequeueAfter
+    | EmitEvent
+)
+
+CREATE_ACTIONS: tuple[type[Action], ...] = (CreatePod, EnsurePVC, EnsureService, EnsureNetworkPolicy)
+
+
+# --- result --------------------------------------------------------------------------------------
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    SUSPENDED = "Suspended"
+    TERMINATED = "Terminated"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A kstatus-style condition; lastTransitionTime is added by status.merge_conditions."""
+
+    type: ConditionType
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusFields:
+    """The status timestamps and counters after this decision (written by status.status_patch)."""
+
+    started_at: datetime | None
+    last_activity_at: datetime | None
+    terminated_at: datetime | None
+    recreate_attempts: int
+    last_recreate_at: datetime | None
+    expires_at: datetime | None
+    idle_deadline: datetime | None
+    observed_generation: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """The outcome of one reconcile.
+
+    ``phase`` is None only for an object that was deleted before it was ever given a phase.
+    ``wake_at`` is the earliest moment something will change without any outside event (a deadline,
+    a backoff, or ``now`` when the next step can follow at once); the deadline scheduler wakes the
+    object then. It is never in the past and matches the RequeueAfter action, if any.
+    """
+
+    phase: Phase | None
+    reason: str
+    message: str
+    conditions: tuple[Condition, ...]
+    actions: tuple[Action, ...]
+    status: StatusFields
+    wake_at: datetime | None
+
+    def has_action(self, kind: type[Action]) -> bool:
+        return any(isinstance(action, kind) for action in self.actions)
+
+    @property
+    def creates_anything(self) -> bool:
+        return any(isinstance(action, CREATE_ACTIONS) for action in self.actions)

@@ -1,0 +1,63 @@
+"""Pure builders: Sandbox + SandboxTemplate → Pod / PVC / Service / NetworkPolicy dicts."""
+
+from sandbox_operator.resources.builders import (
+    CONTAINER_NAME,
+    ENVD_PORT,
+    INTERPRETER_PORT,
+    ResourcesExceedMaxError,
+    build_network_policy,
+    build_pod,
+    build_pvc,
+    build_service,
+    egress_hosts,
+    owner_reference,
+    sandbox_id,
+)
+from sandbox_operator.resources.names import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NAME_LABEL,
+    SANDBOX_ID_LABEL,
+    SANDBOX_LABEL,
+    TEMPLATE_LABEL,
+    ChildNames,
+    child_names,
+    sandbox_id_for,
+    sandbox_labels,
+    selector_labels,
+)
+from sandbox_operator.resources.resolve import (
+    EffectiveResources,
+    ResourceLimitViolation,
+    ResourcesExceedMax,
+    resolve_resources,
+)
+
+__all__ = [
+    "CONTAINER_NAME",
+    "ENVD_PORT",
+    "INTERPRETER_PORT",
+    "MANAGED_BY",
+    "MANAGED_BY_LABEL",
+    "NAME_LABEL",
+    "SANDBOX_ID_LABEL",
+    "SANDBOX_LABEL",
+    "TEMPLATE_LABEL",
+    "ChildNames",
+    "EffectiveResources",
+    "ResourceLimitViolation",
+    "ResourcesExceedMax",
+    "ResourcesExceedMaxError",
+    "build_network_policy",
+    "build_pod",
+    "build_pvc",
+    "build_service",
+    "child_names",
+    "egress_hosts",
+    "owner_reference",
+    "resolve_resources",
+    "sandbox_id",
+    "sandbox_id_for",
+    "sandbox_labels",
+    "selector_labels",
+]

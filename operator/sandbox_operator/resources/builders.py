@@ -1,0 +1,340 @@
+"""Pure builders: Sandbox + SandboxTemplate → Pod / PVC / Service / NetworkPolicy bodies.
+
+The bodies are plain dicts in the API server's JSON shape (camelCase), ready for any client's
+create call. Every child carries the sandbox labels and a controller ownerReference to the Sandbox,
+so garbage collection removes it with the Sandbox. See docs/lifecycle.md for the choices made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandbox_operator.api import (
+    AGENT_PORTS,
+    API_VERSION,
+    EgressMode,
+    Sandbox,
+    SandboxTemplate,
+    resolve_timeouts,
+)
+from sandbox_operator.resources.names import (
+    COMPONENT_LABEL,
+    GATEWAY_COMPONENT,
+    child_names,
+    sandbox_id_for,
+    sandbox_labels,
+    selector_labels,
+)
+from sandbox_operator.resources.resolve import EffectiveResources, ResourcesExceedMax, resolve_resources
+
+__all__ = [
+    "CLOUD_METADATA_CIDRS",
+    "CONTAINER_NAME",
+    "ENVD_PORT",
+    "INTERPRETER_PORT",
+    "ResourcesExceedMaxError",
+    "build_network_policy",
+    "build_pod",
+    "build_pvc",
+    "build_service",
+    "egress_hosts",
+    "owner_reference",
+    "sandbox_id",
+]
+
+ENVD_PORT, INTERPRETER_PORT = AGENT_PORTS
+CONTAINER_NAME = "sandbox"
+WORKSPACE_VOLUME = "workspace"
+TMP_VOLUME = "tmp"
+TERMINATION_GRACE_SECONDS = 5  # a sandbox has nothing to flush; suspend/terminate should be quick
+# Cloud metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): they hand out node credentials.
+CLOUD_METADATA_CIDRS = ("169.254.169.254/32", "fd00:ec2::254/128")
+UNENFORCED_HOSTS_ANNOTATION = "sandbox.dev/egress-hosts-not-enforced"
+
+
+class ResourcesExceedMaxError(ValueError):
+    """build_pod was asked for a pod whose resources exceed the template maximum."""
+
+    def __init__(self, refused: ResourcesExceedMax) -> None:
+        super().__init__(refused.message)
+        self.refused = refused
+
+
+def _identity(sandbox: Sandbox) -> tuple[str, str, str]:
+    metadata = sandbox.metadata
+    if not metadata.name or not metadata.namespace or not metadata.uid:
+        # Without a uid there is no ownerReference, and a child without an owner leaks.
+        raise ValueError("the Sandbox needs metadata.name, namespace and uid (as read from the API server)")
+    return metadata.name, metadata.namespace, metadata.uid
+
+
+def sandbox_id(sandbox: Sandbox) -> str:
+    """The sandbox's E2B ID: the one in its status, else the one derived from its uid."""
+    name, namespace, uid = _identity(sandbox)
+    return sandbox.status.sandbox_id or sandbox_id_for(namespace, name, uid)
+
+
+def owner_reference(sandbox: Sandbox) -> dict[str, Any]:
+    name, _, uid = _identity(sandbox)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Sandbox",
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(sandbox: Sandbox, child_name: str) -> dict[str, Any]:
+    name, namespace, _ = _identity(sandbox)
+    return {
+        "name": child_name,
+        "namespace": namespace,
+        "labels": sandbox_labels(name, sandbox.spec.template, sandbox_id(sandbox)),
+        "ownerReferences": [owner_reference(sandbox)],
+    }
+
+
+def _user_ports(sandbox: Sandbox, template: SandboxTemplate) -> list[int]:
+    """Template ports then sandbox ports, without repeats, in a stable order."""
+    ports = [*(template.spec.ports or ()), *(sandbox.spec.network.ports or ())]
+    return list(dict.fromkeys(port for port in ports if port not in AGENT_PORTS))
+
+
+def _all_ports(sandbox: Sandbox, template: SandboxTemplate) -> list[tuple[str, int]]:
+    named = [("envd", ENVD_PORT), ("interpreter", INTERPRETER_PORT)]
+    return named + [(f"port-{port}", port) for port in _user_ports(sandbox, template)]
+
+
+def _effective_resources(sandbox: Sandbox, template: SandboxTemplate) -> EffectiveResources:
+    resolved = resolve_resources(sandbox.spec, template.spec)
+    if isinstance(resolved, ResourcesExceedMax):
+        raise ResourcesExceedMaxError(resolved)
+    return resolved
+
+
+def _env(sandbox: Sandbox, template: SandboxTemplate, workdir: str) -> list[dict[str, str]]:
+    execution = resolve_timeouts(sandbox.spec, template.spec).execution
+    merged = {**(template.spec.env or {}), **(sandbox.spec.env or {})}
+    reserved = {
+        "SANDBOX_ID": sandbox_id(sandbox),
+        "SANDBOX_EXECUTION_TIMEOUT": str(execution),  # seconds; 0 = no limit
+        "SANDBOX_WORKDIR": workdir,
+    }
+    # The operator's variables win: a user cannot pose as another sandbox.
+    for key in reserved:
+        merged.pop(key, None)
+    return [{"name": key, "value": value} for key, value in {**merged, **reserved}.items()]
+
+
+def build_pod(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
+    """The sandbox Pod. Raises ResourcesExceedMaxError above the template maximum (the lifecycle
+    never asks for such a pod; this keeps a bug from creating one)."""
+    resources = _effective_resources(sandbox, template)
+    spec, template_spec = sandbox.spec, template.spec
+    names = child_names(sandbox.metadata.name or "")
+    security, persistence = template_spec.security, template_spec.persistence
+    read_only_root = security.read_only_root_filesystem
+    workdir = persistence.mount_path
+    amounts = {"cpu": resources.cpu, "memory": resources.memory, "ephemeral-storage": resources.disk}
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or template_spec.image,
+        "env": _env(sandbox, template, workdir),
+        "ports": [
+            {"name": port_name, "containerPort": port, "protocol": "TCP"}
+            for port_name, port in _all_ports(sandbox, template)
+        ],
+        # requests == limits: Guaranteed QoS, the last class the kubelet evicts.
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": ENVD_PORT, "scheme": "HTTP"},
+            "periodSeconds": 1,  # Running is reported on readiness: a long period is added latency
+            "timeoutSeconds": 1,
+            "failureThreshold": 3,
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": security.run_as_user,
+            "runAsGroup": security.run_as_group,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": read_only_root,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": WORKSPACE_VOLUME, "mountPath": workdir}],
+        "workingDir": workdir,
+    }
+    if template_spec.image_pull_policy is not None:
+        container["imagePullPolicy"] = str(template_spec.image_pull_policy)
+    if template_spec.command:
+        container["command"] = list(template_spec.command)
+    if template_spec.args:
+        container["args"] = list(template_spec.args)
+
+    workspace: dict[str, Any] = (
+        {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": names.pvc}}
+        if persistence.enabled
+        else {"name": WORKSPACE_VOLUME, "emptyDir": {"sizeLimit": resources.disk}}
+    )
+    volumes = [workspace]
+    if read_only_root:
+        # Many tools need a writable /tmp; it counts against the ephemeral-storage limit.
+        volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
+        container["volumeMounts"].append({"name": TMP_VOLUME, "mountPath": "/tmp"})
+
+    pod_spec: dict[str, Any] = {
+        "hostname": names.hostname,
+        "restartPolicy": "Never",  # the lifecycle owns restarts (bounded, with a reason in status)
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": security.run_as_user,
+            "runAsGroup": security.run_as_group,
+            "fsGroup": security.fs_group,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if template_spec.runtime_class_name:
+        pod_spec["runtimeClassName"] = template_spec.runtime_class_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": _metadata(sandbox, names.pod), "spec": pod_spec}
+
+
+def build_pvc(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any] | None:
+    """The workspace PVC, or None when the template has no persistence (the workspace is an emptyDir).
+
+    Its size is the effective disk; a disk above the template maximum raises ResourcesExceedMaxError.
+    """
+    persistence = template.spec.persistence
+    if not persistence.enabled:
+        return None
+    resources = _effective_resources(sandbox, template)
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": resources.disk}},
+    }
+    if persistence.storage_class_name:
+        spec["storageClassName"] = persistence.storage_class_name
+    names = child_names(sandbox.metadata.name or "")
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(sandbox, names.pvc),
+        "spec": spec,
+    }
+
+
+def build_service(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
+    """A headless Service: a stable DNS name for the sandbox pod, no virtual IP to program."""
+    name, _, _ = _identity(sandbox)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(sandbox, child_names(name).service),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": port_name, "port": port, "targetPort": port, "protocol": "TCP"}
+                for port_name, port in _all_ports(sandbox, template)
+            ],
+        },
+    }
+
+
+def egress_hosts(sandbox: Sandbox) -> list[str]:
+    """The host:port entries of an allow-list, which NetworkPolicy can only enforce by port."""
+    network = sandbox.spec.network
+    if network.egress is not EgressMode.ALLOW_LIST:
+        return []
+    return [target for target in network.egress_allow or () if "/" not in target]
+
+
+def _dns_rule(dns_namespace: str, dns_pod_labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": dns_namespace}},
+                "podSelector": {"matchLabels": dict(dns_pod_labels)},
+            }
+        ],
+        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    }
+
+
+def _anywhere_but_metadata() -> list[dict[str, Any]]:
+    ipv4_metadata, ipv6_metadata = CLOUD_METADATA_CIDRS
+    return [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": [ipv4_metadata]}},
+        {"ipBlock": {"cidr": "::/0", "except": [ipv6_metadata]}},
+    ]
+
+
+def build_network_policy(
+    sandbox: Sandbox,
+    template: SandboxTemplate,
+    *,
+    gateway_namespace: str,
+    dns_namespace: str = "kube-system",
+    dns_pod_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Ingress only from the gateway; egress per spec.network (always DNS and the gateway).
+
+    - deny: DNS (to the cluster DNS pods) and the gateway only.
+    - allow: anywhere except the cloud metadata endpoints, plus DNS and the gateway.
+    - allowList: CIDR entries as ipBlocks (all ports); ``host:port`` entries open that port to any
+      address except the metadata endpoints, because NetworkPolicy cannot match host names. The
+      hosts are listed in an annotation so that an FQDN-aware policy or egress proxy can enforce them.
+    """
+    name, _, _ = _identity(sandbox)
+    gateway_peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
+        "podSelector": {"matchLabels": {COMPONENT_LABEL: GATEWAY_COMPONENT}},
+    }
+    ingress = [
+        {
+            "from": [gateway_peer],
+            "ports": [{"protocol": "TCP", "port": port} for _, port in _all_ports(sandbox, template)],
+        }
+    ]
+    egress: list[dict[str, Any]] = [
+        _dns_rule(dns_namespace, dns_pod_labels or {"k8s-app": "kube-dns"}),
+        {"to": [gateway_peer]},
+    ]
+    network = sandbox.spec.network
+    metadata = _metadata(sandbox, child_names(name).network_policy)
+    if network.egress is EgressMode.ALLOW:
+        egress.append({"to": _anywhere_but_metadata()})
+    elif network.egress is EgressMode.ALLOW_LIST:
+        cidrs = [target for target in network.egress_allow or () if "/" in target]
+        if cidrs:
+            egress.append({"to": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]})
+        hosts = egress_hosts(sandbox)
+        ports = sorted({int(host.rsplit(":", 1)[1]) for host in hosts})
+        if ports:
+            egress.append(
+                {
+                    "to": _anywhere_but_metadata(),
+                    "ports": [{"protocol": "TCP", "port": port} for port in ports],
+                }
+            )
+            metadata["annotations"] = {UNENFORCED_HOSTS_ANNOTATION: ",".join(hosts)}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata,
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": ingress,
+            "egress": egress,
+        },
+    }

@@ -1,0 +1,188 @@
+"""The operator against a real API server + kwok: lifecycle, suspend/resume, timeouts, failures."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from conftest import OperatorProcess
+from testlib import Cluster, wait_until
+
+POD_RANGE = ipaddress.ip_network("127.1.0.0/16")
+
+
+def sandbox_manifest(name: str, template: str = "it-base", **spec: Any) -> str:
+    body = {
+        "apiVersion": "sandbox.dev/v1alpha1",
+        "kind": "Sandbox",
+        "metadata": {"name": name},
+        "spec": {"template": template, **spec},
+    }
+    return json.dumps(body)
+
+
+def sandbox(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    body = cluster.get_json("sandbox", name, "-n", namespace)
+    assert body is not None, f"sandbox {name} not found"
+    return dict(body)
+
+
+def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        body = cluster.get_json("sandbox", name, "-n", namespace)
+        return body if body and (body.get("status") or {}).get("phase") == phase else None
+
+    try:
+        return wait_until(reached, timeout=timeout, message=f"sandbox {name} phase {phase}")
+    except AssertionError:
+        current = cluster.get_json("sandbox", name, "-n", namespace)
+        raise AssertionError(f"sandbox {name} never reached {phase}; now: {json.dumps((current or {}).get('status'))}")
+
+
+def children(cluster: Cluster, namespace: str, name: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for kind in ("pods", "pvc", "services", "networkpolicies"):
+        listing = cluster.get_json(kind, "-n", namespace, "-l", f"sandbox.dev/sandbox={name}")
+        found[kind] = [item["metadata"]["name"] for item in (listing or {}).get("items", [])]
+    return found
+
+
+def events_for(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    listing = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    return [event["reason"] for event in (listing or {}).get("items", [])]
+
+
+@pytest.fixture(autouse=True)
+def _operator_running(operator: OperatorProcess) -> None:
+    assert operator.process.poll() is None, f"operator died:\n{operator.log_tail()}"
+
+
+def test_create_reaches_running_with_children(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("sb1"), namespace)
+    body = wait_phase(cluster, namespace, "sb1", "Running")
+    status = body["status"]
+    assert ipaddress.ip_address(status["podIP"]) in POD_RANGE
+    assert status["sandboxID"].isalnum() and status["sandboxID"].islower()
+    assert status["startedAt"] and status["expiresAt"]
+    assert status["observedGeneration"] == body["metadata"]["generation"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    found = children(cluster, namespace, "sb1")
+    assert found["pods"] == [status["podName"]]
+    assert len(found["pvc"]) == 1 and len(found["services"]) == 1
+    pod = cluster.get_json("pod", status["podName"], "-n", namespace)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["cpu"] in ("250m", "0.25")
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    wait_until(lambda: "Started" in events_for(cluster, namespace, "sb1") or None, timeout=30,
+               message="a Started event")
+
+
+def test_suspend_and_resume_keep_the_workspace(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("sb2"), namespace)
+    running = wait_phase(cluster, namespace, "sb2", "Running")
+    first_pod = running["status"]["podName"]
+    pvc_before = children(cluster, namespace, "sb2")["pvc"]
+    pvc_uid = cluster.get_json("pvc", pvc_before[0], "-n", namespace)["metadata"]["uid"]
+
+    cluster.kubectl("patch", "sandbox", "sb2", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":true}}')
+    suspended = wait_phase(cluster, namespace, "sb2", "Suspended")
+    assert next(c for c in suspended["status"]["conditions"] if c["type"] == "Suspended")["status"] == "True"
+    wait_until(lambda: children(cluster, namespace, "sb2")["pods"] == [], timeout=30, message="pod deleted")
+    kept = children(cluster, namespace, "sb2")
+    assert kept["pvc"] == pvc_before and len(kept["services"]) == 1
+
+    cluster.kubectl("patch", "sandbox", "sb2", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":false}}')
+    resumed = wait_phase(cluster, namespace, "sb2", "Running")
+    pod = cluster.get_json("pod", resumed["status"]["podName"], "-n", namespace)
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == pvc_before
+    assert cluster.get_json("pvc", pvc_before[0], "-n", namespace)["metadata"]["uid"] == pvc_uid
+    assert first_pod  # the pod name may be reused (deterministic), the workspace is the same claim
+
+
+def test_max_lifetime_terminates(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("sb3", timeouts={"idle": "0", "maxLifetime": "3s", "execution": "0"}), namespace)
+    wait_phase(cluster, namespace, "sb3", "Running")
+    terminated = wait_phase(cluster, namespace, "sb3", "Terminated", timeout=60)
+    assert terminated["status"]["reason"] == "MaxLifetime"
+    wait_until(lambda: children(cluster, namespace, "sb3")["pods"] == [], timeout=30, message="pod deleted")
+
+
+@pytest.mark.parametrize(("on_idle", "phase"), [("suspend", "Suspended"), ("terminate", "Terminated")])
+def test_idle_timeout_applies_on_idle_action(cluster: Cluster, namespace: str, on_idle: str, phase: str) -> None:
+    name = f"idle-{on_idle}"
+    cluster.apply(sandbox_manifest(name, onIdle=on_idle, timeouts={"idle": "2s", "maxLifetime": "1h"}), namespace)
+    wait_phase(cluster, namespace, name, "Running")
+    # Activity pushes the idle deadline out; then it lapses.
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cluster.kubectl("patch", "sandbox", name, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"lastActivityAt": now}}))
+    body = wait_phase(cluster, namespace, name, phase, timeout=60)
+    assert body["status"]["reason"] == "IdleTimeout"
+
+
+def test_delete_removes_every_child(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("sb4"), namespace)
+    wait_phase(cluster, namespace, "sb4", "Running")
+    cluster.kubectl("delete", "sandbox", "sb4", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_until(
+        lambda: children(cluster, namespace, "sb4") == {"pods": [], "pvc": [], "services": [], "networkpolicies": []},
+        timeout=60,
+        message="all children of sb4 gone",
+    )
+
+
+def test_pod_deleted_out_of_band_is_recreated(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("sb5"), namespace)
+    running = wait_phase(cluster, namespace, "sb5", "Running")
+    pod_name = running["status"]["podName"]
+    old_uid = cluster.get_json("pod", pod_name, "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl("delete", "pod", pod_name, "-n", namespace, "--wait=false")
+
+    def replaced() -> bool:
+        body = sandbox(cluster, namespace, "sb5")
+        pod = cluster.get_json("pod", body["status"].get("podName") or pod_name, "-n", namespace)
+        return bool(pod and pod["metadata"]["uid"] != old_uid and body["status"]["phase"] == "Running")
+
+    wait_until(replaced, timeout=60, message="a new pod with a new uid, sandbox Running")
+    wait_until(lambda: "PodRecreated" in events_for(cluster, namespace, "sb5") or None, timeout=30,
+               message="a PodRecreated event")
+
+
+def test_pod_failure_sets_error_with_reason(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("sb6"), namespace)
+    running = wait_phase(cluster, namespace, "sb6", "Running")
+    pod_name = running["status"]["podName"]
+    terminated = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    patch = {"status": {"phase": "Failed", "containerStatuses": [
+        {"name": "sandbox", "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": terminated}
+    ]}}
+    cluster.kubectl("patch", "pod", pod_name, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps(patch))
+    body = wait_phase(cluster, namespace, "sb6", "Error")
+    assert body["status"]["reason"] == "OOMKilled"
+
+
+def test_resources_over_template_max_error_and_nothing_created(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("big", resources={"cpu": "8", "memory": "1Gi"}), namespace)
+    body = wait_phase(cluster, namespace, "big", "Error")
+    assert body["status"]["reason"] == "ResourcesExceedTemplateMax"
+    assert "cpu" in body["status"]["message"]
+    assert children(cluster, namespace, "big") == {"pods": [], "pvc": [], "services": [], "networkpolicies": []}
+
+
+def test_unknown_template_reports_it(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(sandbox_manifest("orphan", template="does-not-exist"), namespace)
+    body = wait_until(
+        lambda: (b := cluster.get_json("sandbox", "orphan", "-n", namespace))
+        and (b.get("status") or {}).get("reason") == "TemplateNotFound" and b,
+        timeout=30,
+        message="reason TemplateNotFound",
+    )
+    assert "does-not-exist" in body["status"]["message"]
+    assert children(cluster, namespace, "orphan")["pods"] == []

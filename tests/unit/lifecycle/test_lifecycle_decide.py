@@ -1,0 +1,514 @@
+"""decide(), behaviour by behaviour (docs/lifecycle.md)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from lifecycle_factories import (
+    HOUR,
+    PENDING_POD,
+    READY_POD,
+    T0,
+    at,
+    condition,
+    desired,
+    events,
+    fed_back,
+    observed,
+    pod,
+    requeue,
+    work,
+)
+
+from sandbox_operator.api import OnIdle, Phase
+from sandbox_operator.lifecycle import (
+    CreatePod,
+    DeleteNetworkPolicy,
+    DeleteObject,
+    DeletePod,
+    DeletePVC,
+    DeleteService,
+    EnsureNetworkPolicy,
+    EnsurePVC,
+    EnsureService,
+    EventType,
+    PodPhase,
+    PvcObservation,
+    PvcPhase,
+    Reason,
+    RemoveFinalizer,
+    RetryPolicy,
+    SetSuspended,
+    decide,
+)
+
+P = Phase
+START_ALL = [EnsureNetworkPolicy(), EnsurePVC(), EnsureService(), CreatePod()]
+
+
+# --- creating -------------------------------------------------------------------------------------
+
+
+def test_new_sandbox_creates_children_network_policy_first() -> None:
+    decision = decide(
+        desired(), observed(None, pvc=None, service_present=None, network_policy_present=None), T0
+    )
+    assert decision.phase is P.CREATING
+    assert work(decision) == START_ALL
+    (event,) = events(decision)
+    assert (event.type, event.reason) == (EventType.NORMAL, Reason.CREATING)
+    assert requeue(decision) == HOUR.total_seconds()  # next: maxLifetime
+    assert decision.wake_at == T0 + HOUR
+    assert decision.status.expires_at == T0 + HOUR
+
+
+def test_without_persistence_no_pvc_is_asked_for() -> None:
+    decision = decide(
+        desired(persistent_workspace=False), observed(None, pvc=None, service_present=False), T0
+    )
+    assert work(decision) == [EnsureService(), CreatePod()]
+
+
+def test_creating_waits_for_a_pending_pod() -> None:
+    decision = decide(desired(), observed(P.CREATING, pod=PENDING_POD), at(1))
+    assert (decision.phase, decision.reason) == (P.CREATING, Reason.POD_PENDING)
+    assert work(decision) == []
+    assert condition(decision, "Ready") == ("False", "Creating")
+
+
+def test_creating_reports_image_pull_back_off_without_failing() -> None:
+    pulling = pod(PodPhase.PENDING, waiting_reasons=("ImagePullBackOff",))
+    decision = decide(desired(), observed(P.CREATING, pod=pulling), at(1))
+    assert (decision.phase, decision.reason) == (P.CREATING, Reason.IMAGE_PULL_BACK_OFF)
+
+
+def test_creating_waits_for_readiness() -> None:
+    decision = decide(desired(), observed(P.CREATING, pod=pod(PodPhase.RUNNING, ready=False)), at(1))
+    assert (decision.phase, decision.reason) == (P.CREATING, Reason.POD_NOT_READY)
+
+
+def test_ready_pod_means_running_started() -> None:
+    now = at(3.5)
+    decision = decide(desired(), observed(P.CREATING, pod=READY_POD), now)
+    assert (decision.phase, decision.reason) == (P.RUNNING, Reason.STARTED)
+    assert decision.status.started_at == at(3)  # whole seconds, as the API server stores them
+    assert decision.status.idle_deadline == at(3) + timedelta(minutes=30)
+    assert condition(decision, "Ready") == ("True", Reason.STARTED)
+    assert condition(decision, "Suspended") == ("False", "Running")
+    assert decision.wake_at == decision.status.idle_deadline
+
+
+def test_running_recreates_a_deleted_service_and_policy() -> None:
+    decision = decide(
+        desired(), observed(P.RUNNING, service_present=False, network_policy_present=False), at(10)
+    )
+    assert decision.phase is P.RUNNING
+    assert work(decision) == [EnsureNetworkPolicy(), EnsureService()]
+
+
+def test_a_running_sandbox_that_is_fine_needs_nothing() -> None:
+    decision = decide(desired(), observed(P.RUNNING), at(10))
+    assert work(decision) == []
+    assert events(decision) == []
+    assert condition(decision, "Ready") == ("True", Reason.STARTED)
+
+
+# --- suspend / resume -----------------------------------------------------------------------------
+
+
+def test_suspend_deletes_only_the_pod() -> None:
+    decision = decide(desired(suspended=True), observed(P.RUNNING), at(60))
+    assert (decision.phase, decision.reason) == (P.SUSPENDING, Reason.SUSPEND_REQUESTED)
+    assert work(decision) == [DeletePod()]
+    assert condition(decision, "Ready") == ("False", "Suspending")
+
+
+def test_suspending_waits_for_the_pod_then_is_suspended() -> None:
+    going = observed(P.SUSPENDING, reason=Reason.SUSPEND_REQUESTED, pod=pod(deleting=True))
+    waiting = decide(desired(suspended=True), going, at(61))
+    assert waiting.phase is P.SUSPENDING
+    assert work(waiting) == []  # no second delete
+    done = decide(desired(suspended=True), replace(going, pod=None), at(62))
+    assert (done.phase, done.reason) == (P.SUSPENDED, Reason.SUSPEND_REQUESTED)
+    assert work(done) == []
+    assert condition(done, "Suspended") == ("True", Reason.SUSPEND_REQUESTED)
+    assert done.status.idle_deadline is None
+
+
+def test_resume_creates_the_pod_on_the_same_workspace() -> None:
+    decision = decide(desired(suspended=False), observed(P.SUSPENDED), at(120))
+    assert (decision.phase, decision.reason) == (P.RESUMING, Reason.RESUME_REQUESTED)
+    assert work(decision) == [CreatePod()]  # the PVC, Service and policy are still there
+
+
+def test_resumed_pod_is_running_with_a_fresh_idle_clock() -> None:
+    resuming = observed(P.RESUMING, last_activity_at=at(10))
+    decision = decide(desired(), resuming, at(300))
+    assert (decision.phase, decision.reason) == (P.RUNNING, Reason.RESUMED)
+    assert decision.status.last_activity_at == at(300)
+    assert decision.status.idle_deadline == at(300) + timedelta(minutes=30)
+
+
+def test_a_suspended_sandbox_stays_suspended_and_has_no_pod() -> None:
+    stray = decide(desired(suspended=True), observed(P.SUSPENDED, pod=READY_POD), at(120))
+    assert stray.phase is P.SUSPENDED
+    assert work(stray) == [DeletePod()]
+
+
+def test_resuming_waits_for_a_stray_pod_to_go_first() -> None:
+    decision = decide(desired(suspended=False), observed(P.SUSPENDED, pod=pod(deleting=True)), at(120))
+    assert decision.phase is P.SUSPENDED
+    assert work(decision) == []
+
+
+# --- deadlines ------------------------------------------------------------------------------------
+
+
+def test_max_lifetime_terminates_a_running_sandbox() -> None:
+    decision = decide(desired(), observed(P.RUNNING), T0 + HOUR)
+    assert (decision.phase, decision.reason) == (P.TERMINATING, Reason.MAX_LIFETIME)
+    assert work(decision) == [DeletePod()]
+    assert decision.wake_at is None
+
+
+def test_max_lifetime_counts_from_creation_even_while_suspended() -> None:
+    decision = decide(desired(suspended=True), observed(P.SUSPENDED), T0 + HOUR)
+    assert (decision.phase, decision.reason) == (P.TERMINATING, Reason.MAX_LIFETIME)
+
+
+def test_suspending_finishes_before_an_expiry_is_acted_on() -> None:
+    # Suspending → Terminating is not in the table: the sandbox first becomes Suspended.
+    decision = decide(desired(suspended=True), observed(P.SUSPENDING, pod=None), T0 + HOUR)
+    assert decision.phase is P.SUSPENDED
+    assert decision.wake_at is None  # the passed deadline is not a wake-up time any more
+
+
+def test_terminating_becomes_terminated_when_the_pod_is_gone() -> None:
+    going = observed(P.TERMINATING, reason=Reason.MAX_LIFETIME, pod=None)
+    decision = decide(desired(), going, T0 + HOUR + timedelta(seconds=2))
+    assert (decision.phase, decision.reason) == (P.TERMINATED, Reason.MAX_LIFETIME)
+    assert decision.status.terminated_at == T0 + HOUR + timedelta(seconds=2)
+    assert condition(decision, "Terminated") == ("True", Reason.MAX_LIFETIME)
+    assert condition(decision, "Ready") == ("False", "Terminated")
+    assert work(decision) == []  # the PVC, Service and policy stay with the object
+    assert decision.wake_at is None  # no TTL: kept until deleted
+    assert decision.status.expires_at is None
+
+
+def test_ttl_after_terminated_deletes_the_object() -> None:
+    ended = observed(P.TERMINATED, reason=Reason.MAX_LIFETIME, terminated_at=at(minutes=61))
+    early = decide(desired(ttl_after_terminated=HOUR), ended, at(minutes=90))
+    assert work(early) == []
+    assert early.wake_at == at(minutes=121)
+    late = decide(desired(ttl_after_terminated=HOUR), ended, at(minutes=121))
+    assert work(late) == [DeleteObject()]
+    assert late.phase is P.TERMINATED
+    assert late.wake_at is None
+
+
+def test_zero_ttl_deletes_at_once() -> None:
+    ended = observed(P.TERMINATED, reason=Reason.IDLE_TIMEOUT, terminated_at=at(minutes=61))
+    assert work(decide(desired(ttl_after_terminated=timedelta(0)), ended, at(minutes=61))) == [DeleteObject()]
+
+
+def test_idle_suspends_and_records_it_in_the_spec() -> None:
+    decision = decide(desired(), observed(P.RUNNING, last_activity_at=at(minutes=10)), at(minutes=40))
+    assert (decision.phase, decision.reason) == (P.SUSPENDING, Reason.IDLE_TIMEOUT)
+    assert work(decision) == [SetSuspended(True), DeletePod()]
+
+
+def test_idle_terminates_when_asked_to() -> None:
+    decision = decide(desired(on_idle=OnIdle.TERMINATE), observed(P.RUNNING), at(minutes=31))
+    assert (decision.phase, decision.reason) == (P.TERMINATING, Reason.IDLE_TIMEOUT)
+    assert work(decision) == [DeletePod()]
+
+
+def test_idle_counts_from_start_without_activity_and_from_activity_after() -> None:
+    quiet = observed(P.RUNNING)  # started at T0 + 5s, no activity
+    assert decide(desired(), quiet, at(5, minutes=30) - timedelta(seconds=1)).phase is P.RUNNING
+    assert decide(desired(), quiet, at(5, minutes=30)).phase is P.SUSPENDING
+    busy = observed(P.RUNNING, last_activity_at=at(minutes=20))
+    decision = decide(desired(), busy, at(minutes=35))
+    assert decision.phase is P.RUNNING
+    assert decision.wake_at == at(minutes=50)
+
+
+def test_idle_suspended_reason_survives_to_suspended() -> None:
+    decision = decide(
+        desired(suspended=True), observed(P.SUSPENDING, reason=Reason.IDLE_TIMEOUT, pod=None), at(1)
+    )
+    assert (decision.phase, decision.reason) == (P.SUSPENDED, Reason.IDLE_TIMEOUT)
+
+
+def test_no_timeouts_no_wake_up() -> None:
+    decision = decide(desired(max_lifetime=None, idle_timeout=None), observed(P.RUNNING), at(10))
+    assert decision.wake_at is None
+    assert requeue(decision) is None
+    assert decision.status.expires_at is None
+
+
+def test_expires_at_includes_idle_only_when_idle_terminates() -> None:
+    suspend = decide(desired(), observed(P.RUNNING), at(10))
+    assert suspend.status.expires_at == T0 + HOUR
+    terminate = decide(desired(on_idle=OnIdle.TERMINATE), observed(P.RUNNING), at(10))
+    assert terminate.status.expires_at == at(5, minutes=30)
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failed_pod", "reason"),
+    [
+        (pod(PodPhase.FAILED, terminated_reasons=("Error",)), Reason.POD_FAILED),
+        (pod(PodPhase.FAILED, terminated_reasons=("OOMKilled",)), Reason.OOM_KILLED),
+        (pod(PodPhase.RUNNING, terminated_reasons=("OOMKilled",)), Reason.OOM_KILLED),
+        (pod(PodPhase.FAILED, reason="Evicted", message="low on memory"), Reason.EVICTED),
+        (pod(PodPhase.SUCCEEDED), Reason.POD_SUCCEEDED),
+        (pod(PodPhase.PENDING, waiting_reasons=("InvalidImageName",)), Reason.IMAGE_ERROR),
+        (
+            pod(PodPhase.PENDING, waiting_reasons=("CreateContainerConfigError",)),
+            Reason.CONTAINER_CONFIG_ERROR,
+        ),
+    ],
+)
+@pytest.mark.parametrize("phase", [P.CREATING, P.RUNNING, P.RESUMING])
+def test_pod_failures_are_errors_with_their_reason(failed_pod: object, reason: Reason, phase: Phase) -> None:
+    decision = decide(desired(), observed(phase, pod=failed_pod), at(30))
+    assert (decision.phase, decision.reason) == (P.ERROR, reason)
+    assert not decision.creates_anything
+    assert work(decision) == []  # the failed pod is kept for `kubectl logs`
+    (event,) = events(decision)
+    assert (event.type, event.reason) == (EventType.WARNING, reason)
+    assert condition(decision, "Ready") == ("False", "Error")
+
+
+def test_evicted_message_is_kept() -> None:
+    decision = decide(
+        desired(), observed(P.RUNNING, pod=pod(PodPhase.FAILED, reason="Evicted", message="disk")), at(1)
+    )
+    assert "disk" in decision.message
+
+
+def test_a_pod_being_deleted_is_not_a_failure() -> None:
+    dying = pod(PodPhase.FAILED, terminated_reasons=("Error",), deleting=True)
+    decision = decide(desired(), observed(P.RUNNING, pod=dying), at(30))
+    assert (decision.phase, decision.reason) == (P.RUNNING, Reason.POD_TERMINATING)
+    assert condition(decision, "Ready") == ("False", Reason.POD_TERMINATING)
+
+
+def test_lost_workspace_is_an_error() -> None:
+    decision = decide(desired(), observed(P.RUNNING, pvc=PvcObservation(phase=PvcPhase.LOST)), at(30))
+    assert (decision.phase, decision.reason) == (P.ERROR, Reason.WORKSPACE_LOST)
+
+
+# --- lost pods and the retry budget ---------------------------------------------------------------
+
+
+def test_lost_pod_is_recreated_with_an_event() -> None:
+    decision = decide(desired(), observed(P.RUNNING, pod=None), at(100))
+    assert (decision.phase, decision.reason) == (P.RUNNING, Reason.POD_RECREATED)
+    assert work(decision) == [CreatePod()]
+    (event,) = events(decision)
+    assert (event.type, event.reason) == (EventType.WARNING, Reason.POD_RECREATED)
+    assert (decision.status.recreate_attempts, decision.status.last_recreate_at) == (1, at(100))
+    assert condition(decision, "Ready") == ("False", Reason.POD_RECREATED)
+
+
+def test_recreation_backs_off_per_the_schedule() -> None:
+    lost_again = observed(P.RUNNING, pod=None, recreate_attempts=1, last_recreate_at=at(100))
+    waiting = decide(desired(), lost_again, at(105))
+    assert (waiting.phase, waiting.reason) == (P.RUNNING, Reason.RECREATE_BACKOFF)
+    assert work(waiting) == []
+    assert requeue(waiting) == 5.0  # 10 s after the previous attempt
+    retried = decide(desired(), lost_again, at(110))
+    assert work(retried) == [CreatePod()]
+    assert retried.status.recreate_attempts == 2
+
+
+def test_recreation_budget_runs_out_into_error() -> None:
+    exhausted = observed(P.RUNNING, pod=None, recreate_attempts=3, last_recreate_at=at(100))
+    decision = decide(desired(), exhausted, at(1000))
+    assert (decision.phase, decision.reason) == (P.ERROR, Reason.RECREATE_BUDGET_EXHAUSTED)
+    assert not decision.creates_anything
+    # …and it stays there, still saying why: the budget is spent.
+    again = decide(desired(), fed_back(exhausted, decision), at(2000))
+    assert (again.phase, again.reason, work(again)) == (P.ERROR, Reason.RECREATE_BUDGET_EXHAUSTED, [])
+    assert again.message == decision.message
+
+
+def test_custom_budget() -> None:
+    policy = RetryPolicy(budget=1, backoff=())
+    decision = decide(desired(retry=policy), observed(P.RUNNING, pod=None, recreate_attempts=1), at(10))
+    assert decision.phase is P.ERROR
+
+
+def test_attempts_reset_after_a_stable_period() -> None:
+    recovered = observed(P.RUNNING, recreate_attempts=2, last_recreate_at=at(100))
+    early = decide(desired(), recovered, at(200))
+    assert early.status.recreate_attempts == 2
+    assert early.wake_at == at(100) + timedelta(minutes=10)
+    later = decide(desired(), recovered, at(100) + timedelta(minutes=10))
+    assert later.status.recreate_attempts == 0
+
+
+def test_lost_pod_waits_for_a_workspace_being_deleted() -> None:
+    decision = decide(
+        desired(),
+        observed(P.RUNNING, pod=None, pvc=PvcObservation(phase=PvcPhase.BOUND, deleting=True)),
+        at(9),
+    )
+    assert decision.phase is P.RUNNING
+    assert not decision.creates_anything
+
+
+# --- error and retry ------------------------------------------------------------------------------
+
+
+def test_retryable_error_deletes_the_failed_pod_first() -> None:
+    failed = observed(P.ERROR, reason=Reason.EVICTED, pod=pod(PodPhase.FAILED, reason="Evicted"))
+    decision = decide(desired(), failed, at(60))
+    assert decision.phase is P.ERROR
+    assert work(decision) == [DeletePod()]
+
+
+def test_retryable_error_then_retries_into_creating() -> None:
+    failed = observed(P.ERROR, reason=Reason.POD_FAILED, pod=None)
+    decision = decide(desired(), failed, at(60))
+    assert (decision.phase, decision.reason) == (P.CREATING, Reason.RETRYING)
+    assert work(decision) == [CreatePod()]
+    assert decision.status.recreate_attempts == 1
+
+
+def test_error_retry_respects_backoff_and_budget() -> None:
+    failed = observed(
+        P.ERROR, reason=Reason.POD_FAILED, pod=None, recreate_attempts=2, last_recreate_at=at(50)
+    )
+    waiting = decide(desired(), failed, at(60))
+    assert waiting.phase is P.ERROR
+    assert waiting.wake_at == at(80)
+    assert decide(desired(), failed, at(80)).phase is P.CREATING
+    spent = replace(failed, recreate_attempts=3)
+    assert decide(desired(), spent, at(500)).phase is P.ERROR
+
+
+def test_oom_killed_is_not_retried_until_the_spec_changes() -> None:
+    oom = observed(P.ERROR, reason=Reason.OOM_KILLED, pod=None, observed_generation=1)
+    stays = decide(desired(generation=1), oom, at(60))
+    assert (stays.phase, work(stays)) == (P.ERROR, [])
+    retried = decide(desired(generation=2), oom, at(60))
+    assert (retried.phase, retried.reason) == (P.CREATING, Reason.SPEC_CHANGED)
+    assert retried.status.recreate_attempts == 0
+    assert retried.status.observed_generation == 2
+
+
+def test_spec_change_is_not_forgotten_while_the_old_pod_goes() -> None:
+    oom = observed(P.ERROR, reason=Reason.OOM_KILLED, observed_generation=1, pod=pod(PodPhase.FAILED))
+    decision = decide(desired(generation=2), oom, at(60))
+    assert work(decision) == [DeletePod()]
+    assert decision.status.observed_generation == 1  # not acted on yet
+    after = decide(desired(generation=2), replace(fed_back(oom, decision), pod=None), at(61))
+    assert after.phase is P.CREATING
+
+
+def test_max_lifetime_ends_an_error() -> None:
+    decision = decide(
+        desired(), observed(P.ERROR, reason=Reason.OOM_KILLED, pod=pod(PodPhase.FAILED)), T0 + HOUR
+    )
+    assert (decision.phase, decision.reason) == (P.TERMINATING, Reason.MAX_LIFETIME)
+    assert work(decision) == [DeletePod()]
+
+
+# --- resources over the template maximum ---------------------------------------------------------
+
+TOO_BIG = "spec.resources.memory 64Gi exceeds the template maximum 8Gi"
+
+
+def test_new_sandbox_over_max_creates_nothing_then_errors() -> None:
+    first = decide(desired(resources_violation=TOO_BIG), observed(None, pvc=None), T0)
+    assert first.phase is P.CREATING
+    assert not first.creates_anything
+    assert first.wake_at == T0  # the next step follows at once
+    second = decide(desired(resources_violation=TOO_BIG), fed_back(observed(None, pvc=None), first), T0)
+    assert (second.phase, second.reason) == (P.ERROR, Reason.RESOURCES_EXCEED_TEMPLATE_MAX)
+    assert second.message == TOO_BIG
+    assert not second.creates_anything
+
+
+def test_error_over_max_recovers_when_it_fits() -> None:
+    stuck = observed(P.ERROR, reason=Reason.RESOURCES_EXCEED_TEMPLATE_MAX, pod=None)
+    assert decide(desired(resources_violation=TOO_BIG), stuck, at(5)).phase is P.ERROR
+    fixed = decide(desired(), stuck, at(5))
+    assert fixed.phase is P.CREATING
+    assert fixed.creates_anything
+
+
+def test_resume_over_max_stays_suspended_with_the_reason() -> None:
+    decision = decide(desired(resources_violation=TOO_BIG), observed(P.SUSPENDED), at(60))
+    assert (decision.phase, decision.reason) == (P.SUSPENDED, Reason.RESOURCES_EXCEED_TEMPLATE_MAX)
+    assert TOO_BIG in decision.message
+    assert not decision.creates_anything
+    (event,) = events(decision)
+    assert event.type is EventType.WARNING
+    repeated = decide(
+        desired(resources_violation=TOO_BIG),
+        observed(P.SUSPENDED, reason=Reason.RESOURCES_EXCEED_TEMPLATE_MAX),
+        at(61),
+    )
+    assert events(repeated) == []  # said once
+
+
+def test_lost_pod_over_max_is_an_error() -> None:
+    decision = decide(desired(resources_violation=TOO_BIG), observed(P.RUNNING, pod=None), at(60))
+    assert (decision.phase, decision.reason) == (P.ERROR, Reason.RESOURCES_EXCEED_TEMPLATE_MAX)
+    assert not decision.creates_anything
+
+
+# --- deletion ------------------------------------------------------------------------------------
+
+
+def test_deletion_deletes_children_and_waits_for_the_pod() -> None:
+    decision = decide(desired(), observed(P.RUNNING, deleting=True), at(60))
+    assert (decision.phase, decision.reason) == (P.TERMINATING, Reason.DELETED)
+    assert work(decision) == [DeletePod(), DeletePVC(), DeleteService(), DeleteNetworkPolicy()]
+    assert RemoveFinalizer() not in decision.actions
+
+
+def test_deletion_finishes_when_the_pod_is_gone() -> None:
+    going = observed(
+        P.TERMINATING,
+        reason=Reason.DELETED,
+        deleting=True,
+        pod=None,
+        pvc=None,
+        service_present=None,
+        network_policy_present=None,
+    )
+    decision = decide(desired(), going, at(61))
+    assert decision.phase is P.TERMINATED
+    assert work(decision) == [RemoveFinalizer()]  # unobserved children are left to ownerReference GC
+
+
+@pytest.mark.parametrize("phase", [P.SUSPENDING, P.RESUMING])
+def test_deletion_mid_transition_keeps_the_phase(phase: Phase) -> None:
+    decision = decide(desired(), observed(phase, deleting=True), at(60))
+    assert decision.phase is phase
+    assert DeletePod() in decision.actions
+
+
+def test_deleting_a_never_reconciled_sandbox() -> None:
+    decision = decide(
+        desired(),
+        observed(None, deleting=True, pvc=None, service_present=False, network_policy_present=False),
+        T0,
+    )
+    assert decision.phase is None
+    assert work(decision) == [RemoveFinalizer()]
+
+
+def test_deletion_never_creates() -> None:
+    for phase in [None, *Phase]:
+        decision = decide(desired(), observed(phase, deleting=True, pod=None, pvc=None), at(1))
+        assert not decision.creates_anything

@@ -1,0 +1,168 @@
+"""Observations from Kubernetes dicts, and Desired/Observed/deadlines from the API models."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from lifecycle_factories import T0
+
+from sandbox_operator.api import OnIdle, Phase, Sandbox, SandboxTemplate
+from sandbox_operator.lifecycle import (
+    PodPhase,
+    PvcPhase,
+    deadlines,
+    desired_from,
+    observed_from,
+    pod_observation,
+    pvc_observation,
+    sandbox_expires_at,
+)
+
+
+def test_ready_running_pod() -> None:
+    seen = pod_observation(
+        {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}, "metadata": {}}
+    )
+    assert (seen.phase, seen.ready, seen.deleting) == (PodPhase.RUNNING, True, False)
+
+
+def test_failed_pod_reasons() -> None:
+    seen = pod_observation(
+        {
+            "metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {
+                "phase": "Failed",
+                "reason": "Evicted",
+                "message": "low on memory",
+                "containerStatuses": [
+                    {
+                        "state": {"terminated": {"reason": "Error"}},
+                        "lastState": {"terminated": {"reason": "OOMKilled"}},
+                    },
+                    {"state": {"waiting": {"reason": "ImagePullBackOff"}}},
+                ],
+            },
+        }
+    )
+    assert seen.phase is PodPhase.FAILED
+    assert (seen.reason, seen.message, seen.deleting) == ("Evicted", "low on memory", True)
+    assert seen.terminated_reasons == ("Error", "OOMKilled")
+    assert seen.waiting_reasons == ("ImagePullBackOff",)
+
+
+def test_pod_without_status_is_pending_and_odd_phases_unknown() -> None:
+    assert pod_observation({}).phase is PodPhase.PENDING
+    assert pod_observation({"status": {"phase": "Weird"}}).phase is PodPhase.UNKNOWN
+
+
+def test_pvc_observation() -> None:
+    assert pvc_observation({"status": {"phase": "Bound"}}).phase is PvcPhase.BOUND
+    lost = pvc_observation({"status": {"phase": "Lost"}, "metadata": {"deletionTimestamp": "x"}})
+    assert (lost.phase, lost.deleting) == (PvcPhase.LOST, True)
+
+
+def _sandbox(
+    spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, **meta: Any
+) -> Sandbox:
+    metadata = {
+        "name": "demo",
+        "namespace": "team",
+        "uid": "u-1",
+        "generation": 2,
+        "creationTimestamp": "2026-01-01T00:00:00Z",
+        **meta,
+    }
+    return Sandbox.from_body(
+        {"metadata": metadata, "spec": {"template": "python", **(spec or {})}, "status": status or {}}
+    )
+
+
+TEMPLATE = SandboxTemplate.from_body(
+    {
+        "metadata": {"name": "python"},
+        "spec": {
+            "image": "agent:1",
+            "resources": {"max": {"memory": "1Gi"}},
+            "timeouts": {"idle": "10m", "maxLifetime": "2h", "execution": "1m"},
+        },
+    }
+)
+
+
+def test_desired_from_uses_template_defaults_and_spec_overrides() -> None:
+    wanted = desired_from(
+        _sandbox(
+            {"timeouts": {"idle": "0"}, "onIdle": "terminate", "suspended": True, "ttlAfterTerminated": "0"}
+        ),
+        TEMPLATE,
+    )
+    assert wanted.max_lifetime == timedelta(hours=2)
+    assert wanted.idle_timeout is None  # 0 = none
+    assert (wanted.on_idle, wanted.suspended, wanted.generation) == (OnIdle.TERMINATE, True, 2)
+    assert wanted.ttl_after_terminated == timedelta(0)
+    assert wanted.resources_violation is None
+    assert wanted.persistent_workspace
+
+
+def test_desired_from_reports_resources_over_max() -> None:
+    wanted = desired_from(_sandbox({"resources": {"memory": "4Gi"}}), TEMPLATE)
+    assert wanted.resources_violation == "spec.resources.memory 4Gi exceeds the template maximum 1Gi"
+
+
+def test_observed_from_reads_status_and_children() -> None:
+    status = {
+        "phase": "Running",
+        "reason": "Started",
+        "message": "the sandbox is running",
+        "startedAt": "2026-01-01T00:00:05Z",
+        "lastActivityAt": "2026-01-01T00:10:00Z",
+        "observedGeneration": 2,
+    }
+    seen = observed_from(
+        _sandbox(status=status),
+        pod={"status": {"phase": "Running"}},
+        pvc=None,
+        service_present=True,
+    )
+    assert (seen.phase, seen.reason, seen.observed_generation) == (Phase.RUNNING, "Started", 2)
+    assert seen.message == "the sandbox is running"
+    assert seen.created_at == T0
+    assert seen.started_at == T0 + timedelta(seconds=5)
+    assert seen.pod is not None and seen.pod.phase is PodPhase.RUNNING
+    assert (seen.pvc, seen.service_present, seen.network_policy_present) == (None, True, None)
+    assert not seen.deleting
+
+
+def test_terminated_at_falls_back_to_the_condition() -> None:
+    status = {
+        "phase": "Terminated",
+        "conditions": [
+            {"type": "Terminated", "status": "True", "lastTransitionTime": "2026-01-01T01:00:00Z"}
+        ],
+    }
+    seen = observed_from(
+        _sandbox(status=status, deletionTimestamp="2026-01-01T02:00:00Z"), pod=None, pvc=None
+    )
+    assert seen.terminated_at == T0 + timedelta(hours=1)
+    assert seen.deleting
+
+
+def test_observed_from_needs_a_creation_timestamp() -> None:
+    body = {"metadata": {"name": "x"}, "spec": {"template": "python"}}
+    with pytest.raises(ValueError, match="creationTimestamp"):
+        observed_from(Sandbox.from_body(body), pod=None, pvc=None)
+
+
+def test_deadlines_helper() -> None:
+    status = {
+        "phase": "Running",
+        "startedAt": "2026-01-01T00:00:05Z",
+        "lastActivityAt": "2026-01-01T00:20:00Z",
+    }
+    found = deadlines(_sandbox(status=status), TEMPLATE).as_dict()
+    assert found == {"maxLifetime": T0 + timedelta(hours=2), "idle": T0 + timedelta(minutes=30), "ttl": None}
+    assert sandbox_expires_at(_sandbox(status=status), TEMPLATE) == T0 + timedelta(hours=2)
+    terminating = _sandbox({"onIdle": "terminate"}, status=status)
+    assert sandbox_expires_at(terminating, TEMPLATE) == T0 + timedelta(minutes=30)

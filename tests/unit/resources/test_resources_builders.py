@@ -1,0 +1,364 @@
+"""Pod, PVC, Service and NetworkPolicy bodies: every field, and accepted by the kubernetes models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes import client
+from resources_factories import UID, sandbox, template
+
+from sandbox_operator.resources import (
+    ResourcesExceedMaxError,
+    build_network_policy,
+    build_pod,
+    build_pvc,
+    build_service,
+    sandbox_id,
+    sandbox_id_for,
+)
+
+SANDBOX_ID = sandbox_id_for("team-a", "demo", UID)
+LABELS = {
+    "app.kubernetes.io/managed-by": "sandbox-operator",
+    "app.kubernetes.io/name": "sandbox",
+    "sandbox.dev/sandbox": "demo",
+    "sandbox.dev/template": "code-interpreter",
+    "sandbox.dev/sandbox-id": SANDBOX_ID,
+}
+OWNER = {
+    "apiVersion": "sandbox.dev/v1alpha1",
+    "kind": "Sandbox",
+    "name": "demo",
+    "uid": UID,
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+
+
+def _validated(model: Any, body: dict[str, Any]) -> None:
+    """The kubernetes 37 models are strict (extra="forbid", StrictStr): a misspelt or mistyped
+    field fails here. The round trip also proves no field was silently dropped."""
+    parsed = model.model_validate(body)
+    assert parsed.model_dump(by_alias=True, exclude_none=True, mode="json") == body
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod["spec"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+def _env(pod: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in _container(pod)["env"]}
+
+
+# --- pod ------------------------------------------------------------------------------------------
+
+
+def test_pod_metadata() -> None:
+    pod = build_pod(sandbox(), template())
+    assert pod["apiVersion"] == "v1" and pod["kind"] == "Pod"
+    assert pod["metadata"] == {
+        "name": "sbx-demo",
+        "namespace": "team-a",
+        "labels": LABELS,
+        "ownerReferences": [OWNER],
+    }
+
+
+def test_pod_spec_hardening() -> None:
+    spec = build_pod(sandbox(), template(runtimeClassName="gvisor"))["spec"]
+    assert spec["hostname"] == "demo"
+    assert spec["restartPolicy"] == "Never"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["enableServiceLinks"] is False
+    assert spec["terminationGracePeriodSeconds"] == 5
+    assert spec["runtimeClassName"] == "gvisor"
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert _container({"spec": spec})["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": False,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def test_pod_without_runtime_class_leaves_it_unset() -> None:
+    assert "runtimeClassName" not in build_pod(sandbox(), template())["spec"]
+
+
+def test_pod_resources_are_requests_and_limits() -> None:
+    tpl = template(resources={"default": {"cpu": "500m", "memory": "1Gi", "disk": "3Gi"}})
+    container = _container(build_pod(sandbox(resources={"cpu": "2"}), tpl))
+    expected = {"cpu": "2", "memory": "1Gi", "ephemeral-storage": "3Gi"}
+    assert container["resources"] == {"requests": expected, "limits": expected}
+
+
+def test_pod_env() -> None:
+    tpl = template(env={"LANG": "C.UTF-8", "FOO": "template"}, timeouts={"execution": "2m"})
+    env = _env(build_pod(sandbox(env={"FOO": "mine", "SANDBOX_ID": "spoofed"}), tpl))
+    assert env == {
+        "LANG": "C.UTF-8",
+        "FOO": "mine",
+        "SANDBOX_ID": SANDBOX_ID,
+        "SANDBOX_EXECUTION_TIMEOUT": "120",
+        "SANDBOX_WORKDIR": "/home/user",
+    }
+
+
+def test_pod_uses_the_sandbox_id_from_status() -> None:
+    pod = build_pod(sandbox(status={"sandboxID": "abc123"}), template())
+    assert _env(pod)["SANDBOX_ID"] == "abc123"
+    assert pod["metadata"]["labels"]["sandbox.dev/sandbox-id"] == "abc123"
+
+
+def test_pod_ports_and_probe() -> None:
+    container = _container(build_pod(sandbox(network={"ports": [8080, 3000]}), template(ports=[3000, 9000])))
+    assert container["ports"] == [
+        {"name": "envd", "containerPort": 49983, "protocol": "TCP"},
+        {"name": "interpreter", "containerPort": 49999, "protocol": "TCP"},
+        {"name": "port-3000", "containerPort": 3000, "protocol": "TCP"},
+        {"name": "port-9000", "containerPort": 9000, "protocol": "TCP"},
+        {"name": "port-8080", "containerPort": 8080, "protocol": "TCP"},
+    ]
+    probe = container["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/health", "port": 49983, "scheme": "HTTP"}
+    assert probe["periodSeconds"] == 1
+
+
+def test_pod_image_command_and_pull_policy() -> None:
+    tpl = template(command=["/usr/bin/agent"], args=["--serve"], imagePullPolicy="IfNotPresent")
+    container = _container(build_pod(sandbox(), tpl))
+    assert (container["image"], container["command"], container["args"]) == (
+        "ghcr.io/example/agent:1",
+        ["/usr/bin/agent"],
+        ["--serve"],
+    )
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert _container(build_pod(sandbox(image="my/image:2"), template()))["image"] == "my/image:2"
+
+
+def test_pod_mounts_the_workspace_claim() -> None:
+    pod = build_pod(sandbox(), template())
+    assert pod["spec"]["volumes"] == [
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": "sbx-demo-workspace"}}
+    ]
+    container = _container(pod)
+    assert container["volumeMounts"] == [{"name": "workspace", "mountPath": "/home/user"}]
+    assert container["workingDir"] == "/home/user"
+
+
+def test_pod_read_only_root_gets_a_writable_tmp() -> None:
+    pod = build_pod(sandbox(), template(security={"readOnlyRootFilesystem": True}))
+    container = _container(pod)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["spec"]["volumes"]
+
+
+def test_pod_without_persistence_uses_a_bounded_empty_dir() -> None:
+    tpl = template(persistence={"enabled": False, "mountPath": "/work"})
+    pod = build_pod(sandbox(resources={"disk": "2Gi"}), tpl)
+    assert pod["spec"]["volumes"] == [{"name": "workspace", "emptyDir": {"sizeLimit": "2Gi"}}]
+    assert _env(pod)["SANDBOX_WORKDIR"] == "/work"
+
+
+def test_pod_custom_user() -> None:
+    pod = build_pod(sandbox(), template(security={"runAsUser": 2000, "runAsGroup": 3000, "fsGroup": 4000}))
+    assert (pod["spec"]["securityContext"]["runAsUser"], pod["spec"]["securityContext"]["fsGroup"]) == (
+        2000,
+        4000,
+    )
+    assert _container(pod)["securityContext"]["runAsGroup"] == 3000
+
+
+def test_pod_over_the_maximum_is_refused() -> None:
+    with pytest.raises(
+        ResourcesExceedMaxError, match=r"spec\.resources\.memory 8Gi exceeds the template maximum 4Gi"
+    ):
+        build_pod(sandbox(resources={"memory": "8Gi"}), template(resources={"max": {"memory": "4Gi"}}))
+
+
+def test_children_need_an_owner_uid() -> None:
+    nameless = sandbox().model_copy(update={"metadata": sandbox().metadata.model_copy(update={"uid": None})})
+    with pytest.raises(ValueError, match="uid"):
+        build_service(nameless, template())
+
+
+def test_long_sandbox_names_give_valid_children() -> None:
+    long_name = "a" * 63
+    pod = build_pod(sandbox(name=long_name), template())
+    assert len(pod["metadata"]["name"]) == 63
+    assert pod["spec"]["hostname"] == long_name
+    _validated(client.V1Pod, pod)
+
+
+# --- pvc, service ----------------------------------------------------------------------------------
+
+
+def test_pvc() -> None:
+    pvc = build_pvc(sandbox(resources={"disk": "4Gi"}), template(persistence={"storageClassName": "fast"}))
+    assert pvc is not None
+    assert pvc["metadata"] == {
+        "name": "sbx-demo-workspace",
+        "namespace": "team-a",
+        "labels": LABELS,
+        "ownerReferences": [OWNER],
+    }
+    assert pvc["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "4Gi"}},
+        "storageClassName": "fast",
+    }
+
+
+def test_pvc_default_storage_class_and_none_without_persistence() -> None:
+    pvc = build_pvc(sandbox(), template())
+    assert pvc is not None and "storageClassName" not in pvc["spec"]
+    assert build_pvc(sandbox(), template(persistence={"enabled": False})) is None
+
+
+def test_service_is_headless_with_the_agent_ports() -> None:
+    service = build_service(sandbox(network={"ports": [8080]}), template())
+    assert service["metadata"]["name"] == "sbx-demo"
+    assert service["metadata"]["ownerReferences"] == [OWNER]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {
+        "app.kubernetes.io/managed-by": "sandbox-operator",
+        "sandbox.dev/sandbox": "demo",
+    }
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("envd", 49983, 49983),
+        ("interpreter", 49999, 49999),
+        ("port-8080", 8080, 8080),
+    ]
+
+
+# --- network policy ----------------------------------------------------------------------------------
+
+GATEWAY = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "sandbox-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}},
+}
+DNS = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
+ANYWHERE = [
+    {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}},
+    {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}},
+]
+
+
+def _policy(**network: Any) -> dict[str, Any]:
+    return build_network_policy(sandbox(network=network), template(), gateway_namespace="sandbox-system")
+
+
+def test_policy_selects_the_sandbox_and_admits_only_the_gateway() -> None:
+    policy = _policy()
+    assert policy["metadata"]["name"] == "sbx-demo"
+    assert policy["metadata"]["ownerReferences"] == [OWNER]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/managed-by": "sandbox-operator", "sandbox.dev/sandbox": "demo"}
+    }
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["ingress"] == [
+        {"from": [GATEWAY], "ports": [{"protocol": "TCP", "port": 49983}, {"protocol": "TCP", "port": 49999}]}
+    ]
+
+
+def test_egress_deny_allows_only_dns_and_the_gateway() -> None:
+    assert _policy(egress="deny")["spec"]["egress"] == [DNS, {"to": [GATEWAY]}]
+
+
+def test_egress_allow_is_anywhere_but_cloud_metadata() -> None:
+    assert _policy(egress="allow")["spec"]["egress"] == [DNS, {"to": [GATEWAY]}, {"to": ANYWHERE}]
+
+
+def test_egress_allow_list() -> None:
+    policy = _policy(
+        egress="allowList",
+        egressAllow=[
+            "10.0.0.0/8",
+            "pypi.org:443",
+            "files.example.com:8443",
+            "fd00::/8",
+            "mirror.example.com:443",
+        ],
+    )
+    assert policy["spec"]["egress"] == [
+        DNS,
+        {"to": [GATEWAY]},
+        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"ipBlock": {"cidr": "fd00::/8"}}]},
+        {"to": ANYWHERE, "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}]},
+    ]
+    assert policy["metadata"]["annotations"] == {
+        "sandbox.dev/egress-hosts-not-enforced": "pypi.org:443,files.example.com:8443,mirror.example.com:443"
+    }
+
+
+def test_custom_dns_selector() -> None:
+    policy = build_network_policy(
+        sandbox(), template(), gateway_namespace="gw", dns_namespace="dns", dns_pod_labels={"app": "coredns"}
+    )
+    (to,) = policy["spec"]["egress"][0]["to"]
+    assert to["podSelector"] == {"matchLabels": {"app": "coredns"}}
+    assert to["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "dns"}}
+
+
+# --- every body is a valid Kubernetes object ---------------------------------------------------------
+
+VARIANTS = [
+    (sandbox(), template()),
+    (
+        sandbox(
+            network={"egress": "allowList", "egressAllow": ["10.0.0.0/8", "pypi.org:443"], "ports": [8080]},
+            env={"A": "1"},
+            resources={"cpu": "250m", "memory": "256Mi", "disk": "2Gi"},
+        ),
+        template(
+            runtimeClassName="kata",
+            security={"readOnlyRootFilesystem": True},
+            command=["agent"],
+            persistence={"storageClassName": "standard"},
+        ),
+    ),
+    (sandbox(network={"egress": "allow"}), template(persistence={"enabled": False})),
+]
+
+
+@pytest.mark.parametrize(("sbx", "tpl"), VARIANTS)
+def test_bodies_validate_against_the_kubernetes_models(sbx: Any, tpl: Any) -> None:
+    _validated(client.V1Pod, build_pod(sbx, tpl))
+    _validated(client.V1Service, build_service(sbx, tpl))
+    _validated(client.V1NetworkPolicy, build_network_policy(sbx, tpl, gateway_namespace="gw"))
+    pvc = build_pvc(sbx, tpl)
+    if pvc is not None:
+        _validated(client.V1PersistentVolumeClaim, pvc)
+
+
+def test_builders_are_deterministic() -> None:
+    sbx, tpl = VARIANTS[1]
+    assert build_pod(sbx, tpl) == build_pod(sbx, tpl)
+    assert build_network_policy(sbx, tpl, gateway_namespace="gw") == build_network_policy(
+        sbx, tpl, gateway_namespace="gw"
+    )
+    assert sandbox_id(sbx) == SANDBOX_ID
