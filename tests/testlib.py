@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 def wait_until(
-    check: Callable[[], T | None | bool],
+    check: Callable[[], T | bool | None],
     *,
     timeout: float = 30.0,
     message: str = "condition",

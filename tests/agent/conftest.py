@@ -35,6 +35,8 @@ def free_port() -> int:
 
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the agent: connections in TIME_WAIT from an earlier run do not make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -135,7 +137,9 @@ def start_agent(
         )
     agent = AgentProcess(process, envd_port, interpreter_port, workdir, token, log_path)
     try:
-        wait_until(lambda: process.poll() is not None or _healthy(envd_port), STARTUP_DEADLINE, "agent /health")
+        wait_until(
+            lambda: process.poll() is not None or _healthy(envd_port), STARTUP_DEADLINE, "agent /health"
+        )
     except AssertionError:
         stop_agent(agent)
         raise
@@ -157,7 +161,9 @@ def stop_agent(agent: AgentProcess) -> None:
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """The main agent: access token set, default Python kernel pre-warmed (kernel start is slow)."""
-    process = start_agent(tmp_path_factory.mktemp("agent"), token=ACCESS_TOKEN, extra_args=("--prewarm-kernel",))
+    process = start_agent(
+        tmp_path_factory.mktemp("agent"), token=ACCESS_TOKEN, extra_args=("--prewarm-kernel",)
+    )
     yield process
     stop_agent(process)
 

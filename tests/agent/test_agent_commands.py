@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import wait_until
 from e2b import CommandExitException, PtySize, TimeoutException
+
+from conftest import wait_until
 
 
 def test_run_returns_stdout_stderr_and_exit_code(sandbox: Any) -> None:

@@ -9,9 +9,10 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import ACCESS_TOKEN, wait_until
-from e2b import FileType, FilesystemEventType, InvalidArgumentException
+from e2b import FilesystemEventType, FileType, InvalidArgumentException
 from e2b.exceptions import NotFoundException
+
+from conftest import ACCESS_TOKEN, wait_until
 
 
 def test_write_read_text_and_bytes(sandbox: Any, agent: Any) -> None:
@@ -33,7 +34,9 @@ def test_octet_stream_gzip_upload_and_gzip_download(sandbox: Any, agent: Any) ->
 def test_write_files_uploads_several_in_one_request(sandbox: Any, agent: Any) -> None:
     from e2b.sandbox.filesystem.filesystem import WriteEntry
 
-    infos = sandbox.files.write_files([WriteEntry(path="multi/a.txt", data="A"), WriteEntry(path="multi/b.txt", data="B")])
+    infos = sandbox.files.write_files(
+        [WriteEntry(path="multi/a.txt", data="A"), WriteEntry(path="multi/b.txt", data="B")]
+    )
     assert sorted(info.name for info in infos) == ["a.txt", "b.txt"]
     assert (agent.workdir / "multi" / "b.txt").read_text() == "B"
 
@@ -137,7 +140,9 @@ def test_signed_download_and_upload_urls(sandbox: Any, agent: Any) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(local.replace("signed.txt", "other.txt"))
     assert refused.value.code == 401
-    upload = sandbox.upload_url("uploaded.txt").replace("https://49983-agenttestsandbox.e2b.app", agent.envd_url)
+    upload = sandbox.upload_url("uploaded.txt").replace(
+        "https://49983-agenttestsandbox.e2b.app", agent.envd_url
+    )
     request = urllib.request.Request(
         upload, data=b"via url", method="POST", headers={"Content-Type": "application/octet-stream"}
     )

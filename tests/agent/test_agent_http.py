@@ -7,8 +7,9 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import ACCESS_TOKEN
 from e2b import AuthenticationException, Sandbox
+
+from conftest import ACCESS_TOKEN
 
 AUTH = {"X-Access-Token": ACCESS_TOKEN}
 
@@ -31,7 +32,11 @@ def test_wrong_token_raises_authentication_exception(agent: Any) -> None:
 def test_execute_without_token_is_refused(agent: Any) -> None:
     body = json.dumps({"code": "1"}).encode()
     status, _, _ = agent.request(
-        "POST", "/execute", body=body, headers={"Content-Type": "application/json"}, port=agent.interpreter_port
+        "POST",
+        "/execute",
+        body=body,
+        headers={"Content-Type": "application/json"},
+        port=agent.interpreter_port,
     )
     assert status == 401
 
@@ -40,7 +45,16 @@ def test_metrics_json_has_the_envd_shape(agent: Any) -> None:
     status, _, body = agent.request("GET", "/metrics", headers=AUTH)
     metrics = json.loads(body)
     assert status == 200
-    for key in ("ts", "cpu_count", "cpu_used_pct", "mem_total", "mem_used", "mem_cache", "disk_used", "disk_total"):
+    for key in (
+        "ts",
+        "cpu_count",
+        "cpu_used_pct",
+        "mem_total",
+        "mem_used",
+        "mem_cache",
+        "disk_used",
+        "disk_total",
+    ):
         assert isinstance(metrics[key], int | float), key
     assert metrics["mem_total"] >= metrics["mem_used"] > 0
     assert metrics["disk_total"] >= metrics["disk_used"] > 0
@@ -67,7 +81,9 @@ def test_metrics_require_the_token(agent: Any) -> None:
 
 def test_init_sets_env_vars_visible_to_commands_and_envs(sandbox: Any, agent: Any) -> None:
     body = json.dumps({"envVars": {"FROM_INIT": "init-value"}}).encode()
-    status, _, _ = agent.request("POST", "/init", body=body, headers={**AUTH, "Content-Type": "application/json"})
+    status, _, _ = agent.request(
+        "POST", "/init", body=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
     assert status == 204
     assert json.loads(agent.request("GET", "/envs", headers=AUTH)[2])["FROM_INIT"] == "init-value"
     assert sandbox.commands.run("echo $FROM_INIT").stdout == "init-value\n"
@@ -80,7 +96,10 @@ def test_init_without_token_is_refused(agent: Any) -> None:
 
 def test_malformed_unary_request_is_invalid_argument(agent: Any) -> None:
     status, _, body = agent.request(
-        "POST", "/filesystem.Filesystem/Stat", body=b"{oops", headers={**AUTH, "Content-Type": "application/json"}
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        body=b"{oops",
+        headers={**AUTH, "Content-Type": "application/json"},
     )
     assert status == 400
     assert json.loads(body)["code"] == "invalid_argument"
@@ -88,7 +107,10 @@ def test_malformed_unary_request_is_invalid_argument(agent: Any) -> None:
 
 def test_wrong_codec_and_unknown_method(agent: Any) -> None:
     status, _, _ = agent.request(
-        "POST", "/filesystem.Filesystem/Stat", body=b"\x0a\x01a", headers={**AUTH, "Content-Type": "application/proto"}
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        body=b"\x0a\x01a",
+        headers={**AUTH, "Content-Type": "application/proto"},
     )
     assert status == 415
     status, _, body = agent.request(

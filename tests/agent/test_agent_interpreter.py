@@ -48,7 +48,9 @@ def test_matplotlib_chart_comes_back_as_png(code_sandbox: Any) -> None:
 
 
 def test_html_result_from_display(code_sandbox: Any) -> None:
-    execution = code_sandbox.run_code("from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))")
+    execution = code_sandbox.run_code(
+        "from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))"
+    )
     assert [result.html for result in execution.results] == ["<b>bold</b>"]
     assert execution.results[0].is_main_result is False
 
@@ -80,7 +82,7 @@ def test_unknown_context_is_not_found(code_sandbox: Any) -> None:
 
 
 def test_language_without_kernel_is_a_clear_error(code_sandbox: Any) -> None:
-    with pytest.raises(SandboxException, match="not available|unsupported language"):
+    with pytest.raises(SandboxException, match=r"not available|unsupported language"):
         code_sandbox.run_code("1", language="r")
 
 

@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, wait_until
 from e2b import RateLimitException, TimeoutException
+
+from conftest import AgentProcess, wait_until
 
 
 def _metric(agent: AgentProcess, prefix: str) -> float:
@@ -15,7 +16,9 @@ def _metric(agent: AgentProcess, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def test_execution_timeout_kills_the_command_and_reports_a_timeout(limited_sandbox: Any, limited_agent: Any) -> None:
+def test_execution_timeout_kills_the_command_and_reports_a_timeout(
+    limited_sandbox: Any, limited_agent: Any
+) -> None:
     with pytest.raises(TimeoutException, match="SANDBOX_EXECUTION_TIMEOUT"):
         limited_sandbox.commands.run("sleep 30", timeout=0)
     assert _metric(limited_agent, 'sandbox_agent_execution_timeouts_total{kind="command"') >= 1

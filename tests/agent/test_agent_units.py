@@ -40,7 +40,12 @@ from sandbox_operator.agent.inotify import (
     parse_events,
 )
 from sandbox_operator.agent.interpreter import InterpreterError, normalize_language, result_line, strip_quotes
-from sandbox_operator.agent.limits import DURATION_BUCKETS, ConcurrencyLimitError, ExecutionStats, OutputLimiter
+from sandbox_operator.agent.limits import (
+    DURATION_BUCKETS,
+    ConcurrencyLimitError,
+    ExecutionStats,
+    OutputLimiter,
+)
 from sandbox_operator.agent.process import end_event
 from sandbox_operator.agent.protojson import (
     camel,
@@ -78,7 +83,9 @@ def test_end_stream_carries_the_error_code_and_message() -> None:
     }
 
 
-@given(st.lists(st.dictionaries(st.text(max_size=5), st.integers(), max_size=3), max_size=5), st.integers(1, 9))
+@given(
+    st.lists(st.dictionaries(st.text(max_size=5), st.integers(), max_size=3), max_size=5), st.integers(1, 9)
+)
 def test_decoder_reassembles_envelopes_split_anywhere(messages: list[dict[str, int]], step: int) -> None:
     stream = b"".join(encode_message_envelope(message) for message in messages)
     decoder = EnvelopeDecoder(max_length=1 << 20)
@@ -154,7 +161,9 @@ def test_timestamps_are_rfc3339_utc_with_minimal_fraction() -> None:
 def test_end_event_matches_go_process_state_wording() -> None:
     assert end_event(0, None) == {"end": {"exited": True, "status": "exit status 0"}}
     assert end_event(3, None) == {"end": {"exitCode": 3, "exited": True, "status": "exit status 3"}}
-    assert end_event(-9, "timed out") == {"end": {"exitCode": -1, "status": "signal: killed", "error": "timed out"}}
+    assert end_event(-9, "timed out") == {
+        "end": {"exitCode": -1, "status": "signal: killed", "error": "timed out"}
+    }
 
 
 # -- signatures and auth -------------------------------------------------------------------------
@@ -193,7 +202,9 @@ def test_gzip_negotiation() -> None:
 
 
 @given(st.lists(st.binary(max_size=50), max_size=20), st.integers(1, 200))
-def test_output_limiter_never_exceeds_the_limit_and_marks_truncation_once(chunks: list[bytes], limit: int) -> None:
+def test_output_limiter_never_exceeds_the_limit_and_marks_truncation_once(
+    chunks: list[bytes], limit: int
+) -> None:
     limiter = OutputLimiter(limit)
     kept = b""
     markers = 0
@@ -258,7 +269,10 @@ def test_prometheus_exposition_has_the_contract_metrics() -> None:
     ):
         assert f"\n{name}{{" in text or text.startswith(f"{name}{{") or f"# TYPE {name} " in text
     assert 'sandbox_agent_executions_total{kind="command",sandbox_id="sbx1"} 1' in text
-    assert 'sandbox_agent_execution_duration_seconds_bucket{kind="command",le="0.005",sandbox_id="sbx1"} 1' in text
+    assert (
+        'sandbox_agent_execution_duration_seconds_bucket{kind="command",le="0.005",sandbox_id="sbx1"} 1'
+        in text
+    )
     assert 'sandbox_agent_execution_duration_seconds_count{kind="command",sandbox_id="sbx1"} 1' in text
 
 
@@ -312,7 +326,11 @@ def test_config_reads_the_operator_env_contract(tmp_path: Path) -> None:
             "SANDBOX_ID": "sbx",
         },
     )
-    assert (config.execution_timeout, config.max_output_bytes, config.max_concurrent_executions) == (2.5, 100, 3)
+    assert (config.execution_timeout, config.max_output_bytes, config.max_concurrent_executions) == (
+        2.5,
+        100,
+        3,
+    )
     assert (config.access_token, config.sandbox_id, config.workdir) == ("tok", "sbx", tmp_path.resolve())
     assert (config.envd_port, config.interpreter_port) == (49983, 49999)
     with pytest.raises(SystemExit):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from testlib import Cluster, wait_until
 
 BASE_TEMPLATE = """

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from conftest import OperatorProcess
 from testlib import Cluster, wait_until
 
@@ -37,9 +38,10 @@ def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout:
 
     try:
         return wait_until(reached, timeout=timeout, message=f"sandbox {name} phase {phase}")
-    except AssertionError:
+    except AssertionError as timeout:
         current = cluster.get_json("sandbox", name, "-n", namespace)
-        raise AssertionError(f"sandbox {name} never reached {phase}; now: {json.dumps((current or {}).get('status'))}")
+        status = json.dumps((current or {}).get("status"))
+        raise AssertionError(f"sandbox {name} never reached {phase}; status now: {status}") from timeout
 
 
 def children(cluster: Cluster, namespace: str, name: str) -> dict[str, list[str]]:

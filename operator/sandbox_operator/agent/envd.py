@@ -335,12 +335,12 @@ class EnvdServer:
                 await loop.run_in_executor(None, handle.write, chunk)
         finally:
             await loop.run_in_executor(None, handle.close)
-        if metadata or os.path.exists(path):
-            try:
-                await loop.run_in_executor(None, write_metadata, path, metadata)
-            except OSError as error:
-                if metadata:
-                    raise OSError(error.errno, f"cannot store metadata: {error.strerror}") from error
+        try:
+            # Every upload replaces the file's metadata (none sent = cleared), as envd does.
+            await loop.run_in_executor(None, write_metadata, path, metadata)
+        except OSError as error:
+            if metadata:
+                raise OSError(error.errno, f"cannot store metadata: {error.strerror}") from error
         info: JsonObject = {"name": path.name, "type": "file", "path": str(path)}
         if metadata:
             info["metadata"] = metadata
@@ -369,7 +369,7 @@ class EnvdServer:
     # -- process.Process ---------------------------------------------------------------------
 
     async def list_processes(self, request: web.Request, message: JsonObject) -> JsonObject:
-        return {"processes": self.processes.list()}
+        return {"processes": self.processes.running()}
 
     async def start(
         self, request: web.Request, message: JsonObject, deadline: float | None

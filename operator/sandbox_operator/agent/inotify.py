@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -139,10 +140,8 @@ class DirectoryWatch:
                 continue
             path = directory / name if name else directory
             if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                try:
+                with contextlib.suppress(OSError):
                     self._add(path)
-                except OSError:
-                    pass
             if path == self.root and (mask & (IN_DELETE_SELF | IN_MOVE_SELF)) == 0:
                 continue
             kind = event_type(mask)
@@ -154,9 +153,7 @@ class DirectoryWatch:
     def close(self) -> None:
         if self._fd is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # no running loop during interpreter teardown
             asyncio.get_running_loop().remove_reader(self._fd)
-        except RuntimeError:
-            pass
         os.close(self._fd)
         self._fd = None

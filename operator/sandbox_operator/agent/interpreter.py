@@ -399,6 +399,7 @@ class CodeInterpreter:
         detail = " The kernel did not stop and was restarted; its state was lost." if restarted else ""
         return error_line(
             "TimeoutError",
-            f"Execution timed out after {timeout:g}s (SANDBOX_EXECUTION_TIMEOUT) and was interrupted.{detail}",
+            f"Execution timed out after {timeout:g}s (SANDBOX_EXECUTION_TIMEOUT) and was interrupted."
+            + detail,
             "",
         )

@@ -199,7 +199,7 @@ class ProcessManager:
                     return candidate
         raise ConnectError("not_found", f"process with {kind} {value} not found")
 
-    def list(self) -> list[JsonObject]:
+    def running(self) -> list[JsonObject]:
         return [process.info() for process in self.processes.values()]
 
     async def start(
@@ -237,7 +237,8 @@ class ProcessManager:
                 master_fd, slave_fd = os.openpty()
                 try:
                     set_window_size(slave_fd, *pty_size)
-                    popen = subprocess.Popen(
+                    # Popen rather than asyncio's transports: see the module docstring.
+                    popen = subprocess.Popen(  # noqa: ASYNC220
                         [cmd, *args],
                         stdin=slave_fd,
                         stdout=slave_fd,
@@ -249,7 +250,7 @@ class ProcessManager:
                     os.close(slave_fd)
                 os.set_blocking(master_fd, False)
             else:
-                popen = subprocess.Popen(
+                popen = subprocess.Popen(  # noqa: ASYNC220
                     [cmd, *args],
                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
@@ -369,6 +370,11 @@ def _read_fd(fd: int, on_chunk: Callable[[bytes], None]) -> asyncio.Future[None]
     return done
 
 
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 async def _wait_exit(popen: subprocess.Popen[bytes]) -> int:
     """Wait for the child's exit without a thread when pidfds exist (Linux 5.3+)."""
     loop = asyncio.get_running_loop()
@@ -379,12 +385,12 @@ async def _wait_exit(popen: subprocess.Popen[bytes]) -> int:
 
         def wait() -> None:
             code = popen.wait()
-            loop.call_soon_threadsafe(lambda: exited.done() or exited.set_result(code))
+            loop.call_soon_threadsafe(_resolve, exited, code)
 
         threading.Thread(target=wait, name=f"wait-{popen.pid}", daemon=True).start()
         return await exited
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(pidfd, _resolve, ready, None)
     try:
         await ready
     finally:

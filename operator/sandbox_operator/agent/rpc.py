@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -112,9 +111,15 @@ def server_stream(handler: ServerStreamHandler) -> Callable[[web.Request], Await
         await response.prepare(request)
         end_error: ConnectError | None = None
         try:
-            async with contextlib.aclosing(handler(request, first, request_deadline(request))) as messages:
+            messages = handler(request, first, request_deadline(request))
+            try:
                 async for message in messages:
                     await response.write(encode_message_envelope(message))
+            finally:
+                # Runs the handler's cleanup (unsubscribe, close watches) even when the client left.
+                aclose = getattr(messages, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         except ConnectError as error:
             end_error = error
         except (ConnectionResetError, asyncio.CancelledError):

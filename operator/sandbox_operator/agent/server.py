@@ -73,9 +73,12 @@ class Agent:
                 else "envd port",
                 self.config.workdir,
             )
+            prewarm = None
             if self.config.prewarm_kernel:
-                asyncio.create_task(self._prewarm(), name="prewarm-kernel")
+                prewarm = asyncio.create_task(self._prewarm(), name="prewarm-kernel")
             await stop.wait()
+            if prewarm is not None:
+                prewarm.cancel()
         finally:
             log.info("sandbox-agent stopping")
             await self.processes.shutdown()

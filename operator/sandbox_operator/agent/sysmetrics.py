@@ -285,8 +285,7 @@ def prometheus_text(sample: ResourceSample, stats: ExecutionStats, sandbox_id: s
         inf_labels = _labels({**base, "kind": kind, "le": "+Inf"})
         lines.append(f"sandbox_agent_execution_duration_seconds_bucket{inf_labels} {total}")
         kind_labels = _labels({**base, "kind": kind})
-        lines.append(
-            f"sandbox_agent_execution_duration_seconds_sum{kind_labels} {stats.duration_sum.get(kind, 0.0):.17g}"
-        )
+        duration_sum = stats.duration_sum.get(kind, 0.0)
+        lines.append(f"sandbox_agent_execution_duration_seconds_sum{kind_labels} {duration_sum:.17g}")
         lines.append(f"sandbox_agent_execution_duration_seconds_count{kind_labels} {total}")
     return "\n".join(lines) + "\n"

@@ -471,6 +471,18 @@ class SandboxStatus(_StatusModel):
     idle_deadline: datetime | None = Field(
         default=None, description="When the idle timeout fires if there is no further activity."
     )
+    terminated_at: datetime | None = Field(
+        default=None, description="When the sandbox reached Terminated; ttlAfterTerminated counts from here."
+    )
+    recreate_attempts: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Pods recreated after being lost or failing since the sandbox last ran stably.",
+    )
+    last_recreate_at: datetime | None = Field(
+        default=None, description="When the operator last recreated the sandbox's pod."
+    )
     conditions: list[Condition] | None = Field(
         default=None,
         max_length=16,

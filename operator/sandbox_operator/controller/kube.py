@@ -52,9 +52,11 @@ class Credentials:
         try:
             if kubeconfig:
                 raise config.ConfigException("explicit kubeconfig")
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, client_configuration=configuration
+            )
         headers: dict[str, str] = {}
         token = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
             "authorization"

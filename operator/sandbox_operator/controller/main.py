@@ -18,7 +18,6 @@ from sandbox_operator.api import GROUP, VERSION
 from sandbox_operator.controller.config import ANNOTATION_PREFIX, FINALIZER, MANAGED_BY, OperatorConfig
 from sandbox_operator.controller.kube import Credentials, KubeClient
 from sandbox_operator.controller.runtime import Runtime
-from sandbox_operator.controller.store import key_of
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +56,26 @@ def build_registry() -> kopf.OperatorRegistry:
 
     # Low-level event handlers: no diff-base annotation, no progress storage, no PATCH per event.
     @kopf.on.event(GROUP, VERSION, "sandboxes", registry=registry)
-    def sandbox_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    def sandbox_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_sandbox_event(event["type"], event["object"])
 
     @kopf.on.event(GROUP, VERSION, "sandboxtemplates", registry=registry)
-    def template_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    def template_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_template_event(event["type"], event["object"])
 
     @kopf.on.event(GROUP, VERSION, "sandboxpools", registry=registry)
-    def pool_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    def pool_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pool_event(event["type"], event["object"])
 
     @kopf.on.event("v1", "pods", registry=registry, labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-    def pod_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pod_event(event["type"], event["object"])
 
     @kopf.on.event("v1", "persistentvolumeclaims", registry=registry,
                    labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-    def pvc_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    def pvc_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pvc_event(event["type"], event["object"])
 
-    del key_of  # imported for type-checkers of handlers that may need it later
     return registry
 
 

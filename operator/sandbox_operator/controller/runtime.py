@@ -38,6 +38,9 @@ class Runtime:
         self._failures: dict[QueueKey, int] = {}
         # Pool pods being handed to a sandbox right now: never offered twice.
         self.claims_in_flight: set[Key] = set()
+        # Children this process created (or found existing) per sandbox uid, e.g. (uid, "service"):
+        # they are not watched, so this saves a POST per reconcile. Reset by a restart (then: 409).
+        self.ensured: set[tuple[str, str]] = set()
         self.started = False
 
     # --- lifecycle of the runtime ----------------------------------------------------------------
@@ -69,6 +72,8 @@ class Runtime:
             self.store.delete_sandbox(key)
             self.queue.forget(qkey)
             self._failures.pop(qkey, None)
+            uid = str((body.get("metadata") or {}).get("uid"))
+            self.ensured.difference_update({(uid, "service"), (uid, "networkpolicy")})
             return
         self.store.put_sandbox(body)
         self.queue.add(qkey)

@@ -53,11 +53,14 @@ class Store:
         # Secondary indexes: pods by owning sandbox, warm pods by pool.
         self._pods_by_sandbox: dict[Key, set[str]] = defaultdict(set)
         self._pods_by_pool: dict[Key, set[str]] = defaultdict(set)
+        self._pvc_by_sandbox: dict[Key, str] = {}
 
     # --- sandboxes, templates, pools -----------------------------------------------------------
 
     def put_sandbox(self, body: Mapping[str, Any]) -> Key:
         key = key_of(body)
+        if not is_newer(body, self.sandboxes.get(key)):
+            return key
         self.sandboxes[key] = strip(body)
         return key
 
@@ -89,6 +92,9 @@ class Store:
 
     def put_pod(self, body: Mapping[str, Any]) -> JSON:
         key = key_of(body)
+        current = self.pods.get(key)
+        if current is not None and not is_newer(body, current):
+            return current
         self._unindex_pod(key)
         pod = strip_pod(body)
         self.pods[key] = pod
@@ -126,12 +132,48 @@ class Store:
     # --- pvcs ------------------------------------------------------------------------------------
 
     def put_pvc(self, body: Mapping[str, Any]) -> None:
-        self.pvcs[key_of(body)] = strip(body, keep_spec=False)
+        key = key_of(body)
+        current = self.pvcs.get(key)
+        if current is not None and not is_newer(body, current):
+            return
+        self._unindex_pvc(key)
+        pvc = strip(body, keep_spec=False)
+        self.pvcs[key] = pvc
+        owner = (pvc["metadata"].get("labels") or {}).get(SANDBOX_LABEL)
+        if owner:
+            self._pvc_by_sandbox[(key[0], owner)] = key[1]
 
     def delete_pvc(self, key: Key) -> None:
+        self._unindex_pvc(key)
         self.pvcs.pop(key, None)
+
+    def _unindex_pvc(self, key: Key) -> None:
+        old = self.pvcs.get(key)
+        owner = ((old or {}).get("metadata", {}).get("labels") or {}).get(SANDBOX_LABEL)
+        if owner and self._pvc_by_sandbox.get((key[0], owner)) == key[1]:
+            del self._pvc_by_sandbox[(key[0], owner)]
+
+    def pvc_of_sandbox(self, key: Key) -> JSON | None:
+        """The workspace claim labelled for this sandbox (its own, or one it took from a pool)."""
+        name = self._pvc_by_sandbox.get(key)
+        return self.pvcs.get((key[0], name)) if name else None
 
 
 def key_of(body: Mapping[str, Any]) -> Key:
     meta = body["metadata"]
     return (str(meta.get("namespace") or ""), str(meta["name"]))
+
+
+def is_newer(body: Mapping[str, Any], current: Mapping[str, Any] | None) -> bool:
+    """True unless `current` has a higher resourceVersion than `body`.
+
+    The reconciler stores the API server's answers to its own writes at once; a watch event that
+    arrives later with an older version must not roll the store back. resourceVersions are opaque
+    by contract but are etcd revisions in every real API server; non-numeric ones are always taken.
+    """
+    if current is None:
+        return True
+    try:
+        return int(body["metadata"]["resourceVersion"]) >= int(current["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return True

@@ -1,0 +1,303 @@
+"""Reconcile one Sandbox: read the store, ask the pure core, carry out its decision.
+
+All judgement is in lifecycle.decide (phases, deadlines, failures) and resources (what children
+look like). This module only translates: store → Desired/Observed, Decision → API calls, and the
+result → status, Events, metrics and the next wake-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sandbox_operator.api import GROUP, VERSION, Phase, Sandbox, SandboxTemplate
+from sandbox_operator.controller.kube import JSON
+from sandbox_operator.controller.pools import try_claim_pool_pod
+from sandbox_operator.lifecycle.decide import decide
+from sandbox_operator.lifecycle.observe import desired_from, observed_from
+from sandbox_operator.lifecycle.status import format_time, status_patch
+from sandbox_operator.lifecycle.types import (
+    CreatePod,
+    Decision,
+    DeleteNetworkPolicy,
+    DeleteObject,
+    DeletePod,
+    DeletePVC,
+    DeleteService,
+    EmitEvent,
+    EnsureNetworkPolicy,
+    EnsurePVC,
+    EnsureService,
+    EventType,
+    Reason,
+    RemoveFinalizer,
+    RequeueAfter,
+    SetSuspended,
+)
+from sandbox_operator.resources import (
+    ENVD_PORT,
+    build_network_policy,
+    build_pod,
+    build_pvc,
+    build_service,
+    child_names,
+    sandbox_id,
+)
+
+if TYPE_CHECKING:
+    from sandbox_operator.controller.runtime import Runtime
+    from sandbox_operator.controller.store import Key
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_KINDS = {Reason.IDLE_TIMEOUT.value: "idle", Reason.MAX_LIFETIME.value: "max_lifetime"}
+POOL_SOURCE_ANNOTATION = "sandbox.dev/claimed-from-pool"
+
+
+def sandbox_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/sandboxes"
+    return f"{base}/{name}" if name else base
+
+
+def core_path(namespace: str, plural: str, name: str = "") -> str:
+    base = f"/api/v1/namespaces/{namespace}/{plural}"
+    return f"{base}/{name}" if name else base
+
+
+def networking_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies"
+    return f"{base}/{name}" if name else base
+
+
+def _use_claim(pod: JSON, claim_name: str) -> None:
+    for volume in pod["spec"]["volumes"]:
+        if "persistentVolumeClaim" in volume:
+            volume["persistentVolumeClaim"]["claimName"] = claim_name
+
+
+def _select_pod(pods: list[JSON], expected_name: str, status_pod: str | None) -> tuple[JSON | None, list[JSON]]:
+    """The sandbox's pod, and any extra pods labelled for it (duplicates to remove)."""
+    preferred = [p for p in pods if p["metadata"]["name"] in (status_pod, expected_name)]
+    chosen = preferred[0] if preferred else (pods[0] if pods else None)
+    extras = [p for p in pods if p is not chosen]
+    return chosen, extras
+
+
+async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
+    body = rt.store.sandboxes.get(key)
+    if body is None:
+        return
+    namespace, name = key
+    sandbox = Sandbox.from_body(body)
+    now = datetime.now(UTC)
+    status_now: Mapping[str, Any] = body.get("status") or {}
+
+    template_body = rt.store.templates.get(sandbox.spec.template)
+    if template_body is None:
+        await _report_missing_template(rt, key, sandbox, status_now)
+        return
+    template = SandboxTemplate.from_body(template_body)
+    names = child_names(name)
+
+    pods = rt.store.pods_of_sandbox(key)
+    pod, extras = _select_pod(pods, names.pod, status_now.get("podName"))
+    for extra in extras:  # e.g. a pool claim raced a cold create: keep one pod per sandbox
+        log.info("deleting duplicate pod %s/%s of sandbox %s", namespace, extra["metadata"]["name"], name)
+        await rt.client.delete(core_path(namespace, "pods", extra["metadata"]["name"]),
+                               uid=extra["metadata"].get("uid"))
+        rt.store.delete_pod((namespace, extra["metadata"]["name"]))
+    pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((namespace, names.pvc))
+    uid = str(sandbox.metadata.uid)
+    desired = desired_from(sandbox, template)
+    observed = observed_from(
+        sandbox,
+        pod=pod,
+        pvc=pvc,
+        service_present=(uid, "service") in rt.ensured,
+        network_policy_present=(uid, "networkpolicy") in rt.ensured,
+    )
+    decision = decide(desired, observed, now)
+
+    pool_source = None
+    for action in decision.actions:
+        if isinstance(action, CreatePod):
+            claimed = await try_claim_pool_pod(rt, sandbox, template)
+            if claimed is not None:
+                pod, pool_source = claimed, claimed["metadata"]["annotations"][POOL_SOURCE_ANNOTATION]
+                continue
+            new_pod = build_pod(sandbox, template)
+            if pvc is not None and pvc["metadata"]["name"] != names.pvc:
+                _use_claim(new_pod, pvc["metadata"]["name"])  # a workspace taken over from a pool pod
+            created = await rt.client.create(core_path(namespace, "pods"), new_pod)
+            if created is not None:
+                pod = rt.store.put_pod(created)
+        elif isinstance(action, EnsurePVC):
+            claim = build_pvc(sandbox, template)
+            if claim is not None:
+                created = await rt.client.create(core_path(namespace, "persistentvolumeclaims"), claim)
+                if created is not None:
+                    rt.store.put_pvc(created)
+        elif isinstance(action, EnsureService):
+            await rt.client.create(core_path(namespace, "services"), build_service(sandbox, template))
+            rt.ensured.add((uid, "service"))
+        elif isinstance(action, EnsureNetworkPolicy):
+            policy = build_network_policy(sandbox, template, gateway_namespace=rt.config.gateway_namespace)
+            await rt.client.create(networking_path(namespace), policy)
+            rt.ensured.add((uid, "networkpolicy"))
+        elif isinstance(action, DeletePod):
+            if pod is not None:
+                await rt.client.delete(core_path(namespace, "pods", pod["metadata"]["name"]),
+                                       uid=pod["metadata"].get("uid"))
+        elif isinstance(action, DeletePVC):
+            await rt.client.delete(core_path(namespace, "persistentvolumeclaims", names.pvc))
+        elif isinstance(action, DeleteService):
+            await rt.client.delete(core_path(namespace, "services", names.service))
+            rt.ensured.discard((uid, "service"))
+        elif isinstance(action, DeleteNetworkPolicy):
+            await rt.client.delete(networking_path(namespace, names.network_policy))
+            rt.ensured.discard((uid, "networkpolicy"))
+        elif isinstance(action, SetSuspended):
+            await rt.client.patch(sandbox_path(namespace, name), {"spec": {"suspended": action.suspended}})
+        elif isinstance(action, DeleteObject):
+            await rt.client.delete(sandbox_path(namespace, name), uid=uid)
+            return
+        elif isinstance(action, RemoveFinalizer):
+            await _remove_finalizers(rt, key, body)
+        elif isinstance(action, EmitEvent | RequeueAfter):
+            pass  # events after the status write; the wake-up comes from decision.wake_at
+
+    await _write_status(rt, key, sandbox, decision, status_now, pod, now, pool_source)
+    for action in decision.actions:
+        if isinstance(action, EmitEvent):
+            await post_event(rt, sandbox, action.type, action.reason, action.message)
+    _schedule(rt, key, decision, now)
+
+
+async def _write_status(
+    rt: Runtime,
+    key: Key,
+    sandbox: Sandbox,
+    decision: Decision,
+    current: Mapping[str, Any],
+    pod: JSON | None,
+    now: datetime,
+    pool_source: str | None,
+) -> None:
+    namespace, name = key
+    patch = status_patch(decision, current, now)
+    pod_ip = (pod or {}).get("status", {}).get("podIP") if decision.phase == Phase.RUNNING else None
+    extra = {
+        "sandboxID": sandbox_id(sandbox),
+        "podName": pod["metadata"]["name"] if pod is not None else None,
+        "podIP": pod_ip,
+        "endpoint": f"{pod_ip}:{ENVD_PORT}" if pod_ip else None,
+    }
+    for field, value in extra.items():
+        if current.get(field) != value:
+            patch[field] = value
+    if not patch:
+        return
+    previous = current.get("phase")
+    updated = await rt.client.patch(f"{sandbox_path(namespace, name)}/status", {"status": patch})
+    if updated is not None:
+        rt.store.put_sandbox(updated)
+    if decision.phase is not None and str(decision.phase) != previous:
+        _record_transition(rt, sandbox, previous, str(decision.phase), decision.reason, now, pool_source, pod)
+
+
+def _record_transition(
+    rt: Runtime,
+    sandbox: Sandbox,
+    previous: str | None,
+    phase: str,
+    reason: str,
+    now: datetime,
+    pool_source: str | None,
+    pod: JSON | None,
+) -> None:
+    rt.metrics.transitions.labels(previous or "", phase, reason).inc()
+    if reason in TIMEOUT_KINDS:
+        rt.metrics.timeouts.labels(TIMEOUT_KINDS[reason]).inc()
+    if phase == Phase.RUNNING and previous in (None, Phase.CREATING) and sandbox.metadata.creation_timestamp:
+        created = sandbox.metadata.creation_timestamp
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        from_pool = pool_source or ((pod or {}).get("metadata", {}).get("annotations") or {}).get(
+            POOL_SOURCE_ANNOTATION
+        )
+        rt.metrics.time_to_running.labels("pool" if from_pool else "cold").observe(
+            max(0.0, (now - created).total_seconds())
+        )
+    log.info("sandbox %s/%s: %s -> %s (%s)", sandbox.metadata.namespace, sandbox.metadata.name,
+             previous or "-", phase, reason)
+
+
+def _schedule(rt: Runtime, key: Key, decision: Decision, now: datetime) -> None:
+    if decision.wake_at is None:
+        return
+    delay = max(0.0, (decision.wake_at - now).total_seconds())
+    rt.queue.add_after(("sandbox", *key), delay)
+
+
+async def _report_missing_template(rt: Runtime, key: Key, sandbox: Sandbox, current: Mapping[str, Any]) -> None:
+    message = f'SandboxTemplate "{sandbox.spec.template}" not found; waiting for it to be created'
+    if current.get("reason") == "TemplateNotFound" and current.get("message") == message:
+        return
+    patch = {
+        "phase": current.get("phase") or Phase.CREATING.value,
+        "reason": "TemplateNotFound",
+        "message": message,
+        "sandboxID": sandbox_id(sandbox),
+        "observedGeneration": sandbox.metadata.generation,
+        "conditions": [{
+            "type": "Ready", "status": "False", "reason": "TemplateNotFound", "message": message,
+            "lastTransitionTime": format_time(datetime.now(UTC)),
+            "observedGeneration": sandbox.metadata.generation,
+        }],
+    }
+    updated = await rt.client.patch(f"{sandbox_path(*key)}/status", {"status": patch})
+    if updated is not None:
+        rt.store.put_sandbox(updated)
+    await post_event(rt, sandbox, EventType.WARNING, "TemplateNotFound", message)
+
+
+async def _remove_finalizers(rt: Runtime, key: Key, body: Mapping[str, Any]) -> None:
+    from sandbox_operator.controller.config import FINALIZER
+
+    finalizers = list((body.get("metadata") or {}).get("finalizers") or [])
+    if FINALIZER in finalizers:
+        finalizers.remove(FINALIZER)
+        await rt.client.patch(sandbox_path(*key), {"metadata": {"finalizers": finalizers}})
+
+
+async def post_event(rt: Runtime, sandbox: Sandbox, event_type: EventType, reason: str, message: str) -> None:
+    if event_type is EventType.NORMAL and not rt.config.normal_events:
+        return
+    namespace = str(sandbox.metadata.namespace)
+    now = format_time(datetime.now(UTC))
+    event: JSON = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{sandbox.metadata.name}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Sandbox",
+            "name": sandbox.metadata.name,
+            "namespace": namespace,
+            "uid": sandbox.metadata.uid,
+        },
+        "type": str(event_type),
+        "reason": reason,
+        "message": message[:1024],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": "sandbox-operator"},
+        "reportingComponent": "sandbox-operator",
+    }
+    try:
+        await rt.client.create(core_path(namespace, "events"), event)
+    except Exception as exc:  # an Event is best effort: never fail a reconcile over it
+        log.debug("could not post event %s on %s: %s", reason, sandbox.metadata.name, exc)
