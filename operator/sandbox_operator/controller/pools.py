@@ -205,9 +205,11 @@ async def _claim(rt: Runtime, sandbox: Sandbox, pod: JSON, pool_name: str) -> JS
         return None
     claim = workspace_claim_of(updated)
     if claim:
-        await rt.client.patch(
+        moved = await rt.client.patch(
             f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}",
             {"metadata": _claim_metadata(sandbox, pool_name, None)},
         )
+        if moved is not None:
+            rt.store.put_pvc(moved)
     log.info("sandbox %s/%s claimed warm pod %s from pool %s", namespace, sandbox.metadata.name, pod_name, pool_name)
     return rt.store.put_pod(updated)

@@ -121,11 +121,18 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     decision = decide(desired, observed, now)
 
     pool_source = None
+    claim_tried = False
     for action in decision.actions:
-        if isinstance(action, CreatePod):
+        # Only a first start may take a warm pod; a resume or recreate keeps the sandbox's workspace.
+        first_start = pvc is None and observed.started_at is None
+        if isinstance(action, EnsurePVC | CreatePod) and decision.has_action(CreatePod) and first_start and not claim_tried:
+            # A warm pod from a pool brings its own workspace claim: try that before creating either.
+            claim_tried = True
             claimed = await try_claim_pool_pod(rt, sandbox, template)
             if claimed is not None:
                 pod, pool_source = claimed, claimed["metadata"]["annotations"][POOL_SOURCE_ANNOTATION]
+        if isinstance(action, CreatePod):
+            if pool_source is not None:
                 continue
             new_pod = build_pod(sandbox, template)
             if pvc is not None and pvc["metadata"]["name"] != names.pvc:
@@ -134,7 +141,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
             if created is not None:
                 pod = rt.store.put_pod(created)
         elif isinstance(action, EnsurePVC):
-            claim = build_pvc(sandbox, template)
+            if pvc is not None:
+                continue
+            claim = build_pvc(sandbox, template) if pool_source is None else None
             if claim is not None:
                 created = await rt.client.create(core_path(namespace, "persistentvolumeclaims"), claim)
                 if created is not None:
