@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from testlib import REPO, Cluster, wait_until
+from testlib import BASE_TEMPLATE, REPO, Cluster, OperatorProcess, start_operator, wait_until
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -81,12 +83,32 @@ def apply_crds(cluster: Cluster) -> list[str]:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
         name = cluster.kubectl("get", "-f", str(path), "-o", "jsonpath={.metadata.name}").stdout.strip()
         names.append(name)
+    def listable(crd: str) -> bool:
+        return cluster.kubectl("get", crd, "-A", check=False).returncode == 0
+
     for name in names:
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
         # Just after Established, list/watch can answer 429 "storage is (re)initializing" briefly.
-        wait_until(
-            lambda name=name: cluster.kubectl("get", name, "-A", check=False).returncode == 0,
-            timeout=30,
-            message=f"{name} to be listable",
-        )
+        wait_until(functools.partial(listable, name), timeout=30, message=f"{name} to be listable")
     return names
+
+
+@pytest.fixture(scope="session")
+def base_template(cluster: Cluster, apply_crds: list[str]) -> str:
+    cluster.apply(BASE_TEMPLATE)
+    return "it-base"
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: Cluster, apply_crds: list[str], base_template: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """One operator for the session, watching the per-test namespaces (named t-*)."""
+    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
+    handle = start_operator(cluster, log_path, "t-*")
+    try:
+        yield handle
+    finally:
+        code = handle.kill(signal.SIGTERM)
+        if code not in (0, -signal.SIGTERM):
+            print(f"operator exited with {code}:\n{handle.log_tail()}")

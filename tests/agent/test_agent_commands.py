@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from e2b import CommandExitException, PtySize, TimeoutException
 
-from conftest import wait_until
+from testlib import wait_until
 
 
 def test_run_returns_stdout_stderr_and_exit_code(sandbox: Any) -> None:
@@ -48,8 +48,8 @@ def test_command_timeout_raises_timeout_and_kills_the_command(sandbox: Any) -> N
     # The command's process group is gone, not left running.
     wait_until(
         lambda: not any("timeout-probe" in " ".join(p.args) for p in sandbox.commands.list()),
-        10,
-        "the timed-out command to disappear",
+        timeout=10,
+        message="the timed-out command to disappear",
     )
 
 
@@ -89,7 +89,7 @@ def test_pty_create_input_resize(sandbox: Any) -> None:
     reader = threading.Thread(target=lambda: results.append(handle.wait(on_pty=output.extend)))
     reader.start()
     sandbox.pty.send_stdin(handle.pid, b"stty size; echo marker-$((6*7))\n")
-    wait_until(lambda: b"marker-42\r\n" in output, 10, "the first PTY command's output")
+    wait_until(lambda: b"marker-42\r\n" in output, timeout=10, message="the first PTY command's output")
     assert b"24 80" in output
     sandbox.pty.resize(handle.pid, PtySize(rows=40, cols=100))
     sandbox.pty.send_stdin(handle.pid, b"stty size; exit\n")

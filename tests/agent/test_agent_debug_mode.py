@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from conftest import AgentProcess, port_is_free, start_agent, stop_agent
+from agentlib import AgentProcess, port_is_free, start_agent, stop_agent
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import urllib.request
 from typing import Any
 
 import pytest
+from agentlib import ACCESS_TOKEN
 from e2b import FilesystemEventType, FileType, InvalidArgumentException
 from e2b.exceptions import NotFoundException
 
-from conftest import ACCESS_TOKEN, wait_until
+from testlib import wait_until
 
 
 def test_write_read_text_and_bytes(sandbox: Any, agent: Any) -> None:
@@ -97,7 +98,7 @@ def test_watch_dir_reports_create_write_and_remove(sandbox: Any) -> None:
             events.extend(handle.get_new_events())
             return any(event.type == FilesystemEventType.REMOVE for event in events)
 
-        wait_until(saw_remove, 10, "the remove event")
+        wait_until(saw_remove, timeout=10, message="the remove event")
         kinds = {(event.name, event.type) for event in events}
         assert ("new.txt", FilesystemEventType.CREATE) in kinds
         assert ("new.txt", FilesystemEventType.WRITE) in kinds
@@ -125,7 +126,7 @@ async def test_async_watch_dir_streams_events_recursively(sdk_options: dict[str,
         await sandbox.files.write("awatched/sub/deep.txt", "deep")
         await asyncio.wait_for(arrived.wait(), 10)
     finally:
-        await handle.stop()
+        await handle.stop()  # type: ignore[no-untyped-call]
     assert any(event.type == FilesystemEventType.CREATE for event in seen if event.name == "sub/deep.txt")
 
 

@@ -7,9 +7,8 @@ import struct
 from typing import Any
 
 import pytest
+from agentlib import ACCESS_TOKEN
 from e2b import AuthenticationException, Sandbox
-
-from conftest import ACCESS_TOKEN
 
 AUTH = {"X-Access-Token": ACCESS_TOKEN}
 

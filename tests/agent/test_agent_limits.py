@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from agentlib import AgentProcess
 from e2b import RateLimitException, TimeoutException
 
-from conftest import AgentProcess, wait_until
+from testlib import wait_until
 
 
 def _metric(agent: AgentProcess, prefix: str) -> float:
@@ -65,5 +66,5 @@ def test_concurrency_limit_answers_with_a_clear_error(limited_sandbox: Any, limi
     finally:
         limited_sandbox.commands.kill(first.pid)
         limited_sandbox.commands.kill(second.pid)
-    wait_until(lambda: limited_sandbox.commands.list() == [], 10, "the background commands to end")
+    wait_until(lambda: limited_sandbox.commands.list() == [], timeout=10, message="the background commands to end")
     assert limited_sandbox.commands.run("echo free again").stdout == "free again\n"

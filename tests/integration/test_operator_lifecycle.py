@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import OperatorProcess
-from testlib import Cluster, wait_until
+from testlib import Cluster, OperatorProcess, wait_until
 
 POD_RANGE = ipaddress.ip_network("127.1.0.0/16")
 

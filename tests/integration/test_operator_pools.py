@@ -7,8 +7,7 @@ import json
 import pytest
 from test_operator_lifecycle import children, sandbox_manifest, wait_phase
 
-from conftest import OperatorProcess
-from testlib import Cluster, wait_until
+from testlib import Cluster, OperatorProcess, wait_until
 
 POOL = """
 apiVersion: sandbox.dev/v1alpha1
@@ -64,7 +63,8 @@ def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str)
     cluster.kubectl("patch", "sandbox", "pooled", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":false}}')
     resumed = wait_phase(cluster, namespace, "pooled", "Running")
     new_pod = cluster.get_json("pod", resumed["status"]["podName"], "-n", namespace)
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in new_pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in new_pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
     assert claims == [workspace]
 
 
@@ -81,7 +81,8 @@ def test_sandbox_that_differs_from_pool_pods_cold_starts(cluster: Cluster, names
 def test_pool_scales_down(cluster: Cluster, namespace: str) -> None:
     cluster.apply(POOL, namespace)
     wait_until(lambda: len(warm_pods(cluster, namespace)) == 2, timeout=60, message="2 warm pods")
-    cluster.kubectl("patch", "sandboxpool", "warm", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"size": 0}}))
+    cluster.kubectl("patch", "sandboxpool", "warm", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"size": 0}}))
     wait_until(
         lambda: not (cluster.get_json("pods", "-n", namespace, "-l", "sandbox.dev/pool=warm") or {}).get("items"),
         timeout=60,

@@ -8,8 +8,7 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-from conftest import start_operator
-from testlib import Cluster, wait_until
+from testlib import Cluster, start_operator, wait_until
 
 COUNT = 50
 

@@ -125,7 +125,8 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     for action in decision.actions:
         # Only a first start may take a warm pod; a resume or recreate keeps the sandbox's workspace.
         first_start = pvc is None and observed.started_at is None
-        if isinstance(action, EnsurePVC | CreatePod) and decision.has_action(CreatePod) and first_start and not claim_tried:
+        wants_pod = decision.has_action(CreatePod) and first_start
+        if isinstance(action, EnsurePVC | CreatePod) and wants_pod and not claim_tried:
             # A warm pod from a pool brings its own workspace claim: try that before creating either.
             claim_tried = True
             claimed = await try_claim_pool_pod(rt, sandbox, template)

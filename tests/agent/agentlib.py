@@ -1,0 +1,211 @@
+"""Fixtures: real agent processes on loopback and a fake control plane, driven by the unmodified E2B SDKs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from sandbox_operator.agent import ENVD_COMPATIBLE_VERSION
+from testlib import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ACCESS_TOKEN = "test-access-token-0123456789"
+STARTUP_DEADLINE = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the agent: connections in TIME_WAIT from an earlier run do not make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+
+
+@dataclass
+class AgentProcess:
+    process: subprocess.Popen[bytes]
+    envd_port: int
+    interpreter_port: int
+    workdir: Path
+    token: str | None
+    log_path: Path
+
+    @property
+    def envd_url(self) -> str:
+        return f"http://127.0.0.1:{self.envd_port}"
+
+    @property
+    def interpreter_url(self) -> str:
+        return f"http://127.0.0.1:{self.interpreter_port}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        url = f"http://127.0.0.1:{port or self.envd_port}{path}"
+        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return bool(response.status == 204)
+    except OSError:
+        return False
+
+
+def start_agent(
+    tmp_root: Path,
+    *,
+    token: str | None,
+    env: dict[str, str] | None = None,
+    envd_port: int | None = None,
+    interpreter_port: int | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> AgentProcess:
+    workdir = tmp_root / "home"
+    workdir.mkdir(parents=True, exist_ok=True)
+    envd_port = envd_port or free_port()
+    interpreter_port = interpreter_port or free_port()
+    child_env = {key: value for key, value in os.environ.items() if not key.startswith(("SANDBOX_", "E2B_"))}
+    child_env["PYTHONPATH"] = str(REPO_ROOT / "operator")
+    if token:
+        child_env["SANDBOX_ACCESS_TOKEN"] = token
+    child_env.update(env or {})
+    log_path = tmp_root / "agent.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandbox_operator.agent",
+                "--host",
+                "127.0.0.1",
+                "--envd-port",
+                str(envd_port),
+                "--interpreter-port",
+                str(interpreter_port),
+                "--workdir",
+                str(workdir),
+                *extra_args,
+            ],
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    agent = AgentProcess(process, envd_port, interpreter_port, workdir, token, log_path)
+    try:
+        wait_until(
+            lambda: process.poll() is not None or _healthy(envd_port),
+            timeout=STARTUP_DEADLINE,
+            message="agent /health",
+        )
+    except AssertionError:
+        stop_agent(agent)
+        raise
+    if process.poll() is not None:
+        raise AssertionError(f"agent exited with {process.returncode}: {log_path.read_text()}")
+    return agent
+
+
+def stop_agent(agent: AgentProcess) -> None:
+    if agent.process.poll() is None:
+        agent.process.send_signal(signal.SIGTERM)
+        try:
+            agent.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            agent.process.kill()
+            agent.process.wait()
+
+
+class FakeControlPlane:
+    """Answers the SDK's create/connect/kill with a Sandbox that carries the agent's access token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.created = 0
+        handler = self._handler()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def sandbox(self, template: str) -> dict[str, Any]:
+        return {
+            "templateID": template,
+            "sandboxID": "agenttestsandbox",
+            "clientID": "local",
+            "envdVersion": ENVD_COMPATIBLE_VERSION,
+            "envdAccessToken": self.token,
+        }
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        plane = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: Any = None) -> None:
+                payload = b"" if body is None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = json.loads(self.rfile.read(length) or b"{}")
+                if self.path.rstrip("/").endswith("/sandboxes"):
+                    plane.created += 1
+                    self._reply(201, plane.sandbox(request.get("templateID", "base")))
+                elif self.path.endswith("/connect"):
+                    self._reply(200, plane.sandbox("base"))
+                else:
+                    self._reply(404, {"code": 404, "message": "not found"})
+
+            def do_DELETE(self) -> None:
+                self._reply(204)
+
+        return Handler
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
