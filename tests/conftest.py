@@ -105,7 +105,11 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     """One operator for the session, watching the per-test namespaces (named t-*)."""
     log_path = tmp_path_factory.mktemp("operator") / "operator.log"
-    handle = start_operator(cluster, log_path, "t-*")
+    # Fast usage collection so metric tests see agents' numbers within a second.
+    handle = start_operator(
+        cluster, log_path, "t-*",
+        extra_args=("--usage-interval", "0.5", "--usage-status-interval", "1", "--metric-metadata-key", "team"),
+    )
     try:
         yield handle
     finally:

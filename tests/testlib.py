@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -151,7 +152,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_operator(cluster: Cluster, log_path: Path, *namespaces: str) -> OperatorProcess:
+def start_operator(
+    cluster: Cluster, log_path: Path, *namespaces: str, extra_args: tuple[str, ...] = ()
+) -> OperatorProcess:
     metrics_port, liveness_port = free_port(), free_port()
     scope = [arg for ns in namespaces for arg in ("--namespace", ns)] or ["--all-namespaces"]
     argv = [
@@ -162,6 +165,7 @@ def start_operator(cluster: Cluster, log_path: Path, *namespaces: str) -> Operat
         "--liveness-port", str(liveness_port),
         "--gateway-namespace", "sandbox-system",
         "--log-level", "DEBUG" if os.environ.get("SANDBOX_TEST_DEBUG") else "INFO",
+        *extra_args,
     ]
     log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed with the fixture
     process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=cluster.env())
@@ -182,3 +186,118 @@ def start_operator(cluster: Cluster, log_path: Path, *namespaces: str) -> Operat
     return handle
 
 
+
+
+class PodAgents:
+    """Runs a real sandbox agent for every Running sandbox pod of a namespace, bound to the pod IP.
+
+    There is no kubelet: kwok marks pods Running and gives them loopback IPs (127.1.0.0/16); this
+    puts the agent where the pod says it is, so the operator's and the gateway's data paths are real.
+    Agents of pods that are gone are stopped. At most `limit` agents run at once.
+    """
+
+    def __init__(self, cluster: Cluster, namespace: str, workdir: Path, limit: int = 10) -> None:
+        self.cluster, self.namespace, self.workdir, self.limit = cluster, namespace, workdir, limit
+        self.agents: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}  # pod uid -> (ip, process)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"pod-agents-{namespace}", daemon=True)
+
+    def __enter__(self) -> PodAgents:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for uid in list(self.agents):
+            self._stop_agent(uid)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            listing = self.cluster.get_json("pods", "-n", self.namespace, "-l", "sandbox.dev/sandbox") or {}
+            live = {}
+            for pod in listing.get("items", []):
+                status = pod.get("status") or {}
+                if status.get("phase") == "Running" and status.get("podIP") and not pod["metadata"].get(
+                    "deletionTimestamp"
+                ):
+                    live[pod["metadata"]["uid"]] = status["podIP"]
+            for uid in [u for u in self.agents if u not in live]:
+                self._stop_agent(uid)
+            for uid, ip in live.items():
+                if uid not in self.agents and len(self.agents) < self.limit:
+                    self._start_agent(uid, ip)
+
+    def _start_agent(self, uid: str, ip: str) -> None:
+        workdir = self.workdir / uid
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = open(workdir / "agent.log", "ab")  # noqa: SIM115 - owned by the child process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sandbox_operator.agent", "--host", ip, "--envd-port", "49983",
+             "--interpreter-port", "0", "--workdir", str(workdir), "--no-prewarm-kernel"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.agents[uid] = (ip, process)
+
+    def _stop_agent(self, uid: str) -> None:
+        _, process = self.agents.pop(uid)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def http_json(url: str, body: Any = None, timeout: float = 30) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read().decode()
+
+
+# --- Sandbox helpers -----------------------------------------------------------------------
+
+
+def sandbox_manifest(name: str, template: str = "it-base", **spec: Any) -> str:
+    body = {
+        "apiVersion": "sandbox.dev/v1alpha1",
+        "kind": "Sandbox",
+        "metadata": {"name": name},
+        "spec": {"template": template, **spec},
+    }
+    return json.dumps(body)
+
+
+def sandbox(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    body = cluster.get_json("sandbox", name, "-n", namespace)
+    assert body is not None, f"sandbox {name} not found"
+    return dict(body)
+
+
+def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        body = cluster.get_json("sandbox", name, "-n", namespace)
+        return body if body and (body.get("status") or {}).get("phase") == phase else None
+
+    try:
+        return wait_until(reached, timeout=timeout, message=f"sandbox {name} phase {phase}")
+    except AssertionError as timeout:
+        current = cluster.get_json("sandbox", name, "-n", namespace)
+        status = json.dumps((current or {}).get("status"))
+        raise AssertionError(f"sandbox {name} never reached {phase}; status now: {status}") from timeout
+
+
+def children(cluster: Cluster, namespace: str, name: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for kind in ("pods", "pvc", "services", "networkpolicies"):
+        listing = cluster.get_json(kind, "-n", namespace, "-l", f"sandbox.dev/sandbox={name}")
+        found[kind] = [item["metadata"]["name"] for item in (listing or {}).get("items", [])]
+    return found
+
+
+def events_for(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    listing = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    return [event["reason"] for event in (listing or {}).get("items", [])]

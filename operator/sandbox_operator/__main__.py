@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="namespace of the gateway pods allowed into sandboxes by NetworkPolicy")
     run.add_argument("--normal-events", choices=["on", "off"], default="on",
                      help="post Normal-type Events on transitions (Warnings are always posted)")
+    run.add_argument("--usage-interval", type=float, default=15.0,
+                     help="seconds between usage scrapes of each running sandbox's agent (0 = off)")
+    run.add_argument("--usage-concurrency", type=int, default=32, help="agent scrapes in flight at once")
+    run.add_argument("--usage-status-interval", type=float, default=60.0,
+                     help="minimum seconds between status.usage writes per sandbox")
+    run.add_argument("--agent-port", type=int, default=49983, help="the agent's envd port in sandbox pods")
+    run.add_argument("--metric-metadata-key", action="append", default=[], dest="metric_metadata_keys",
+                     help="a spec.metadata key exported as a metric label (repeatable; keep the set small)")
     return parser
 
 
@@ -52,6 +60,11 @@ def main(argv: list[str] | None = None) -> None:
             max_in_flight=args.max_in_flight,
             gateway_namespace=args.gateway_namespace,
             normal_events=args.normal_events == "on",
+            usage_interval=args.usage_interval,
+            usage_concurrency=args.usage_concurrency,
+            usage_status_interval=args.usage_status_interval,
+            agent_port=args.agent_port,
+            metric_metadata_keys=tuple(args.metric_metadata_keys),
         )
         sys.exit(run_operator(config))
 

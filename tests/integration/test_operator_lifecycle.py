@@ -5,55 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
-from testlib import Cluster, OperatorProcess, wait_until
+from testlib import Cluster, OperatorProcess, children, events_for, sandbox, sandbox_manifest, wait_phase, wait_until
 
 POD_RANGE = ipaddress.ip_network("127.1.0.0/16")
-
-
-def sandbox_manifest(name: str, template: str = "it-base", **spec: Any) -> str:
-    body = {
-        "apiVersion": "sandbox.dev/v1alpha1",
-        "kind": "Sandbox",
-        "metadata": {"name": name},
-        "spec": {"template": template, **spec},
-    }
-    return json.dumps(body)
-
-
-def sandbox(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
-    body = cluster.get_json("sandbox", name, "-n", namespace)
-    assert body is not None, f"sandbox {name} not found"
-    return dict(body)
-
-
-def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        body = cluster.get_json("sandbox", name, "-n", namespace)
-        return body if body and (body.get("status") or {}).get("phase") == phase else None
-
-    try:
-        return wait_until(reached, timeout=timeout, message=f"sandbox {name} phase {phase}")
-    except AssertionError as timeout:
-        current = cluster.get_json("sandbox", name, "-n", namespace)
-        status = json.dumps((current or {}).get("status"))
-        raise AssertionError(f"sandbox {name} never reached {phase}; status now: {status}") from timeout
-
-
-def children(cluster: Cluster, namespace: str, name: str) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for kind in ("pods", "pvc", "services", "networkpolicies"):
-        listing = cluster.get_json(kind, "-n", namespace, "-l", f"sandbox.dev/sandbox={name}")
-        found[kind] = [item["metadata"]["name"] for item in (listing or {}).get("items", [])]
-    return found
-
-
-def events_for(cluster: Cluster, namespace: str, name: str) -> list[str]:
-    listing = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
-    return [event["reason"] for event in (listing or {}).get("items", [])]
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_operator_lifecycle import children, sandbox_manifest, wait_phase
 
-from testlib import Cluster, OperatorProcess, wait_until
+from testlib import Cluster, OperatorProcess, children, sandbox_manifest, wait_phase, wait_until
 
 POOL = """
 apiVersion: sandbox.dev/v1alpha1

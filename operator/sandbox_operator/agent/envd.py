@@ -43,8 +43,10 @@ FILE_CHUNK: Final = 256 * 1024
 METADATA_HEADER_PREFIX: Final = "x-metadata-"
 MAX_METADATA_BYTES: Final = 4096
 MAX_METADATA_KEY_BYTES: Final = 246
-# Paths any caller may use; /files checks the token or a signature itself.
-PUBLIC_PATHS: Final = frozenset({"/health"})
+# Paths any caller may use; /files checks the token or a signature itself. The operator scrapes
+# /agent/metrics (usage numbers only) without knowing each sandbox's token; the sandbox
+# NetworkPolicy admits only the gateway and the operator to this port.
+PUBLIC_PATHS: Final = frozenset({"/health", "/agent/metrics"})
 SELF_AUTHENTICATED_PATHS: Final = frozenset({"/files"})
 # The code-interpreter SDK sends no token on these (only /execute carries X-Access-Token).
 INTERPRETER_PUBLIC_PREFIXES: Final = ("/contexts",)

@@ -21,3 +21,11 @@ class OperatorConfig:
     max_in_flight: int = 64
     gateway_namespace: str = "sandbox-system"
     normal_events: bool = True
+    # Usage collection (metrics/usage.py): seconds between scrapes of every running sandbox's agent,
+    # scrapes in flight at once, seconds between status.usage writes per sandbox.
+    usage_interval: float = 15.0
+    usage_concurrency: int = 32
+    usage_status_interval: float = 60.0
+    agent_port: int = 49983
+    # spec.metadata keys that become metric labels (metadata_<key>); bounded on purpose.
+    metric_metadata_keys: tuple[str, ...] = ()

@@ -16,8 +16,10 @@ from typing import Any, Literal
 from sandbox_operator.controller.config import OperatorConfig
 from sandbox_operator.controller.kube import ApiError, KubeClient
 from sandbox_operator.controller.store import POOL_LABEL, SANDBOX_LABEL, Key, Store, key_of
+from sandbox_operator.controller.usage import UsageCollector
 from sandbox_operator.controller.workqueue import QueueClosed, WorkQueue
 from sandbox_operator.metrics.lifecycle import LifecycleMetrics, PhaseCount, PoolCount
+from sandbox_operator.metrics.usage import UsageExporter
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class Runtime:
         # they are not watched, so this saves a POST per reconcile. Reset by a restart (then: 409).
         self.ensured: set[tuple[str, str]] = set()
         self.started = False
+        self.usage = UsageCollector(self)
+        self.metrics.registry.register(UsageExporter(self.usage.usage, config.metric_metadata_keys))
 
     # --- lifecycle of the runtime ----------------------------------------------------------------
 
@@ -52,9 +56,11 @@ class Runtime:
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"reconcile-worker-{i}") for i in range(self.config.workers)
         ]
+        self.usage.start()
 
     async def stop(self) -> None:
         self.queue.close()
+        await self.usage.stop()
         for task in self._workers:
             task.cancel()
         for task in self._workers:
@@ -70,12 +76,15 @@ class Runtime:
         qkey: QueueKey = ("sandbox", *key)
         if event_type == "DELETED":
             self.store.delete_sandbox(key)
+            self.usage.forget(key)
             self.queue.forget(qkey)
             self._failures.pop(qkey, None)
             uid = str((body.get("metadata") or {}).get("uid"))
             self.ensured.difference_update({(uid, "service"), (uid, "networkpolicy")})
             return
         self.store.put_sandbox(body)
+        if (body.get("status") or {}).get("phase") != "Running":
+            self.usage.forget(key)  # stopped sandboxes have no usage series
         self.queue.add(qkey)
 
     def on_template_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:

@@ -20,6 +20,7 @@ from sandbox_operator.api import (
 from sandbox_operator.resources.names import (
     COMPONENT_LABEL,
     GATEWAY_COMPONENT,
+    OPERATOR_COMPONENT,
     child_names,
     sandbox_id_for,
     sandbox_labels,
@@ -299,11 +300,17 @@ def build_network_policy(
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
         "podSelector": {"matchLabels": {COMPONENT_LABEL: GATEWAY_COMPONENT}},
     }
+    # The operator scrapes the agent's usage metrics (envd port only).
+    operator_peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
+        "podSelector": {"matchLabels": {COMPONENT_LABEL: OPERATOR_COMPONENT}},
+    }
     ingress = [
         {
             "from": [gateway_peer],
             "ports": [{"protocol": "TCP", "port": port} for _, port in _all_ports(sandbox, template)],
-        }
+        },
+        {"from": [operator_peer], "ports": [{"protocol": "TCP", "port": ENVD_PORT}]},
     ]
     egress: list[dict[str, Any]] = [
         _dns_rule(dns_namespace, dns_pod_labels or {"k8s-app": "kube-dns"}),

@@ -12,6 +12,7 @@ __all__ = [
     "MANAGED_BY",
     "MANAGED_BY_LABEL",
     "NAME_LABEL",
+    "OPERATOR_COMPONENT",
     "SANDBOX_ID_LABEL",
     "SANDBOX_ID_LENGTH",
     "SANDBOX_LABEL",
@@ -30,6 +31,7 @@ MANAGED_BY = "sandbox-operator"
 NAME_LABEL = "app.kubernetes.io/name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 GATEWAY_COMPONENT = "gateway"
+OPERATOR_COMPONENT = "operator"
 SANDBOX_LABEL = "sandbox.dev/sandbox"
 TEMPLATE_LABEL = "sandbox.dev/template"
 SANDBOX_ID_LABEL = "sandbox.dev/sandbox-id"

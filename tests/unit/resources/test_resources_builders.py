@@ -271,7 +271,13 @@ def _policy(**network: Any) -> dict[str, Any]:
     return build_network_policy(sandbox(network=network), template(), gateway_namespace="sandbox-system")
 
 
-def test_policy_selects_the_sandbox_and_admits_only_the_gateway() -> None:
+OPERATOR = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "sandbox-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}},
+}
+
+
+def test_policy_selects_the_sandbox_and_admits_only_the_gateway_and_the_metrics_scrape() -> None:
     policy = _policy()
     assert policy["metadata"]["name"] == "sbx-demo"
     assert policy["metadata"]["ownerReferences"] == [OWNER]
@@ -281,7 +287,9 @@ def test_policy_selects_the_sandbox_and_admits_only_the_gateway() -> None:
     }
     assert spec["policyTypes"] == ["Ingress", "Egress"]
     assert spec["ingress"] == [
-        {"from": [GATEWAY], "ports": [{"protocol": "TCP", "port": 49983}, {"protocol": "TCP", "port": 49999}]}
+        {"from": [GATEWAY], "ports": [{"protocol": "TCP", "port": 49983}, {"protocol": "TCP", "port": 49999}]},
+        # the operator reaches envd only, for /agent/metrics
+        {"from": [OPERATOR], "ports": [{"protocol": "TCP", "port": 49983}]},
     ]
 
 
