@@ -520,7 +520,8 @@ class Sandbox(_Resource):
             PrinterColumn("Phase", ".status.phase", description="Lifecycle phase."),
             PrinterColumn("Template", ".spec.template", description="SandboxTemplate name."),
             PrinterColumn("Age", ".metadata.creationTimestamp", "date", description="Time since creation."),
-            PrinterColumn("Expires", ".status.expiresAt", "date", description="When maxLifetime ends it."),
+            # A string, not a date: kubectl renders future dates as "<invalid>".
+            PrinterColumn("Expires", ".status.expiresAt", description="When maxLifetime ends it (RFC 3339)."),
             PrinterColumn("ID", ".status.sandboxID", priority=1, description="E2B sandbox ID."),
             PrinterColumn("Pod", ".status.podName", priority=1, description="Pod name."),
             PrinterColumn("IP", ".status.podIP", priority=1, description="Pod IP."),
