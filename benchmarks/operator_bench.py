@@ -140,6 +140,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent not idle since boot (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(state_dir: Path, operator_pid: int) -> dict[str, float]:
+    """CPU seconds so far: our control plane per component, the operator, this benchmark, the machine."""
+    snapshot: dict[str, float] = {"operator": cpu_seconds(operator_pid), "benchmark": cpu_seconds(os.getpid())}
+    marker = str(state_dir).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in b" ".join(argv) and int(cmdline.parent.name) != operator_pid:
+            name = Path(argv[0].decode(errors="replace")).name.split("-v")[0] or "?"
+            snapshot[name] = snapshot.get(name, 0.0) + cpu_seconds(int(cmdline.parent.name))
+    snapshot["machine_busy"] = machine_busy_seconds()
+    return snapshot
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], wall: float) -> JSON:
+    """CPU seconds per component over a scenario, and what other processes on the machine used."""
+    used = {key: round(after.get(key, 0.0) - before.get(key, 0.0), 2) for key in after}
+    ours = sum(value for key, value in used.items() if key != "machine_busy")
+    used["other_processes"] = round(used["machine_busy"] - ours, 2)
+    used["wall_s"] = round(wall, 2)
+    used["machine_capacity_s"] = round(wall * (os.cpu_count() or 1), 2)
+    return used
+
+
 def mb(value: int | float) -> float:
     return round(value / 2**20, 1)
 
@@ -400,6 +433,11 @@ class Tracker:
         self._waiters: dict[str, asyncio.Event] = {}
         self._count_waiters: list[tuple[int, asyncio.Event]] = []
         self.running_at: list[float] = []
+        # Distinct (phase/reason) states each sandbox went through, and the finalizers it carried.
+        self.sequences: dict[str, list[str]] = {}
+        self.finalizers: Counter[str] = Counter()  # finalizer -> sandboxes seen carrying it
+        self._finalizers_seen: set[tuple[str, str]] = set()
+        self.sandbox_events = 0
 
     def expect(self, name: str) -> Timeline:
         timeline = self.timelines.setdefault(name, Timeline())
@@ -428,7 +466,18 @@ class Tracker:
         timeline = self.timelines.get(str(obj["metadata"]["name"]))
         if timeline is None or kind == "DELETED":
             return
-        phase = (obj.get("status") or {}).get("phase")
+        name = str(obj["metadata"]["name"])
+        status = obj.get("status") or {}
+        phase = status.get("phase")
+        self.sandbox_events += 1
+        sequence = self.sequences.setdefault(name, [])
+        state = f"{phase}/{status.get('reason')}" if phase else "-"
+        if not sequence or sequence[-1] != state:
+            sequence.append(state)
+        for finalizer in obj["metadata"].get("finalizers") or []:
+            if (name, finalizer) not in self._finalizers_seen:
+                self._finalizers_seen.add((name, finalizer))
+                self.finalizers[finalizer] += 1
         if phase and timeline.creating is None:
             timeline.creating = now
         if phase == "Running" and timeline.running is None:
@@ -439,6 +488,16 @@ class Tracker:
             for count, event in self._count_waiters:
                 if self.running_count >= count:
                     event.set()
+
+    def summary(self) -> JSON:
+        """The most common status paths, watch events per sandbox, finalizers seen."""
+        paths = Counter(" > ".join(states) for states in self.sequences.values())
+        count = len(self.timelines) or 1
+        return {
+            "status_paths": paths.most_common(5),
+            "sandbox_watch_events_per_sandbox": round(self.sandbox_events / count, 2),
+            "sandboxes_per_finalizer": dict(self.finalizers),
+        }
 
     def on_pod(self, kind: str, obj: JSON, now: float) -> None:
         metadata = obj.get("metadata") or {}
@@ -542,6 +601,19 @@ class OperatorProcess:
             for source in counts
         }
 
+    def scalar(self, name: str) -> float:
+        """The sum of a metric's samples (all label sets), e.g. a histogram's _count."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            if line.startswith((name + "{", name + " ")):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def reconciles(self) -> tuple[float, float]:
+        """(count, seconds) of Sandbox reconciles so far."""
+        return (self.scalar("sandbox_operator_reconcile_duration_seconds_count"),
+                self.scalar("sandbox_operator_reconcile_duration_seconds_sum"))
+
     def log_lines(self, pattern: str) -> int:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return sum(1 for line in text.splitlines() if pattern in line)
@@ -606,6 +678,15 @@ async def settle_writes(operator: OperatorProcess, quiet: float = 1.5, limit: fl
     return last
 
 
+def reconcile_report(before: tuple[float, float], after: tuple[float, float], sandboxes: int) -> JSON:
+    count, seconds = after[0] - before[0], after[1] - before[1]
+    return {
+        "reconciles": int(count),
+        "per_sandbox": round(count / sandboxes, 2) if sandboxes else None,
+        "mean_ms": round(seconds / count * 1000, 1) if count else None,
+    }
+
+
 def writes_report(before: Counter[str], after: Counter[str], sandboxes: int) -> JSON:
     delta = Counter({key: after[key] - before.get(key, 0) for key in after if after[key] - before.get(key, 0)})
     total = sum(delta.values())
@@ -623,6 +704,7 @@ def writes_report(before: Counter[str], after: Counter[str], sandboxes: int) -> 
 class Context:
     api: Api
     args: argparse.Namespace
+    state_dir: Path
 
 
 async def make_namespace(api: Api, name: str) -> None:
@@ -655,7 +737,8 @@ async def latency_run(
     watches = await start_watches(api, namespace, tracker, children=True)
     path = f"{GROUP_PATH}/namespaces/{namespace}/sandboxes"
     writes_before = await settle_writes(operator, quiet=0.5)
-    cpu_before = cpu_seconds(operator.pid)
+    reconciles_before = await asyncio.to_thread(operator.reconciles)
+    cpu_before = cpu_snapshot(ctx.state_dir, operator.pid)
     limit = asyncio.Semaphore(ctx.args.concurrency)
     timed_out: list[str] = []
     consecutive_timeouts = 0
@@ -679,9 +762,10 @@ async def latency_run(
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(count)))
     elapsed = time.perf_counter() - started
+    cpu_used = cpu_report(cpu_before, cpu_snapshot(ctx.state_dir, operator.pid), elapsed)
     writes_at_running = await asyncio.to_thread(operator.writes)
     writes_after = await settle_writes(operator)
-    cpu_used = cpu_seconds(operator.pid) - cpu_before
+    reconciles_after = await asyncio.to_thread(operator.reconciles)
     await asyncio.sleep(0.2)  # late pod/PVC events
     for watch in watches:
         await watch.stop()
@@ -702,7 +786,9 @@ async def latency_run(
         "claimed_from_pool": sum(1 for t in tracker.timelines.values() if t.claimed_from),
         "api_writes_at_last_running": writes_report(writes_before, writes_at_running, count),
         "api_writes": writes_report(writes_before, writes_after, count),
-        "operator_cpu_s": round(cpu_used, 2),
+        "sandbox_reconciles": reconcile_report(reconciles_before, reconciles_after, count),
+        "cpu_s": cpu_used,
+        "observed": tracker.summary(),
     }
     return result
 
@@ -756,7 +842,8 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
     watches = await start_watches(api, namespace, tracker, children=ctx.args.burst_stages)
     path = f"{GROUP_PATH}/namespaces/{namespace}/sandboxes"
     writes_before = await settle_writes(operator, quiet=0.5)
-    cpu_before = cpu_seconds(operator.pid)
+    reconciles_before = await asyncio.to_thread(operator.reconciles)
+    cpu_before = cpu_snapshot(ctx.state_dir, operator.pid)
     profiler = start_profiler(operator) if ctx.args.profile else None
     names = [f"{namespace}-{i:05d}" for i in range(count)]
     for name in names:
@@ -764,12 +851,16 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
     queue = list(reversed(names))
     errors: list[str] = []
     peak_rss = 0
+    peak_queue = 0.0
 
     async def sample_rss() -> None:
-        nonlocal peak_rss
+        nonlocal peak_rss, peak_queue
         while True:
-            peak_rss = max(peak_rss, proc_status(operator.pid).get("VmRSS", 0))
-            await asyncio.sleep(0.1)
+            for _ in range(5):
+                peak_rss = max(peak_rss, proc_status(operator.pid).get("VmRSS", 0))
+                await asyncio.sleep(0.1)
+            depth = await asyncio.to_thread(operator.scalar, "sandbox_operator_workqueue_depth")
+            peak_queue = max(peak_queue, depth)
 
     async def poster() -> None:
         while queue:
@@ -789,9 +880,10 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
     all_running = await tracker.wait_count(count, ctx.args.burst_timeout)
     all_running_s = time.perf_counter() - started
     rss_at_running = proc_status(operator.pid).get("VmRSS", 0)
+    cpu_used = cpu_report(cpu_before, cpu_snapshot(ctx.state_dir, operator.pid), all_running_s)
     writes_at_running = await asyncio.to_thread(operator.writes)
     writes_after = await settle_writes(operator)
-    cpu_used = cpu_seconds(operator.pid) - cpu_before
+    reconciles_after = await asyncio.to_thread(operator.reconciles)
     profile = stop_profiler(profiler) if profiler is not None else None
     sampler.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -826,7 +918,10 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
         ),
         "api_writes_at_last_running": writes_report(writes_before, writes_at_running, count),
         "api_writes": writes_report(writes_before, writes_after, count),
-        "operator_cpu_s": round(cpu_used, 2),
+        "sandbox_reconciles": reconcile_report(reconciles_before, reconciles_after, count),
+        "peak_workqueue_depth": int(peak_queue),
+        "observed": tracker.summary(),
+        "cpu_s": cpu_used,
         "rss_mb_at_all_running": mb(rss_at_running),
         "rss_mb_settled": mb(status.get("VmRSS", 0)),
         "rss_mb_peak_sampled": mb(peak_rss),
@@ -944,10 +1039,12 @@ async def install_crds(api: Api, kubeconfig: str) -> None:
 # --- the run ------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, kubeconfig: str, operators: list[OperatorProcess]) -> JSON:
+async def run(
+    args: argparse.Namespace, kubeconfig: str, state_dir: Path, operators: list[OperatorProcess]
+) -> JSON:
     credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
     api = Api(credentials)
-    ctx = Context(api, args)
+    ctx = Context(api, args, state_dir)
     extra = [*args.operator_arg]
     results: JSON = {}
     try:
@@ -956,7 +1053,7 @@ async def run(args: argparse.Namespace, kubeconfig: str, operators: list[Operato
         await api.create(f"{GROUP_PATH}/sandboxtemplates", template("bench-ephemeral", persistent=False))
         groups = {
             "a": ["bench-warmup", "bench-cold", "bench-cold-emptydir", "bench-pool"],
-            "b": ["bench-burst"],
+            "b": ["bench-burst-emptydir", "bench-burst"],
             "c": ["bench-cold-events-off"],
         }
         for namespaces in groups.values():
@@ -970,7 +1067,7 @@ async def run(args: argparse.Namespace, kubeconfig: str, operators: list[Operato
         operators.append(op_a)
         results["idle"] = await idle_rss(op_a, args.idle_settle)
         log(f"idle RSS {results['idle']['rss_mb']} MB")
-        warmup_ctx = Context(api, argparse.Namespace(**{**vars(args), "concurrency": 1}))
+        warmup_ctx = Context(api, argparse.Namespace(**{**vars(args), "concurrency": 1}), state_dir)
         await latency_run(warmup_ctx, op_a, "bench-warmup", "bench-base", 3, COLD_STAGES)  # first-use costs
 
         log(f"cold: {args.sandboxes} sandboxes, PVC workspace, concurrency {args.concurrency}")
@@ -989,16 +1086,24 @@ async def run(args: argparse.Namespace, kubeconfig: str, operators: list[Operato
                                  "rss_mb_end": mb(proc_status(op_a.pid).get("VmRSS", 0))}
         op_a.stop()
 
-        # Group B: a fresh operator for the burst, so its memory is that of `--burst` sandboxes.
-        log(f"operator B: burst of {args.burst}")
-        op_b = await asyncio.to_thread(start_operator, "operator-b-burst", kubeconfig, groups["b"],
-                                       ["--normal-events", "on", *extra])
-        operators.append(op_b)
-        results["burst_idle"] = await idle_rss(op_b, args.idle_settle)
-        results["burst"] = await burst_run(ctx, op_b, "bench-burst", "bench-base")
-        log(f"burst: all running {results['burst']['all_running_s']} s, RSS {results['burst']['rss_mb_settled']} MB")
-        results["burst"]["warnings_in_log"] = op_b.log_lines("WARNING")
-        op_b.stop()
+        # Group B: a fresh operator per burst, so its memory is that of `--burst` sandboxes. The
+        # emptyDir burst measures the operator (like DESIGN.md §7's reference operator, which made
+        # pods only); the PVC burst adds kube-controller-manager's host-path provisioner and binder.
+        bursts = [("burst_emptydir", "bench-burst-emptydir", "bench-ephemeral", args.skip_burst_emptydir),
+                  ("burst", "bench-burst", "bench-base", args.skip_burst_pvc)]
+        for key, namespace, template_name, skip in bursts:
+            if skip:
+                continue
+            log(f"operator for {key}: {args.burst} sandboxes of {template_name} at once")
+            op_b = await asyncio.to_thread(start_operator, f"operator-{namespace}", kubeconfig, [namespace],
+                                           ["--normal-events", "on", *extra])
+            operators.append(op_b)
+            idle = await idle_rss(op_b, args.idle_settle)
+            results[key] = await burst_run(ctx, op_b, namespace, template_name)
+            results[key]["idle_rss_mb"] = idle["rss_mb"]
+            results[key]["warnings_in_log"] = op_b.log_lines("WARNING")
+            log(f"{key}: all running {results[key]['all_running_s']} s, RSS {results[key]['rss_mb_settled']} MB")
+            op_b.stop()
 
         # Group C: API writes (and latency) with Normal events off.
         if not args.skip_events_off:
@@ -1044,29 +1149,37 @@ def table(results: JSON) -> list[tuple[str, str, str]]:
         rows.append(("pool: claimed from pool (pod annotation)",
                      f"{pool['claimed_from_pool_verified']}/{pool['sandboxes']}", ""))
         rows.append(("pool: fill time", f"{pool['pool']['fill_s']} s for {pool['pool']['size']}", ""))
-    if "burst" in results:
-        burst = results["burst"]
-        rows.append((f"burst {burst['sandboxes']}: all Running",
+    for key, label in (("burst_emptydir", "emptyDir"), ("burst", "PVC")):
+        if key not in results:
+            continue
+        burst = results[key]
+        rows.append((f"burst {burst['sandboxes']} ({label}): all Running",
                      f"{fmt(burst['all_running_s'], ' s')} ({burst['reached_running']}/{burst['sandboxes']})",
                      f"<= {TARGETS['burst_all_running_s']} s"))
-        rows.append((f"burst {burst['sandboxes']}: all POSTed", f"{burst['all_posted_s']} s "
+        rows.append((f"burst {burst['sandboxes']} ({label}): all POSTed", f"{burst['all_posted_s']} s "
                      f"({burst['creates_per_s']}/s, {burst['in_flight']} in flight)", ""))
-        rows.append((f"burst {burst['sandboxes']}: 50% / 90% Running",
+        rows.append((f"burst {burst['sandboxes']} ({label}): 50% / 90% Running",
                      f"{fmt(burst['running_50pct_s'])} / {fmt(burst['running_90pct_s'])} s", ""))
     for key, label in (("cold", "events on, cold"), ("cold_events_off", "events off, cold"),
-                       ("burst", "events on, burst"), ("pool", "events on, pool claim+refill")):
+                       ("burst_emptydir", "events on, emptyDir burst"), ("burst", "events on, PVC burst"),
+                       ("pool", "events on, pool claim+refill")):
         if key in results:
             writes = results[key]["api_writes"]
             rows.append((f"API writes per sandbox ({label})", fmt(writes["per_sandbox"]),
                          f"<= {TARGETS['writes_per_sandbox']}"))
     if "idle" in results:
         rows.append(("operator RSS idle", f"{results['idle']['rss_mb']} MB", ""))
-    if "burst" in results:
-        burst = results["burst"]
-        rows.append((f"operator RSS, {burst['sandboxes']} sandboxes Running",
-                     f"{burst['rss_mb_settled']} MB (peak {burst['rss_mb_peak_vmhwm']} MB)",
+    for key, label in (("burst_emptydir", "emptyDir"), ("burst", "PVC")):
+        if key not in results:
+            continue
+        burst = results[key]
+        rows.append((f"operator RSS idle -> {burst['sandboxes']} Running ({label} burst)",
+                     f"{burst['idle_rss_mb']} -> {burst['rss_mb_settled']} MB (peak {burst['rss_mb_peak_vmhwm']} MB)",
                      f"<= {TARGETS['rss_mb']} MB"))
-        rows.append((f"operator CPU for the burst of {burst['sandboxes']}", f"{burst['operator_cpu_s']} s", ""))
+        cpu = burst["cpu_s"]
+        rows.append((f"CPU s during the {label} burst (2 cores x {cpu['wall_s']} s)",
+                     f"operator {cpu['operator']}, apiserver {cpu.get('kube-apiserver')}, "
+                     f"other processes {cpu['other_processes']}", ""))
     return rows
 
 
@@ -1079,18 +1192,24 @@ def print_report(results: JSON) -> None:
     print("-" * (width + fig_width + 14))
     for measure, figure, target in rows:
         print(f"{measure:<{width}}  {figure:<{fig_width}}  {target}")
-    for key in ("cold", "cold_emptydir", "pool"):
-        if key not in results["scenarios"]:
+    for key in ("cold", "cold_emptydir", "pool", "burst_emptydir", "burst"):
+        if not (results["scenarios"].get(key) or {}).get("stages"):
             continue
         print(f"\nstages, {key} (p50 / p99 ms):")
         for stage, values in results["scenarios"][key]["stages"].items():
             if values.get("n"):
                 print(f"  {stage:<52} {values['p50_ms']:>8} / {values['p99_ms']:<8} (n={values['n']})")
-    for key in ("cold", "cold_events_off", "burst", "pool"):
+    for key in ("cold", "cold_events_off", "burst_emptydir", "burst", "pool"):
         if key not in results["scenarios"]:
             continue
         per = results["scenarios"][key]["api_writes"]["per_sandbox_by_request"]
         print(f"\nAPI writes per sandbox, {key}: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+    print()
+    for key, scenario in results["scenarios"].items():
+        if isinstance(scenario, dict) and "cpu_s" in scenario:
+            reconciles = scenario["sandbox_reconciles"]
+            print(f"{key}: {reconciles['per_sandbox']} reconciles/sandbox, mean {reconciles['mean_ms']} ms; CPU s "
+                  + ", ".join(f"{k} {v}" for k, v in scenario["cpu_s"].items()))
 
 
 def main() -> None:
@@ -1106,6 +1225,8 @@ def main() -> None:
                         help="seconds to wait for the whole burst (default: max(60, burst/10))")
     parser.add_argument("--idle-settle", type=float, default=3.0, help="seconds after start-up before idle RSS")
     parser.add_argument("--skip-emptydir", action="store_true", help="skip the emptyDir-workspace cold run")
+    parser.add_argument("--skip-burst-emptydir", action="store_true", help="skip the emptyDir-workspace burst")
+    parser.add_argument("--skip-burst-pvc", action="store_true", help="skip the PVC-workspace burst")
     parser.add_argument("--skip-events-off", action="store_true", help="skip the --normal-events off run")
     parser.add_argument("--burst-stages", action="store_true",
                         help="also watch the burst's pods and PVCs for a stage breakdown (costs benchmark CPU)")
@@ -1132,7 +1253,7 @@ def main() -> None:
     other_planes = other_control_planes(state_dir)
     try:
         kubeconfig = cluster_up(state_dir)
-        scenarios = asyncio.run(run(args, kubeconfig, operators))
+        scenarios = asyncio.run(run(args, kubeconfig, state_dir, operators))
     finally:
         for operator in operators:
             operator.stop()

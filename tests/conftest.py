@@ -53,15 +53,17 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         )
 
 
-def _namespace_name(node_name: str) -> str:
+def _namespace_name(node_name: str, prefix: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", node_name.lower()).strip("-")[:40].strip("-")
-    return f"t-{slug}-{secrets.token_hex(3)}"
+    return f"{prefix}-{slug}-{secrets.token_hex(3)}"
 
 
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test, deleted afterwards (without blocking on its finalization)."""
-    name = _namespace_name(request.node.name)
+    # Tests that use the operator get a namespace it watches (op-*); the others (API validation,
+    # the control plane itself) get one it never touches (t-*).
+    name = _namespace_name(request.node.name, "op" if "operator" in request.fixturenames else "t")
     cluster.kubectl("create", "namespace", name)
     # Pods need the namespace's default service account, which kube-controller-manager creates.
     wait_until(
@@ -103,11 +105,11 @@ def base_template(cluster: Cluster, apply_crds: list[str]) -> str:
 def operator(
     cluster: Cluster, apply_crds: list[str], base_template: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """One operator for the session, watching the per-test namespaces (named t-*)."""
+    """One operator for the session, watching the namespaces of tests that ask for it (op-*)."""
     log_path = tmp_path_factory.mktemp("operator") / "operator.log"
     # Fast usage collection so metric tests see agents' numbers within a second.
     handle = start_operator(
-        cluster, log_path, "t-*",
+        cluster, log_path, "op-*",
         extra_args=("--usage-interval", "0.5", "--usage-status-interval", "1", "--metric-metadata-key", "team"),
     )
     try:

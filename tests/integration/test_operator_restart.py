@@ -16,7 +16,7 @@ COUNT = 50
 def test_sigkill_mid_lifecycle_converges_without_orphans_or_duplicates(
     cluster: Cluster, base_template: str, tmp_path: Path
 ) -> None:
-    namespace = f"k-{secrets.token_hex(3)}"  # outside the session operator's t-* scope
+    namespace = f"k-{secrets.token_hex(3)}"  # outside the session operator's op-* scope
     cluster.kubectl("create", "namespace", namespace)
     wait_until(lambda: cluster.kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
                timeout=30, message="default service account")
