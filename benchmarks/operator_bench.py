@@ -66,6 +66,7 @@ SANDBOX_LABEL = "sandbox.dev/sandbox"
 CLAIMED_FROM = "sandbox.dev/claimed-from-pool"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
+SCENARIOS = ("cold", "cold_emptydir", "pool", "burst_emptydir", "burst", "cold_events_off")
 TARGETS = {
     "cold_p50_ms": 250,
     "cold_p99_ms": 1000,
@@ -988,11 +989,14 @@ async def idle_rss(operator: OperatorProcess, settle: float) -> JSON:
 # --- the cluster --------------------------------------------------------------------------------
 
 
-def cluster_up(state_dir: Path) -> str:
+def cluster_up(state_dir: Path, pod_cidr: str) -> str:
     started = time.monotonic()
+    # A pod range of our own: the usage collector scrapes pod IPs, and another local cluster's
+    # tests may run real agents on the default range's addresses.
+    env = {**os.environ, "SANDBOX_CLUSTER_POD_CIDR": pod_cidr}
     up = subprocess.run(
         [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     if up.returncode != 0:
         raise RuntimeError(f"hack/cluster up failed:\n{up.stderr}{up.stdout}")
@@ -1060,39 +1064,47 @@ async def run(
             for namespace in namespaces:
                 await make_namespace(api, namespace)
 
-        # Group A: idle memory, cold starts (PVC and emptyDir workspace), pool claims; events on.
-        log("operator A (normal events on): idle, cold, pool")
-        op_a = await asyncio.to_thread(start_operator, "operator-a-latency", kubeconfig, groups["a"],
-                                       ["--normal-events", "on", *extra])
-        operators.append(op_a)
-        results["idle"] = await idle_rss(op_a, args.idle_settle)
-        log(f"idle RSS {results['idle']['rss_mb']} MB")
-        warmup_ctx = Context(api, argparse.Namespace(**{**vars(args), "concurrency": 1}), state_dir)
-        await latency_run(warmup_ctx, op_a, "bench-warmup", "bench-base", 3, COLD_STAGES)  # first-use costs
+        wanted = set(args.scenarios)
 
-        log(f"cold: {args.sandboxes} sandboxes, PVC workspace, concurrency {args.concurrency}")
-        results["cold"] = await latency_run(ctx, op_a, "bench-cold", "bench-base", args.sandboxes, COLD_STAGES)
-        log(f"cold p50 {results['cold']['latency_from_post_sent'].get('p50_ms')} ms")
-        if not args.skip_emptydir:
-            log(f"cold: {args.sandboxes} sandboxes, emptyDir workspace")
-            results["cold_emptydir"] = await latency_run(
-                ctx, op_a, "bench-cold-emptydir", "bench-ephemeral", args.sandboxes, COLD_STAGES
-            )
-        log(f"pool: size {args.pool_size or args.sandboxes}, {args.sandboxes} claims")
-        results["pool"] = await pool_run(ctx, op_a, "bench-pool", "bench-base")
-        log(f"pool p50 {results['pool']['latency_from_post_sent'].get('p50_ms')} ms, "
-            f"{results['pool']['claimed_from_pool_verified']} claimed")
-        results["operator_a"] = {"time_to_running_histogram": op_a.time_to_running(),
-                                 "rss_mb_end": mb(proc_status(op_a.pid).get("VmRSS", 0))}
-        op_a.stop()
+        # Group A: idle memory, cold starts (PVC and emptyDir workspace), pool claims; events on.
+        if wanted & {"cold", "cold_emptydir", "pool"}:
+            log("operator A (normal events on): idle, cold, pool")
+            op_a = await asyncio.to_thread(start_operator, "operator-a-latency", kubeconfig, groups["a"],
+                                           ["--normal-events", "on", *extra])
+            operators.append(op_a)
+            results["idle"] = await idle_rss(op_a, args.idle_settle)
+            log(f"idle RSS {results['idle']['rss_mb']} MB")
+            warmup_ctx = Context(api, argparse.Namespace(**{**vars(args), "concurrency": 1}), state_dir)
+            await latency_run(warmup_ctx, op_a, "bench-warmup", "bench-base", 3, COLD_STAGES)  # first-use costs
+            if "cold" in wanted:
+                log(f"cold: {args.sandboxes} sandboxes, PVC workspace, concurrency {args.concurrency}")
+                results["cold"] = await latency_run(
+                    ctx, op_a, "bench-cold", "bench-base", args.sandboxes, COLD_STAGES
+                )
+                log(f"cold p50 {results['cold']['latency_from_post_sent'].get('p50_ms')} ms")
+            if "cold_emptydir" in wanted:
+                log(f"cold: {args.sandboxes} sandboxes, emptyDir workspace")
+                results["cold_emptydir"] = await latency_run(
+                    ctx, op_a, "bench-cold-emptydir", "bench-ephemeral", args.sandboxes, COLD_STAGES
+                )
+            if "pool" in wanted:
+                log(f"pool: size {args.pool_size or args.sandboxes}, {args.sandboxes} claims")
+                results["pool"] = await pool_run(ctx, op_a, "bench-pool", "bench-base")
+                log(f"pool p50 {results['pool']['latency_from_post_sent'].get('p50_ms')} ms, "
+                    f"{results['pool']['claimed_from_pool_verified']} claimed")
+            results["operator_a"] = {"time_to_running_histogram": op_a.time_to_running(),
+                                     "rss_mb_end": mb(proc_status(op_a.pid).get("VmRSS", 0)),
+                                     "log_lines": op_a.log_lines(""),
+                                     "warnings_in_log": op_a.log_lines("WARNING")}
+            op_a.stop()
 
         # Group B: a fresh operator per burst, so its memory is that of `--burst` sandboxes. The
         # emptyDir burst measures the operator (like DESIGN.md §7's reference operator, which made
         # pods only); the PVC burst adds kube-controller-manager's host-path provisioner and binder.
-        bursts = [("burst_emptydir", "bench-burst-emptydir", "bench-ephemeral", args.skip_burst_emptydir),
-                  ("burst", "bench-burst", "bench-base", args.skip_burst_pvc)]
-        for key, namespace, template_name, skip in bursts:
-            if skip:
+        bursts = [("burst_emptydir", "bench-burst-emptydir", "bench-ephemeral"),
+                  ("burst", "bench-burst", "bench-base")]
+        for key, namespace, template_name in bursts:
+            if key not in wanted:
                 continue
             log(f"operator for {key}: {args.burst} sandboxes of {template_name} at once")
             op_b = await asyncio.to_thread(start_operator, f"operator-{namespace}", kubeconfig, [namespace],
@@ -1101,12 +1113,13 @@ async def run(
             idle = await idle_rss(op_b, args.idle_settle)
             results[key] = await burst_run(ctx, op_b, namespace, template_name)
             results[key]["idle_rss_mb"] = idle["rss_mb"]
+            results[key]["log_lines"] = op_b.log_lines("")
             results[key]["warnings_in_log"] = op_b.log_lines("WARNING")
             log(f"{key}: all running {results[key]['all_running_s']} s, RSS {results[key]['rss_mb_settled']} MB")
             op_b.stop()
 
         # Group C: API writes (and latency) with Normal events off.
-        if not args.skip_events_off:
+        if "cold_events_off" in wanted:
             log(f"operator C (normal events off): cold, {args.sandboxes} sandboxes")
             op_c = await asyncio.to_thread(start_operator, "operator-c-events-off", kubeconfig, groups["c"],
                                            ["--normal-events", "off", *extra])
@@ -1222,12 +1235,12 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=0, help="SandboxPool size (default: --sandboxes)")
     parser.add_argument("--sandbox-timeout", type=float, default=30.0, help="seconds to wait for one Running")
     parser.add_argument("--burst-timeout", type=float, default=0.0,
-                        help="seconds to wait for the whole burst (default: max(60, burst/10))")
+                        help="seconds to wait for the whole burst (default: max(120, burst/5))")
+    parser.add_argument("--pod-cidr", default="127.213.0.0/16",
+                        help="loopback range kwok gives pod IPs from (apart from the tests' 127.1.0.0/16)")
     parser.add_argument("--idle-settle", type=float, default=3.0, help="seconds after start-up before idle RSS")
-    parser.add_argument("--skip-emptydir", action="store_true", help="skip the emptyDir-workspace cold run")
-    parser.add_argument("--skip-burst-emptydir", action="store_true", help="skip the emptyDir-workspace burst")
-    parser.add_argument("--skip-burst-pvc", action="store_true", help="skip the PVC-workspace burst")
-    parser.add_argument("--skip-events-off", action="store_true", help="skip the --normal-events off run")
+    parser.add_argument("--scenarios", type=lambda text: [x for x in text.split(",") if x], default=list(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
     parser.add_argument("--burst-stages", action="store_true",
                         help="also watch the burst's pods and PVCs for a stage breakdown (costs benchmark CPU)")
     parser.add_argument("--profile", action="store_true",
@@ -1236,8 +1249,11 @@ def main() -> None:
                         help="extra argument for `sandbox_operator run` (repeatable), e.g. --operator-arg=--workers=32")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args()
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if not args.burst_timeout:
-        args.burst_timeout = max(60.0, args.burst / 10)
+        args.burst_timeout = max(120.0, args.burst / 5)
 
     # SIGTERM unwinds like Ctrl-C, so the finally below always stops the operators and the cluster.
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -1252,7 +1268,7 @@ def main() -> None:
     measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     other_planes = other_control_planes(state_dir)
     try:
-        kubeconfig = cluster_up(state_dir)
+        kubeconfig = cluster_up(state_dir, args.pod_cidr)
         scenarios = asyncio.run(run(args, kubeconfig, state_dir, operators))
     finally:
         for operator in operators:

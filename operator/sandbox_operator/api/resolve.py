@@ -11,7 +11,20 @@ from dataclasses import dataclass
 from .quantity import parse_bytes, parse_duration, parse_millicores
 from .v1alpha1 import SandboxSpec, SandboxTemplateSpec
 
-__all__ = ["ResolvedResources", "ResolvedTimeouts", "resolve_resources", "resolve_timeouts"]
+__all__ = ["ResolvedResources", "ResolvedTimeouts", "ResourceLimitViolation", "resolve_resources", "resolve_timeouts"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLimitViolation:
+    """One requested resource above the template's maximum."""
+
+    field: str  # e.g. "spec.resources.memory"
+    requested: str
+    maximum: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.field} {self.requested} exceeds the template maximum {self.maximum}"
 
 
 @dataclass(frozen=True)
@@ -24,8 +37,8 @@ class ResolvedResources:
     cpu_millicores: int
     memory_bytes: int
     disk_bytes: int
-    violations: tuple[str, ...]
-    """Human-readable reasons the request exceeds the template's resources.max (empty when it fits)."""
+    violations: tuple[ResourceLimitViolation, ...]
+    """Every field above the template's resources.max (empty when it fits)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,7 @@ def resolve_resources(spec: SandboxSpec, template: SandboxTemplateSpec) -> Resol
     memory = (requested.memory if requested else None) or defaults.memory
     disk = (requested.disk if requested else None) or defaults.disk
     amounts = {"cpu": parse_millicores(cpu), "memory": parse_bytes(memory), "disk": parse_bytes(disk)}
-    violations = []
+    violations: list[ResourceLimitViolation] = []
     maximum = template.resources.max
     if maximum is not None:
         for name, value, limit in (
@@ -57,7 +70,7 @@ def resolve_resources(spec: SandboxSpec, template: SandboxTemplateSpec) -> Resol
                 continue
             limit_amount = parse_millicores(limit) if name == "cpu" else parse_bytes(limit)
             if amounts[name] > limit_amount:
-                violations.append(f"resources.{name} {value} exceeds the template's maximum {limit}")
+                violations.append(ResourceLimitViolation(f"spec.resources.{name}", value, limit))
     return ResolvedResources(
         cpu=cpu,
         memory=memory,

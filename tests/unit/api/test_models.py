@@ -237,7 +237,7 @@ def test_resolution_prefers_spec_then_template() -> None:
     )
     resources = resolve_resources(spec, template)
     assert (resources.cpu_millicores, resources.memory_bytes, resources.disk_bytes) == (500, 2 * 2**30, 2**30)
-    assert resources.violations == ("resources.memory 2Gi exceeds the template's maximum 1Gi",)
+    assert [v.message for v in resources.violations] == ["spec.resources.memory 2Gi exceeds the template maximum 1Gi"]
     timeouts = resolve_timeouts(spec, template)
     assert (timeouts.idle, timeouts.max_lifetime, timeouts.execution) == (300, 0, 300)
 
