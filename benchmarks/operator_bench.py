@@ -679,6 +679,55 @@ async def settle_writes(operator: OperatorProcess, quiet: float = 1.5, limit: fl
     return last
 
 
+async def apiserver_requests(api: Api) -> dict[str, tuple[float, float]]:
+    """Requests the API server served so far, from everyone: {"VERB resource[/sub]": (count, seconds)}."""
+    text = str(await api.call("GET", "/metrics", attempts=2) or "")
+    totals: dict[str, tuple[float, float]] = {}
+    for line in text.splitlines():
+        for suffix, index in (("_count{", 0), ("_sum{", 1)):
+            if not line.startswith("apiserver_request_duration_seconds" + suffix):
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if labels.get("verb") in ("WATCH", "WATCHLIST", "CONNECT"):
+                continue
+            resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+            key = f"{labels.get('verb')} {resource}"
+            pair = list(totals.get(key, (0.0, 0.0)))
+            pair[index] += float(line.rsplit(" ", 1)[1])
+            totals[key] = (pair[0], pair[1])
+    return totals
+
+
+def apiserver_report(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], sandboxes: int
+) -> JSON:
+    """Per request kind: requests per sandbox and mean latency (all clients, reads and writes)."""
+    rows = []
+    for key, (count, seconds) in after.items():
+        old_count, old_seconds = before.get(key, (0.0, 0.0))
+        if count - old_count >= 1:
+            rows.append((key, count - old_count, seconds - old_seconds))
+    rows.sort(key=lambda row: -row[1])
+    writes = sum(n for key, n, _ in rows if key.split()[0] in ("POST", "PUT", "PATCH", "DELETE", "APPLY"))
+    return {
+        "writes_per_sandbox_all_clients": round(writes / sandboxes, 2) if sandboxes else None,
+        "requests": [
+            {"request": key, "per_sandbox": round(n / sandboxes, 2), "mean_ms": round(secs / n * 1000, 1)}
+            for key, n, secs in rows[:20]
+        ],
+    }
+
+
+async def events_by_reason(api: Api, namespace: str, sandboxes: int) -> JSON:
+    """Events in the namespace per sandbox, by reporting component and reason (after the run)."""
+    items, _ = await api.list_all(f"/api/v1/namespaces/{namespace}/events")
+    counts: Counter[str] = Counter()
+    for event in items:
+        component = event.get("reportingComponent") or (event.get("source") or {}).get("component") or "?"
+        counts[f"{component}/{event.get('reason')} ({event.get('involvedObject', {}).get('kind')})"] += 1
+    return {key: round(n / sandboxes, 2) for key, n in counts.most_common(12)}
+
+
 def reconcile_report(before: tuple[float, float], after: tuple[float, float], sandboxes: int) -> JSON:
     count, seconds = after[0] - before[0], after[1] - before[1]
     return {
@@ -739,6 +788,7 @@ async def latency_run(
     path = f"{GROUP_PATH}/namespaces/{namespace}/sandboxes"
     writes_before = await settle_writes(operator, quiet=0.5)
     reconciles_before = await asyncio.to_thread(operator.reconciles)
+    requests_before = await apiserver_requests(api)
     cpu_before = cpu_snapshot(ctx.state_dir, operator.pid)
     limit = asyncio.Semaphore(ctx.args.concurrency)
     timed_out: list[str] = []
@@ -767,6 +817,7 @@ async def latency_run(
     writes_at_running = await asyncio.to_thread(operator.writes)
     writes_after = await settle_writes(operator)
     reconciles_after = await asyncio.to_thread(operator.reconciles)
+    requests_after = await apiserver_requests(api)
     await asyncio.sleep(0.2)  # late pod/PVC events
     for watch in watches:
         await watch.stop()
@@ -788,6 +839,8 @@ async def latency_run(
         "api_writes_at_last_running": writes_report(writes_before, writes_at_running, count),
         "api_writes": writes_report(writes_before, writes_after, count),
         "sandbox_reconciles": reconcile_report(reconciles_before, reconciles_after, count),
+        "apiserver": apiserver_report(requests_before, requests_after, count),
+        "events_per_sandbox": await events_by_reason(api, namespace, count),
         "cpu_s": cpu_used,
         "observed": tracker.summary(),
     }
@@ -844,6 +897,7 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
     path = f"{GROUP_PATH}/namespaces/{namespace}/sandboxes"
     writes_before = await settle_writes(operator, quiet=0.5)
     reconciles_before = await asyncio.to_thread(operator.reconciles)
+    requests_before = await apiserver_requests(api)
     cpu_before = cpu_snapshot(ctx.state_dir, operator.pid)
     profiler = start_profiler(operator) if ctx.args.profile else None
     names = [f"{namespace}-{i:05d}" for i in range(count)]
@@ -885,6 +939,7 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
     writes_at_running = await asyncio.to_thread(operator.writes)
     writes_after = await settle_writes(operator)
     reconciles_after = await asyncio.to_thread(operator.reconciles)
+    requests_after = await apiserver_requests(api)
     profile = stop_profiler(profiler) if profiler is not None else None
     sampler.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -921,6 +976,8 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
         "api_writes": writes_report(writes_before, writes_after, count),
         "sandbox_reconciles": reconcile_report(reconciles_before, reconciles_after, count),
         "peak_workqueue_depth": int(peak_queue),
+        "apiserver": apiserver_report(requests_before, requests_after, count),
+        "events_per_sandbox": await events_by_reason(api, namespace, count),
         "observed": tracker.summary(),
         "cpu_s": cpu_used,
         "rss_mb_at_all_running": mb(rss_at_running),
@@ -994,12 +1051,16 @@ def cluster_up(state_dir: Path, pod_cidr: str) -> str:
     # A pod range of our own: the usage collector scrapes pod IPs, and another local cluster's
     # tests may run real agents on the default range's addresses.
     env = {**os.environ, "SANDBOX_CLUSTER_POD_CIDR": pod_cidr}
-    up = subprocess.run(
-        [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    if up.returncode != 0:
-        raise RuntimeError(f"hack/cluster up failed:\n{up.stderr}{up.stdout}")
+    for attempt in (1, 2):  # a free port picked by `up` can be taken by another process meanwhile
+        up = subprocess.run(
+            [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir)],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+        if up.returncode == 0:
+            break
+        if attempt == 2:
+            raise RuntimeError(f"hack/cluster up failed:\n{up.stderr}{up.stdout}")
+        log(f"hack/cluster up failed, retrying once: {up.stderr.strip().splitlines()[-1:]}")
     kubeconfig = up.stdout.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
     log(f"cluster up in {time.monotonic() - started:.1f} s ({kubeconfig})")
     return kubeconfig
@@ -1217,6 +1278,13 @@ def print_report(results: JSON) -> None:
             continue
         per = results["scenarios"][key]["api_writes"]["per_sandbox_by_request"]
         print(f"\nAPI writes per sandbox, {key}: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+    for key in ("cold", "burst_emptydir", "burst"):
+        if key not in results["scenarios"]:
+            continue
+        apiserver = results["scenarios"][key]["apiserver"]
+        print(f"\nAPI server, {key}: {apiserver['writes_per_sandbox_all_clients']} writes/sandbox from all clients; "
+              "top requests per sandbox (mean ms): "
+              + ", ".join(f"{r['request']} {r['per_sandbox']} ({r['mean_ms']})" for r in apiserver["requests"][:12]))
     print()
     for key, scenario in results["scenarios"].items():
         if isinstance(scenario, dict) and "cpu_s" in scenario:

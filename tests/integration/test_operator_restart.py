@@ -61,7 +61,13 @@ def test_sigkill_mid_lifecycle_converges_without_orphans_or_duplicates(
         try:
             wait_until(lambda: not mismatches(), timeout=120, message="every sandbox in its declared phase")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\nnot converged: {mismatches()}\n{second.log_tail(30)}") from exc
+            pods = cluster.kubectl("get", "pods", "-n", namespace, "-o",
+                                   "custom-columns=NAME:.metadata.name,PHASE:.status.phase,"
+                                   "READY:.status.conditions[?(@.type=='Ready')].status,RV:.metadata.resourceVersion",
+                                   check=False).stdout
+            raise AssertionError(
+                f"{exc}\nnot converged: {mismatches()}\npods:\n{pods}\n{second.log_tail(30)}"
+            ) from exc
         pods = (cluster.get_json("pods", "-n", namespace) or {}).get("items", [])
         owners = Counter(p["metadata"]["labels"].get("sandbox.dev/sandbox") for p in pods
                          if not p["metadata"].get("deletionTimestamp"))
