@@ -558,6 +558,31 @@ POOL_STAGES = [
 ]
 
 
+class NodeMonitor:
+    """Records every change of the simulated node's Ready condition: when the machine is too busy,
+    kwok's heartbeats come late, the node controller marks the node (and so every pod) NotReady, and
+    sandboxes drop out of Running — the figures of that scenario then measure the overload."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.scenario = "setup"
+        self.ready: dict[str, str] = {}
+        self.changes: list[JSON] = []
+
+    def on_node(self, kind: str, obj: JSON, now: float) -> None:
+        name = str(obj["metadata"]["name"])
+        conditions = (obj.get("status") or {}).get("conditions") or []
+        ready: JSON = next((c for c in conditions if c.get("type") == "Ready"), {})
+        state = str(ready.get("status", "Unknown"))
+        if self.ready.get(name, "True") != state or (name not in self.ready and state != "True"):
+            self.changes.append({"node": name, "ready": state, "reason": ready.get("reason"),
+                                 "at_s": round(now - self.started, 1), "scenario": self.scenario})
+        self.ready[name] = state
+
+    def not_ready_in(self, scenario: str) -> bool:
+        return any(change["scenario"] == scenario and change["ready"] != "True" for change in self.changes)
+
+
 # --- the operator process -----------------------------------------------------------------------
 
 
@@ -630,7 +655,9 @@ class OperatorProcess:
         return self.process.returncode
 
 
-def start_operator(name: str, kubeconfig: str, namespaces: list[str], extra: list[str]) -> OperatorProcess:
+def start_operator(
+    name: str, kubeconfig: str, namespaces: list[str], extra: list[str], source: Path = REPO / "operator"
+) -> OperatorProcess:
     metrics_port, liveness_port = free_port(), free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{name}.log"
@@ -644,7 +671,7 @@ def start_operator(name: str, kubeconfig: str, namespaces: list[str], extra: lis
         *extra,
     ]
     env = {**os.environ, "KUBECONFIG": kubeconfig,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "operator"), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     handle = OperatorProcess(name, process, f"http://127.0.0.1:{metrics_port}/metrics",
@@ -755,6 +782,7 @@ class Context:
     api: Api
     args: argparse.Namespace
     state_dir: Path
+    nodes: NodeMonitor
 
 
 async def make_namespace(api: Api, name: str) -> None:
@@ -950,6 +978,7 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
     status = proc_status(operator.pid)
 
     moments = sorted(t - started for t in tracker.running_at)
+    creating = [t.creating for t in tracker.timelines.values() if t.creating is not None]
 
     def when(fraction: float) -> float | None:
         index = math.ceil(fraction * count) - 1
@@ -966,6 +995,8 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
         "all_running": all_running,
         "reached_running": tracker.running_count,
         "all_running_s": round(all_running_s, 2) if all_running else None,
+        # The operator's first pass (status Creating written) over the whole burst.
+        "all_creating_s": round(max(creating) - started, 2) if len(creating) == count else None,
         "running_50pct_s": when(0.5),
         "running_90pct_s": when(0.9),
         "running_99pct_s": when(0.99),
@@ -1109,10 +1140,13 @@ async def run(
 ) -> JSON:
     credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
     api = Api(credentials)
-    ctx = Context(api, args, state_dir)
+    nodes = NodeMonitor()
+    ctx = Context(api, args, state_dir, nodes)
     extra = [*args.operator_arg]
     results: JSON = {}
     try:
+        node_watch = Watch(api, "/api/v1/nodes", nodes.on_node)
+        await node_watch.start()
         await install_crds(api, kubeconfig)
         await api.create(f"{GROUP_PATH}/sandboxtemplates", template("bench-base", persistent=True))
         await api.create(f"{GROUP_PATH}/sandboxtemplates", template("bench-ephemeral", persistent=False))
@@ -1131,25 +1165,28 @@ async def run(
         if wanted & {"cold", "cold_emptydir", "pool"}:
             log("operator A (normal events on): idle, cold, pool")
             op_a = await asyncio.to_thread(start_operator, "operator-a-latency", kubeconfig, groups["a"],
-                                           ["--normal-events", "on", *extra])
+                                           ["--normal-events", "on", *extra], args.operator_path)
             operators.append(op_a)
             results["idle"] = await idle_rss(op_a, args.idle_settle)
             log(f"idle RSS {results['idle']['rss_mb']} MB")
-            warmup_ctx = Context(api, argparse.Namespace(**{**vars(args), "concurrency": 1}), state_dir)
+            warmup_ctx = Context(api, argparse.Namespace(**{**vars(args), "concurrency": 1}), state_dir, nodes)
             await latency_run(warmup_ctx, op_a, "bench-warmup", "bench-base", 3, COLD_STAGES)  # first-use costs
             if "cold" in wanted:
                 log(f"cold: {args.sandboxes} sandboxes, PVC workspace, concurrency {args.concurrency}")
+                nodes.scenario = "cold"
                 results["cold"] = await latency_run(
                     ctx, op_a, "bench-cold", "bench-base", args.sandboxes, COLD_STAGES
                 )
                 log(f"cold p50 {results['cold']['latency_from_post_sent'].get('p50_ms')} ms")
             if "cold_emptydir" in wanted:
                 log(f"cold: {args.sandboxes} sandboxes, emptyDir workspace")
+                nodes.scenario = "cold_emptydir"
                 results["cold_emptydir"] = await latency_run(
                     ctx, op_a, "bench-cold-emptydir", "bench-ephemeral", args.sandboxes, COLD_STAGES
                 )
             if "pool" in wanted:
                 log(f"pool: size {args.pool_size or args.sandboxes}, {args.sandboxes} claims")
+                nodes.scenario = "pool"
                 results["pool"] = await pool_run(ctx, op_a, "bench-pool", "bench-base")
                 log(f"pool p50 {results['pool']['latency_from_post_sent'].get('p50_ms')} ms, "
                     f"{results['pool']['claimed_from_pool_verified']} claimed")
@@ -1169,9 +1206,10 @@ async def run(
                 continue
             log(f"operator for {key}: {args.burst} sandboxes of {template_name} at once")
             op_b = await asyncio.to_thread(start_operator, f"operator-{namespace}", kubeconfig, [namespace],
-                                           ["--normal-events", "on", *extra])
+                                           ["--normal-events", "on", *extra], args.operator_path)
             operators.append(op_b)
             idle = await idle_rss(op_b, args.idle_settle)
+            nodes.scenario = key
             results[key] = await burst_run(ctx, op_b, namespace, template_name)
             results[key]["idle_rss_mb"] = idle["rss_mb"]
             results[key]["log_lines"] = op_b.log_lines("")
@@ -1183,14 +1221,20 @@ async def run(
         if "cold_events_off" in wanted:
             log(f"operator C (normal events off): cold, {args.sandboxes} sandboxes")
             op_c = await asyncio.to_thread(start_operator, "operator-c-events-off", kubeconfig, groups["c"],
-                                           ["--normal-events", "off", *extra])
+                                           ["--normal-events", "off", *extra], args.operator_path)
             operators.append(op_c)
+            nodes.scenario = "cold_events_off"
             results["cold_events_off"] = await latency_run(
                 ctx, op_c, "bench-cold-events-off", "bench-base", args.sandboxes, COLD_STAGES
             )
             op_c.stop()
+        await node_watch.stop()
+        for key in SCENARIOS:
+            if key in results:
+                results[key]["node_not_ready_during_run"] = nodes.not_ready_in(key)
     finally:
         await api.close()
+    results["node_ready_changes"] = nodes.changes
     return results
 
 
@@ -1232,8 +1276,9 @@ def table(results: JSON) -> list[tuple[str, str, str]]:
                      f"<= {TARGETS['burst_all_running_s']} s"))
         rows.append((f"burst {burst['sandboxes']} ({label}): all POSTed", f"{burst['all_posted_s']} s "
                      f"({burst['creates_per_s']}/s, {burst['in_flight']} in flight)", ""))
-        rows.append((f"burst {burst['sandboxes']} ({label}): 50% / 90% Running",
-                     f"{fmt(burst['running_50pct_s'])} / {fmt(burst['running_90pct_s'])} s", ""))
+        rows.append((f"burst {burst['sandboxes']} ({label}): all Creating / 50% / 90% Running",
+                     f"{fmt(burst['all_creating_s'])} / {fmt(burst['running_50pct_s'])} / "
+                     f"{fmt(burst['running_90pct_s'])} s", ""))
     for key, label in (("cold", "events on, cold"), ("cold_events_off", "events off, cold"),
                        ("burst_emptydir", "events on, emptyDir burst"), ("burst", "events on, PVC burst"),
                        ("pool", "events on, pool claim+refill")):
@@ -1254,6 +1299,10 @@ def table(results: JSON) -> list[tuple[str, str, str]]:
         rows.append((f"CPU s during the {label} burst (2 cores x {cpu['wall_s']} s)",
                      f"operator {cpu['operator']}, apiserver {cpu.get('kube-apiserver')}, "
                      f"other processes {cpu['other_processes']}", ""))
+    overloaded = [key for key in SCENARIOS if (results.get(key) or {}).get("node_not_ready_during_run")]
+    if overloaded:
+        rows.append(("WARNING: kwok node went NotReady (machine overloaded) in", ", ".join(overloaded),
+                     "figures there are not the operator's"))
     return rows
 
 
@@ -1315,6 +1364,8 @@ def main() -> None:
                         help="sample operator B with py-spy during the burst (skews its figures)")
     parser.add_argument("--operator-arg", action="append", default=[],
                         help="extra argument for `sandbox_operator run` (repeatable), e.g. --operator-arg=--workers=32")
+    parser.add_argument("--operator-path", type=Path, default=REPO / "operator",
+                        help="source root the operator runs from (e.g. another worktree's operator/, for A/B runs)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
