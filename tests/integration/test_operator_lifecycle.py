@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -63,25 +63,43 @@ def test_suspend_and_resume_keep_the_workspace(cluster: Cluster, namespace: str)
     assert first_pod  # the pod name may be reused (deterministic), the workspace is the same claim
 
 
+def _parse(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def _ready_changed_at(body: dict[str, object]) -> datetime:
+    conditions = body["status"]["conditions"]  # type: ignore[index]
+    ready = next(c for c in conditions if c["type"] == "Ready")
+    return _parse(ready["lastTransitionTime"])
+
+
 def test_max_lifetime_terminates(cluster: Cluster, namespace: str) -> None:
     cluster.apply(sandbox_manifest("sb3", timeouts={"idle": "0", "maxLifetime": "3s", "execution": "0"}), namespace)
-    wait_phase(cluster, namespace, "sb3", "Running")
+    # Running may last less than a poll on a busy machine: that it started is in startedAt.
     terminated = wait_phase(cluster, namespace, "sb3", "Terminated", timeout=60)
-    assert terminated["status"]["reason"] == "MaxLifetime"
+    status = terminated["status"]
+    assert status["reason"] == "MaxLifetime"
+    created = _parse(terminated["metadata"]["creationTimestamp"])
+    assert status["startedAt"] and _ready_changed_at(terminated) >= created + timedelta(seconds=3)
     wait_until(lambda: children(cluster, namespace, "sb3")["pods"] == [], timeout=30, message="pod deleted")
 
 
 @pytest.mark.parametrize(("on_idle", "phase"), [("suspend", "Suspended"), ("terminate", "Terminated")])
-def test_idle_timeout_applies_on_idle_action(cluster: Cluster, namespace: str, on_idle: str, phase: str) -> None:
+def test_idle_timeout_counts_from_last_activity(cluster: Cluster, namespace: str, on_idle: str, phase: str) -> None:
     name = f"idle-{on_idle}"
-    cluster.apply(sandbox_manifest(name, onIdle=on_idle, timeouts={"idle": "2s", "maxLifetime": "1h"}), namespace)
+    cluster.apply(sandbox_manifest(name, onIdle=on_idle, timeouts={"idle": "1h", "maxLifetime": "2h"}), namespace)
     wait_phase(cluster, namespace, name, "Running")
-    # Activity pushes the idle deadline out; then it lapses.
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Activity (as the agent reports it) a moment ahead, then a short idle timeout: the deadline is
+    # activity + idle, whenever this test gets to run. (Activity first: the other order could fire
+    # at startedAt + 2 s already.)
+    activity = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
     cluster.kubectl("patch", "sandbox", name, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": {"lastActivityAt": now}}))
+                    "-p", json.dumps({"status": {"lastActivityAt": activity.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+    cluster.kubectl("patch", "sandbox", name, "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"timeouts": {"idle": "2s"}}}))
     body = wait_phase(cluster, namespace, name, phase, timeout=60)
     assert body["status"]["reason"] == "IdleTimeout"
+    assert _ready_changed_at(body) >= activity + timedelta(seconds=2), "fired before activity + idle"
 
 
 def test_delete_removes_every_child(cluster: Cluster, namespace: str) -> None:
@@ -144,3 +162,57 @@ def test_unknown_template_reports_it(cluster: Cluster, namespace: str) -> None:
     )
     assert "does-not-exist" in body["status"]["message"]
     assert children(cluster, namespace, "orphan")["pods"] == []
+
+
+def test_network_change_reapplies_the_policy_and_deleted_children_come_back(
+    cluster: Cluster, namespace: str
+) -> None:
+    cluster.apply(sandbox_manifest("net", network={"egress": "deny"}), namespace)
+    running = wait_phase(cluster, namespace, "net", "Running")
+    policy_name = service_name = running["status"]["podName"]  # children share the sbx-<name> name
+    assert cluster.get_json("networkpolicy", policy_name, "-n", namespace)
+
+    def egress_rules() -> int:
+        policy = cluster.get_json("networkpolicy", policy_name, "-n", namespace)
+        return len(policy["spec"]["egress"]) if policy else -1
+
+    denied = egress_rules()
+    cluster.kubectl("patch", "sandbox", "net", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"network": {"egress": "allow", "ports": [8080]}}}))
+    wait_until(lambda: egress_rules() == denied + 1, timeout=30, message="the policy re-applied with egress allow")
+    wait_until(lambda: any(p["port"] == 8080 for p in
+                           (cluster.get_json("service", service_name, "-n", namespace) or {"spec": {"ports": []}})
+                           ["spec"]["ports"]),
+               timeout=30, message="the Service re-applied with port 8080")
+
+    for kind, name in (("networkpolicy", policy_name), ("service", service_name)):
+        old_uid = cluster.get_json(kind, name, "-n", namespace)["metadata"]["uid"]
+        cluster.kubectl("delete", kind, name, "-n", namespace)
+
+        def recreated(kind: str = kind, name: str = name, old_uid: str = old_uid) -> bool:
+            child = cluster.get_json(kind, name, "-n", namespace)
+            return child is not None and child["metadata"]["uid"] != old_uid
+
+        wait_until(recreated, timeout=30, message=f"{kind} {name} recreated")
+    assert sandbox(cluster, namespace, "net")["status"]["phase"] == "Running"
+
+
+def test_deleting_the_template_keeps_the_timeouts_of_started_sandboxes(cluster: Cluster, namespace: str) -> None:
+    template = f"tmp-{namespace[-6:]}"
+    cluster.apply(f"""
+apiVersion: sandbox.dev/v1alpha1
+kind: SandboxTemplate
+metadata: {{name: {template}}}
+spec:
+  image: ghcr.io/sandbox-operator/sandbox-base:dev
+  timeouts: {{idle: "0", maxLifetime: 4s, execution: "0"}}
+""")
+    try:
+        cluster.apply(sandbox_manifest("orphaned", template=template), namespace)
+        wait_until(lambda: (sandbox(cluster, namespace, "orphaned").get("status") or {}).get("startedAt"),
+                   timeout=30, message="orphaned started")
+        cluster.kubectl("delete", "sandboxtemplate", template)
+        terminated = wait_phase(cluster, namespace, "orphaned", "Terminated", timeout=60)
+        assert terminated["status"]["reason"] == "MaxLifetime"
+    finally:
+        cluster.kubectl("delete", "sandboxtemplate", template, "--ignore-not-found", check=False)

@@ -22,6 +22,22 @@ from sandbox_operator.controller.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
+CHILD_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+NOTHING_INDEXED: dict[str, Any] = {}
+
+
+def restrict_child_watches(settings: kopf.OperatorSettings) -> None:
+    """Only our pods and claims reach memory: server-side label selectors on their list/watch.
+
+    kopf keys these by resource reference: ("v1", "pods") matches the core pods; a "v1/pods"
+    string would be read as group "v1" and match nothing, silently watching every pod.
+    """
+    settings.watching.label_selectors["v1", "pods"] = CHILD_SELECTOR
+    settings.watching.label_selectors["v1", "persistentvolumeclaims"] = CHILD_SELECTOR
+    settings.watching.label_selectors["v1", "services"] = CHILD_SELECTOR
+    settings.watching.label_selectors["networking.k8s.io", "networkpolicies"] = CHILD_SELECTOR
+
+
 def build_registry() -> kopf.OperatorRegistry:
     """All handlers on an explicit registry, so several operators can run in one test process."""
     registry = kopf.OperatorRegistry()
@@ -41,9 +57,7 @@ def build_registry() -> kopf.OperatorRegistry:
         # Events: we post our own transition Events; never mirror logs as Events.
         settings.posting.level = logging.WARNING
         settings.posting.loggers = False
-        # Only our pods and claims reach memory: server-side label selectors, chunked lists.
-        settings.watching.label_selectors["v1/pods"] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-        settings.watching.label_selectors["v1/persistentvolumeclaims"] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        restrict_child_watches(settings)
         settings.watching.chunk_size = 500
         settings.networking.request_timeout = 30
         settings.networking.connect_timeout = 10
@@ -53,6 +67,49 @@ def build_registry() -> kopf.OperatorRegistry:
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:
         await memo.runtime.stop()
+
+    # Indexes fill the store: kopf runs every indexing function over the initial lists of all
+    # indexed resources before it delivers any event to the handlers below, so no reconcile (which
+    # starts from an event) ever sees a partial store. Without this, a restarted operator could
+    # reconcile a sandbox before its pod, claim or template arrived: a duplicate pod, a spent
+    # recreate attempt, or a TemplateNotFound over a final reason. The indexes keep nothing
+    # (an empty mapping; None would be stored as a value per object).
+    children = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+    @kopf.index(GROUP, VERSION, "sandboxes", registry=registry)
+    def sandbox_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        memo.runtime.store.put_sandbox(body)
+        return NOTHING_INDEXED
+
+    @kopf.index(GROUP, VERSION, "sandboxtemplates", registry=registry)
+    def template_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        memo.runtime.store.put_template(body)
+        return NOTHING_INDEXED
+
+    @kopf.index(GROUP, VERSION, "sandboxpools", registry=registry)
+    def pool_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        memo.runtime.store.put_pool(body)
+        return NOTHING_INDEXED
+
+    @kopf.index("v1", "pods", registry=registry, labels=children)
+    def pod_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        memo.runtime.store.put_pod(body)
+        return NOTHING_INDEXED
+
+    @kopf.index("v1", "persistentvolumeclaims", registry=registry, labels=children)
+    def pvc_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        memo.runtime.store.put_pvc(body)
+        return NOTHING_INDEXED
+
+    @kopf.index("v1", "services", registry=registry, labels=children)
+    def service_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        memo.runtime.store.put_child_hash("service", body)
+        return NOTHING_INDEXED
+
+    @kopf.index("networking.k8s.io", "v1", "networkpolicies", registry=registry, labels=children)
+    def network_policy_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        memo.runtime.store.put_child_hash("networkpolicy", body)
+        return NOTHING_INDEXED
 
     # Low-level event handlers: no diff-base annotation, no progress storage, no PATCH per event.
     @kopf.on.event(GROUP, VERSION, "sandboxes", registry=registry)
@@ -67,14 +124,21 @@ def build_registry() -> kopf.OperatorRegistry:
     def pool_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pool_event(event["type"], event["object"])
 
-    @kopf.on.event("v1", "pods", registry=registry, labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+    @kopf.on.event("v1", "pods", registry=registry, labels=children)
     def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pod_event(event["type"], event["object"])
 
-    @kopf.on.event("v1", "persistentvolumeclaims", registry=registry,
-                   labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+    @kopf.on.event("v1", "persistentvolumeclaims", registry=registry, labels=children)
     def pvc_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pvc_event(event["type"], event["object"])
+
+    @kopf.on.event("v1", "services", registry=registry, labels=children)
+    def service_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+        memo.runtime.on_child_event("service", event["type"], event["object"])
+
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry, labels=children)
+    def network_policy_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+        memo.runtime.on_child_event("networkpolicy", event["type"], event["object"])
 
     return registry
 

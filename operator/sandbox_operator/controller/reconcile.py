@@ -38,6 +38,7 @@ from sandbox_operator.lifecycle.types import (
 )
 from sandbox_operator.resources import (
     ENVD_PORT,
+    SPEC_HASH_ANNOTATION,
     build_network_policy,
     build_pod,
     build_pvc,
@@ -94,7 +95,8 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     now = datetime.now(UTC)
     status_now: Mapping[str, Any] = body.get("status") or {}
 
-    template_body = rt.store.templates.get(sandbox.spec.template)
+    started = status_now.get("startedAt") is not None
+    template_body = rt.store.template_for(sandbox.spec.template, started=started)
     if template_body is None:
         await _report_missing_template(rt, key, sandbox, status_now)
         return
@@ -110,13 +112,16 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
         rt.store.delete_pod((namespace, extra["metadata"]["name"]))
     pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((namespace, names.pvc))
     uid = str(sandbox.metadata.uid)
+    service = build_service(sandbox, template)
+    policy = build_network_policy(sandbox, template, gateway_namespace=rt.config.gateway_namespace)
     desired = desired_from(sandbox, template)
     observed = observed_from(
         sandbox,
         pod=pod,
         pvc=pvc,
-        service_present=(uid, "service") in rt.ensured,
-        network_policy_present=(uid, "networkpolicy") in rt.ensured,
+        # "present" means present and current: a changed spec.network re-applies the policy.
+        service_present=_is_current(rt, "service", (namespace, names.service), uid, service),
+        network_policy_present=_is_current(rt, "networkpolicy", (namespace, names.network_policy), uid, policy),
     )
     decision = decide(desired, observed, now)
 
@@ -150,12 +155,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
                 if created is not None:
                     rt.store.put_pvc(created)
         elif isinstance(action, EnsureService):
-            await rt.client.create(core_path(namespace, "services"), build_service(sandbox, template))
-            rt.ensured.add((uid, "service"))
+            await _apply_child(rt, "service", core_path(namespace, "services", names.service), uid, service)
         elif isinstance(action, EnsureNetworkPolicy):
-            policy = build_network_policy(sandbox, template, gateway_namespace=rt.config.gateway_namespace)
-            await rt.client.create(networking_path(namespace), policy)
-            rt.ensured.add((uid, "networkpolicy"))
+            await _apply_child(rt, "networkpolicy", networking_path(namespace, names.network_policy), uid, policy)
         elif isinstance(action, DeletePod):
             if pod is not None:
                 await rt.client.delete(core_path(namespace, "pods", pod["metadata"]["name"]),
@@ -164,10 +166,10 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
             await rt.client.delete(core_path(namespace, "persistentvolumeclaims", names.pvc))
         elif isinstance(action, DeleteService):
             await rt.client.delete(core_path(namespace, "services", names.service))
-            rt.ensured.discard((uid, "service"))
+            rt.ensured.pop((uid, "service"), None)
         elif isinstance(action, DeleteNetworkPolicy):
             await rt.client.delete(networking_path(namespace, names.network_policy))
-            rt.ensured.discard((uid, "networkpolicy"))
+            rt.ensured.pop((uid, "networkpolicy"), None)
         elif isinstance(action, SetSuspended):
             await rt.client.patch(sandbox_path(namespace, name), {"spec": {"suspended": action.suspended}})
         elif isinstance(action, DeleteObject):
@@ -183,6 +185,19 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
         if isinstance(action, EmitEvent):
             await post_event(rt, sandbox, action.type, action.reason, action.message)
     _schedule(rt, key, decision, now)
+
+
+def _is_current(rt: Runtime, kind: str, key: Key, uid: str, built: JSON) -> bool:
+    """The live child (as last watched, or as this process just applied it) matches `built`."""
+    digest = built["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    return digest in (rt.store.child_hash(kind, key), rt.ensured.get((uid, kind)))
+
+
+async def _apply_child(rt: Runtime, kind: str, path: str, uid: str, body: JSON) -> None:
+    """Create or update a Service / NetworkPolicy in one server-side apply."""
+    applied = await rt.client.apply(path, body)
+    rt.ensured[(uid, kind)] = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    rt.store.put_child_hash(kind, applied)
 
 
 async def _write_status(
@@ -255,6 +270,8 @@ async def _report_missing_template(rt: Runtime, key: Key, sandbox: Sandbox, curr
     message = f'SandboxTemplate "{sandbox.spec.template}" not found; waiting for it to be created'
     if current.get("reason") == "TemplateNotFound" and current.get("message") == message:
         return
+    if current.get("phase") == Phase.TERMINATED:
+        return  # final: its reason (MaxLifetime, IdleTimeout, ...) stays as it is
     patch = {
         "phase": current.get("phase") or Phase.CREATING.value,
         "reason": "TemplateNotFound",

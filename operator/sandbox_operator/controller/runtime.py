@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["sandbox", "pool"]
 QueueKey = tuple[Kind, str, str]  # (kind, namespace, name)
+# Children that are applied whole and watched only for their spec digest.
+CHILD_KINDS = ("service", "networkpolicy")
 
 
 class Runtime:
@@ -40,9 +42,10 @@ class Runtime:
         self._failures: dict[QueueKey, int] = {}
         # Pool pods being handed to a sandbox right now: never offered twice.
         self.claims_in_flight: set[Key] = set()
-        # Children this process created (or found existing) per sandbox uid, e.g. (uid, "service"):
-        # they are not watched, so this saves a POST per reconcile. Reset by a restart (then: 409).
-        self.ensured: set[tuple[str, str]] = set()
+        # Spec digest of the Service / NetworkPolicy this process last applied, per (sandbox uid,
+        # kind): it bridges the moment until the watch brings the applied object back, so a
+        # reconcile in between does not apply it twice. A DELETED watch event clears it.
+        self.ensured: dict[tuple[str, str], str] = {}
         self.started = False
         self.usage = UsageCollector(self)
         self.metrics.registry.register(UsageExporter(self.usage.usage, config.metric_metadata_keys))
@@ -80,7 +83,8 @@ class Runtime:
             self.queue.forget(qkey)
             self._failures.pop(qkey, None)
             uid = str((body.get("metadata") or {}).get("uid"))
-            self.ensured.difference_update({(uid, "service"), (uid, "networkpolicy")})
+            for kind in CHILD_KINDS:
+                self.ensured.pop((uid, kind), None)
             return
         self.store.put_sandbox(body)
         if (body.get("status") or {}).get("phase") != "Running":
@@ -126,6 +130,21 @@ class Runtime:
         claimed_from = (pod["metadata"].get("annotations") or {}).get("sandbox.dev/claimed-from-pool")
         if claimed_from:
             self.queue.add(("pool", key[0], claimed_from))
+
+    def on_child_event(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A Service or NetworkPolicy of a sandbox: its digest tells reconcile whether it is current;
+        a deletion (by anyone) makes the sandbox re-apply it."""
+        key = key_of(body)
+        meta = body.get("metadata") or {}
+        if event_type == "DELETED":
+            self.store.delete_child_hash(kind, key)
+            for owner in meta.get("ownerReferences") or ():
+                self.ensured.pop((str(owner.get("uid")), kind), None)
+        else:
+            self.store.put_child_hash(kind, body)
+        sandbox = (meta.get("labels") or {}).get(SANDBOX_LABEL)
+        if sandbox:
+            self.queue.add(("sandbox", key[0], sandbox))
 
     def on_pvc_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         key = key_of(body)

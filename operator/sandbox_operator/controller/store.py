@@ -10,6 +10,8 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from sandbox_operator.resources import SPEC_HASH_ANNOTATION
+
 JSON = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
 
@@ -47,9 +49,14 @@ class Store:
     def __init__(self) -> None:
         self.sandboxes: dict[Key, JSON] = {}
         self.templates: dict[str, JSON] = {}
+        # The last version of each deleted template: sandboxes already started from it keep their
+        # timeouts and limits (a template deletion must not switch off maxLifetime or idle).
+        self.retired_templates: dict[str, JSON] = {}
         self.pools: dict[Key, JSON] = {}
         self.pods: dict[Key, JSON] = {}
         self.pvcs: dict[Key, JSON] = {}
+        # (kind, namespace, name) -> spec digest of each Service / NetworkPolicy we own.
+        self.child_hashes: dict[tuple[str, str, str], str] = {}
         # Secondary indexes: pods by owning sandbox, warm pods by pool.
         self._pods_by_sandbox: dict[Key, set[str]] = defaultdict(set)
         self._pods_by_pool: dict[Key, set[str]] = defaultdict(set)
@@ -70,10 +77,21 @@ class Store:
     def put_template(self, body: Mapping[str, Any]) -> str:
         name = str(body["metadata"]["name"])
         self.templates[name] = strip(body)
+        self.retired_templates.pop(name, None)
         return name
 
     def delete_template(self, name: str) -> None:
-        self.templates.pop(name, None)
+        retired = self.templates.pop(name, None)
+        if retired is not None:
+            self.retired_templates[name] = retired
+
+    def template_for(self, name: str, *, started: bool) -> JSON | None:
+        """The template a sandbox reconciles against: the live one, or for a sandbox that already
+        started, the last version seen before it was deleted. New sandboxes need a live template."""
+        live = self.templates.get(name)
+        if live is not None or not started:
+            return live
+        return self.retired_templates.get(name)
 
     def put_pool(self, body: Mapping[str, Any]) -> Key:
         key = key_of(body)
@@ -87,6 +105,18 @@ class Store:
         for key, body in self.sandboxes.items():
             if (body.get("spec") or {}).get("template") == template:
                 yield key
+
+    # --- services and network policies: only the digest the operator applied -------------------
+
+    def put_child_hash(self, kind: str, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        self.child_hashes[(kind, *key_of(body))] = str((meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, ""))
+
+    def delete_child_hash(self, kind: str, key: Key) -> None:
+        self.child_hashes.pop((kind, *key), None)
+
+    def child_hash(self, kind: str, key: Key) -> str | None:
+        return self.child_hashes.get((kind, *key))
 
     # --- pods ------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from sandbox_operator.resources.builders import (
     CONTAINER_NAME,
     ENVD_PORT,
     INTERPRETER_PORT,
+    SPEC_HASH_ANNOTATION,
     ResourcesExceedMaxError,
     build_network_policy,
     build_pod,
@@ -12,6 +13,7 @@ from sandbox_operator.resources.builders import (
     egress_hosts,
     owner_reference,
     sandbox_id,
+    spec_hash,
 )
 from sandbox_operator.resources.names import (
     MANAGED_BY,
@@ -42,6 +44,7 @@ __all__ = [
     "NAME_LABEL",
     "SANDBOX_ID_LABEL",
     "SANDBOX_LABEL",
+    "SPEC_HASH_ANNOTATION",
     "TEMPLATE_LABEL",
     "ChildNames",
     "EffectiveResources",
@@ -60,4 +63,5 @@ __all__ = [
     "sandbox_id_for",
     "sandbox_labels",
     "selector_labels",
+    "spec_hash",
 ]

@@ -7,6 +7,8 @@ so garbage collection removes it with the Sandbox. See docs/lifecycle.md for the
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from sandbox_operator.api import (
@@ -33,6 +35,7 @@ __all__ = [
     "CONTAINER_NAME",
     "ENVD_PORT",
     "INTERPRETER_PORT",
+    "SPEC_HASH_ANNOTATION",
     "ResourcesExceedMaxError",
     "build_network_policy",
     "build_pod",
@@ -41,6 +44,7 @@ __all__ = [
     "egress_hosts",
     "owner_reference",
     "sandbox_id",
+    "spec_hash",
 ]
 
 ENVD_PORT, INTERPRETER_PORT = AGENT_PORTS
@@ -51,6 +55,21 @@ TERMINATION_GRACE_SECONDS = 5  # a sandbox has nothing to flush; suspend/termina
 # Cloud metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): they hand out node credentials.
 CLOUD_METADATA_CIDRS = ("169.254.169.254/32", "fd00:ec2::254/128")
 UNENFORCED_HOSTS_ANNOTATION = "sandbox.dev/egress-hosts-not-enforced"
+# On Services and NetworkPolicies: a digest of what the operator applied, so a watch event tells
+# whether the live object is current (spec.network and ports may change on a live sandbox).
+SPEC_HASH_ANNOTATION = "sandbox.dev/spec-hash"
+
+
+def spec_hash(body: dict[str, Any]) -> str:
+    """A short digest of a child's spec and annotations (other than the hash itself)."""
+    annotations = {k: v for k, v in (body["metadata"].get("annotations") or {}).items() if k != SPEC_HASH_ANNOTATION}
+    text = json.dumps({"spec": body["spec"], "annotations": annotations}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _hashed(body: dict[str, Any]) -> dict[str, Any]:
+    body["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = spec_hash(body)
+    return body
 
 
 class ResourcesExceedMaxError(ValueError):
@@ -236,7 +255,7 @@ def build_pvc(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any] | N
 def build_service(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
     """A headless Service: a stable DNS name for the sandbox pod, no virtual IP to program."""
     name, _, _ = _identity(sandbox)
-    return {
+    return _hashed({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(sandbox, child_names(name).service),
@@ -248,7 +267,7 @@ def build_service(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]
                 for port_name, port in _all_ports(sandbox, template)
             ],
         },
-    }
+    })
 
 
 def egress_hosts(sandbox: Sandbox) -> list[str]:
@@ -334,7 +353,7 @@ def build_network_policy(
                 }
             )
             metadata["annotations"] = {UNENFORCED_HOSTS_ANNOTATION: ",".join(hosts)}
-    return {
+    return _hashed({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": metadata,
@@ -344,4 +363,4 @@ def build_network_policy(
             "ingress": ingress,
             "egress": egress,
         },
-    }
+    })

@@ -16,6 +16,7 @@ from sandbox_operator.resources import (
     build_service,
     sandbox_id,
     sandbox_id_for,
+    spec_hash,
 )
 
 SANDBOX_ID = sandbox_id_for("team-a", "demo", UID)
@@ -318,9 +319,23 @@ def test_egress_allow_list() -> None:
         {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"ipBlock": {"cidr": "fd00::/8"}}]},
         {"to": ANYWHERE, "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}]},
     ]
-    assert policy["metadata"]["annotations"] == {
+    annotations = dict(policy["metadata"]["annotations"])
+    assert annotations.pop("sandbox.dev/spec-hash") == spec_hash(policy)
+    assert annotations == {
         "sandbox.dev/egress-hosts-not-enforced": "pypi.org:443,files.example.com:8443,mirror.example.com:443"
     }
+
+
+def test_spec_hash_follows_the_network_spec() -> None:
+    deny, allow = _policy(egress="deny"), _policy(egress="allow")
+    assert deny["metadata"]["annotations"]["sandbox.dev/spec-hash"] == spec_hash(deny)
+    assert spec_hash(deny) != spec_hash(allow)
+    assert spec_hash(deny) == spec_hash(_policy(egress="deny"))
+    with_port = build_service(sandbox(network={"ports": [8080]}), template())
+    without = build_service(sandbox(), template())
+    assert with_port["metadata"]["annotations"]["sandbox.dev/spec-hash"] != (
+        without["metadata"]["annotations"]["sandbox.dev/spec-hash"]
+    )
 
 
 def test_custom_dns_selector() -> None:

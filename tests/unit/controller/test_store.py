@@ -1,0 +1,44 @@
+"""The operator's store: newer-wins writes, child indexes, retired templates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandbox_operator.controller.store import SANDBOX_LABEL, Store
+
+
+def obj(name: str, rv: str, namespace: str | None = "ns", **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "resourceVersion": rv, **extra.pop("meta", {})}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"metadata": meta, **extra}
+
+
+def test_older_watch_events_never_overwrite_a_newer_object() -> None:
+    store = Store()
+    store.put_sandbox(obj("a", "10", status={"phase": "Running"}))
+    store.put_sandbox(obj("a", "9", status={"phase": "Creating"}))
+    assert store.sandboxes[("ns", "a")]["status"]["phase"] == "Running"
+
+
+def test_pods_are_indexed_by_sandbox_and_stripped() -> None:
+    store = Store()
+    pod = obj("sbx-a", "1", meta={"labels": {SANDBOX_LABEL: "a"}, "managedFields": [{"x": 1}]},
+              spec={"nodeName": "n", "containers": [{"name": "c"}], "volumes": []})
+    store.put_pod(pod)
+    (stored,) = store.pods_of_sandbox(("ns", "a"))
+    assert "managedFields" not in stored["metadata"] and "containers" not in stored["spec"]
+    store.delete_pod(("ns", "sbx-a"))
+    assert store.pods_of_sandbox(("ns", "a")) == []
+
+
+def test_a_deleted_template_serves_only_sandboxes_that_already_started() -> None:
+    store = Store()
+    store.put_template(obj("base", "1", namespace=None, spec={"image": "i"}))
+    store.delete_template("base")
+    assert store.template_for("base", started=False) is None
+    retired = store.template_for("base", started=True)
+    assert retired is not None and retired["spec"] == {"image": "i"}
+    store.put_template(obj("base", "2", namespace=None, spec={"image": "j"}))
+    assert store.template_for("base", started=False)["spec"] == {"image": "j"}  # type: ignore[index]
+    assert store.retired_templates == {}
