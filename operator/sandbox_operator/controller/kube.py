@@ -12,7 +12,7 @@ import json
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,8 +78,19 @@ class KubeClient:
 
     WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-    def __init__(self, credentials: Credentials, max_in_flight: int = 64, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        max_in_flight: int = 64,
+        timeout: float = 30.0,
+        reload: Callable[[], Credentials] | None = None,
+    ) -> None:
         self.credentials = credentials
+        # Tokens expire (projected service-account tokens, exec plugins such as EKS/GKE): on a 401
+        # the credentials are loaded again, once, and the request retried.
+        self._reload = reload
+        self._reloading: asyncio.Lock = asyncio.Lock()
+        self._retired_sessions: list[aiohttp.ClientSession] = []
         self._limit = asyncio.Semaphore(max_in_flight)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -98,8 +109,10 @@ class KubeClient:
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in [*self._retired_sessions, self._session]:
+            if session is not None:
+                await session.close()
+        self._retired_sessions.clear()
 
     async def request(
         self,
@@ -109,6 +122,36 @@ class KubeClient:
         *,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
+    ) -> Any:
+        try:
+            return await self._request(method, path, body, content_type=content_type, params=params)
+        except ApiError as exc:
+            if exc.status != 401 or self._reload is None:
+                raise
+            await self._refresh_credentials()
+            return await self._request(method, path, body, content_type=content_type, params=params)
+
+    async def _refresh_credentials(self) -> None:
+        assert self._reload is not None
+        stale = self.credentials
+        async with self._reloading:
+            if self.credentials is not stale:
+                return  # another request already reloaded them
+            log.info("the API server answered 401: reloading credentials")
+            self.credentials = await asyncio.to_thread(self._reload)
+            if self._session is not None:
+                # Requests in flight on the old session finish there; it is closed with the client.
+                self._retired_sessions.append(self._session)
+                self._session = None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        *,
+        content_type: str,
+        params: Mapping[str, str] | None,
     ) -> Any:
         session = await self._get_session()
         data = json.dumps(body) if body is not None else None

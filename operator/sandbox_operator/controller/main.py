@@ -8,6 +8,7 @@ work queue (controller.workqueue), which is also the single deadline scheduler f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -147,7 +148,8 @@ async def operate(config: OperatorConfig, stop_flag: asyncio.Event | None = None
                   ready_flag: asyncio.Event | None = None) -> Runtime:
     """Run the operator until stopped; returns the runtime (for tests and benchmarks)."""
     credentials = await asyncio.to_thread(Credentials.load, config.kubeconfig)
-    client = KubeClient(credentials, max_in_flight=config.max_in_flight)
+    client = KubeClient(credentials, max_in_flight=config.max_in_flight,
+                        reload=functools.partial(Credentials.load, config.kubeconfig))
     runtime = Runtime(client, config)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.bind_address, registry=runtime.metrics.registry)
