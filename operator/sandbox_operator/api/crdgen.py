@@ -237,9 +237,11 @@ def render(crd: dict[str, Any]) -> str:
     return _HEADER + yaml.safe_dump(crd, sort_keys=False, width=120, allow_unicode=True)
 
 
-def default_output_dir() -> Path:
-    """``crds/`` at the repository root (three levels above the package)."""
-    return Path(__file__).resolve().parents[3] / "crds"
+def default_output_dirs() -> tuple[Path, ...]:
+    """``crds/`` at the repository root (three levels above the package) and the Helm chart's
+    ``crds/``: both are written from the same models, so they cannot disagree."""
+    root = Path(__file__).resolve().parents[3]
+    return root / "crds", root / "charts" / "sandbox-operator" / "crds"
 
 
 def _drifted(output: Path, rendered: dict[str, str]) -> Iterable[str]:
@@ -257,30 +259,30 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m sandbox_operator.api.crdgen", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--output", type=Path, default=default_output_dir(), help="directory of the CRD YAML files"
+        "--output", type=Path, action="append", default=None,
+        help="directory of the CRD YAML files (repeatable; default: crds/ and the Helm chart's crds/)",
     )
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the directory differs from the models"
     )
     args = parser.parse_args(argv)
     rendered = {name: render(crd) for name, crd in build_crds().items()}
-    drifted = list(_drifted(args.output, rendered))
+    outputs: list[Path] = args.output or list(default_output_dirs())
     if args.check:
-        for name in drifted:
-            print(
-                f"{args.output / name} is out of date; run: python -m sandbox_operator.api.crdgen",
-                file=sys.stderr,
-            )
-        return 1 if drifted else 0
-    args.output.mkdir(parents=True, exist_ok=True)
-    for name in drifted:
-        path = args.output / name
-        if name in rendered:
-            path.write_text(rendered[name])
-            print(f"wrote {path}")
-        else:
-            path.unlink()
-            print(f"removed stale {path}")
+        stale = [output / name for output in outputs for name in _drifted(output, rendered)]
+        for path in stale:
+            print(f"{path} is out of date; run: python -m sandbox_operator.api.crdgen", file=sys.stderr)
+        return 1 if stale else 0
+    for output in outputs:
+        output.mkdir(parents=True, exist_ok=True)
+        for name in list(_drifted(output, rendered)):
+            path = output / name
+            if name in rendered:
+                path.write_text(rendered[name])
+                print(f"wrote {path}")
+            else:
+                path.unlink()
+                print(f"removed stale {path}")
     return 0
 
 

@@ -13,9 +13,19 @@ from kubernetes.client import V1CustomResourceDefinition
 from pydantic import ValidationError
 
 from sandbox_operator.api import KINDS, Sandbox, SandboxPool, SandboxTemplate
-from sandbox_operator.api.crdgen import SchemaError, build_crd, build_crds, main, render, structural
+from sandbox_operator.api.crdgen import (
+    SchemaError,
+    build_crd,
+    build_crds,
+    default_output_dirs,
+    main,
+    render,
+    structural,
+)
 
-CRDS = Path(__file__).resolve().parents[3] / "crds"
+REPO = Path(__file__).resolve().parents[3]
+# crds/ and the Helm chart's copy: both generated, both checked.
+CRD_DIRS = [REPO / "crds", REPO / "charts" / "sandbox-operator" / "crds"]
 GENERATED = build_crds()
 
 
@@ -33,17 +43,23 @@ def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str
             yield from _nodes(node[key], f"{path}[*]")
 
 
+def test_generator_writes_both_crd_directories() -> None:
+    assert list(default_output_dirs()) == CRD_DIRS
+
+
+@pytest.mark.parametrize("crd_dir", CRD_DIRS, ids=lambda path: str(path.relative_to(REPO)))
 @pytest.mark.parametrize("name", sorted(GENERATED))
-def test_crds_directory_matches_the_models(name: str) -> None:
-    path = CRDS / name
+def test_crds_directory_matches_the_models(crd_dir: Path, name: str) -> None:
+    path = crd_dir / name
     assert path.exists(), f"{path} missing: run python -m sandbox_operator.api.crdgen"
     assert path.read_text() == render(GENERATED[name]), (
-        "crds/ drifted: run python -m sandbox_operator.api.crdgen"
+        f"{path} drifted: run python -m sandbox_operator.api.crdgen"
     )
 
 
-def test_no_stray_crd_files() -> None:
-    assert sorted(path.name for path in CRDS.glob("*.yaml")) == sorted(GENERATED)
+@pytest.mark.parametrize("crd_dir", CRD_DIRS, ids=lambda path: str(path.relative_to(REPO)))
+def test_no_stray_crd_files(crd_dir: Path) -> None:
+    assert sorted(path.name for path in crd_dir.glob("*.yaml")) == sorted(GENERATED)
 
 
 def test_check_mode_reports_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,7 +74,7 @@ def test_check_mode_reports_drift(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize("name", sorted(GENERATED))
 def test_crd_passes_the_typed_kubernetes_model(name: str) -> None:
     # kubernetes>=37 models are pydantic with extra="forbid": unknown or mistyped keys fail here.
-    crd = V1CustomResourceDefinition.model_validate(yaml.safe_load((CRDS / name).read_text()))
+    crd = V1CustomResourceDefinition.model_validate(yaml.safe_load((CRD_DIRS[0] / name).read_text()))
     schema = crd.spec.versions[0].var_schema
     assert schema is not None and schema.open_apiv3_schema is not None
     assert schema.open_apiv3_schema.properties is not None
