@@ -12,7 +12,7 @@ settings unless told otherwise) and measures the figures of DESIGN.md §7:
 2. the same claimed from a SandboxPool of `--sandboxes` warm pods, filled before the first claim;
 3. a burst: `--burst` Sandboxes POSTed at once (`--burst-in-flight` requests in flight) → seconds
    until a watch has seen every one Running;
-4. API writes per Sandbox, from the operator's `sandbox_operator_api_writes` counters (deltas per
+4. API writes per Sandbox, from the operator's `sandbox_operator_api_writes_total` counters (deltas per
    verb/resource divided by sandboxes), with `--normal-events on` and `off`;
 5. the operator's RSS (VmRSS, and its peak VmHWM) idle and with the burst's sandboxes Running.
 
@@ -603,10 +603,10 @@ class OperatorProcess:
             return str(response.read().decode())
 
     def writes(self) -> Counter[str]:
-        """sandbox_operator_api_writes as {"VERB resource": count}."""
+        """sandbox_operator_api_writes_total as {"VERB resource": count}."""
         counts: Counter[str] = Counter()
         for line in self.metrics_text().splitlines():
-            if not line.startswith("sandbox_operator_api_writes{"):
+            if not line.startswith("sandbox_operator_api_writes_total{"):
                 continue
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
             counts[f"{labels.get('verb')} {labels.get('resource')}"] = int(float(line.rsplit(" ", 1)[1]))

@@ -41,8 +41,6 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-
-
 @dataclass
 class AgentProcess:
     process: subprocess.Popen[bytes]
@@ -75,6 +73,12 @@ class AgentProcess:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), error.read()
+
+    def metric(self, prefix: str) -> float:
+        """Sum of the agent's Prometheus samples whose line starts with `prefix` (0 when none)."""
+        headers = {"X-Access-Token": self.token} if self.token else {}
+        text = self.request("GET", "/agent/metrics", headers=headers)[2].decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def _healthy(port: int) -> bool:
@@ -150,10 +154,15 @@ def stop_agent(agent: AgentProcess) -> None:
 
 
 class FakeControlPlane:
-    """Answers the SDK's create/connect/kill with a Sandbox that carries the agent's access token."""
+    """Answers the SDK's create/connect/kill with a Sandbox that carries the agent's access token.
 
-    def __init__(self, token: str) -> None:
+    Like the real control plane it returns the token as `envdAccessToken` and as
+    `trafficAccessToken` (the code-interpreter SDK sends only the latter on /contexts).
+    """
+
+    def __init__(self, token: str, *, traffic_token: bool = True) -> None:
         self.token = token
+        self.traffic_token = traffic_token
         self.created = 0
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -165,13 +174,16 @@ class FakeControlPlane:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def sandbox(self, template: str) -> dict[str, Any]:
-        return {
+        sandbox = {
             "templateID": template,
             "sandboxID": "agenttestsandbox",
             "clientID": "local",
             "envdVersion": ENVD_COMPATIBLE_VERSION,
             "envdAccessToken": self.token,
         }
+        if self.traffic_token:
+            sandbox["trafficAccessToken"] = self.token
+        return sandbox
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         plane = self

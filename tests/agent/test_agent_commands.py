@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
+from agentlib import AgentProcess
 from e2b import CommandExitException, PtySize, TimeoutException
 
 from testlib import wait_until
@@ -42,7 +42,9 @@ def test_missing_cwd_is_an_invalid_argument(sandbox: Any) -> None:
         sandbox.commands.run("true", cwd="/no/such/dir")
 
 
-def test_command_timeout_raises_timeout_and_kills_the_command(sandbox: Any) -> None:
+def test_command_timeout_raises_timeout_and_kills_the_command(sandbox: Any, agent: AgentProcess) -> None:
+    timeouts = 'sandbox_agent_execution_timeouts_total{kind="command"'
+    before = agent.metric(timeouts)
     with pytest.raises(TimeoutException):
         sandbox.commands.run("sleep 30 # timeout-probe", timeout=0.5)
     # The command's process group is gone, not left running.
@@ -51,6 +53,8 @@ def test_command_timeout_raises_timeout_and_kills_the_command(sandbox: Any) -> N
         timeout=10,
         message="the timed-out command to disappear",
     )
+    # The SDK's own timeout counts like SANDBOX_EXECUTION_TIMEOUT (once the kill is recorded).
+    wait_until(lambda: agent.metric(timeouts) == before + 1, timeout=10, message="the timeout to be counted")
 
 
 def test_background_command_connect_and_kill(sandbox: Any) -> None:
@@ -105,7 +109,9 @@ def test_kill_of_unknown_pid_returns_false(sandbox: Any) -> None:
 def test_many_short_commands_do_not_leak_processes(sandbox: Any) -> None:
     for index in range(5):
         assert sandbox.commands.run(f"echo {index}").stdout == f"{index}\n"
-    deadline = time.monotonic() + 10
-    while sandbox.commands.list() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [p for p in sandbox.commands.list() if p.args[-1].startswith("echo ")] == []
+    # Fails (instead of passing silently) when a finished command stays listed past the deadline.
+    wait_until(
+        lambda: not [p for p in sandbox.commands.list() if p.args[-1].startswith("echo ")],
+        timeout=10,
+        message="the finished echo commands to leave the process list",
+    )

@@ -4,13 +4,38 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agentlib import ACCESS_TOKEN
-from e2b import AuthenticationException, Sandbox
+from agentlib import ACCESS_TOKEN, AgentProcess, FakeControlPlane
+from e2b import AuthenticationException, Sandbox, SandboxException
 
 AUTH = {"X-Access-Token": ACCESS_TOKEN}
+TRAFFIC_AUTH = {"E2B-Traffic-Access-Token": ACCESS_TOKEN}
+JSON = {"Content-Type": "application/json"}
+
+
+def code_sandbox_via(plane: FakeControlPlane, url: str) -> Any:
+    """An unmodified code-interpreter SDK whose data-plane requests all go to `url`."""
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    return CodeSandbox.create(api_key="e2b_" + "0" * 40, api_url=plane.url, sandbox_url=url)
+
+
+@pytest.fixture(scope="module")
+def wrong_token_plane() -> Iterator[FakeControlPlane]:
+    plane = FakeControlPlane("not-the-sandbox-token")
+    yield plane
+    plane.close()
+
+
+@pytest.fixture(scope="module")
+def envd_token_only_plane() -> Iterator[FakeControlPlane]:
+    """A control plane that returns the right envdAccessToken but no trafficAccessToken."""
+    plane = FakeControlPlane(ACCESS_TOKEN, traffic_token=False)
+    yield plane
+    plane.close()
 
 
 def test_health_needs_no_token(agent: Any) -> None:
@@ -38,6 +63,54 @@ def test_execute_without_token_is_refused(agent: Any) -> None:
         port=agent.interpreter_port,
     )
     assert status == 401
+
+
+@pytest.mark.parametrize("listener", ["envd", "interpreter"])
+def test_wrong_token_is_refused_on_run_code_and_contexts(
+    agent: AgentProcess, wrong_token_plane: FakeControlPlane, listener: str
+) -> None:
+    url = agent.envd_url if listener == "envd" else agent.interpreter_url
+    sandbox = code_sandbox_via(wrong_token_plane, url)
+    refused = r"401 Unauthorized.*missing or invalid access token"
+    with pytest.raises(SandboxException, match=refused):
+        sandbox.run_code("1 + 1")
+    with pytest.raises(SandboxException, match=refused):
+        sandbox.create_code_context()
+    with pytest.raises(SandboxException, match=refused):
+        sandbox.list_code_contexts()
+    with pytest.raises(SandboxException, match=refused):
+        sandbox.restart_code_context("any-context")
+    with pytest.raises(SandboxException, match=refused):
+        sandbox.remove_code_context("any-context")
+
+
+def test_contexts_need_the_traffic_token_the_sdk_sends(
+    agent: AgentProcess, envd_token_only_plane: FakeControlPlane
+) -> None:
+    # Without trafficAccessToken the SDK sends no token on /contexts (only /execute has X-Access-Token).
+    sandbox = code_sandbox_via(envd_token_only_plane, agent.envd_url)
+    assert sandbox.run_code("6 * 7").text == "42"
+    with pytest.raises(SandboxException, match="401 Unauthorized"):
+        sandbox.list_code_contexts()
+
+
+@pytest.mark.parametrize("listener", ["envd", "interpreter"])
+def test_contexts_without_token_are_refused_with_a_clear_message(agent: AgentProcess, listener: str) -> None:
+    port = agent.envd_port if listener == "envd" else agent.interpreter_port
+    for method, path in (
+        ("GET", "/contexts"),
+        ("POST", "/contexts"),
+        ("POST", "/contexts/x/restart"),
+        ("DELETE", "/contexts/x"),
+    ):
+        body = b"{}" if method == "POST" else None
+        status, _, reply = agent.request(method, path, body=body, headers=JSON, port=port)
+        assert (status, json.loads(reply)["code"]) == (401, 401), (method, path)
+        assert "E2B-Traffic-Access-Token" in json.loads(reply)["message"]
+    # Either header carries the token.
+    for auth in (TRAFFIC_AUTH, AUTH):
+        status, _, reply = agent.request("GET", "/contexts", headers={**JSON, **auth}, port=port)
+        assert status == 200 and isinstance(json.loads(reply), list)
 
 
 def test_metrics_json_has_the_envd_shape(agent: Any) -> None:

@@ -11,27 +11,40 @@ from e2b import RateLimitException, TimeoutException
 
 from testlib import wait_until
 
-
-def _metric(agent: AgentProcess, prefix: str) -> float:
-    text = agent.request("GET", "/metrics?format=prometheus")[2].decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+MARKER = "[output truncated: the limit of 2000 bytes per execution was reached]"
+COMMAND_TIMEOUTS = 'sandbox_agent_execution_timeouts_total{kind="command"'
+CODE_TIMEOUTS = 'sandbox_agent_execution_timeouts_total{kind="code"'
 
 
 def test_execution_timeout_kills_the_command_and_reports_a_timeout(
-    limited_sandbox: Any, limited_agent: Any
+    limited_sandbox: Any, limited_agent: AgentProcess
 ) -> None:
+    before = limited_agent.metric(COMMAND_TIMEOUTS)
     with pytest.raises(TimeoutException, match="SANDBOX_EXECUTION_TIMEOUT"):
         limited_sandbox.commands.run("sleep 30", timeout=0)
-    assert _metric(limited_agent, 'sandbox_agent_execution_timeouts_total{kind="command"') >= 1
+    assert limited_agent.metric(COMMAND_TIMEOUTS) == before + 1
 
 
-def test_execution_timeout_interrupts_code_and_keeps_the_context(limited_sandbox: Any) -> None:
+def test_execution_timeout_interrupts_code_and_keeps_the_context(
+    limited_sandbox: Any, limited_agent: AgentProcess
+) -> None:
     limited_sandbox.run_code("kept = 'still here'")
+    before = limited_agent.metric(CODE_TIMEOUTS)
     execution = limited_sandbox.run_code("import time\nwhile True:\n    time.sleep(0.05)")
     assert execution.error is not None
     assert execution.error.name == "TimeoutError"
     assert "SANDBOX_EXECUTION_TIMEOUT" in execution.error.value
+    assert limited_agent.metric(CODE_TIMEOUTS) == before + 1
     assert limited_sandbox.run_code("kept").text == "still here"
+
+
+def test_a_timeout_error_raised_by_user_code_is_not_an_execution_timeout(
+    limited_sandbox: Any, limited_agent: AgentProcess
+) -> None:
+    before = limited_agent.metric(CODE_TIMEOUTS)
+    execution = limited_sandbox.run_code("raise TimeoutError('from the user')")
+    assert execution.error is not None and execution.error.value == "from the user"
+    assert limited_agent.metric(CODE_TIMEOUTS) == before
 
 
 def test_command_output_is_capped_with_a_marker(limited_sandbox: Any) -> None:
@@ -46,6 +59,24 @@ def test_code_output_is_capped_with_a_marker(limited_sandbox: Any) -> None:
     kept, _, marker = stdout.partition("\n[output truncated")
     assert kept == "b" * 2000
     assert "limit of 2000 bytes" in marker
+
+
+def test_huge_result_bundles_are_replaced_by_the_marker(limited_sandbox: Any) -> None:
+    small = limited_sandbox.run_code("from IPython.display import HTML, display\ndisplay(HTML('<b>ok</b>'))")
+    assert [result.html for result in small.results] == ["<b>ok</b>"]
+
+    # A bundle that does not fit is dropped whole (a cut image is garbage); so is everything after it.
+    displayed = limited_sandbox.run_code(
+        "display(HTML('<p>' + 'x' * 5000 + '</p>'))\ndisplay(HTML('<b>after</b>'))\nprint('late')"
+    )
+    assert [(result.text, result.html, result.is_main_result) for result in displayed.results] == [
+        (MARKER, None, False)
+    ]
+    assert displayed.logs.stdout == []
+
+    main = limited_sandbox.run_code("'c' * 5000")
+    assert main.text == MARKER
+    assert len(main.results) == 1 and main.results[0].is_main_result
 
 
 def test_concurrency_limit_answers_with_a_clear_error(limited_sandbox: Any, limited_agent: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import struct
@@ -39,12 +40,20 @@ from sandbox_operator.agent.inotify import (
     event_type,
     parse_events,
 )
-from sandbox_operator.agent.interpreter import InterpreterError, normalize_language, result_line, strip_quotes
+from sandbox_operator.agent.interpreter import (
+    CodeInterpreter,
+    InterpreterError,
+    normalize_language,
+    result_line,
+    strip_quotes,
+)
+from sandbox_operator.agent.interpreter_http import interpreter_token_ok, is_interpreter_path
 from sandbox_operator.agent.limits import (
     DURATION_BUCKETS,
     ConcurrencyLimitError,
     ExecutionStats,
     OutputLimiter,
+    truncation_marker,
 )
 from sandbox_operator.agent.process import end_event
 from sandbox_operator.agent.protojson import (
@@ -64,7 +73,7 @@ from sandbox_operator.agent.sysmetrics import (
     parse_net_dev,
     prometheus_text,
 )
-from sandbox_operator.agent.users import username_from_basic_auth
+from sandbox_operator.agent.users import SandboxState, username_from_basic_auth
 
 # -- Connect framing ---------------------------------------------------------------------------
 
@@ -219,6 +228,19 @@ def test_output_limiter_never_exceeds_the_limit_and_marks_truncation_once(
 
 def test_unlimited_output_passes_everything() -> None:
     assert OutputLimiter(0).take(b"x" * 10_000) == (b"x" * 10_000, b"")
+    assert OutputLimiter(0).take_whole(10_000) == (True, b"")
+
+
+def test_whole_blocks_fit_entirely_or_become_the_one_marker() -> None:
+    limiter = OutputLimiter(100)
+    assert limiter.take(b"x" * 30) == (b"x" * 30, b"")
+    assert limiter.take_whole(70) == (True, b"")  # exactly fills the budget
+    limiter = OutputLimiter(100)
+    assert limiter.take_whole(60) == (True, b"")
+    assert limiter.take_whole(41) == (False, truncation_marker(100))
+    # After the marker nothing more is emitted, whatever the kind of output.
+    assert limiter.take_whole(1) == (False, b"")
+    assert limiter.take(b"y") == (b"", b"")
 
 
 def test_concurrency_limit_and_statistics() -> None:
@@ -307,6 +329,49 @@ def test_mime_bundles_become_result_lines() -> None:
     assert strip_quotes("x'") == "x'"
 
 
+def test_kernel_specs_are_read_once_and_rescanned_only_for_a_missing_language(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from sandbox_operator.agent import interpreter
+
+    scans: list[int] = []
+
+    def find_kernel_specs(self: KernelSpecManager) -> dict[str, str]:
+        scans.append(1)
+        return {"python3": "/k/python3"}
+
+    monkeypatch.setattr(KernelSpecManager, "find_kernel_specs", find_kernel_specs)
+    state = SandboxState(config=parse_config(["--workdir", str(tmp_path)], {}), access_token=None)
+    code = CodeInterpreter(state, ExecutionStats())
+
+    async def names() -> None:
+        assert await code._kernel_name("python") == "python3"
+        assert await code._kernel_name("python") == "python3"
+        assert len(scans) == 1
+        with pytest.raises(InterpreterError, match="installed kernels: python3"):
+            await code._kernel_name("r")
+        assert len(scans) == 1  # the last scan is recent: no rescan per request
+        monkeypatch.setattr(interpreter, "KERNEL_SPEC_RESCAN_INTERVAL", 0.0)
+        with pytest.raises(InterpreterError):
+            await code._kernel_name("r")
+        assert len(scans) == 2  # a language still missing later rescans (a kernel may have been installed)
+
+    asyncio.run(names())
+
+
+def test_interpreter_routes_accept_either_token_header() -> None:
+    assert is_interpreter_path("/execute") and is_interpreter_path("/contexts")
+    assert is_interpreter_path("/contexts/abc/restart")
+    assert not is_interpreter_path("/contextsfoo") and not is_interpreter_path("/files")
+    assert interpreter_token_ok({}, None)
+    assert interpreter_token_ok({"E2B-Traffic-Access-Token": "t"}, "t")
+    assert interpreter_token_ok({"X-Access-Token": "t"}, "t")
+    assert not interpreter_token_ok({}, "t")
+    assert not interpreter_token_ok({"E2B-Traffic-Access-Token": "u", "X-Access-Token": "v"}, "t")
+
+
 def test_language_names_are_normalized_and_unknown_ones_refused() -> None:
     assert normalize_language(None) == "python"
     assert normalize_language("TS") == "javascript"
@@ -335,3 +400,13 @@ def test_config_reads_the_operator_env_contract(tmp_path: Path) -> None:
     assert (config.envd_port, config.interpreter_port) == (49983, 49999)
     with pytest.raises(SystemExit):
         parse_config([], {"SANDBOX_EXECUTION_TIMEOUT": "soon"})
+
+
+def test_a_running_execution_is_activity() -> None:
+    stats = ExecutionStats()
+    stats.last_activity = 1000.0
+    assert stats.activity_at(5000.0) == 1000.0
+    stats.acquire()  # a long command or a background server holds a slot while it runs
+    assert stats.activity_at(5000.0) == 5000.0
+    stats.release("command", 1.0, timed_out=False)
+    assert stats.activity_at(9000.0) == stats.last_activity < 9000.0

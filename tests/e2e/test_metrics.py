@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from testlib import Cluster, OperatorProcess, PodAgents, http_json, sandbox_manifest, wait_phase, wait_until
+from sandbox_operator.controller.config import OperatorConfig
+from sandbox_operator.controller.runtime import Runtime
+from sandbox_operator.controller.store import Store
+from sandbox_operator.controller.usage import UsageCollector
+from sandbox_operator.metrics.usage import UsageExporter
+from testlib import (
+    Cluster,
+    OperatorProcess,
+    PodAgents,
+    free_port,
+    http_json,
+    sandbox_manifest,
+    wait_phase,
+    wait_until,
+)
 
 
 def samples(operator: OperatorProcess, name: str, **labels: str) -> list[Sample]:
@@ -58,8 +78,11 @@ def test_phase_counts_and_lifecycle_series_match_the_cluster(
     cold = value(operator, "sandbox_operator_time_to_running_seconds_count", source="cold")
     assert cold is not None and cold >= 3
     transitions = "sandbox_operator_transitions_total"
-    assert (value(operator, transitions, from_phase="Creating", to_phase="Running") or 0) >= 3
-    assert (value(operator, transitions, from_phase="Running", to_phase="Suspending") or 0) >= 1
+    # `from` is a Python keyword: the label filters go in as a dict.
+    assert (value(operator, transitions, **{"from": "Creating", "to": "Running"}) or 0) >= 3
+    assert (value(operator, transitions, **{"from": "Running", "to": "Suspending"}) or 0) >= 1
+    writes = samples(operator, "sandbox_operator_api_writes_total")
+    assert writes and all(s.value >= 1 for s in writes), "API writes are exported as a counter (_total)"
     assert value(operator, "sandbox_operator_build_info", version="0.1.0") == 1.0
 
 
@@ -125,3 +148,127 @@ def test_unreachable_agent_reports_down_without_numbers(
     wait_until(lambda: value(operator, "sandbox_up", **labels) == 0.0, timeout=30, message="sandbox_up 0")
     assert value(operator, "sandbox_memory_used_bytes", **labels) is None
     assert value(operator, "sandbox_cpu_seconds_total", **labels) is None
+
+
+def test_changed_metadata_relabels_the_series_without_leaving_the_old_ones(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, agents: PodAgents
+) -> None:
+    cluster.apply(json.dumps({**json.loads(sandbox_manifest("relabel")), "spec": {
+        "template": "it-base", "metadata": {"team": "search"}}}), namespace)
+    wait_phase(cluster, namespace, "relabel", "Running")
+    labels = {"namespace": namespace, "sandbox": "relabel"}
+    wait_until(lambda: value(operator, "sandbox_up", metadata_team="search", **labels) == 1.0,
+               timeout=60, message="sandbox_up 1 labelled team=search")
+    cluster.kubectl("patch", "sandbox", "relabel", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"metadata":{"team":"ads"}}}')
+
+    def teams() -> set[str]:
+        return {s.labels.get("metadata_team", "")
+                for f in text_string_to_metric_families(operator.metrics_text()) for s in f.samples
+                if s.labels.get("namespace") == namespace and s.labels.get("sandbox") == "relabel"}
+
+    # Every series of the sandbox moves to the new label value; none stays behind with the old one.
+    wait_until(lambda: teams() == {"ads"}, timeout=30, message="only team=ads series for the sandbox")
+    assert value(operator, "sandbox_up", metadata_team="ads", **labels) == 1.0
+
+
+# -- the collector on its own: fake agents on loopback, no cluster -------------------------------------
+
+AGENT_TEXT = "sandbox_agent_cpu_seconds_total 1.5\nsandbox_agent_memory_used_bytes 1024\n"
+TEMPLATE: dict[str, Any] = {"metadata": {"name": "t", "resourceVersion": "1"},
+            "spec": {"image": "x", "resources": {"default": {"cpu": "250m", "memory": "256Mi", "disk": "1Gi"}}}}
+
+
+def sandbox_body(name: str, ip: str, version: int = 1, team: str = "search") -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name, "resourceVersion": str(version)},
+            "spec": {"template": "t", "metadata": {"team": team}},
+            "status": {"phase": "Running", "podIP": ip}}
+
+
+class _NoClient:
+    async def patch(self, path: str, body: Any) -> None:
+        return None
+
+
+def collector(store: Store, port: int, interval: float, concurrency: int) -> UsageCollector:
+    config = OperatorConfig(usage_interval=interval, usage_concurrency=concurrency, usage_status_interval=3600,
+                            agent_port=port, metric_metadata_keys=("team",))
+    rt = SimpleNamespace(config=config, store=store, client=_NoClient(), queue=SimpleNamespace(add=lambda key: None))
+    return UsageCollector(cast(Runtime, rt))
+
+
+def exported(usage: UsageCollector) -> list[Sample]:
+    registry = CollectorRegistry()
+    registry.register(UsageExporter(usage.usage, ("team",)))
+    return [s for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples]
+
+
+@pytest.fixture
+async def fake_agents() -> AsyncIterator[int]:
+    """On one port: 127.0.0.2 answers like an agent; 127.0.0.1 accepts and never answers (a dead agent)."""
+    port = free_port()
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=AGENT_TEXT)
+
+    app = web.Application()
+    app.router.add_get("/agent/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.2", port).start()
+    hung: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)  # keep the connection open, never reply
+
+    dead = await asyncio.start_server(hang, "127.0.0.1", port)
+    try:
+        yield port
+    finally:
+        dead.close()
+        for writer in hung:
+            writer.close()
+        await runner.cleanup()
+
+
+async def test_a_round_with_dead_agents_stays_within_the_interval_and_starves_nobody(fake_agents: int) -> None:
+    store = Store()
+    store.put_template(TEMPLATE)
+    for index in range(6):
+        store.put_sandbox(sandbox_body(f"dead{index}", "127.0.0.1"))
+    store.put_sandbox(sandbox_body("alive", "127.0.0.2"))  # last: the first rounds never reach it
+    usage = collector(store, fake_agents, interval=1.0, concurrency=2)
+    assert usage.scrape_timeout == 1.0
+    try:
+        # Unbounded, 6 dead agents in waves of 2 would hold the first round for 3 scrape timeouts.
+        for _ in range(5):
+            started = time.monotonic()
+            await usage.collect_once()
+            assert time.monotonic() - started < 1.8, "a round must not outlast the interval"
+            if usage.usage[("ns", "alive")].up:
+                break
+        assert usage.usage[("ns", "alive")].up, "the sandbox skipped by cut-short rounds is scraped later"
+        assert not any(usage.usage[("ns", f"dead{i}")].up for i in range(6))
+    finally:
+        await usage.stop()
+
+
+async def test_metadata_and_template_changes_refresh_the_labels_and_limits(fake_agents: int) -> None:
+    store = Store()
+    store.put_template(TEMPLATE)
+    store.put_sandbox(sandbox_body("s", "127.0.0.2", version=1, team="search"))
+    usage = collector(store, fake_agents, interval=1.0, concurrency=4)
+    try:
+        await usage.collect_once()
+        assert {s.labels["metadata_team"] for s in exported(usage)} == {"search"}
+        store.put_sandbox(sandbox_body("s", "127.0.0.2", version=2, team="ads"))
+        store.put_template({"metadata": {"name": "t", "resourceVersion": "2"},
+                            "spec": {**TEMPLATE["spec"], "resources": {"default": {
+                                "cpu": "500m", "memory": "256Mi", "disk": "1Gi"}}}})
+        await usage.collect_once()
+        after = exported(usage)
+        assert {s.labels["metadata_team"] for s in after} == {"ads"}, "no series keeps the old label"
+        assert [s.value for s in after if s.name == "sandbox_cpu_limit_cores"] == [0.5]
+        assert [s.value for s in after if s.name == "sandbox_cpu_seconds_total"] == [1.5]
+    finally:
+        await usage.stop()

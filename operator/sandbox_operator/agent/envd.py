@@ -17,6 +17,7 @@ from aiohttp import BodyPartReader, web
 
 from .connect import ConnectError, JsonObject
 from .filesystem import FilesystemService, make_dirs_as, write_metadata
+from .interpreter_http import interpreter_token_ok, is_interpreter_path, refuse_unauthenticated
 from .limits import ExecutionStats
 from .process import SIGNALS_BY_NAME, ManagedProcess, ProcessManager, set_window_size
 from .protojson import (
@@ -48,8 +49,6 @@ MAX_METADATA_KEY_BYTES: Final = 246
 # NetworkPolicy admits only the gateway and the operator to this port.
 PUBLIC_PATHS: Final = frozenset({"/health", "/agent/metrics"})
 SELF_AUTHENTICATED_PATHS: Final = frozenset({"/files"})
-# The code-interpreter SDK sends no token on these (only /execute carries X-Access-Token).
-INTERPRETER_PUBLIC_PREFIXES: Final = ("/contexts",)
 # Monitoring requests are not user activity.
 INACTIVE_PATHS: Final = frozenset({"/health", "/metrics", "/agent/metrics"})
 
@@ -164,11 +163,15 @@ class EnvdServer:
         if path not in INACTIVE_PATHS:
             self.stats.touch()
         token = self.state.access_token
+        if is_interpreter_path(path):
+            # With sandbox_url the code-interpreter requests arrive here too, with its headers.
+            if not interpreter_token_ok(request.headers, token):
+                return refuse_unauthenticated()
+            return await handler(request)
         if (
             token
             and path not in PUBLIC_PATHS
             and path not in SELF_AUTHENTICATED_PATHS
-            and not path.startswith(INTERPRETER_PUBLIC_PREFIXES)
             and not tokens_equal(request.headers.get("X-Access-Token"), token)
         ):
             message = "missing or invalid access token (X-Access-Token)"
@@ -396,11 +399,13 @@ class EnvdServer:
             # Absent means true for old SDKs (proto comment).
             stdin=True if stdin is None else bool(stdin),
         )
-        # The stream's deadline bounds the command: when it passes, the command is killed.
+        # The stream's deadline (the SDK's `timeout`) bounds the command: when it passes, the command
+        # is killed and counted as a timeout, like one stopped by SANDBOX_EXECUTION_TIMEOUT.
         killer: asyncio.TimerHandle | None = None
         if deadline is not None:
-            killer = asyncio.get_running_loop().call_at(
-                asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic()), managed.kill_group
+            budget = max(0.0, deadline - time.monotonic())
+            killer = asyncio.get_running_loop().call_later(
+                budget, managed.expire, f"the command's timeout ({budget:.3g}s, set by the client) expired"
             )
         try:
             yield {"event": {"start": {"pid": managed.pid}}}

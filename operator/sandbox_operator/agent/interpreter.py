@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -17,7 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from .config import SECRET_ENV_VARS
-from .limits import ConcurrencyLimitError, ExecutionStats, OutputLimiter
+from .limits import ConcurrencyLimitError, ExecutionSlot, ExecutionStats, OutputLimiter
 from .users import SandboxState
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 KEEPALIVE_INTERVAL: Final = 15.0
 KERNEL_READY_TIMEOUT: Final = 120.0
 INTERRUPT_GRACE: Final = 5.0
+# Installed kernels are read once; a language without a kernel rescans at most this often, so a
+# kernel installed later in the sandbox is found without a disk scan per context.
+KERNEL_SPEC_RESCAN_INTERVAL: Final = 30.0
 
 # The SQLite history costs about a millisecond per execution and nothing in a sandbox reads it.
 PYTHON_KERNEL_ARGUMENTS: Final = ("--HistoryManager.enabled=False",)
@@ -117,8 +121,33 @@ def result_line(data: Mapping[str, Any], is_main_result: bool) -> JsonLine:
     return line
 
 
+def result_size(line: JsonLine) -> int:
+    """Bytes the result line takes on the wire (what the output cap counts)."""
+    return len(json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def truncated_result_line(marker: str, is_main_result: bool) -> JsonLine:
+    """Stands in for a result bundle dropped by the output cap: its text is the cap's marker."""
+    return {"type": "result", "text": marker.strip(), "is_main_result": is_main_result}
+
+
 def error_line(name: str, value: str, traceback: str) -> JsonLine:
     return {"type": "error", "name": name, "value": value, "traceback": traceback}
+
+
+def _find_kernel_specs() -> dict[str, str]:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return dict(KernelSpecManager().find_kernel_specs())
+
+
+def pick_kernel(language: str, available: Mapping[str, str]) -> str | None:
+    for name in KERNEL_NAMES[language]:
+        if name in available:
+            return name
+    if language == "python":
+        return "python3"  # ipykernel's built-in spec, present wherever ipykernel is
+    return None
 
 
 def _timestamp(header: Mapping[str, Any]) -> str:
@@ -152,6 +181,8 @@ class CodeInterpreter:
         self.contexts: dict[str, KernelContext] = {}
         self._defaults: dict[str, asyncio.Future[KernelContext]] = {}
         self._sockets: str | None = None
+        self._kernel_specs: dict[str, str] | None = None
+        self._kernel_specs_at = 0.0
 
     def _socket_dir(self) -> str:
         """A private directory for the kernels' IPC sockets (never the workspace)."""
@@ -161,15 +192,22 @@ class CodeInterpreter:
 
     # -- kernels -----------------------------------------------------------------------------
 
-    def _kernel_name(self, language: str) -> str:
-        from jupyter_client.kernelspec import KernelSpecManager
+    async def _scan_kernel_specs(self) -> dict[str, str]:
+        # find_kernel_specs walks the Jupyter data directories: off the event loop.
+        specs = await asyncio.get_running_loop().run_in_executor(None, _find_kernel_specs)
+        self._kernel_specs, self._kernel_specs_at = specs, time.monotonic()
+        return specs
 
-        available = KernelSpecManager().find_kernel_specs()
-        for name in KERNEL_NAMES[language]:
-            if name in available:
-                return name
-        if language == "python":
-            return "python3"  # ipykernel's built-in spec, present wherever ipykernel is
+    async def _kernel_name(self, language: str) -> str:
+        available = self._kernel_specs
+        if available is None:
+            available = await self._scan_kernel_specs()
+        name = pick_kernel(language, available)
+        if name is None and time.monotonic() - self._kernel_specs_at >= KERNEL_SPEC_RESCAN_INTERVAL:
+            available = await self._scan_kernel_specs()
+            name = pick_kernel(language, available)
+        if name is not None:
+            return name
         have = ", ".join(sorted(available)) or "none"
         raise InterpreterError(
             400,
@@ -189,7 +227,7 @@ class CodeInterpreter:
         from jupyter_client.manager import AsyncKernelManager
 
         canonical = normalize_language(language)
-        kernel_name = self._kernel_name(canonical)
+        kernel_name = await self._kernel_name(canonical)
         workdir = self.state.user(None).resolve(cwd) if cwd else self.state.workdir
         if not workdir.is_dir():
             raise InterpreterError(400, f"cwd '{workdir}' does not exist or is not a directory")
@@ -282,8 +320,7 @@ class CodeInterpreter:
             self.stats.acquire()
         except ConcurrencyLimitError as error:
             raise InterpreterError(429, str(error)) from error
-        started = time.monotonic()
-        timed_out = False
+        execution = ExecutionSlot(started=time.monotonic())
         try:
             async with context.lock:
                 restore = None
@@ -305,19 +342,20 @@ class CodeInterpreter:
                         "del _e2b_saved_env"
                     )
                 try:
-                    async for line in self._stream(context, code):
-                        if line["type"] == "error" and line.get("name") == "TimeoutError":
-                            timed_out = True
+                    async for line in self._stream(context, code, execution):
                         yield line
                 finally:
                     if restore is not None and context.id in self.contexts:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(self._run_silently(context, restore), INTERRUPT_GRACE)
         finally:
-            self.stats.release("code", time.monotonic() - started, timed_out)
+            self.stats.release("code", time.monotonic() - execution.started, execution.timed_out)
         yield {"type": "end_of_execution"}
 
-    async def _stream(self, context: KernelContext, code: str) -> AsyncIterator[JsonLine]:
+    async def _stream(
+        self, context: KernelContext, code: str, execution: ExecutionSlot
+    ) -> AsyncIterator[JsonLine]:
+        """The kernel's messages for one request as JSON lines; marks `execution` when it timed out."""
         client = context.client
         # Drop replies left over from earlier requests so they never pile up in memory.
         with contextlib.suppress(queue.Empty):
@@ -343,6 +381,7 @@ class CodeInterpreter:
                     now = time.monotonic()
                     if timed_out_at is not None and now >= timed_out_at + INTERRUPT_GRACE:
                         # The kernel ignored the interrupt (e.g. stuck in C code): state is lost.
+                        execution.timed_out = True
                         await self._restart_kernel(context)
                         yield self._timeout_line(timeout, restarted=True)
                         return
@@ -367,6 +406,7 @@ class CodeInterpreter:
                 if kind == "status":
                     if content.get("execution_state") == "idle":
                         if timed_out_at is not None:
+                            execution.timed_out = True
                             yield self._timeout_line(timeout, restarted=False)
                         return
                 elif kind == "execute_input":
@@ -382,7 +422,14 @@ class CodeInterpreter:
                     if marker:
                         yield {"type": stream, "text": marker, "timestamp": stamp}
                 elif kind in ("execute_result", "display_data"):
-                    yield result_line(content.get("data", {}), is_main_result=kind == "execute_result")
+                    line = result_line(content.get("data", {}), is_main_result=kind == "execute_result")
+                    # A cut image or HTML document is useless: a bundle fits the cap whole or is
+                    # replaced by the marker (once per execution, shared with stdout/stderr).
+                    keep, cut_marker = limiter.take_whole(result_size(line))
+                    if keep:
+                        yield line
+                    elif cut_marker:
+                        yield truncated_result_line(cut_marker.decode(), line["is_main_result"])
                 elif kind == "error":
                     if timed_out_at is not None:
                         continue  # the KeyboardInterrupt we caused; reported as a timeout instead

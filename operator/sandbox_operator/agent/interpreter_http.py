@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -17,6 +17,14 @@ from .users import SandboxState
 log = logging.getLogger(__name__)
 
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
+# The code-interpreter SDK sends X-Access-Token only on /execute, and E2B-Traffic-Access-Token on
+# every 49999 request when the control plane returned `trafficAccessToken` (COMPAT.md §5.1, §9).
+# The control plane returns the sandbox's access token as both, so either header authenticates.
+INTERPRETER_TOKEN_HEADERS: Final = ("X-Access-Token", "E2B-Traffic-Access-Token")
+INTERPRETER_TOKEN_REFUSAL: Final = (
+    "missing or invalid access token (E2B-Traffic-Access-Token or X-Access-Token): "
+    "the code interpreter needs the sandbox's access token"
+)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -25,6 +33,21 @@ def _error(status: int, message: str) -> web.Response:
 
 def _line(payload: dict[str, Any]) -> bytes:
     return (json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def is_interpreter_path(path: str) -> bool:
+    return path in ("/execute", "/contexts") or path.startswith("/contexts/")
+
+
+def interpreter_token_ok(headers: Mapping[str, str], token: str | None) -> bool:
+    """True when no token is set, or when one of the accepted headers carries it."""
+    if not token:
+        return True
+    return any(tokens_equal(headers.get(name), token) for name in INTERPRETER_TOKEN_HEADERS)
+
+
+def refuse_unauthenticated() -> web.Response:
+    return _error(401, INTERPRETER_TOKEN_REFUSAL)
 
 
 class InterpreterServer:
@@ -46,8 +69,11 @@ class InterpreterServer:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path != "/health":
-            self.stats.touch()
+        if request.path == "/health":
+            return await handler(request)
+        self.stats.touch()
+        if not interpreter_token_ok(request.headers, self.state.access_token):
+            return refuse_unauthenticated()
         return await handler(request)
 
     async def health(self, request: web.Request) -> web.Response:
@@ -65,9 +91,7 @@ class InterpreterServer:
         return body
 
     async def execute(self, request: web.Request) -> web.StreamResponse:
-        token = self.state.access_token
-        if token and not tokens_equal(request.headers.get("X-Access-Token"), token):
-            return _error(401, "missing or invalid access token (X-Access-Token)")
+        # Authenticated by the middleware of whichever listener serves the route.
         try:
             body = await self._json_body(request)
             code = body.get("code")

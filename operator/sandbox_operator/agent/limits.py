@@ -47,6 +47,21 @@ class OutputLimiter:
         kept, marker = self.take(text.encode())
         return kept.decode(errors="ignore"), marker.decode()
 
+    def take_whole(self, size: int) -> tuple[bool, bytes]:
+        """For output that is useless when cut (an image, an HTML bundle): keep all `size` bytes of
+        it or none. Returns (keep it, the marker to emit instead or b"")."""
+        if self.limit <= 0:
+            self.emitted += size
+            return True, b""
+        if self.truncated:
+            return False, b""
+        if size <= self.limit - self.emitted:
+            self.emitted += size
+            return True, b""
+        self.truncated = True
+        self.emitted = self.limit
+        return False, truncation_marker(self.limit)
+
 
 class ConcurrencyLimitError(Exception):
     def __init__(self, limit: int) -> None:
@@ -73,6 +88,11 @@ class ExecutionStats:
 
     def touch(self) -> None:
         self.last_activity = time.time()
+
+    def activity_at(self, now: float) -> float:
+        """Last activity as the idle timeout should see it: a command, PTY or code execution that is
+        still running (a long job, a background server) is activity, so it reads as `now`."""
+        return now if self.running > 0 else self.last_activity
 
     def acquire(self) -> None:
         """Take an execution slot or raise ConcurrencyLimitError."""

@@ -103,7 +103,10 @@ class ManagedProcess:
         self.stdin_fd: int | None = popen.stdin.fileno() if popen.stdin is not None else None
         self.stdin_enabled = stdin_enabled
         self.limiter = limiter
+        # Set when a timeout (SANDBOX_EXECUTION_TIMEOUT or the SDK's own) killed the command;
+        # timeout_error is the end event's `error`.
         self.timed_out = False
+        self.timeout_error: str | None = None
         self.finished = asyncio.Event()
         self.end: JsonObject | None = None
         self.started = time.monotonic()
@@ -134,6 +137,16 @@ class ManagedProcess:
             self.publish(data_event(stream, kept))
         if marker:
             self.publish(data_event(stream, marker))
+
+    def expire(self, error: str) -> None:
+        """A timeout ran out: kill the command and report it as timed out (end event, metrics)."""
+        if self.finished.is_set():
+            return
+        # A command whose main process already exited ended on its own; only its leftovers go.
+        if self.popen.returncode is None and not self.timed_out:
+            self.timed_out = True
+            self.timeout_error = error
+        self.kill_group()
 
     def kill_group(self, signum: int = signal.SIGKILL) -> None:
         """Signal the whole process group: the command and everything it started."""
@@ -295,13 +308,12 @@ class ProcessManager:
                     readers.append(_read_fd(pipe.fileno(), _publisher(managed, name)))
         timeout = self.state.config.execution_timeout
         timer: asyncio.TimerHandle | None = None
+        # A PTY is an interactive session, not one execution: the agent cannot see where a typed
+        # command starts or ends, and killing the shell after N s would break terminals. It stays
+        # bounded by the SDK's own `timeout` (enforced in envd.start) and the sandbox's lifetime.
         if timeout > 0 and kind != "pty":
-
-            def expire() -> None:
-                managed.timed_out = True
-                managed.kill_group()
-
-            timer = loop.call_later(timeout, expire)
+            message = f"execution timed out after {timeout:g}s (SANDBOX_EXECUTION_TIMEOUT) and was killed"
+            timer = loop.call_later(timeout, managed.expire, message)
         try:
             returncode = await _wait_exit(managed.popen)
             if readers:
@@ -320,10 +332,7 @@ class ProcessManager:
                     os.close(managed.master_fd)
             self.processes.pop(managed.pid, None)
             self.stats.release(kind, time.monotonic() - managed.started, managed.timed_out)
-        message = None
-        if managed.timed_out:
-            message = f"execution timed out after {timeout:g}s (SANDBOX_EXECUTION_TIMEOUT) and was killed"
-        managed.end = end_event(returncode, message)
+        managed.end = end_event(returncode, managed.timeout_error if managed.timed_out else None)
         managed.publish(managed.end)
         managed.finished.set()
 

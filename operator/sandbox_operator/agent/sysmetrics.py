@@ -206,7 +206,7 @@ def envd_metrics(
         "mem_used_mib": sample.memory_used // mib,
         "disk_used": sample.disk_used,
         "disk_total": sample.disk_total,
-        "last_activity_ts": round(stats.last_activity, 3),
+        "last_activity_ts": round(stats.activity_at(sample.timestamp), 3),
         "executions_running": stats.running,
         "executions_total": sum(stats.executions_total.values()),
     }
@@ -248,8 +248,8 @@ def prometheus_text(sample: ResourceSample, stats: ExecutionStats, sandbox_id: s
     metric(
         "last_activity_timestamp_seconds",
         "gauge",
-        "Unix time of the last API request or execution event.",
-        [({}, stats.last_activity)],
+        "Unix time of the last API request or execution event (now while an execution runs).",
+        [({}, stats.activity_at(sample.timestamp))],
     )
     metric("start_time_seconds", "gauge", "Unix time the agent started.", [({}, stats.started_at)])
     metric("executions_running", "gauge", "Executions running now.", [({}, stats.running)])

@@ -4,6 +4,11 @@ Each round scrapes `http://<podIP>:<envd port>/agent/metrics` of every Running s
 usage table the `/metrics` exporter reads, and — at most once per `status_interval` per sandbox —
 writes the latest snapshot to `status.usage` together with `status.lastActivityAt` when the agent
 saw newer activity (that is what feeds the idle timeout).
+
+A round lasts at most one interval: each scrape has a short timeout (an agent answers in
+milliseconds, a dead one must not hold a slot for the whole interval), scrapes still unfinished
+when the interval ends are cancelled, and the next round starts with the sandboxes scraped least
+recently, so none is starved. Numbers older than STALE_AFTER_INTERVALS rounds are withdrawn.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import contextlib
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
@@ -27,6 +32,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Upper bound of one scrape (the interval, if shorter).
+MAX_SCRAPE_TIMEOUT: Final = 3.0
+# A sandbox without a successful scrape for this many intervals shows `sandbox_up 0`, no numbers.
+STALE_AFTER_INTERVALS: Final = 3.0
+
+
+def scrape_timeout(interval: float) -> float:
+    return max(0.1, min(interval, MAX_SCRAPE_TIMEOUT))
+
 
 class UsageCollector:
     def __init__(self, rt: Runtime) -> None:
@@ -36,8 +50,13 @@ class UsageCollector:
         self.status_interval = config.usage_status_interval
         self.metadata_keys = config.metric_metadata_keys
         self.port = config.agent_port
+        self.scrape_timeout = scrape_timeout(self.interval)
         self.usage: dict[Key, SandboxUsage] = {}
+        # What each entry's labels and limits were computed from: (sandbox, template) resourceVersion.
+        self._entry_sources: dict[Key, tuple[str, str]] = {}
         self._last_status_write: dict[Key, float] = {}
+        # Monotonic time each sandbox's last scrape started: the next round goes oldest first.
+        self._attempted: dict[Key, float] = {}
         self._limit = asyncio.Semaphore(config.usage_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -57,7 +76,9 @@ class UsageCollector:
 
     def forget(self, key: Key) -> None:
         self.usage.pop(key, None)
+        self._entry_sources.pop(key, None)
         self._last_status_write.pop(key, None)
+        self._attempted.pop(key, None)
 
     async def _run(self) -> None:
         while True:
@@ -81,32 +102,66 @@ class UsageCollector:
         for key in list(self.usage):
             if key not in targets:
                 self.forget(key)
+        for key in list(self._attempted):
+            if key not in targets:
+                self._attempted.pop(key, None)
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.interval)))
-        await asyncio.gather(*(self._scrape(key, body) for key, body in targets.items()))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.scrape_timeout))
+        # Least recently scraped first: what a cut-short round skipped goes first in the next one.
+        order = sorted(targets, key=lambda k: self._attempted.get(k, float("-inf")))
+        tasks = [asyncio.create_task(self._scrape(key, targets[key])) for key in order]
+        if tasks:
+            budget = max(self.interval, self.scrape_timeout)
+            done, pending = await asyncio.wait(tasks, timeout=budget)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.info("usage round cut short after %.1fs: %d of %d scrapes left for the next round",
+                         budget, len(pending), len(tasks))
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("usage scrape failed", exc_info=task.exception())
+        self._withdraw_stale(time.time())
+
+    def _withdraw_stale(self, now: float) -> None:
+        oldest = now - STALE_AFTER_INTERVALS * max(self.interval, self.scrape_timeout)
+        for entry in self.usage.values():
+            if entry.up and entry.sampled_at < oldest:
+                entry.record_unreachable()
 
     def _entry(self, key: Key, body: JSON) -> SandboxUsage | None:
-        entry = self.usage.get(key)
-        if entry is not None:
-            return entry
         spec = body.get("spec") or {}
-        template_body = self.rt.store.templates.get(spec.get("template", ""))
+        template_name = str(spec.get("template", ""))
+        template_body = self.rt.store.template_for(template_name, started=True)
+        entry = self.usage.get(key)
         if template_body is None:
-            return None
+            return entry  # keep what is known; limits cannot be resolved without the template
+        sources = (
+            str((body.get("metadata") or {}).get("resourceVersion", "")),
+            str((template_body.get("metadata") or {}).get("resourceVersion", "")),
+        )
+        if entry is not None and self._entry_sources.get(key) == sources:
+            return entry
+        # New, or the sandbox or its template changed: labels (metadata) and limits may differ.
         template = SandboxTemplate.from_body(template_body)
         resources = resolve_resources(Sandbox.from_body(body).spec, template.spec)
         metadata = spec.get("metadata") or {}
         allow_listed = (str(metadata.get(k, "")) for k in self.metadata_keys)
-        labels = (key[0], key[1], str(spec.get("template", "")), *allow_listed)
-        entry = SandboxUsage(
-            labels=labels,
-            limits=Limits(
-                cpu_cores=resources.cpu_millicores / 1000,
-                memory_bytes=float(resources.memory_bytes),
-                disk_bytes=float(resources.disk_bytes),
-            ),
+        labels = (key[0], key[1], template_name, *allow_listed)
+        limits = Limits(
+            cpu_cores=resources.cpu_millicores / 1000,
+            memory_bytes=float(resources.memory_bytes),
+            disk_bytes=float(resources.disk_bytes),
         )
-        self.usage[key] = entry
+        self._entry_sources[key] = sources
+        if entry is None:
+            entry = SandboxUsage(labels=labels, limits=limits)
+            self.usage[key] = entry
+        else:
+            # In place: the exporter reads labels at scrape time, so the old series disappear with
+            # the old values, and the CPU rate carries on from the previous sample.
+            entry.labels, entry.limits = labels, limits
         return entry
 
     async def _scrape(self, key: Key, body: JSON) -> None:
@@ -115,6 +170,7 @@ class UsageCollector:
             return
         url = f"http://{body['status']['podIP']}:{self.port}/agent/metrics"
         async with self._limit:
+            self._attempted[key] = time.monotonic()
             try:
                 async with self._session.get(url) as response:
                     response.raise_for_status()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sandbox_operator import __version__
@@ -40,7 +40,7 @@ class PoolCount:
 
 
 class _SnapshotCollector(Collector):
-    """Turns the store's current view into gauges at scrape time."""
+    """Turns the store's current view (and the client's write count) into families at scrape time."""
 
     def __init__(
         self,
@@ -80,9 +80,10 @@ class _SnapshotCollector(Collector):
         yield ready
         yield claimed
 
-        writes = GaugeMetricFamily(
-            f"{PREFIX}_api_writes",
-            "API write requests sent since start, by verb and resource (a counter kept by the client).",
+        # The client only ever adds to its count: a counter (exposed as ..._api_writes_total).
+        writes = CounterMetricFamily(
+            f"{PREFIX}_api_writes_total",
+            "API write requests sent since start, by verb and resource.",
             labels=["verb", "resource"],
         )
         for (verb, resource), count in sorted(self._writes().items()):
@@ -102,7 +103,8 @@ class LifecycleMetrics:
         self.transitions = PromCounter(
             f"{PREFIX}_transitions_total",
             "Lifecycle phase transitions, by from-phase, to-phase and reason.",
-            ["from_phase", "to_phase", "reason"],
+            # `from`/`to` are valid label names (issue 6); set them positionally: `from` is a Python keyword.
+            ["from", "to", "reason"],
             registry=r,
         )
         self.time_to_running = Histogram(
