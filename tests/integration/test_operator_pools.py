@@ -87,3 +87,83 @@ def test_pool_scales_down(cluster: Cluster, namespace: str) -> None:
         timeout=60,
         message="warm pods removed",
     )
+
+
+def pool_status(cluster: Cluster, namespace: str) -> dict:  # type: ignore[type-arg]
+    return dict((cluster.get_json("sandboxpool", "warm", "-n", namespace) or {}).get("status") or {})
+
+
+def workspace_of(pod: dict) -> str:  # type: ignore[type-arg]
+    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    return str(claim)
+
+
+def pool_claims(cluster: Cluster, namespace: str) -> set[str]:
+    listing = cluster.get_json("pvc", "-n", namespace, "-l", "sandbox.dev/pool=warm") or {}
+    return {c["metadata"]["name"] for c in listing.get("items", []) if not c["metadata"].get("deletionTimestamp")}
+
+
+def test_a_failed_warm_pod_is_replaced(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(POOL, namespace)
+    wait_until(lambda: len(warm_pods(cluster, namespace)) == 2, timeout=60, message="2 warm pods")
+    victim = warm_pods(cluster, namespace)[0]
+    name, claim = victim["metadata"]["name"], workspace_of(victim)
+    patch = {"status": {"phase": "Failed", "reason": "Evicted", "message": "the node was low on memory"}}
+    cluster.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps(patch))
+
+    wait_until(lambda: cluster.get_json("pod", name, "-n", namespace) is None, timeout=60,
+               message=f"failed warm pod {name} deleted")
+    wait_until(lambda: cluster.get_json("pvc", claim, "-n", namespace) is None, timeout=60,
+               message=f"its workspace claim {claim} deleted")
+    wait_until(
+        lambda: len(warm_pods(cluster, namespace)) == 2 and pool_status(cluster, namespace).get("ready") == 2,
+        timeout=60,
+        message="pool back to 2 ready warm pods",
+    )
+    assert name not in {p["metadata"]["name"] for p in warm_pods(cluster, namespace)}
+
+
+def test_a_warm_pod_deleted_out_of_band_leaves_no_claim_behind(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(POOL, namespace)
+    wait_until(lambda: len(warm_pods(cluster, namespace)) == 2, timeout=60, message="2 warm pods")
+    victim = warm_pods(cluster, namespace)[0]
+    name, claim = victim["metadata"]["name"], workspace_of(victim)
+    cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=false")
+
+    # The claim goes once no pod uses it (after a short grace period the operator allows new claims).
+    wait_until(lambda: cluster.get_json("pvc", claim, "-n", namespace) is None, timeout=60,
+               message=f"workspace claim {claim} of the deleted warm pod deleted")
+
+    def refilled_without_leaks() -> bool:
+        pods = warm_pods(cluster, namespace)
+        return len(pods) == 2 and pool_claims(cluster, namespace) == {workspace_of(p) for p in pods}
+
+    wait_until(refilled_without_leaks, timeout=60, message="2 warm pods, one claim each, no other pool claims")
+
+
+def test_status_claimed_counts_sandboxes_on_claimed_pods(cluster: Cluster, operator: OperatorProcess,
+                                                         namespace: str) -> None:
+    cluster.apply(POOL, namespace)
+
+    def status_is(ready: int, claimed: int) -> bool:
+        status = pool_status(cluster, namespace)
+        return status.get("ready") == ready and status.get("claimed") == claimed
+
+    wait_until(lambda: status_is(2, 0), timeout=60, message="pool status ready=2, claimed=0")
+    for name in ("pooled-a", "pooled-b"):
+        cluster.apply(sandbox_manifest(name), namespace)
+        body = wait_phase(cluster, namespace, name, "Running")
+        pod = cluster.get_json("pod", body["status"]["podName"], "-n", namespace)
+        assert pod["metadata"]["annotations"].get("sandbox.dev/claimed-from-pool") == "warm", f"{name} cold-started"
+        # The next one must find a ready warm pod too.
+        wait_until(lambda: pool_status(cluster, namespace).get("ready") == 2, timeout=60, message="pool refilled")
+    wait_until(lambda: pool_status(cluster, namespace).get("claimed") == 2, timeout=30, message="claimed=2")
+
+    # A suspended sandbox no longer runs on the pod it took: it stops counting.
+    cluster.kubectl("patch", "sandbox", "pooled-a", "-n", namespace, "--type=merge", "-p",
+                    '{"spec":{"suspended":true}}')
+    wait_phase(cluster, namespace, "pooled-a", "Suspended")
+    wait_until(lambda: pool_status(cluster, namespace).get("claimed") == 1, timeout=30, message="claimed=1")
+    series = f'sandbox_operator_pool_claimed{{namespace="{namespace}",pool="warm"}} 1.0'
+    wait_until(lambda: series in operator.metrics_text(), timeout=30, message=f"metric {series}")

@@ -765,7 +765,7 @@ class SandboxPoolStatus(_StatusModel):
 
     ready: int | None = Field(default=None, ge=0, description="Warm pods ready to be claimed.")
     claimed: int | None = Field(
-        default=None, ge=0, description="Pods claimed by Sandboxes since the pool started."
+        default=None, ge=0, description="Sandboxes running now on a pod they claimed from this pool."
     )
     conditions: list[Condition] | None = Field(
         default=None,

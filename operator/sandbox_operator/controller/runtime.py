@@ -152,9 +152,11 @@ class Runtime:
             self.store.delete_pvc(key)
         else:
             self.store.put_pvc(body)
-        owner = ((body.get("metadata") or {}).get("labels") or {}).get(SANDBOX_LABEL)
-        if owner:
-            self.queue.add(("sandbox", key[0], owner))
+        labels = (body.get("metadata") or {}).get("labels") or {}
+        if labels.get(SANDBOX_LABEL):
+            self.queue.add(("sandbox", key[0], labels[SANDBOX_LABEL]))
+        elif labels.get(POOL_LABEL):
+            self.queue.add(("pool", key[0], labels[POOL_LABEL]))  # a leaked warm claim gets swept
 
     # --- workers ---------------------------------------------------------------------------------
 

@@ -1,45 +1,157 @@
-"""Pure rules of SandboxPool: how many warm pods to add or remove, which pod may be claimed, and
-whether a warm pod is interchangeable with the pod a given Sandbox would get."""
+"""Pure rules of SandboxPool: how many warm pods to add or remove, which pod may be claimed, which
+workspace claims the pool has leaked, and whether a warm pod is interchangeable with the pod a given
+Sandbox would get."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
+
+from sandbox_operator.lifecycle.status import parse_time
+from sandbox_operator.resources.names import SANDBOX_LABEL
+
+# Same key as controller.store.POOL_LABEL (the store indexes warm pods by it); repeated here so the
+# pure core does not import the controller.
+POOL_LABEL = "sandbox.dev/pool"
+SIGNATURE_ANNOTATION = "sandbox.dev/pod-signature"
+CLAIMED_FROM_ANNOTATION = "sandbox.dev/claimed-from-pool"
 
 # Env vars that name the sandbox itself: they differ between a warm pod and its claimant by design.
 IDENTITY_ENV = frozenset({"SANDBOX_ID"})
+# A pod in one of these phases never runs again (restartPolicy Never): it can serve no one.
+FINISHED_PHASES = frozenset({"Failed", "Succeeded"})
 
 
 @dataclass(frozen=True, slots=True)
 class PoolPlan:
     ready: int
     to_create: int
+    to_delete: tuple[str, ...]  # stale pods first, then the surplus
+    stale: tuple[str, ...] = ()  # the part of to_delete that is replaced (finished or outdated)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimSweep:
     to_delete: tuple[str, ...]
+    recheck_at: datetime | None  # when an orphan still inside its grace period may go
+
+
+def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def _deleting(obj: Mapping[str, Any]) -> bool:
+    return bool(_metadata(obj).get("deletionTimestamp"))
 
 
 def is_claimable(pod: Mapping[str, Any]) -> bool:
     """A warm pod that is Running, Ready and not being deleted."""
-    metadata = pod.get("metadata") or {}
     status = pod.get("status") or {}
-    if metadata.get("deletionTimestamp") or status.get("phase") != "Running":
+    if _deleting(pod) or status.get("phase") != "Running":
         return False
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-def plan_pool(size: int, pods: Sequence[Mapping[str, Any]]) -> PoolPlan:
-    """Keep `size` live warm pods: create the shortfall, delete the surplus (not-ready ones first)."""
-    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    ready = sum(1 for p in live if is_claimable(p))
-    surplus = max(0, len(live) - size)
-    by_readiness = sorted(live, key=lambda p: (is_claimable(p), p["metadata"]["name"]))
-    return PoolPlan(
-        ready=ready,
-        to_create=max(0, size - len(live)),
-        to_delete=tuple(p["metadata"]["name"] for p in by_readiness[:surplus]),
+def is_stale(pod: Mapping[str, Any], signature: str | None) -> bool:
+    """A warm pod that can never be claimed: it has finished, or it was built from another version of
+    the template (or by another operator version), so no Sandbox's pod would match it.
+
+    `signature` is the pool's current warm-pod signature; None when unknown (template missing), and
+    then only finished pods are stale.
+    """
+    if (pod.get("status") or {}).get("phase") in FINISHED_PHASES:
+        return True
+    if signature is None:
+        return False
+    return (_metadata(pod).get("annotations") or {}).get(SIGNATURE_ANNOTATION) != signature
+
+
+def plan_pool(
+    size: int,
+    pods: Sequence[Mapping[str, Any]],
+    signature: str | None = None,
+    unusable: Collection[str] = (),
+) -> PoolPlan:
+    """Keep `size` live, current warm pods: replace stale ones (`is_stale`, or named in `unusable`,
+    e.g. a pod whose workspace claim is gone), create the shortfall, delete the surplus (not-ready
+    ones first). Pods being deleted count for nothing."""
+    live = [p for p in pods if not _deleting(p)]
+    stale = sorted(
+        str(p["metadata"]["name"]) for p in live if is_stale(p, signature) or p["metadata"]["name"] in unusable
     )
+    stale_names = set(stale)
+    healthy = [p for p in live if p["metadata"]["name"] not in stale_names]
+    surplus = max(0, len(healthy) - size)
+    by_readiness = sorted(healthy, key=lambda p: (is_claimable(p), p["metadata"]["name"]))
+    return PoolPlan(
+        ready=sum(1 for p in healthy if is_claimable(p)),
+        to_create=max(0, size - len(healthy)),
+        to_delete=(*stale, *(str(p["metadata"]["name"]) for p in by_readiness[:surplus])),
+        stale=tuple(stale),
+    )
+
+
+def is_pool_claim(pool: str, claim: Mapping[str, Any]) -> bool:
+    """A workspace claim that still belongs to the pool. A Sandbox's claim of a warm pod relabels the
+    claim (pool label off, sandbox label on) before it touches the pod, so a claim with the pool's
+    label and no sandbox label has not been handed to anyone."""
+    labels = _metadata(claim).get("labels") or {}
+    return labels.get(POOL_LABEL) == pool and SANDBOX_LABEL not in labels
+
+
+def orphaned_claims(
+    pool: str,
+    claims: Sequence[Mapping[str, Any]],
+    in_use: Collection[str],
+    now: datetime,
+    grace: timedelta,
+    released: Collection[str] = (),
+) -> ClaimSweep:
+    """The pool's workspace claims that no pod uses (`in_use`: claim names mounted by any pod in the
+    namespace), e.g. that of a warm pod deleted behind the operator's back.
+
+    A claim younger than `grace` is kept (its pod may exist but not be in the store yet: the claim is
+    created before its pod); `recheck_at` says when to look again. `released` names claims whose pod
+    the caller has just deleted itself: no doubt there, no grace.
+    """
+    to_delete: list[str] = []
+    recheck_at: datetime | None = None
+    for claim in claims:
+        name = str(claim["metadata"]["name"])
+        if not is_pool_claim(pool, claim) or _deleting(claim) or name in in_use:
+            continue
+        created = parse_time(_metadata(claim).get("creationTimestamp"))
+        # The API server always sets creationTimestamp; without one, the claim's age is unknown and
+        # it is treated as old (keeping it would leak it forever).
+        if name not in released and created is not None and created + grace > now:
+            eligible = created + grace
+            recheck_at = eligible if recheck_at is None else min(recheck_at, eligible)
+            continue
+        to_delete.append(name)
+    return ClaimSweep(to_delete=tuple(sorted(to_delete)), recheck_at=recheck_at)
+
+
+def count_claimed(pool: str, pods: Sequence[Mapping[str, Any]]) -> int:
+    """Sandboxes running now on a pod claimed from `pool` (status.claimed).
+
+    A claimed pod keeps the claimed-from annotation for its whole life; a resume or recreate builds
+    a new pod without it, so a sandbox counts while it runs on the warm pod it took.
+    """
+    count = 0
+    for pod in pods:
+        metadata = _metadata(pod)
+        if (metadata.get("annotations") or {}).get(CLAIMED_FROM_ANNOTATION) != pool:
+            continue
+        if SANDBOX_LABEL not in (metadata.get("labels") or {}) or _deleting(pod):
+            continue
+        if (pod.get("status") or {}).get("phase") in FINISHED_PHASES:
+            continue
+        count += 1
+    return count
 
 
 def pod_signature(pod: Mapping[str, Any]) -> str:
