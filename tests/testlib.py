@@ -196,8 +196,11 @@ class PodAgents:
     Agents of pods that are gone are stopped. At most `limit` agents run at once.
     """
 
-    def __init__(self, cluster: Cluster, namespace: str, workdir: Path, limit: int = 10) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, workdir: Path, limit: int = 10, *, interpreter: bool = False
+    ) -> None:
         self.cluster, self.namespace, self.workdir, self.limit = cluster, namespace, workdir, limit
+        self.interpreter = interpreter  # also serve the code interpreter on 49999 (Jupyter kernels)
         self.agents: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}  # pod uid -> (ip, process)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"pod-agents-{namespace}", daemon=True)
@@ -221,21 +224,26 @@ class PodAgents:
                 if status.get("phase") == "Running" and status.get("podIP") and not pod["metadata"].get(
                     "deletionTimestamp"
                 ):
-                    live[pod["metadata"]["uid"]] = status["podIP"]
+                    live[pod["metadata"]["uid"]] = (status["podIP"], _container_env(pod), _workspace(pod))
             for uid in [u for u in self.agents if u not in live]:
                 self._stop_agent(uid)
-            for uid, ip in live.items():
+            for uid, (ip, env, workspace) in live.items():
                 if uid not in self.agents and len(self.agents) < self.limit:
-                    self._start_agent(uid, ip)
+                    self._start_agent(uid, ip, env, workspace)
 
-    def _start_agent(self, uid: str, ip: str) -> None:
-        workdir = self.workdir / uid
+    def _start_agent(self, uid: str, ip: str, env: dict[str, str], workspace: str | None) -> None:
+        # A directory per workspace claim (per pod without one): a resumed sandbox finds its files.
+        workdir = self.workdir / (workspace or uid)
         workdir.mkdir(parents=True, exist_ok=True)
         log = open(workdir / "agent.log", "ab")  # noqa: SIM115 - owned by the child process
         process = subprocess.Popen(
             [sys.executable, "-m", "sandbox_operator.agent", "--host", ip, "--envd-port", "49983",
-             "--interpreter-port", "0", "--workdir", str(workdir), "--no-prewarm-kernel"],
+             "--interpreter-port", "49999" if self.interpreter else "0", "--workdir", str(workdir),
+             "--no-prewarm-kernel"],
             stdout=log, stderr=subprocess.STDOUT,
+            # The container's env, as the kubelet would set it (the sandbox's spec.env among it),
+            # except the workspace path, which is a directory of this test here.
+            env={**os.environ, **{k: v for k, v in env.items() if k != "SANDBOX_WORKDIR"}},
         )
         log.close()
         self.agents[uid] = (ip, process)
@@ -249,6 +257,18 @@ class PodAgents:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+
+def _workspace(pod: dict[str, Any]) -> str | None:
+    for volume in (pod.get("spec") or {}).get("volumes") or ():
+        if "persistentVolumeClaim" in volume:
+            return str(volume["persistentVolumeClaim"]["claimName"])
+    return None
+
+
+def _container_env(pod: dict[str, Any]) -> dict[str, str]:
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    return {item["name"]: item["value"] for item in containers[0].get("env") or () if "value" in item}
 
 
 def http_json(url: str, body: Any = None, timeout: float = 30) -> Any:

@@ -37,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--agent-port", type=int, default=49983, help="the agent's envd port in sandbox pods")
     run.add_argument("--metric-metadata-key", action="append", default=[], dest="metric_metadata_keys",
                      help="a spec.metadata key exported as a metric label (repeatable; keep the set small)")
+    gateway = sub.add_parser("gateway", help="serve the E2B control-plane API and the sandbox data-plane proxy")
+    gateway.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster, else KUBECONFIG)")
+    gateway.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    gateway.add_argument("--bind-address", default="0.0.0.0", help="address of the API/proxy and metrics ports")
+    gateway.add_argument("--port", type=int, default=3000, help="E2B API and data-plane proxy port")
+    gateway.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
+    gateway.add_argument("--keys-namespace", default="sandbox-system",
+                         help="namespace of the API key Secrets (label sandbox.dev/api-key=true)")
+    gateway.add_argument("--domain", default=None,
+                         help="sandbox domain returned to SDKs ({port}-{id}.<domain> routes here); unset: clients "
+                              "use E2B_SANDBOX_URL")
+    gateway.add_argument("--token-key-file", default=None,
+                         help="file with the key sandbox access tokens derive from (else $SANDBOX_GATEWAY_TOKEN_KEY)")
+    gateway.add_argument("--create-timeout", type=float, default=120.0,
+                         help="seconds a create or resume waits for the sandbox to serve")
     return parser
 
 
@@ -67,6 +82,13 @@ def main(argv: list[str] | None = None) -> None:
             metric_metadata_keys=tuple(args.metric_metadata_keys),
         )
         sys.exit(run_operator(config))
+    if args.command == "gateway":
+        from sandbox_operator.gateway.main import run_gateway
+
+        sys.exit(run_gateway(kubeconfig=args.kubeconfig, host=args.bind_address, port=args.port,
+                             metrics_port=args.metrics_port, keys_namespace=args.keys_namespace,
+                             domain=args.domain, token_key_file=args.token_key_file,
+                             create_timeout=args.create_timeout))
 
 
 if __name__ == "__main__":

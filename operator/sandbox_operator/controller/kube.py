@@ -12,7 +12,7 @@ import json
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +172,24 @@ class KubeClient:
         if status >= 400:
             raise ApiError(status, payload, method, path)
         return payload
+
+    async def watch_lines(self, path: str, params: Mapping[str, str]) -> AsyncIterator[JSON]:
+        """The events of a watch request (`params` carries watch=1 and resourceVersion), one JSON
+        object per line, until the server closes the stream. Outside the in-flight limit: a watch
+        lasts minutes."""
+        session = await self._get_session()
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=self._timeout.total)
+        async with session.get(self.credentials.server + path, params=params, timeout=timeout) as response:
+            if response.status >= 400:
+                raw = await response.read()
+                try:
+                    payload: Any = json.loads(raw)
+                except ValueError:
+                    payload = raw.decode(errors="replace")
+                raise ApiError(response.status, payload, "GET", path)
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> JSON | None:
         try:

@@ -1,0 +1,342 @@
+"""The E2B control-plane API as pure functions: request bodies → Sandbox objects, Sandbox objects →
+E2B JSON, routing of data-plane requests. No I/O here; gateway.server does the talking.
+
+Field names follow ../shared/e2b/COMPAT.md §4.3 exactly (they are what the unmodified SDKs parse).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from sandbox_operator.agent import ENVD_COMPATIBLE_VERSION
+from sandbox_operator.api import API_VERSION, Phase, resolve_resources
+from sandbox_operator.api.v1alpha1 import SandboxSpec, SandboxTemplateSpec
+from sandbox_operator.resources.names import sandbox_id_for
+
+JSON = dict[str, Any]
+
+CLIENT_ID = "sandbox-operator"
+DEFAULT_TIMEOUT_S = 300  # the SDK's documented server default
+MAX_LIST_LIMIT = 100
+# The SDKs' default template names, served by our templates of the same purpose.
+TEMPLATE_ALIASES = {"code-interpreter-v1": "code-interpreter"}
+CREATED_BY_ANNOTATION = "sandbox.dev/created-by"
+ENVD_PORT, INTERPRETER_PORT = 49983, 49999
+# envd endpoints that only the orchestrator may call: never proxied from outside (COMPAT §7).
+INTERNAL_PATHS = frozenset({"/init", "/freeze", "/unfreeze", "/collapse", "/fsfreeze", "/fsthaw", "/files/compose"})
+RUNNING_PHASES = frozenset({Phase.CREATING, Phase.RUNNING, Phase.RESUMING})
+PAUSED_PHASES = frozenset({Phase.SUSPENDING, Phase.SUSPENDED})
+
+
+class BadRequest(ValueError):
+    """A request the API refuses with 400 and this message."""
+
+
+# --- identity and tokens ---------------------------------------------------------------------------
+
+
+def sandbox_id_of(body: Mapping[str, Any]) -> str:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    return str(status.get("sandboxID") or sandbox_id_for(meta["namespace"], meta["name"], meta["uid"]))
+
+
+def access_token(key: bytes, body: Mapping[str, Any]) -> str:
+    """The sandbox's envd access token: derived from the gateway key and the object's identity, so
+    the gateway can check it without storing it, and a re-created sandbox gets a new one."""
+    meta = body.get("metadata") or {}
+    digest = hmac.new(key, f"{meta['namespace']}/{meta['name']}/{meta['uid']}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def api_key_digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    """`e2b_` + 40 hex characters: the shape older SDKs validate."""
+    return "e2b_" + secrets.token_hex(20)
+
+
+# --- create ----------------------------------------------------------------------------------------
+
+
+def _string_map(value: Any, field: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BadRequest(f"{field} must be an object of string values")
+    return dict(value)
+
+
+def seconds(value: Any, field: str, default: int | None = None) -> int:
+    if value is None:
+        if default is None:
+            raise BadRequest(f"{field} is required")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{field} must be a non-negative integer number of seconds")
+    return value
+
+
+def template_name(template_id: Any) -> str:
+    if not isinstance(template_id, str) or not template_id:
+        raise BadRequest("templateID is required")
+    return template_id
+
+
+def sandbox_from_request(request: Mapping[str, Any], *, namespace: str, template: str) -> JSON:
+    """A Sandbox object for POST /v2/sandboxes (or the v1 POST /sandboxes) in `namespace`."""
+    if request.get("autoPause"):
+        raise BadRequest("autoPause is not supported: a sandbox ends at its timeout (pause it explicitly)")
+    timeout = seconds(request.get("timeout"), "timeout", DEFAULT_TIMEOUT_S)
+    spec: JSON = {
+        "template": template,
+        # E2B's timeout is the sandbox's whole life from now; there is no idle clock.
+        "timeouts": {"maxLifetime": f"{timeout}s", "idle": "0"},
+        "metadata": _string_map(request.get("metadata"), "metadata"),
+        "env": _string_map(request.get("envVars"), "envVars"),
+    }
+    network = _network_from_request(request)
+    if network:
+        spec["network"] = network
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Sandbox",
+        # E2B sandboxes have no names: a random one, shaped like a DNS label.
+        "metadata": {"name": f"e2b-{secrets.token_hex(6)}", "namespace": namespace,
+                     "annotations": {CREATED_BY_ANNOTATION: "e2b-api"}},
+        "spec": spec,
+    }
+
+
+def _network_from_request(request: Mapping[str, Any]) -> JSON:
+    network = request.get("network")
+    allow_internet = request.get("allow_internet_access")
+    if network is not None and not isinstance(network, Mapping):
+        raise BadRequest("network must be an object")
+    allow_out = list((network or {}).get("allowOut") or [])
+    deny_out = list((network or {}).get("denyOut") or [])
+    unsupported = sorted(set(network or {}) - {"allowOut", "denyOut"})
+    if unsupported:
+        raise BadRequest(f"network.{unsupported[0]} is not supported (allowOut and denyOut are)")
+    if allow_out:
+        if deny_out not in ([], ["0.0.0.0/0"]):
+            raise BadRequest('network.denyOut must be ["0.0.0.0/0"] (or empty) when allowOut is set')
+        return {"egress": {"allow": [_allow_entry(entry) for entry in allow_out]}}
+    if deny_out:
+        if deny_out != ["0.0.0.0/0"]:
+            raise BadRequest('network.denyOut supports only ["0.0.0.0/0"] (deny everything)')
+        return {"egress": "deny"}
+    if allow_internet is False:
+        return {"egress": "deny"}
+    if allow_internet is True:
+        return {"egress": "allow"}
+    return {}
+
+
+def _allow_entry(entry: Any) -> str:
+    """E2B allows bare IPs and host names; our allow-list takes CIDRs and host:port."""
+    if not isinstance(entry, str) or not entry:
+        raise BadRequest("network.allowOut entries must be non-empty strings")
+    if re.fullmatch(r"[0-9.]+", entry):
+        return f"{entry}/32"
+    if ":" in entry or "/" in entry:
+        return entry
+    return f"{entry}:443"
+
+
+def lifetime_for_timeout(created: datetime, now: datetime, timeout: int) -> str:
+    """maxLifetime (counted from creation) that ends the sandbox `timeout` seconds from `now`."""
+    return f"{math.ceil((now - created).total_seconds()) + timeout}s"
+
+
+# --- responses -------------------------------------------------------------------------------------
+
+
+def phase_of(body: Mapping[str, Any]) -> str | None:
+    phase = (body.get("status") or {}).get("phase")
+    return str(phase) if phase else None
+
+
+def state_of(body: Mapping[str, Any]) -> str | None:
+    """E2B's state: running / paused; None for sandboxes the API no longer shows (ended or failed)."""
+    phase = phase_of(body)
+    if phase is None or phase in RUNNING_PHASES:
+        return "running"
+    if phase in PAUSED_PHASES:
+        return "paused"
+    return None
+
+
+def sandbox_response(body: Mapping[str, Any], token: str, domain: str | None) -> JSON:
+    """The `Sandbox` schema (create / connect)."""
+    return {
+        "templateID": body["spec"]["template"],
+        "sandboxID": sandbox_id_of(body),
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_COMPATIBLE_VERSION,
+        "envdAccessToken": token,
+        "trafficAccessToken": token,
+        "domain": domain,
+        "alias": body["spec"]["template"],
+    }
+
+
+def _time(value: Any, fallback: datetime) -> str:
+    if isinstance(value, str) and value:
+        return value
+    return fallback.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _created(body: Mapping[str, Any]) -> datetime:
+    stamp = (body.get("metadata") or {}).get("creationTimestamp")
+    if isinstance(stamp, str) and stamp:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return datetime.now(UTC)
+
+
+def sandbox_detail(body: Mapping[str, Any], template: Mapping[str, Any] | None, token: str | None) -> JSON:
+    """`SandboxDetail` / `ListedSandbox`: every required field, sizes from the effective resources."""
+    status = body.get("status") or {}
+    created = _created(body)
+    started = _time(status.get("startedAt"), created)
+    # No maxLifetime means no end: report a distant one (the field is required).
+    end = _time(status.get("expiresAt"), created + timedelta(days=3650))
+    cpu, memory_mb, disk_mb = 1, 512, 1024
+    if template is not None:
+        resources = resolve_resources(
+            SandboxSpec.model_validate(body["spec"]), SandboxTemplateSpec.model_validate(template["spec"])
+        )
+        cpu = max(1, math.ceil(resources.cpu_millicores / 1000))
+        memory_mb = resources.memory_bytes // (1024 * 1024)
+        disk_mb = resources.disk_bytes // (1024 * 1024)
+    detail: JSON = {
+        "templateID": body["spec"]["template"],
+        "alias": body["spec"]["template"],
+        "sandboxID": sandbox_id_of(body),
+        "clientID": CLIENT_ID,
+        "startedAt": started,
+        "endAt": end,
+        "envdVersion": ENVD_COMPATIBLE_VERSION,
+        "cpuCount": cpu,
+        "memoryMB": memory_mb,
+        "diskSizeMB": disk_mb,
+        "state": state_of(body) or "running",
+        "metadata": dict(body["spec"].get("metadata") or {}),
+    }
+    if token is not None:
+        detail["envdAccessToken"] = token
+    return detail
+
+
+def metric_from_agent(sample: Mapping[str, Any]) -> JSON:
+    """A `SandboxMetric` from the agent's envd GET /metrics JSON."""
+    timestamp = int(sample.get("ts") or datetime.now(UTC).timestamp())
+    return {
+        "timestamp": datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "timestampUnix": timestamp,
+        "cpuCount": int(sample.get("cpu_count") or 1),
+        "cpuUsedPct": float(sample.get("cpu_used_pct") or 0.0),
+        "memUsed": int(sample.get("mem_used") or 0),
+        "memTotal": int(sample.get("mem_total") or 0),
+        "memCache": int(sample.get("mem_cache") or 0),
+        "diskUsed": int(sample.get("disk_used") or 0),
+        "diskTotal": int(sample.get("disk_total") or 0),
+    }
+
+
+def error_body(code: int, message: str) -> JSON:
+    return {"code": code, "message": message}
+
+
+# --- listing ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    states: frozenset[str]
+    metadata: dict[str, str]
+    template: str | None
+    limit: int
+    after: str | None  # nextToken: the sandbox ID the previous page ended with
+
+
+def parse_list_query(query: Mapping[str, str]) -> ListQuery:
+    states = frozenset(s for s in (query.get("state") or "").split(",") if s) or frozenset({"running", "paused"})
+    unknown = states - {"running", "paused"}
+    if unknown:
+        raise BadRequest(f"state must be running and/or paused, not {sorted(unknown)[0]!r}")
+    try:
+        limit = int(query.get("limit") or MAX_LIST_LIMIT)
+    except ValueError:
+        raise BadRequest("limit must be an integer") from None
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    return ListQuery(states, parse_metadata_filter(query.get("metadata") or ""), query.get("template") or None,
+                     limit, query.get("nextToken") or None)
+
+
+def parse_metadata_filter(value: str) -> dict[str, str]:
+    """The SDK URL-quotes each key and value, then url-encodes `k=v&...` (COMPAT §4.2): after the
+    framework's decoding of the query, parse it as a query string and unquote once more."""
+    return {unquote(k): unquote(v) for k, v in parse_qsl(value, keep_blank_values=True)}
+
+
+def matches(body: Mapping[str, Any], query: ListQuery) -> bool:
+    state = state_of(body)
+    if state is None or state not in query.states:
+        return False
+    if query.template and body["spec"]["template"] not in (query.template, TEMPLATE_ALIASES.get(query.template)):
+        return False
+    metadata = body["spec"].get("metadata") or {}
+    return all(metadata.get(k) == v for k, v in query.metadata.items())
+
+
+def page(items: list[JSON], query: ListQuery) -> tuple[list[JSON], str | None]:
+    """Items ordered by sandbox ID; a page of `limit` after `query.after`, and the next token."""
+    ordered = sorted(items, key=lambda item: str(item["sandboxID"]))
+    if query.after:
+        ordered = [item for item in ordered if item["sandboxID"] > query.after]
+    chosen = ordered[: query.limit]
+    more = len(ordered) > query.limit
+    return chosen, (str(chosen[-1]["sandboxID"]) if more and chosen else None)
+
+
+# --- data-plane routing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    sandbox_id: str
+    port: int
+
+
+_HOST_ROUTE = re.compile(r"^(?P<port>\d{1,5})-(?P<id>[a-z0-9]+)\.")
+
+
+def route_of(headers: Mapping[str, str], host: str) -> Route | str | None:
+    """Where a data-plane request goes: the E2b-Sandbox-Id/-Port headers, else the Host's left-most
+    label `{port}-{id}`. None: not a data-plane request. A string: a malformed one (the reason)."""
+    sandbox = headers.get("E2b-Sandbox-Id")
+    port = headers.get("E2b-Sandbox-Port")
+    if sandbox or port:
+        if not (sandbox and port):
+            return "both E2b-Sandbox-Id and E2b-Sandbox-Port are required"
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            return f"invalid E2b-Sandbox-Port {port!r}"
+        return Route(sandbox, int(port))
+    found = _HOST_ROUTE.match(host.lower())
+    if found and 0 < int(found["port"]) < 65536:
+        return Route(found["id"], int(found["port"]))
+    return None

@@ -1,0 +1,71 @@
+"""`sandbox-operator gateway`: serve the E2B API and the data-plane proxy until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import start_http_server
+
+from sandbox_operator.controller.kube import Credentials, KubeClient
+from sandbox_operator.gateway.server import Gateway, GatewayConfig
+
+log = logging.getLogger(__name__)
+
+TOKEN_KEY_ENV = "SANDBOX_GATEWAY_TOKEN_KEY"
+
+
+def load_token_key(path: str | None) -> bytes:
+    """The key sandbox access tokens derive from: a file (a mounted Secret), the env, or — for a
+    single gateway in development — a random one (tokens then change when the gateway restarts)."""
+    if path:
+        key = Path(path).read_bytes().strip()
+        if len(key) < 16:
+            raise SystemExit(f"{path}: the token key must be at least 16 bytes")
+        return key
+    if os.environ.get(TOKEN_KEY_ENV):
+        return os.environ[TOKEN_KEY_ENV].encode()
+    log.warning("no --token-key-file or %s: using a random token key; sandbox access tokens will not "
+                "survive a gateway restart, and replicas will not agree on them", TOKEN_KEY_ENV)
+    return secrets.token_bytes(32)
+
+
+async def serve(
+    *, kubeconfig: str | None, host: str, port: int, metrics_port: int, config: GatewayConfig,
+    stop: asyncio.Event | None = None,
+) -> None:
+    credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
+    client = KubeClient(credentials, reload=functools.partial(Credentials.load, kubeconfig))
+    gateway = Gateway(client, config)
+    if metrics_port:
+        start_http_server(metrics_port, addr=host, registry=gateway.registry)
+    runner = web.AppRunner(gateway.app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    try:
+        await gateway.cache.synced(within=60)
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        log.info("gateway serving the E2B API and sandbox traffic on %s:%d (API keys from secrets in %s)",
+                 host, port, config.keys_namespace)
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await client.close()
+
+
+def run_gateway(*, kubeconfig: str | None, host: str, port: int, metrics_port: int, keys_namespace: str,
+                domain: str | None, token_key_file: str | None, create_timeout: float) -> int:
+    config = GatewayConfig(token_key=load_token_key(token_key_file), keys_namespace=keys_namespace,
+                           domain=domain, create_timeout=create_timeout)
+    asyncio.run(serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config))
+    return 0

@@ -1,0 +1,423 @@
+"""The gateway: the E2B control-plane REST API and the data-plane proxy on one listener.
+
+A request that names a sandbox (E2b-Sandbox-Id/-Port headers, or a Host of `{port}-{id}.{domain}`)
+is proxied, streaming both ways, to the sandbox pod's IP (from the Sandbox's status: Services get
+no endpoints for some pod networks, DESIGN.md §6). Everything else is the control plane, which turns
+E2B calls into Sandbox objects and waits on the watch for them to converge.
+
+Auth: control-plane calls carry `X-API-KEY`; each key is a Secret in the gateway's namespace and
+grants one namespace. Data-plane calls carry the sandbox's access token (returned by create and
+connect as envdAccessToken and trafficAccessToken), which the gateway checks before proxying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from sandbox_operator.agent.signing import tokens_equal, verify_signature
+from sandbox_operator.api import GROUP, VERSION, Phase, parse_duration
+from sandbox_operator.controller.kube import ApiError, KubeClient
+from sandbox_operator.gateway import e2b
+from sandbox_operator.gateway.cache import Cache
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Not forwarded in either direction (RFC 9110 §7.6.1), plus what the proxy sets itself.
+HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                         "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+# The gateway's own credentials never reach a sandbox.
+STRIPPED_HEADERS = frozenset({"x-api-key", "x-access-token", "e2b-traffic-access-token"})
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    token_key: bytes
+    keys_namespace: str = "sandbox-system"
+    domain: str | None = None
+    create_timeout: float = 120.0
+    max_body_bytes: int = 1 << 30  # uploads stream through; this bounds one request
+
+
+class Gateway:
+    def __init__(self, client: KubeClient, config: GatewayConfig) -> None:
+        self.client = client
+        self.config = config
+        self.cache = Cache(client, config.keys_namespace)
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sandbox_gateway_requests", "Requests answered, by kind and status code.",
+                                ["kind", "code"], registry=self.registry)
+        self.latency = Histogram("sandbox_gateway_request_duration_seconds",
+                                 "Time to the response headers, by kind.", ["kind"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60))
+        self._upstream: aiohttp.ClientSession | None = None
+
+    # --- application -----------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._dispatch], client_max_size=self.config.max_body_bytes)
+        routes = [
+            ("POST", "/v2/sandboxes", self.create), ("POST", "/sandboxes", self.create),
+            ("GET", "/v2/sandboxes", self.list), ("GET", "/sandboxes", self.list),
+            ("GET", "/sandboxes/{id}", self.get_info), ("DELETE", "/sandboxes/{id}", self.kill),
+            ("POST", "/sandboxes/{id}/timeout", self.set_timeout), ("POST", "/sandboxes/{id}/pause", self.pause),
+            ("POST", "/v2/sandboxes/{id}/connect", self.connect), ("POST", "/sandboxes/{id}/connect", self.connect),
+            ("POST", "/sandboxes/{id}/resume", self.connect), ("GET", "/sandboxes/{id}/metrics", self.metrics),
+            ("GET", "/health", self.health),
+        ]
+        for method, path, handler in routes:
+            app.router.add_route(method, path, handler)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, _: web.Application) -> None:
+        self.cache.start()
+        self._upstream = aiohttp.ClientSession(
+            auto_decompress=False,  # gzip bodies pass through untouched
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+        )
+
+    async def _on_cleanup(self, _: web.Application) -> None:
+        await self.cache.stop()
+        if self._upstream is not None:
+            await self._upstream.close()
+
+    @web.middleware
+    async def _dispatch(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = e2b.route_of(request.headers, request.host)
+        kind = "control" if route is None else "proxy"
+        try:
+            if isinstance(route, str):
+                response: web.StreamResponse = _json(400, e2b.error_body(400, route))
+            elif route is not None:
+                response = await self.proxy(request, route)
+            else:
+                response = await handler(request)
+        except _Refused as refused:
+            response = refused.response()
+        except web.HTTPException as exc:
+            # Unknown paths and methods: JSON bodies, as the SDK expects for every status.
+            response = _json(exc.status, e2b.error_body(exc.status, exc.reason))
+        except e2b.BadRequest as exc:
+            response = _json(400, e2b.error_body(400, str(exc)))
+        except ApiError as exc:
+            response = _api_error(exc)
+        except TimeoutError:
+            response = _json(504, e2b.error_body(504, "timed out waiting for the sandbox"))
+        self.requests.labels(kind, str(response.status)).inc()
+        self.latency.labels(kind).observe(time.perf_counter() - started)
+        return response
+
+    # --- control plane ---------------------------------------------------------------------------
+
+    def _namespace(self, request: web.Request) -> str:
+        namespace = self.cache.namespace_for_key(request.headers.get("X-API-KEY"))
+        if namespace is None:
+            raise _Refused(401, "missing or unknown API key (X-API-KEY)")
+        return namespace
+
+    def _sandbox(self, request: web.Request) -> tuple[str, JSON]:
+        namespace = self._namespace(request)
+        sandbox_id = request.match_info["id"]
+        body = self.cache.find(sandbox_id, namespace)
+        if body is None or e2b.state_of(body) is None or body["metadata"].get("deletionTimestamp"):
+            raise _Refused(404, f"sandbox {sandbox_id} not found")
+        return namespace, body
+
+    def _token(self, body: JSON) -> str:
+        return e2b.access_token(self.config.token_key, body)
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return _json(200, {"status": "ok"})
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        namespace = self._namespace(request)
+        payload = await _payload(request)
+        wanted = e2b.template_name(payload.get("templateID"))
+        template = self._template(wanted)
+        if template is None:
+            return _json(400, e2b.error_body(400, f"template {wanted!r} not found: no SandboxTemplate of that name"))
+        manifest = e2b.sandbox_from_request(payload, namespace=namespace, template=template)
+        created = await self.client.request("POST", _sandboxes_path(namespace), manifest)
+        self.cache.observe(created)
+        key = (namespace, created["metadata"]["name"])
+        try:
+            body = await self._until_serving(key, self.config.create_timeout)
+        except BaseException:
+            # Nothing half-created: a sandbox that did not come up is removed again.
+            await self._delete_quietly(namespace, key[1])
+            raise
+        if isinstance(body, web.StreamResponse):
+            await self._delete_quietly(namespace, key[1])
+            return body
+        return _json(201, e2b.sandbox_response(body, self._token(body), self.config.domain))
+
+    def _template(self, wanted: str) -> str | None:
+        for name in (wanted, e2b.TEMPLATE_ALIASES.get(wanted)):
+            if name and self.cache.template(name) is not None:
+                return name
+        return None
+
+    async def _until_serving(self, key: tuple[str, str], within: float) -> JSON | web.StreamResponse:
+        """Wait for Running with a pod IP and a healthy agent; an Error or a deletion answers instead."""
+        def settled(body: JSON | None) -> bool:
+            if body is None:
+                return True
+            status = body.get("status") or {}
+            return status.get("phase") in (Phase.RUNNING, Phase.ERROR, Phase.TERMINATED) and (
+                status.get("phase") != Phase.RUNNING or bool(status.get("podIP")))
+
+        deadline = time.monotonic() + within
+        body = await self.cache.wait_for(key, settled, within)
+        if body is None:
+            return _json(409, e2b.error_body(409, "the sandbox was deleted while it was starting"))
+        status = body["status"]
+        if status["phase"] != Phase.RUNNING:
+            reason = status.get("reason") or status["phase"]
+            return _json(500, e2b.error_body(500, f"the sandbox failed to start: {reason}: {status.get('message')}"))
+        await self._agent_healthy(status["podIP"], deadline)
+        return body
+
+    async def _agent_healthy(self, pod_ip: str, deadline: float) -> None:
+        assert self._upstream is not None
+        delay = 0.02
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with self._upstream.get(f"http://{pod_ip}:{e2b.ENVD_PORT}/health",
+                                              timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    if response.status < 300:
+                        return
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError
+            await asyncio.sleep(delay)  # the agent is starting: poll its health with backoff
+            delay = min(delay * 2, 0.5)
+
+    async def _delete_quietly(self, namespace: str, name: str) -> None:
+        with contextlib.suppress(ApiError, aiohttp.ClientError, OSError):
+            await self.client.delete(f"{_sandboxes_path(namespace)}/{name}")
+
+    async def list(self, request: web.Request) -> web.StreamResponse:
+        namespace = self._namespace(request)
+        query = e2b.parse_list_query(request.query)
+        items = [
+            e2b.sandbox_detail(body, self.cache.template(body["spec"]["template"]), None)
+            for body in self.cache.in_namespace(namespace)
+            if e2b.matches(body, query) and not body["metadata"].get("deletionTimestamp")
+        ]
+        if request.path == "/sandboxes":  # v1: no pagination
+            return _json(200, sorted(items, key=lambda item: str(item["sandboxID"])))
+        chosen, next_token = e2b.page(items, query)
+        response = _json(200, chosen)
+        if next_token:
+            response.headers["x-next-token"] = next_token
+        return response
+
+    async def get_info(self, request: web.Request) -> web.StreamResponse:
+        _, body = self._sandbox(request)
+        template = self.cache.template(body["spec"]["template"])
+        return _json(200, e2b.sandbox_detail(body, template, self._token(body)))
+
+    async def kill(self, request: web.Request) -> web.StreamResponse:
+        namespace, body = self._sandbox(request)
+        deleted = await self.client.delete(f"{_sandboxes_path(namespace)}/{body['metadata']['name']}",
+                                           uid=body["metadata"]["uid"])
+        if not deleted:
+            return _json(404, e2b.error_body(404, f"sandbox {request.match_info['id']} not found"))
+        return web.Response(status=204)
+
+    async def set_timeout(self, request: web.Request) -> web.StreamResponse:
+        namespace, body = self._sandbox(request)
+        payload = await _payload(request)
+        timeout = e2b.seconds(payload.get("timeout"), "timeout")
+        await self._extend(namespace, body, timeout, only_longer=False)
+        return web.Response(status=204)
+
+    async def _extend(self, namespace: str, body: JSON, seconds: int, *, only_longer: bool) -> None:
+        created = datetime.fromisoformat(str(body["metadata"]["creationTimestamp"]).replace("Z", "+00:00"))
+        lifetime = e2b.lifetime_for_timeout(created, datetime.now(UTC), seconds)
+        expires = (body.get("status") or {}).get("expiresAt")
+        if only_longer and expires:
+            current_end = datetime.fromisoformat(str(expires).replace("Z", "+00:00"))
+            if (current_end - datetime.now(UTC)).total_seconds() >= seconds:
+                return
+        timeouts: JSON = {"maxLifetime": lifetime}
+        # The CRD refuses an idle timeout longer than maxLifetime: one that no longer fits goes.
+        idle = (body["spec"].get("timeouts") or {}).get("idle")
+        if idle and parse_duration(idle) > parse_duration(lifetime):
+            timeouts["idle"] = "0"
+        name = body["metadata"]["name"]
+        patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"timeouts": timeouts}})
+        if patched is None:
+            return
+        self.cache.observe(patched)
+        # In effect once the operator has seen it (status.expiresAt moved): get_info right after
+        # must show the new end.
+        generation = int(patched["metadata"].get("generation") or 0)
+        await self.cache.wait_for(
+            (namespace, name),
+            lambda b: b is None or int((b.get("status") or {}).get("observedGeneration") or 0) >= generation,
+            self.config.create_timeout,
+        )
+
+    async def pause(self, request: web.Request) -> web.StreamResponse:
+        namespace, body = self._sandbox(request)
+        if e2b.state_of(body) == "paused":
+            return _json(409, e2b.error_body(409, f"sandbox {request.match_info['id']} is already paused"))
+        name = body["metadata"]["name"]
+        patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"suspended": True}})
+        if patched is not None:
+            self.cache.observe(patched)
+        await self.cache.wait_for(
+            (namespace, name), lambda b: b is None or (b.get("status") or {}).get("phase") == Phase.SUSPENDED,
+            self.config.create_timeout,
+        )
+        return web.Response(status=204)
+
+    async def connect(self, request: web.Request) -> web.StreamResponse:
+        namespace, body = self._sandbox(request)
+        payload = await _payload(request) if request.can_read_body else {}
+        name = body["metadata"]["name"]
+        resumed = e2b.state_of(body) == "paused"
+        if resumed:
+            patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"suspended": False}})
+            if patched is not None:
+                self.cache.observe(patched)
+        if payload.get("timeout") is not None:
+            await self._extend(namespace, body, e2b.seconds(payload["timeout"], "timeout"), only_longer=True)
+        serving = await self._until_serving((namespace, name), self.config.create_timeout)
+        if isinstance(serving, web.StreamResponse):
+            return serving
+        return _json(201 if resumed else 200, e2b.sandbox_response(serving, self._token(serving), self.config.domain))
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        _, body = self._sandbox(request)
+        pod_ip = (body.get("status") or {}).get("podIP")
+        if not pod_ip or e2b.state_of(body) != "running" or self._upstream is None:
+            return _json(200, [])
+        try:
+            async with self._upstream.get(f"http://{pod_ip}:{e2b.ENVD_PORT}/metrics",
+                                          timeout=aiohttp.ClientTimeout(total=5)) as response:
+                sample = await response.json()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            return _json(200, [])
+        return _json(200, [e2b.metric_from_agent(sample)])
+
+    # --- data plane ------------------------------------------------------------------------------
+
+    async def proxy(self, request: web.Request, route: e2b.Route) -> web.StreamResponse:
+        body = self.cache.find(route.sandbox_id)
+        status = (body or {}).get("status") or {}
+        if body is None or status.get("phase") != Phase.RUNNING or not status.get("podIP"):
+            return _json(502, {"sandboxId": route.sandbox_id, "message": "The sandbox was not found", "code": 502})
+        if route.port == e2b.ENVD_PORT and request.path in e2b.INTERNAL_PATHS:
+            return _json(403, e2b.error_body(403, f"{request.path} is internal to the sandbox"))
+        refusal = self._check_token(request, route, self._token(body))
+        if refusal:
+            return _json(401, e2b.error_body(401, refusal))
+        assert self._upstream is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | STRIPPED_HEADERS}
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        url = f"http://{status['podIP']}:{route.port}{request.rel_url}"
+        data = request.content if request.body_exists else None
+        try:
+            upstream = await self._upstream.request(request.method, url, headers=headers, data=data,
+                                                    allow_redirects=False)
+        except (aiohttp.ClientConnectionError, OSError):
+            return _json(502, {"sandboxId": route.sandbox_id, "port": route.port, "code": 502,
+                               "message": "The sandbox is running but port is not open"})
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in HOP_HEADERS:
+                    response.headers.add(name, value)
+            if upstream.headers.get("Content-Length") is not None:
+                response.content_length = int(upstream.headers["Content-Length"])
+            await response.prepare(request)
+            # Each chunk as it arrives: command output, watch events and /execute lines are streamed.
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        except (aiohttp.ClientError, ConnectionResetError):
+            # The client or the sandbox went away mid-stream: nothing more can be said to either.
+            return response
+        finally:
+            upstream.release()
+
+    def _check_token(self, request: web.Request, route: e2b.Route, token: str) -> str | None:
+        """None when the request may pass; else why not. /health is open (the SDK probes it
+        without a token); /files may carry a signature instead (signed download/upload URLs)."""
+        given = request.headers.get("X-Access-Token") or request.headers.get("E2B-Traffic-Access-Token")
+        if tokens_equal(given, token):
+            return None
+        if route.port == e2b.ENVD_PORT and request.path == "/health":
+            return None
+        if route.port == e2b.ENVD_PORT and request.path == "/files" and request.query.get("signature"):
+            refused = verify_signature(
+                signature=request.query.get("signature"),
+                expiration=request.query.get("signature_expiration"),
+                path=request.query.get("path", ""),
+                operation="read" if request.method == "GET" else "write",
+                username=request.query.get("username", ""),
+                access_token=token,
+                now=time.time(),
+            )
+            return None if refused is None else f"file URL refused: {refused}"
+        return "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)"
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def response(self) -> web.Response:
+        return _json(self.status, e2b.error_body(self.status, str(self)))
+
+
+def _sandboxes_path(namespace: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/sandboxes"
+
+
+def _json(status: int, body: Any) -> web.Response:
+    headers = {"Should-Retry": "false"} if status in (429, 502, 503, 504) else None
+    return web.json_response(body, status=status, headers=headers, dumps=json.dumps)
+
+
+def _api_error(exc: ApiError) -> web.Response:
+    """Kubernetes' answer, in E2B's error shape; invalid specs keep the API server's message."""
+    message = exc.body.get("message") if isinstance(exc.body, dict) else str(exc.body)
+    status = exc.status if exc.status in (400, 403, 404, 409, 422, 429) else 502
+    if status == 422:
+        status = 400  # the CRD's validation: a bad request as far as E2B clients are concerned
+    return _json(status, e2b.error_body(status, f"kubernetes: {message}"))
+
+
+async def _payload(request: web.Request) -> JSON:
+    if not request.can_read_body:
+        return {}
+    try:
+        payload = await request.json()
+    except ValueError:
+        raise e2b.BadRequest("the request body must be JSON") from None
+    if not isinstance(payload, dict):
+        raise e2b.BadRequest("the request body must be a JSON object")
+    return payload

@@ -1,0 +1,213 @@
+"""The gateway with the unmodified E2B SDKs: control plane → Sandbox objects → the operator → a real
+agent on the pod IP, and the data plane proxied to it. Real API server, real operator, real agents."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2b import AuthenticationException, Sandbox, SandboxException, SandboxNotFoundException
+from e2b_code_interpreter import Sandbox as CodeSandbox
+
+from testlib import Cluster, OperatorProcess, PodAgents, free_port, wait_until
+
+TEMPLATE = """
+apiVersion: sandbox.dev/v1alpha1
+kind: SandboxTemplate
+metadata: {name: %s}
+spec:
+  image: ghcr.io/sandbox-operator/sandbox-code-interpreter:dev
+  resources:
+    default: {cpu: "1", memory: 512Mi, disk: 1Gi}
+  timeouts: {idle: 30m, maxLifetime: 1h, execution: 5m}
+"""
+
+
+@dataclass
+class Gateway:
+    url: str
+    namespace: str
+    api_key: str
+    other_key: str  # a key for another namespace
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def sdk(self, api_key: str | None = None) -> dict[str, Any]:
+        return {"api_key": api_key or self.api_key, "api_url": self.url, "sandbox_url": self.url}
+
+
+def api_key_secret(name: str, key: str, grants: str) -> str:
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "labels": {"sandbox.dev/api-key": "true"},
+                     "annotations": {"sandbox.dev/namespace": grants}},
+        "data": {"key": base64.b64encode(key.encode()).decode()},
+    })
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    suffix = secrets.token_hex(3)
+    namespace, other = f"op-gw-{suffix}", f"op-gw-other-{suffix}"  # op-*: the session operator's scope
+    for ns in (namespace, other):
+        cluster.kubectl("create", "namespace", ns)
+
+        def has_service_account(ns: str = ns) -> bool:
+            return cluster.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0
+
+        wait_until(has_service_account, timeout=30, message=f"default service account in {ns}")
+    for name in ("base", "code-interpreter"):
+        cluster.apply(TEMPLATE % name)
+    api_key, other_key = "e2b_" + secrets.token_hex(20), "e2b_" + secrets.token_hex(20)
+    cluster.apply(api_key_secret("key-main", api_key, namespace), namespace)
+    cluster.apply(api_key_secret("key-other", other_key, other), namespace)
+    workdir = tmp_path_factory.mktemp("gateway")
+    port, metrics_port = free_port(), free_port()
+    log = workdir / "gateway.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", cluster.kubeconfig,
+             "--bind-address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+             "--keys-namespace", namespace, "--create-timeout", "60"],
+            stdout=out, stderr=subprocess.STDOUT, env={**cluster.env(), "SANDBOX_GATEWAY_TOKEN_KEY": "k" * 32},
+        )
+    handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, other_key, process, log)
+
+    def serving() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"gateway exited:\n{log.read_text()}")
+        try:
+            return request(handle, "GET", "/health")[0] == 200
+        except urllib.error.URLError:
+            return False  # not listening yet: it lists the cluster first
+
+    try:
+        wait_until(serving, timeout=60, message="gateway /health")
+        with PodAgents(cluster, namespace, workdir / "agents", interpreter=True):
+            yield handle
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        for ns in (namespace, other):
+            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def request(gw: Gateway, method: str, path: str, body: object = None,
+            headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(gw.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        return error.code, json.loads(raw) if raw else None
+
+
+def sandboxes_in(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    return list((cluster.get_json("sandboxes", "-n", namespace) or {}).get("items", []))
+
+
+def test_sdk_lifecycle_through_the_gateway(cluster: Cluster, gateway: Gateway) -> None:
+    sbx = Sandbox.create(template="base", timeout=120, metadata={"team": "gw"}, envs={"GREETING": "hi"},
+                         **gateway.sdk())
+    try:
+        (body,) = [s for s in sandboxes_in(cluster, gateway.namespace)
+                   if s["status"].get("sandboxID") == sbx.sandbox_id]
+        assert body["spec"]["timeouts"]["maxLifetime"] == "120s"
+        run = sbx.commands.run("echo $GREETING from $(pwd)")
+        assert run.exit_code == 0 and run.stdout.startswith("hi from ")
+        sbx.files.write("notes/a.txt", "through the gateway\n")
+        assert sbx.files.read("notes/a.txt") == "through the gateway\n"
+        assert sbx.is_running()
+
+        info = sbx.get_info()
+        assert info.state.value == "running" and info.metadata == {"team": "gw"}
+        assert info.cpu_count == 1 and info.memory_mb == 512
+        listed = Sandbox.list(**{k: v for k, v in gateway.sdk().items() if k != "sandbox_url"}).next_items()
+        assert sbx.sandbox_id in [item.sandbox_id for item in listed]
+
+        sbx.set_timeout(600)
+        assert (sbx.get_info().end_at - info.end_at).total_seconds() > 300
+
+        assert sbx.pause() is True
+        name = body["metadata"]["name"]
+        assert cluster.get_json("sandbox", name, "-n", gateway.namespace)["status"]["phase"] == "Suspended"
+        assert sbx.get_info().state.value == "paused"
+        assert sbx.pause() is False  # already paused: 409
+
+        resumed = Sandbox.connect(sbx.sandbox_id, **gateway.sdk())
+        assert resumed.commands.run("cat notes/a.txt").stdout == "through the gateway\n"  # same workspace
+    finally:
+        killed = sbx.kill()
+    assert killed is True
+    assert Sandbox.kill(sbx.sandbox_id, **gateway.sdk()) is False
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sbx.sandbox_id, **gateway.sdk())
+    assert not sbx.is_running()  # the proxy answers 502 "was not found"
+
+
+def test_code_interpreter_through_the_gateway(gateway: Gateway) -> None:
+    sbx = CodeSandbox.create(**gateway.sdk())  # the SDK's default template, code-interpreter-v1
+    try:
+        sbx.run_code("x = 20")
+        execution = sbx.run_code("x + 22")
+        assert execution.text == "42"
+        failed = sbx.run_code("1 / 0")
+        assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+    finally:
+        sbx.kill()
+
+
+def test_keys_and_tokens_are_enforced(cluster: Cluster, gateway: Gateway) -> None:
+    with pytest.raises(AuthenticationException):
+        Sandbox.create(template="base", **gateway.sdk(api_key="e2b_" + "0" * 40))
+    sbx = Sandbox.create(template="base", **gateway.sdk())
+    try:
+        # A key of another namespace does not see it, let alone reach it.
+        with pytest.raises(SandboxNotFoundException):
+            Sandbox.get_info(sbx.sandbox_id, **gateway.sdk(api_key=gateway.other_key))
+        assert Sandbox.kill(sbx.sandbox_id, **gateway.sdk(api_key=gateway.other_key)) is False
+        route = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"}
+        status, body = request(gateway, "GET", "/envs", headers={**route, "X-Access-Token": "wrong"})
+        assert status == 401 and "access token" in body["message"]
+        status, _ = request(gateway, "GET", "/health", headers=route)
+        assert status == 204  # open, as the SDK probes it without a token
+        status, body = request(gateway, "POST", "/init", {"accessToken": "x"},
+                               headers={**route, "X-Access-Token": sbx._envd_access_token or ""})
+        assert status == 403  # orchestrator-only endpoints never pass
+        status, body = request(gateway, "GET", "/health", headers={**route, "E2b-Sandbox-Id": "nosuchsandbox"})
+        assert status == 502 and "was not found" in body["message"]
+    finally:
+        sbx.kill()
+
+
+def test_bad_requests_are_refused_and_leave_nothing(cluster: Cluster, gateway: Gateway) -> None:
+    before = len(sandboxes_in(cluster, gateway.namespace))
+    with pytest.raises(SandboxException, match="template 'no-such-template' not found"):
+        Sandbox.create(template="no-such-template", **gateway.sdk())
+    headers = {"X-API-KEY": gateway.api_key}
+    status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "timeout": -5}, headers)
+    assert status == 400 and "timeout" in body["message"]
+    status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True}, headers)
+    assert status == 400 and "autoPause" in body["message"]
+    status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base",
+                                                              "envVars": {"1BAD": "x"}}, headers)
+    assert status == 400 and "env" in body["message"]  # refused by the CRD's own rule
+    status, body = request(gateway, "GET", "/v2/sandboxes?state=sleeping", headers=headers)
+    assert status == 400 and "state" in body["message"]
+    status, body = request(gateway, "GET", "/no/such/route", headers=headers)
+    assert status == 404 and body["code"] == 404
+    assert len(sandboxes_in(cluster, gateway.namespace)) == before
