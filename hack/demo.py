@@ -3,19 +3,20 @@
 
 1. a real local control plane (hack/cluster: etcd, kube-apiserver, controller-manager, scheduler,
    kwok), the CRDs and the `base` SandboxTemplate;
-2. the operator (`python -m sandbox_operator run`);
-3. a Sandbox applied like any user would, reconciled to Running (pod, workspace claim, Service,
-   NetworkPolicy);
-4. the sandbox agent started on the pod's IP (there is no kubelet here, so this stands in for the
-   container the kubelet would run), and the unmodified E2B code-interpreter SDK doing real work in
-   it: Python state across calls, a shell command, a file round trip;
-5. the operator's /metrics for that sandbox, then suspend → Suspended and resume → Running on the
-   same workspace.
+2. the operator (`sandbox-operator run`) and the gateway (`sandbox-operator gateway`: the E2B
+   control-plane API and the data-plane proxy), with an API key Secret for the `demo` namespace;
+3. the unmodified E2B code-interpreter SDK creating a sandbox through the gateway: a Sandbox object,
+   reconciled to Running (pod, workspace claim, Service, NetworkPolicy); the sandbox agent runs on
+   the pod's IP (there is no kubelet here: it stands in for the container);
+4. real work through the gateway: Python state across calls, a shell command, a file round trip;
+5. the operator's /metrics for the sandbox, pause → Suspended and connect → Running on the same
+   workspace, kill → every child removed.
 Everything started is stopped at the end, unless KEEP=1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # testlib.PodAgents: the stand-in for the kubelet
+
+from sandbox_operator.gateway.e2b import api_key_secret, new_api_key  # noqa: E402
+from testlib import Cluster, PodAgents  # noqa: E402
+
 STATE = Path(os.environ.get("SANDBOX_DEMO_STATE", REPO / ".state" / "demo"))
 NAMESPACE = "demo"
 
@@ -62,6 +68,7 @@ def wait_for(what: str, check: Any, timeout: float = 60) -> Any:
 def main() -> int:
     processes: list[subprocess.Popen[bytes]] = []
     cluster_up = False
+    stack = contextlib.ExitStack()
     try:
         step("starting the local control plane (hack/cluster up)")
         run(str(REPO / "hack" / "cluster"), "down", "--state-dir", str(STATE))
@@ -75,8 +82,8 @@ def main() -> int:
         def kubectl(*args: str, input: str | None = None) -> str:
             return run("kubectl", *args, input=input, env=env)
 
-        def sandbox() -> dict[str, Any]:
-            return dict(json.loads(kubectl("get", "sandbox", "hello", "-n", NAMESPACE, "-o", "json")))
+        def sandbox(name: str) -> dict[str, Any]:
+            return dict(json.loads(kubectl("get", "sandbox", name, "-n", NAMESPACE, "-o", "json")))
 
         step("installing the CRDs and the `base` SandboxTemplate")
         kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
@@ -99,35 +106,41 @@ def main() -> int:
         wait_for("the operator's liveness endpoint", lambda: _http_ok(f"http://127.0.0.1:{liveness_port}/healthz"))
         print(f"    metrics: http://127.0.0.1:{metrics_port}/metrics   log: {STATE / 'operator.log'}")
 
-        step("kubectl apply: Sandbox `hello` (template base, 30m idle → suspend)")
-        applied = time.monotonic()
-        kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps({
-            "apiVersion": "sandbox.dev/v1alpha1", "kind": "Sandbox", "metadata": {"name": "hello"},
-            "spec": {"template": "base", "timeouts": {"idle": "30m", "maxLifetime": "1h", "execution": "5m"},
-                     "metadata": {"team": "demo"}},
-        }))
-        body = wait_for("Sandbox hello Running",
-                        lambda: (s := sandbox()).get("status", {}).get("phase") == "Running" and s)
-        status = body["status"]
-        print(f"    Running after {time.monotonic() - applied:.2f}s: sandboxID={status['sandboxID']} "
-              f"pod={status['podName']} podIP={status['podIP']}")
-        print("    " + kubectl("get", "sandbox,pod,pvc,service,networkpolicy", "-n", NAMESPACE).replace("\n", "\n    "))
-
-        step(f"starting the sandbox agent on the pod IP {status['podIP']} (stands in for the container)")
-        workdir = STATE / "workspace"
-        workdir.mkdir(parents=True, exist_ok=True)
-        agent_log = open(STATE / "agent.log", "wb")  # noqa: SIM115 - the child owns it
+        step("starting the gateway (E2B control-plane API + data-plane proxy) and an API key for `demo`")
+        gateway_port = free_port()
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        api_key = new_api_key()
+        kubectl("apply", "-f", "-", input=json.dumps(
+            api_key_secret("demo-key", api_key, keys_namespace=NAMESPACE, grants=NAMESPACE)))
+        gateway_log = open(STATE / "gateway.log", "wb")  # noqa: SIM115 - the child owns it
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "sandbox_operator.agent", "--host", status["podIP"], "--interpreter-port", "0",
-             "--workdir", str(workdir)], stdout=agent_log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", kubeconfig,
+             "--bind-address", "127.0.0.1", "--port", str(gateway_port), "--metrics-port", "0",
+             "--keys-namespace", NAMESPACE],
+            stdout=gateway_log, stderr=subprocess.STDOUT,
+            env={**env, "SANDBOX_GATEWAY_TOKEN_KEY": os.urandom(24).hex()},
         ))
-        url = f"http://{status['podIP']}:49983"
-        wait_for("the agent's /health", lambda: _http_ok(f"{url}/health"))
+        wait_for("the gateway's /health", lambda: _http_ok(f"{gateway_url}/health"))
+        print(f"    E2B_API_URL={gateway_url} E2B_SANDBOX_URL={gateway_url} E2B_API_KEY={api_key[:8]}…")
 
-        step("the unmodified e2b-code-interpreter SDK at work in the sandbox")
+        # No kubelet here: run the agent for each sandbox pod on its IP, with its env and workspace.
+        stack.enter_context(PodAgents(Cluster(kubeconfig), NAMESPACE, STATE / "workspaces", interpreter=True))
+
+        step("the unmodified e2b-code-interpreter SDK: Sandbox.create() through the gateway")
         from e2b_code_interpreter import Sandbox
 
-        sbx = Sandbox.create(debug=True, sandbox_url=url)
+        sdk = {"api_key": api_key, "api_url": gateway_url, "sandbox_url": gateway_url}
+        created = time.monotonic()
+        sbx = Sandbox.create(template="base", timeout=3600, metadata={"team": "demo"}, **sdk)
+        print(f"    sandbox {sbx.sandbox_id} serving after {time.monotonic() - created:.2f}s")
+        name = next(s["metadata"]["name"] for s in json.loads(kubectl("get", "sandboxes", "-n", NAMESPACE,
+                                                                            "-o", "json"))["items"])
+        status = sandbox(name)["status"]
+        print(f"    Sandbox {NAMESPACE}/{name}: phase={status['phase']} pod={status['podName']} "
+              f"podIP={status['podIP']}")
+        print("    " + kubectl("get", "sandbox,pod,pvc,service,networkpolicy", "-n", NAMESPACE).replace("\n", "\n    "))
+
+        step("real work in the sandbox, through the gateway to the agent on the pod IP")
         sbx.run_code("import statistics\nsamples = [3, 1, 4, 1, 5, 9, 2, 6]")
         result = sbx.run_code("statistics.mean(samples), statistics.median(samples)")
         print(f"    run_code (state kept across calls): {result.text}")
@@ -135,27 +148,36 @@ def main() -> int:
         print(f"    commands.run: {command.stdout.strip()!r} (exit {command.exit_code})")
         sbx.files.write("notes/hello.txt", "written through the SDK\n")
         print(f"    files: {sbx.files.read('notes/hello.txt').strip()!r}")
+        info = sbx.get_info()
+        print(f"    get_info: state={info.state.value} cpu={info.cpu_count} memoryMB={info.memory_mb} "
+              f"ends {info.end_at:%H:%M:%S}")
 
         step("the operator's metrics for this sandbox")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        executions = 'sandbox_executions_total{kind="code",namespace="demo",sandbox="hello",template="base"} 2.0'
+        executions = f'sandbox_executions_total{{kind="code",namespace="demo",sandbox="{name}",template="base"}} 2.0'
         wait_for("the two code executions in the operator's metrics", lambda: executions in _get(metrics_url))
         for line in _get(metrics_url).splitlines():
             if line.startswith(("sandbox_up{", "sandbox_memory_used_bytes{", "sandbox_executions_total{",
                                 'sandbox_operator_sandboxes{')):
                 print(f"    {line}")
 
-        step("suspend (spec.suspended: true) and resume on the same workspace")
-        kubectl("patch", "sandbox", "hello", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"suspended":true}}')
-        wait_for("Suspended", lambda: sandbox().get("status", {}).get("phase") == "Suspended")
-        print("    Suspended: pod deleted, workspace claim and Service kept")
-        kubectl("patch", "sandbox", "hello", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"suspended":false}}')
-        wait_for("Running again", lambda: sandbox().get("status", {}).get("phase") == "Running")
-        print("    Running again")
-        print("    " + kubectl("get", "sandbox", "-n", NAMESPACE, "-o", "wide").replace("\n", "\n    "))
+        step("pause (→ Suspended: pod deleted, workspace kept) and connect (→ Running on the same workspace)")
+        sbx.pause()
+        print(f"    paused: phase={sandbox(name)['status']['phase']}")
+        resumed = Sandbox.connect(sbx.sandbox_id, **sdk)
+        print(f"    resumed: phase={sandbox(name)['status']['phase']}; "
+              f"notes/hello.txt = {resumed.files.read('notes/hello.txt').strip()!r}")
+
+        step("kill: the Sandbox and every child are removed")
+        print(f"    kill() -> {resumed.kill()}")
+        wait_for("the sandbox's children to go", lambda: not kubectl(
+            "get", "pod,pvc,service,networkpolicy", "-n", NAMESPACE, "-l", f"sandbox.dev/sandbox={name}",
+            "-o", "name").strip())
+        print("    " + (kubectl("get", "sandbox,pod,pvc", "-n", NAMESPACE).strip() or "nothing left"))
         step("done")
         return 0
     finally:
+        stack.close()
         for process in reversed(processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -52,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="file with the key sandbox access tokens derive from (else $SANDBOX_GATEWAY_TOKEN_KEY)")
     gateway.add_argument("--create-timeout", type=float, default=120.0,
                          help="seconds a create or resume waits for the sandbox to serve")
+    key = sub.add_parser("api-key", help="print a new gateway API key as a Secret manifest (kubectl apply -f -)")
+    key.add_argument("--grants", required=True, help="the namespace whose sandboxes the key may use")
+    key.add_argument("--keys-namespace", default="sandbox-system", help="the gateway's namespace (--keys-namespace)")
+    key.add_argument("--name", default=None, help="Secret name (default: api-key-<grants>-<random>)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level),
+        level=getattr(logging, getattr(args, "log_level", "INFO")),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     if args.command == "run":
@@ -82,6 +86,18 @@ def main(argv: list[str] | None = None) -> None:
             metric_metadata_keys=tuple(args.metric_metadata_keys),
         )
         sys.exit(run_operator(config))
+    if args.command == "api-key":
+        import json
+        import secrets
+
+        from sandbox_operator.gateway.e2b import api_key_secret, new_api_key
+
+        api_key = new_api_key()
+        name = args.name or f"api-key-{args.grants}-{secrets.token_hex(3)}"[:63]
+        print(json.dumps(api_key_secret(name, api_key, keys_namespace=args.keys_namespace, grants=args.grants),
+                         indent=2))
+        print(f"E2B_API_KEY={api_key}", file=sys.stderr)
+        return
     if args.command == "gateway":
         from sandbox_operator.gateway.main import run_gateway
 

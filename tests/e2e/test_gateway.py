@@ -3,7 +3,6 @@ agent on the pod IP, and the data plane proxied to it. Real API server, real ope
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 from e2b import AuthenticationException, Sandbox, SandboxException, SandboxNotFoundException
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
+from sandbox_operator.gateway.e2b import api_key_secret
 from testlib import Cluster, OperatorProcess, PodAgents, free_port, wait_until
 
 TEMPLATE = """
@@ -46,15 +46,6 @@ class Gateway:
         return {"api_key": api_key or self.api_key, "api_url": self.url, "sandbox_url": self.url}
 
 
-def api_key_secret(name: str, key: str, grants: str) -> str:
-    return json.dumps({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "labels": {"sandbox.dev/api-key": "true"},
-                     "annotations": {"sandbox.dev/namespace": grants}},
-        "data": {"key": base64.b64encode(key.encode()).decode()},
-    })
-
-
 @pytest.fixture(scope="module")
 def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     suffix = secrets.token_hex(3)
@@ -69,8 +60,8 @@ def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytes
     for name in ("base", "code-interpreter"):
         cluster.apply(TEMPLATE % name)
     api_key, other_key = "e2b_" + secrets.token_hex(20), "e2b_" + secrets.token_hex(20)
-    cluster.apply(api_key_secret("key-main", api_key, namespace), namespace)
-    cluster.apply(api_key_secret("key-other", other_key, other), namespace)
+    for name, key, grants in (("key-main", api_key, namespace), ("key-other", other_key, other)):
+        cluster.apply(json.dumps(api_key_secret(name, key, keys_namespace=namespace, grants=grants)))
     workdir = tmp_path_factory.mktemp("gateway")
     port, metrics_port = free_port(), free_port()
     log = workdir / "gateway.log"

@@ -68,6 +68,22 @@ def new_api_key() -> str:
     return "e2b_" + secrets.token_hex(20)
 
 
+def api_key_secret(name: str, key: str, *, keys_namespace: str, grants: str) -> JSON:
+    """The Secret the gateway reads an API key from: in its own namespace, granting `grants`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": keys_namespace,
+            "labels": {"sandbox.dev/api-key": "true"},
+            "annotations": {"sandbox.dev/namespace": grants},
+        },
+        "type": "Opaque",
+        "stringData": {"key": key},
+    }
+
+
 # --- create ----------------------------------------------------------------------------------------
 
 
