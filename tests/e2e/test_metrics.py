@@ -100,6 +100,7 @@ def test_usage_comes_from_the_agent_and_moves(
     assert "metadata_owner" not in up.labels, "only allow-listed metadata keys become labels"
     assert value(operator, "sandbox_memory_limit_bytes", **labels) == 256 * 1024**2
     assert value(operator, "sandbox_cpu_limit_cores", **labels) == 0.25
+    assert value(operator, "sandbox_disk_quota_bytes", **labels) == 1024**3  # the spec's disk, not statvfs
 
     cpu_before = value(operator, "sandbox_cpu_seconds_total", **labels) or 0.0
     memory_before = value(operator, "sandbox_memory_used_bytes", **labels) or 0.0

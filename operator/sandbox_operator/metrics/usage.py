@@ -162,7 +162,9 @@ class UsageExporter(Collector):
             cpu_total.add_metric(labels, sample.cpu_seconds)
             memory.add_metric(labels, sample.memory_used_bytes)
             disk.add_metric(labels, sample.disk_used_bytes)
-            disk_quota.add_metric(labels, sample.disk_quota_bytes or entry.limits.disk_bytes)
+            # The spec's disk is the quota (PVC size or ephemeral-storage limit); statvfs of an
+            # emptyDir would report the node's whole filesystem.
+            disk_quota.add_metric(labels, entry.limits.disk_bytes or sample.disk_quota_bytes)
             rx.add_metric(labels, sample.rx_bytes)
             tx.add_metric(labels, sample.tx_bytes)
             processes.add_metric(labels, sample.processes)
