@@ -28,3 +28,35 @@ app.kubernetes.io/component: operator
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The gateway's objects: <fullname>-gateway. */}}
+{{- define "sandbox-operator.gatewayFullname" -}}
+{{- printf "%s-gateway" (include "sandbox-operator.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The gateway's pods: sandbox NetworkPolicies admit ingress only from this component label. */}}
+{{- define "sandbox-operator.gatewaySelector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{- define "sandbox-operator.gatewayServiceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create -}}
+{{- default (include "sandbox-operator.gatewayFullname" .) .Values.gateway.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.gateway.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the token key: the user's, else the one the chart generates. */}}
+{{- define "sandbox-operator.gatewayTokenSecret" -}}
+{{- default (printf "%s-token-key" (include "sandbox-operator.gatewayFullname" .)) .Values.gateway.tokenKey.existingSecret -}}
+{{- end -}}
+
+{{/* The gateway's image: gateway.image, field by field falling back to operator.image. */}}
+{{- define "sandbox-operator.gatewayImage" -}}
+{{- $gw := .Values.gateway.image -}}
+{{- $op := .Values.operator.image -}}
+{{- printf "%s:%s" (default $op.repository $gw.repository) (default (default .Chart.AppVersion $op.tag) $gw.tag) -}}
+{{- end -}}
