@@ -42,6 +42,14 @@ class BadRequest(ValueError):
     """A request the API refuses with 400 and this message."""
 
 
+class Refused(Exception):
+    """A request the API refuses with this status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # --- identity and tokens ---------------------------------------------------------------------------
 
 
@@ -87,7 +95,7 @@ def api_key_secret(name: str, key: str, *, keys_namespace: str, grants: str) -> 
 # --- create ----------------------------------------------------------------------------------------
 
 
-def _string_map(value: Any, field: str) -> dict[str, str]:
+def string_map(value: Any, field: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -120,8 +128,8 @@ def sandbox_from_request(request: Mapping[str, Any], *, namespace: str, template
         "template": template,
         # E2B's timeout is the sandbox's whole life from now; there is no idle clock.
         "timeouts": {"maxLifetime": f"{timeout}s", "idle": "0"},
-        "metadata": _string_map(request.get("metadata"), "metadata"),
-        "env": _string_map(request.get("envVars"), "envVars"),
+        "metadata": string_map(request.get("metadata"), "metadata"),
+        "env": string_map(request.get("envVars"), "envVars"),
     }
     network = _network_from_request(request)
     if network:

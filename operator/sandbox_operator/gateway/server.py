@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,8 @@ from sandbox_operator.api import GROUP, VERSION, Phase, parse_duration
 from sandbox_operator.controller.kube import ApiError, KubeClient
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.cache import Cache
+from sandbox_operator.gateway.http import json_response, read_payload
+from sandbox_operator.gateway.session import routes as session_routes
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Gateway:
             ("POST", "/sandboxes/{id}/resume", self.connect), ("GET", "/sandboxes/{id}/metrics", self.metrics),
             ("GET", "/health", self.health),
         ]
+        routes += session_routes(self)
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
         app.on_startup.append(self._on_startup)
@@ -105,78 +107,88 @@ class Gateway:
         kind = "control" if route is None else "proxy"
         try:
             if isinstance(route, str):
-                response: web.StreamResponse = _json(400, e2b.error_body(400, route))
+                response: web.StreamResponse = json_response(400, e2b.error_body(400, route))
             elif route is not None:
                 response = await self.proxy(request, route)
             else:
                 response = await handler(request)
-        except _Refused as refused:
-            response = refused.response()
+        except e2b.Refused as refused:
+            response = json_response(refused.status, e2b.error_body(refused.status, str(refused)))
         except web.HTTPException as exc:
             # Unknown paths and methods: JSON bodies, as the SDK expects for every status.
-            response = _json(exc.status, e2b.error_body(exc.status, exc.reason))
+            response = json_response(exc.status, e2b.error_body(exc.status, exc.reason))
         except e2b.BadRequest as exc:
-            response = _json(400, e2b.error_body(400, str(exc)))
+            response = json_response(400, e2b.error_body(400, str(exc)))
         except ApiError as exc:
             response = _api_error(exc)
         except TimeoutError:
-            response = _json(504, e2b.error_body(504, "timed out waiting for the sandbox"))
+            response = json_response(504, e2b.error_body(504, "timed out waiting for the sandbox"))
         self.requests.labels(kind, str(response.status)).inc()
         self.latency.labels(kind).observe(time.perf_counter() - started)
         return response
 
     # --- control plane ---------------------------------------------------------------------------
 
-    def _namespace(self, request: web.Request) -> str:
+    def namespace_of(self, request: web.Request) -> str:
+        """The namespace the request's API key grants; 401 without a known key."""
         namespace = self.cache.namespace_for_key(request.headers.get("X-API-KEY"))
         if namespace is None:
-            raise _Refused(401, "missing or unknown API key (X-API-KEY)")
+            raise e2b.Refused(401, "missing or unknown API key (X-API-KEY)")
         return namespace
 
     def _sandbox(self, request: web.Request) -> tuple[str, JSON]:
-        namespace = self._namespace(request)
+        namespace = self.namespace_of(request)
         sandbox_id = request.match_info["id"]
         body = self.cache.find(sandbox_id, namespace)
         if body is None or e2b.state_of(body) is None or body["metadata"].get("deletionTimestamp"):
-            raise _Refused(404, f"sandbox {sandbox_id} not found")
+            raise e2b.Refused(404, f"sandbox {sandbox_id} not found")
         return namespace, body
 
-    def _token(self, body: JSON) -> str:
+    def token_of(self, body: JSON) -> str:
         return e2b.access_token(self.config.token_key, body)
 
-    async def health(self, request: web.Request) -> web.StreamResponse:
-        return _json(200, {"status": "ok"})
+    def upstream(self) -> aiohttp.ClientSession:
+        assert self._upstream is not None, "the gateway application has not started"
+        return self._upstream
 
-    async def create(self, request: web.Request) -> web.StreamResponse:
-        namespace = self._namespace(request)
-        payload = await _payload(request)
-        wanted = e2b.template_name(payload.get("templateID"))
-        template = self._template(wanted)
-        if template is None:
-            return _json(400, e2b.error_body(400, f"template {wanted!r} not found: no SandboxTemplate of that name"))
-        manifest = e2b.sandbox_from_request(payload, namespace=namespace, template=template)
-        created = await self.client.request("POST", _sandboxes_path(namespace), manifest)
-        self.cache.observe(created)
-        key = (namespace, created["metadata"]["name"])
-        try:
-            body = await self._until_serving(key, self.config.create_timeout)
-        except BaseException:
-            # Nothing half-created: a sandbox that did not come up is removed again.
-            await self._delete_quietly(namespace, key[1])
-            raise
-        if isinstance(body, web.StreamResponse):
-            await self._delete_quietly(namespace, key[1])
-            return body
-        return _json(201, e2b.sandbox_response(body, self._token(body), self.config.domain))
-
-    def _template(self, wanted: str) -> str | None:
+    def template_named(self, wanted: str) -> str | None:
+        """The SandboxTemplate serving an E2B template name (exact, else its alias)."""
         for name in (wanted, e2b.TEMPLATE_ALIASES.get(wanted)):
             if name and self.cache.template(name) is not None:
                 return name
         return None
 
-    async def _until_serving(self, key: tuple[str, str], within: float) -> JSON | web.StreamResponse:
-        """Wait for Running with a pod IP and a healthy agent; an Error or a deletion answers instead."""
+    # Operations shared by the E2B API and the session API.
+
+    async def create_sandbox(self, namespace: str, manifest: JSON) -> bool:
+        created = await self.client.request("POST", _sandboxes_path(namespace), manifest)
+        self.cache.observe(created)
+        return True
+
+    async def set_suspended(self, namespace: str, name: str, suspended: bool) -> None:
+        patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"suspended": suspended}})
+        if patched is not None:
+            self.cache.observe(patched)
+
+    async def delete_sandbox(self, namespace: str, name: str, *, wait: bool, uid: str | None = None) -> bool:
+        """Delete a Sandbox (its children go with it); with `wait`, until the watch saw it go."""
+        deleted = await self.client.delete(f"{_sandboxes_path(namespace)}/{name}", uid=uid)
+        if deleted and wait:
+            await self.cache.wait_for((namespace, name), lambda body: body is None, self.config.create_timeout)
+        return deleted
+
+    async def until_serving(self, key: tuple[str, str], *, delete_on_failure: bool) -> JSON:
+        """Wait for Running with a pod IP and a healthy agent. A sandbox that fails, or does not come up
+        in time, is deleted again when `delete_on_failure` (nothing half-created is left)."""
+        try:
+            return await self._until_serving(key, self.config.create_timeout)
+        except BaseException:
+            if delete_on_failure:
+                with contextlib.suppress(ApiError, aiohttp.ClientError, OSError):
+                    await self.delete_sandbox(*key, wait=False)
+            raise
+
+    async def _until_serving(self, key: tuple[str, str], within: float) -> JSON:
         def settled(body: JSON | None) -> bool:
             if body is None:
                 return True
@@ -187,21 +199,20 @@ class Gateway:
         deadline = time.monotonic() + within
         body = await self.cache.wait_for(key, settled, within)
         if body is None:
-            return _json(409, e2b.error_body(409, "the sandbox was deleted while it was starting"))
+            raise e2b.Refused(409, "the sandbox was deleted while it was starting")
         status = body["status"]
         if status["phase"] != Phase.RUNNING:
             reason = status.get("reason") or status["phase"]
-            return _json(500, e2b.error_body(500, f"the sandbox failed to start: {reason}: {status.get('message')}"))
+            raise e2b.Refused(500, f"the sandbox failed to start: {reason}: {status.get('message')}")
         await self._agent_healthy(status["podIP"], deadline)
         return body
 
     async def _agent_healthy(self, pod_ip: str, deadline: float) -> None:
-        assert self._upstream is not None
         delay = 0.02
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with self._upstream.get(f"http://{pod_ip}:{e2b.ENVD_PORT}/health",
-                                              timeout=aiohttp.ClientTimeout(total=2)) as response:
+                async with self.upstream().get(f"http://{pod_ip}:{e2b.ENVD_PORT}/health",
+                                               timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status < 300:
                         return
             if time.monotonic() + delay > deadline:
@@ -209,12 +220,25 @@ class Gateway:
             await asyncio.sleep(delay)  # the agent is starting: poll its health with backoff
             delay = min(delay * 2, 0.5)
 
-    async def _delete_quietly(self, namespace: str, name: str) -> None:
-        with contextlib.suppress(ApiError, aiohttp.ClientError, OSError):
-            await self.client.delete(f"{_sandboxes_path(namespace)}/{name}")
+    # E2B control-plane handlers.
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return json_response(200, {"status": "ok"})
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        namespace = self.namespace_of(request)
+        payload = await read_payload(request)
+        wanted = e2b.template_name(payload.get("templateID"))
+        template = self.template_named(wanted)
+        if template is None:
+            raise e2b.Refused(400, f"template {wanted!r} not found: no SandboxTemplate of that name")
+        manifest = e2b.sandbox_from_request(payload, namespace=namespace, template=template)
+        await self.create_sandbox(namespace, manifest)
+        body = await self.until_serving((namespace, manifest["metadata"]["name"]), delete_on_failure=True)
+        return json_response(201, e2b.sandbox_response(body, self.token_of(body), self.config.domain))
 
     async def list(self, request: web.Request) -> web.StreamResponse:
-        namespace = self._namespace(request)
+        namespace = self.namespace_of(request)
         query = e2b.parse_list_query(request.query)
         items = [
             e2b.sandbox_detail(body, self.cache.template(body["spec"]["template"]), None)
@@ -222,9 +246,9 @@ class Gateway:
             if e2b.matches(body, query) and not body["metadata"].get("deletionTimestamp")
         ]
         if request.path == "/sandboxes":  # v1: no pagination
-            return _json(200, sorted(items, key=lambda item: str(item["sandboxID"])))
+            return json_response(200, sorted(items, key=lambda item: str(item["sandboxID"])))
         chosen, next_token = e2b.page(items, query)
-        response = _json(200, chosen)
+        response = json_response(200, chosen)
         if next_token:
             response.headers["x-next-token"] = next_token
         return response
@@ -232,19 +256,17 @@ class Gateway:
     async def get_info(self, request: web.Request) -> web.StreamResponse:
         _, body = self._sandbox(request)
         template = self.cache.template(body["spec"]["template"])
-        return _json(200, e2b.sandbox_detail(body, template, self._token(body)))
+        return json_response(200, e2b.sandbox_detail(body, template, self.token_of(body)))
 
     async def kill(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
-        deleted = await self.client.delete(f"{_sandboxes_path(namespace)}/{body['metadata']['name']}",
-                                           uid=body["metadata"]["uid"])
-        if not deleted:
-            return _json(404, e2b.error_body(404, f"sandbox {request.match_info['id']} not found"))
+        if not await self.delete_sandbox(namespace, body["metadata"]["name"], wait=False, uid=body["metadata"]["uid"]):
+            raise e2b.Refused(404, f"sandbox {request.match_info['id']} not found")
         return web.Response(status=204)
 
     async def set_timeout(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
-        payload = await _payload(request)
+        payload = await read_payload(request)
         timeout = e2b.seconds(payload.get("timeout"), "timeout")
         await self._extend(namespace, body, timeout, only_longer=False)
         return web.Response(status=204)
@@ -279,11 +301,9 @@ class Gateway:
     async def pause(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
         if e2b.state_of(body) == "paused":
-            return _json(409, e2b.error_body(409, f"sandbox {request.match_info['id']} is already paused"))
+            raise e2b.Refused(409, f"sandbox {request.match_info['id']} is already paused")
         name = body["metadata"]["name"]
-        patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"suspended": True}})
-        if patched is not None:
-            self.cache.observe(patched)
+        await self.set_suspended(namespace, name, True)
         await self.cache.wait_for(
             (namespace, name), lambda b: b is None or (b.get("status") or {}).get("phase") == Phase.SUSPENDED,
             self.config.create_timeout,
@@ -292,32 +312,29 @@ class Gateway:
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
-        payload = await _payload(request) if request.can_read_body else {}
+        payload = await read_payload(request)
         name = body["metadata"]["name"]
         resumed = e2b.state_of(body) == "paused"
         if resumed:
-            patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"suspended": False}})
-            if patched is not None:
-                self.cache.observe(patched)
+            await self.set_suspended(namespace, name, False)
         if payload.get("timeout") is not None:
             await self._extend(namespace, body, e2b.seconds(payload["timeout"], "timeout"), only_longer=True)
-        serving = await self._until_serving((namespace, name), self.config.create_timeout)
-        if isinstance(serving, web.StreamResponse):
-            return serving
-        return _json(201 if resumed else 200, e2b.sandbox_response(serving, self._token(serving), self.config.domain))
+        serving = await self.until_serving((namespace, name), delete_on_failure=False)
+        response = e2b.sandbox_response(serving, self.token_of(serving), self.config.domain)
+        return json_response(201 if resumed else 200, response)
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         _, body = self._sandbox(request)
         pod_ip = (body.get("status") or {}).get("podIP")
-        if not pod_ip or e2b.state_of(body) != "running" or self._upstream is None:
-            return _json(200, [])
+        if not pod_ip or e2b.state_of(body) != "running":
+            return json_response(200, [])
         try:
-            async with self._upstream.get(f"http://{pod_ip}:{e2b.ENVD_PORT}/metrics",
-                                          timeout=aiohttp.ClientTimeout(total=5)) as response:
+            async with self.upstream().get(f"http://{pod_ip}:{e2b.ENVD_PORT}/metrics",
+                                           timeout=aiohttp.ClientTimeout(total=5)) as response:
                 sample = await response.json()
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            return _json(200, [])
-        return _json(200, [e2b.metric_from_agent(sample)])
+            return json_response(200, [])
+        return json_response(200, [e2b.metric_from_agent(sample)])
 
     # --- data plane ------------------------------------------------------------------------------
 
@@ -325,23 +342,25 @@ class Gateway:
         body = self.cache.find(route.sandbox_id)
         status = (body or {}).get("status") or {}
         if body is None or status.get("phase") != Phase.RUNNING or not status.get("podIP"):
-            return _json(502, {"sandboxId": route.sandbox_id, "message": "The sandbox was not found", "code": 502})
+            return json_response(502, {"sandboxId": route.sandbox_id, "message": "The sandbox was not found",
+                                       "code": 502})
         if route.port == e2b.ENVD_PORT and request.path in e2b.INTERNAL_PATHS:
-            return _json(403, e2b.error_body(403, f"{request.path} is internal to the sandbox"))
-        refusal = self._check_token(request, route, self._token(body))
+            return json_response(403, e2b.error_body(403, f"{request.path} is internal to the sandbox"))
+        refusal = self._check_token(request, route, self.token_of(body))
         if refusal:
-            return _json(401, e2b.error_body(401, refusal))
-        assert self._upstream is not None
+            return json_response(401, e2b.error_body(401, refusal))
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | STRIPPED_HEADERS}
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
+        # Only what the client accepts (else aiohttp would offer gzip on its behalf).
+        headers["Accept-Encoding"] = request.headers.get("Accept-Encoding", "identity")
         url = f"http://{status['podIP']}:{route.port}{request.rel_url}"
         data = request.content if request.body_exists else None
         try:
-            upstream = await self._upstream.request(request.method, url, headers=headers, data=data,
+            upstream = await self.upstream().request(request.method, url, headers=headers, data=data,
                                                     allow_redirects=False)
         except (aiohttp.ClientConnectionError, OSError):
-            return _json(502, {"sandboxId": route.sandbox_id, "port": route.port, "code": 502,
+            return json_response(502, {"sandboxId": route.sandbox_id, "port": route.port, "code": 502,
                                "message": "The sandbox is running but port is not open"})
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -384,22 +403,8 @@ class Gateway:
         return "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)"
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-    def response(self) -> web.Response:
-        return _json(self.status, e2b.error_body(self.status, str(self)))
-
-
 def _sandboxes_path(namespace: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/sandboxes"
-
-
-def _json(status: int, body: Any) -> web.Response:
-    headers = {"Should-Retry": "false"} if status in (429, 502, 503, 504) else None
-    return web.json_response(body, status=status, headers=headers, dumps=json.dumps)
 
 
 def _api_error(exc: ApiError) -> web.Response:
@@ -408,16 +413,4 @@ def _api_error(exc: ApiError) -> web.Response:
     status = exc.status if exc.status in (400, 403, 404, 409, 422, 429) else 502
     if status == 422:
         status = 400  # the CRD's validation: a bad request as far as E2B clients are concerned
-    return _json(status, e2b.error_body(status, f"kubernetes: {message}"))
-
-
-async def _payload(request: web.Request) -> JSON:
-    if not request.can_read_body:
-        return {}
-    try:
-        payload = await request.json()
-    except ValueError:
-        raise e2b.BadRequest("the request body must be JSON") from None
-    if not isinstance(payload, dict):
-        raise e2b.BadRequest("the request body must be a JSON object")
-    return payload
+    return json_response(status, e2b.error_body(status, f"kubernetes: {message}"))
