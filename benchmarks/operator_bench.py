@@ -33,12 +33,9 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +55,23 @@ RESULTS = REPO / "benchmarks" / "results" / "operator.json"
 LOG_DIR = REPO / "benchmarks" / "results" / "operator-logs"
 sys.path.insert(0, str(REPO / "operator"))
 
+from benchlib import (  # noqa: E402
+    cluster_down,
+    cluster_up,
+    cpu_seconds,
+    free_port,
+    log,
+    machine,
+    machine_busy_seconds,
+    mb,
+    proc_status,
+    summary_ms,
+)
 from sandbox_operator.controller.kube import Credentials  # noqa: E402 - needs the source root on sys.path
+
+
+def seconds_summary(seconds: Iterable[float]) -> JSON:
+    return summary_ms([s * 1000 for s in seconds], digits=1)
 
 JSON = dict[str, Any]
 GROUP_PATH = "/apis/sandbox.dev/v1alpha1"
@@ -108,46 +121,6 @@ def sandbox_body(name: str, template_name: str) -> JSON:
 # --- small helpers ------------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in bytes; empty when it is gone."""
-    values: dict[str, int] = {}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return values
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all cores spent not idle since boot (from /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_snapshot(state_dir: Path, operator_pid: int) -> dict[str, float]:
     """CPU seconds so far: our control plane per component, the operator, this benchmark, the machine."""
     snapshot: dict[str, float] = {"operator": cpu_seconds(operator_pid), "benchmark": cpu_seconds(os.getpid())}
@@ -174,32 +147,6 @@ def cpu_report(before: dict[str, float], after: dict[str, float], wall: float) -
     return used
 
 
-def mb(value: int | float) -> float:
-    return round(value / 2**20, 1)
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile (p99 of 100 samples is the 99th smallest, not the maximum)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary_ms(seconds: Iterable[float]) -> JSON:
-    values = [s * 1000 for s in seconds]
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "p50_ms": round(statistics.median(values), 1),
-        "p90_ms": round(percentile(values, 90), 1),
-        "p99_ms": round(percentile(values, 99), 1),
-        "mean_ms": round(statistics.fmean(values), 1),
-        "min_ms": round(min(values), 1),
-        "max_ms": round(max(values), 1),
-    }
-
-
 def other_control_planes(own_state: Path) -> int:
     """kube-apiserver processes on this machine that are not ours (a sign of contention)."""
     count = 0
@@ -211,25 +158,6 @@ def other_control_planes(own_state: Path) -> int:
         if argv and argv[0].endswith(b"kube-apiserver") and str(own_state).encode() not in b" ".join(argv):
             count += 1
     return count
-
-
-def machine() -> JSON:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_total = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        mem_total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gb": round(mem_total / 2**30, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 # --- the API server -----------------------------------------------------------------------------
@@ -536,7 +464,7 @@ def stage_breakdown(timelines: Iterable[Timeline], stages: list[tuple[str, str, 
             a, b = getattr(timeline, start), getattr(timeline, end)
             if a is not None and b is not None:
                 spans.append(b - a)
-        result[label] = summary_ms(spans)
+        result[label] = seconds_summary(spans)
     return result
 
 
@@ -860,8 +788,8 @@ async def latency_run(
         "reached_running": len(from_sent),
         "timed_out": timed_out,
         "elapsed_s": round(elapsed, 2),
-        "latency_from_post_sent": summary_ms(from_sent),
-        "latency_from_post_returned": summary_ms(from_returned),
+        "latency_from_post_sent": seconds_summary(from_sent),
+        "latency_from_post_returned": seconds_summary(from_returned),
         "stages": stage_breakdown(tracker.timelines.values(), stages),
         "claimed_from_pool": sum(1 for t in tracker.timelines.values() if t.claimed_from),
         "api_writes_at_last_running": writes_report(writes_before, writes_at_running, count),
@@ -1000,7 +928,7 @@ async def burst_run(ctx: Context, operator: OperatorProcess, namespace: str, tem
         "running_50pct_s": when(0.5),
         "running_90pct_s": when(0.9),
         "running_99pct_s": when(0.99),
-        "latency_from_post_sent": summary_ms(
+        "latency_from_post_sent": seconds_summary(
             t.running - t.sent for t in tracker.timelines.values() if t.running and t.sent
         ),
         "api_writes_at_last_running": writes_report(writes_before, writes_at_running, count),
@@ -1075,33 +1003,6 @@ async def idle_rss(operator: OperatorProcess, settle: float) -> JSON:
 
 
 # --- the cluster --------------------------------------------------------------------------------
-
-
-def cluster_up(state_dir: Path, pod_cidr: str) -> str:
-    started = time.monotonic()
-    # A pod range of our own: the usage collector scrapes pod IPs, and another local cluster's
-    # tests may run real agents on the default range's addresses.
-    env = {**os.environ, "SANDBOX_CLUSTER_POD_CIDR": pod_cidr}
-    for attempt in (1, 2):  # a free port picked by `up` can be taken by another process meanwhile
-        up = subprocess.run(
-            [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir)],
-            capture_output=True, text=True, timeout=300, env=env,
-        )
-        if up.returncode == 0:
-            break
-        if attempt == 2:
-            raise RuntimeError(f"hack/cluster up failed:\n{up.stderr}{up.stdout}")
-        log(f"hack/cluster up failed, retrying once: {up.stderr.strip().splitlines()[-1:]}")
-    kubeconfig = up.stdout.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
-    log(f"cluster up in {time.monotonic() - started:.1f} s ({kubeconfig})")
-    return kubeconfig
-
-
-def cluster_down(state_dir: Path) -> None:
-    subprocess.run(
-        [sys.executable, str(REPO / "hack" / "cluster"), "down", "--state-dir", str(state_dir)],
-        capture_output=True, text=True, timeout=120,
-    )
 
 
 async def install_crds(api: Api, kubeconfig: str) -> None:

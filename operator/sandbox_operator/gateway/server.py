@@ -43,6 +43,8 @@ HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
                          "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
 # The gateway's own credentials never reach a sandbox.
 STRIPPED_HEADERS = frozenset({"x-api-key", "x-access-token", "e2b-traffic-access-token"})
+NOT_FORWARDED = HOP_HEADERS | STRIPPED_HEADERS
+HEALTH_POLL_MAX_DELAY_S = 0.05  # an agent starting up is polled often: create latency waits on it
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Gateway:
                                  "Time to the response headers, by kind.", ["kind"], registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60))
         self._upstream: aiohttp.ClientSession | None = None
+        self._tokens: dict[str, str] = {}  # sandbox uid -> access token
 
     # --- application -----------------------------------------------------------------------------
 
@@ -145,7 +148,13 @@ class Gateway:
         return namespace, body
 
     def token_of(self, body: JSON) -> str:
-        return e2b.access_token(self.config.token_key, body)
+        uid = str(body["metadata"]["uid"])
+        token = self._tokens.get(uid)
+        if token is None:  # an HMAC per proxied request is measurable: computed once per sandbox
+            if len(self._tokens) > 100_000:
+                self._tokens.clear()
+            token = self._tokens[uid] = e2b.access_token(self.config.token_key, body)
+        return token
 
     def upstream(self) -> aiohttp.ClientSession:
         assert self._upstream is not None, "the gateway application has not started"
@@ -218,7 +227,7 @@ class Gateway:
             if time.monotonic() + delay > deadline:
                 raise TimeoutError
             await asyncio.sleep(delay)  # the agent is starting: poll its health with backoff
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, HEALTH_POLL_MAX_DELAY_S)
 
     # E2B control-plane handlers.
 
@@ -349,7 +358,7 @@ class Gateway:
         refusal = self._check_token(request, route, self.token_of(body))
         if refusal:
             return json_response(401, e2b.error_body(401, refusal))
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | STRIPPED_HEADERS}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         # Only what the client accepts (else aiohttp would offer gzip on its behalf).
