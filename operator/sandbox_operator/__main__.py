@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         level=getattr(logging, getattr(args, "log_level", "INFO")),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    if args.command == "run" and args.log_level != "DEBUG":
+        # kopf logs every handler run at INFO ("Handler ... succeeded"): one line per watch event of
+        # every kind, which costs more CPU than the handler itself in a burst. Transitions are ours.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.command == "run":
         from sandbox_operator.controller.config import OperatorConfig
         from sandbox_operator.controller.main import run_operator

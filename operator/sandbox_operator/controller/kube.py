@@ -221,14 +221,6 @@ class KubeClient:
                 return None
             raise
 
-    async def apply(self, path: str, body: JSON, *, field_manager: str = "sandbox-operator") -> JSON:
-        """Server-side apply of a whole object (create or update in one write); `path` names it."""
-        result: JSON = await self.request(
-            "PATCH", path, body, content_type="application/apply-patch+yaml",
-            params={"fieldManager": field_manager, "force": "true"},
-        )
-        return result
-
     async def delete(self, path: str, *, uid: str | None = None, grace_seconds: int | None = None) -> bool:
         """DELETE; False when already gone. With uid, only that incarnation is deleted."""
         options: JSON = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}

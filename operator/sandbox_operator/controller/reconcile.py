@@ -155,9 +155,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
                 if created is not None:
                     rt.store.put_pvc(created)
         elif isinstance(action, EnsureService):
-            await _apply_child(rt, "service", core_path(namespace, "services", names.service), uid, service)
+            await _ensure_child(rt, "service", core_path(namespace, "services"), names.service, uid, service)
         elif isinstance(action, EnsureNetworkPolicy):
-            await _apply_child(rt, "networkpolicy", networking_path(namespace, names.network_policy), uid, policy)
+            await _ensure_child(rt, "networkpolicy", networking_path(namespace), names.network_policy, uid, policy)
         elif isinstance(action, DeletePod):
             if pod is not None:
                 await rt.client.delete(core_path(namespace, "pods", pod["metadata"]["name"]),
@@ -193,11 +193,21 @@ def _is_current(rt: Runtime, kind: str, key: Key, uid: str, built: JSON) -> bool
     return digest in (rt.store.child_hash(kind, key), rt.ensured.get((uid, kind)))
 
 
-async def _apply_child(rt: Runtime, kind: str, path: str, uid: str, body: JSON) -> None:
-    """Create or update a Service / NetworkPolicy in one server-side apply."""
-    applied = await rt.client.apply(path, body)
+async def _ensure_child(rt: Runtime, kind: str, collection: str, name: str, uid: str, body: JSON) -> None:
+    """Create a Service / NetworkPolicy, or bring an existing one up to `body` with a merge patch
+    (lists are replaced whole). A POST first: the common case is a new sandbox, and a POST costs the
+    API server less than a server-side apply, which matters in a burst."""
+    key = (str(body["metadata"]["namespace"]), name)
+    written: JSON | None = None
+    if rt.store.child_hash(kind, key) is None:
+        written = await rt.client.create(collection, body)  # None: it exists (409), maybe outdated
+    if written is None:
+        patch = {"metadata": {"labels": body["metadata"]["labels"], "annotations": body["metadata"]["annotations"]},
+                 "spec": body["spec"]}
+        written = await rt.client.patch(f"{collection}/{name}", patch)
     rt.ensured[(uid, kind)] = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-    rt.store.put_child_hash(kind, applied)
+    if written is not None:
+        rt.store.put_child_hash(kind, written)
 
 
 async def _write_status(
