@@ -7,6 +7,7 @@ result → status, Events, metrics and the next wake-up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -127,6 +128,8 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
 
     pool_source = None
     claim_tried = False
+    # The Service and the NetworkPolicy depend on nothing else: written side by side, not in turn.
+    children: list[tuple[str, str, str, JSON]] = []  # (kind, collection path, name, body)
     for action in decision.actions:
         # Only a first start may take a warm pod; a resume or recreate keeps the sandbox's workspace.
         first_start = pvc is None and observed.started_at is None
@@ -155,9 +158,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
                 if created is not None:
                     rt.store.put_pvc(created)
         elif isinstance(action, EnsureService):
-            await _ensure_child(rt, "service", core_path(namespace, "services"), names.service, uid, service)
+            children.append(("service", core_path(namespace, "services"), names.service, service))
         elif isinstance(action, EnsureNetworkPolicy):
-            await _ensure_child(rt, "networkpolicy", networking_path(namespace), names.network_policy, uid, policy)
+            children.append(("networkpolicy", networking_path(namespace), names.network_policy, policy))
         elif isinstance(action, DeletePod):
             if pod is not None:
                 await rt.client.delete(core_path(namespace, "pods", pod["metadata"]["name"]),
@@ -180,6 +183,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
         elif isinstance(action, EmitEvent | RequeueAfter):
             pass  # events after the status write; the wake-up comes from decision.wake_at
 
+    if children:
+        await asyncio.gather(*(_ensure_child(rt, kind, path, child, uid, built)
+                               for kind, path, child, built in children))
     await _write_status(rt, key, sandbox, decision, status_now, pod, now, pool_source)
     for action in decision.actions:
         if isinstance(action, EmitEvent):
