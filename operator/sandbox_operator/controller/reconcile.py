@@ -18,7 +18,7 @@ from sandbox_operator.controller.kube import JSON
 from sandbox_operator.controller.pools import try_claim_pool_pod
 from sandbox_operator.lifecycle.decide import decide
 from sandbox_operator.lifecycle.observe import desired_from, observed_from
-from sandbox_operator.lifecycle.status import format_time, status_patch
+from sandbox_operator.lifecycle.status import format_time, progress_write_due, status_patch
 from sandbox_operator.lifecycle.types import (
     CreatePod,
     Decision,
@@ -238,6 +238,13 @@ async def _write_status(
     for field, value in extra.items():
         if current.get(field) != value:
             patch[field] = value
+    created = sandbox.metadata.creation_timestamp
+    if created is not None and created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    due = progress_write_due(patch, current, created, now)
+    if due is not None:  # a fast start skips this write; a slow one writes it at `due`
+        rt.queue.add_after(("sandbox", *key), (due - now).total_seconds())
+        return
     if not patch:
         return
     previous = current.get("phase")

@@ -169,10 +169,9 @@ class Gateway:
 
     # Operations shared by the E2B API and the session API.
 
-    async def create_sandbox(self, namespace: str, manifest: JSON) -> bool:
+    async def create_sandbox(self, namespace: str, manifest: JSON) -> None:
         created = await self.client.request("POST", _sandboxes_path(namespace), manifest)
         self.cache.observe(created)
-        return True
 
     async def set_suspended(self, namespace: str, name: str, suspended: bool) -> None:
         patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"suspended": suspended}})

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from sandbox_operator.agent.connect import FLAG_END_STREAM, STREAM_CONTENT_TYPE, EnvelopeDecoder, encode_envelope
 from sandbox_operator.api import Phase
+from sandbox_operator.controller.kube import ApiError
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.http import json_response, read_payload
 
@@ -97,7 +98,12 @@ class SessionApi:
             )
             manifest["metadata"]["name"] = name
             manifest["metadata"]["labels"] = {"sandbox.dev/session": request.match_info["session"]}
-            created = await self.gw.create_sandbox(namespace, manifest)
+            try:
+                await self.gw.create_sandbox(namespace, manifest)
+                created = True
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise  # 409: a concurrent PUT of the same session created it; serve that one
         elif e2b.state_of(existing) == "paused":
             await self.gw.set_suspended(namespace, name, False)
         body = await self.gw.until_serving((namespace, name), delete_on_failure=created)

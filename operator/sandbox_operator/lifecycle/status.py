@@ -8,12 +8,18 @@ gateway; it is only written when the lifecycle moves it forward (on resume), nev
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sandbox_operator.lifecycle.types import Condition, Decision
 
-__all__ = ["format_time", "merge_conditions", "parse_time", "status_patch"]
+__all__ = ["PROGRESS_GRACE", "format_time", "merge_conditions", "parse_time", "progress_write_due", "status_patch"]
+
+# A sandbox that starts quickly goes Creating -> Running in two status writes: the waiting reasons in
+# between (scheduling, binding the workspace, pulling the image) are written only once Creating has
+# lasted this long, so a slow start still says what it waits for.
+PROGRESS_GRACE = timedelta(seconds=2)
+_PROGRESS_FIELDS = frozenset({"reason", "message", "conditions"})
 
 
 def format_time(moment: datetime) -> str:
@@ -125,3 +131,27 @@ def status_patch(decision: Decision, current: Mapping[str, Any] | None, now: dat
     if not _conditions_equal(previous, conditions):
         patch["conditions"] = conditions
     return patch
+
+
+def progress_write_due(
+    patch: Mapping[str, Any], current: Mapping[str, Any], created: datetime | None, now: datetime
+) -> datetime | None:
+    """None when `patch` should be written now; else when it should be, at the earliest.
+
+    Only a patch that restates progress within Creating waits (reason, message, and conditions whose
+    status stays the same): a phase change, a new pod name or a condition flipping is written at once.
+    """
+    if current.get("phase") != "Creating" or created is None or not patch or not set(patch) <= _PROGRESS_FIELDS:
+        return None
+    if "conditions" in patch and _condition_statuses(current.get("conditions")) != _condition_statuses(
+        patch["conditions"]
+    ):
+        return None
+    due = created + PROGRESS_GRACE
+    return due if now < due else None
+
+
+def _condition_statuses(conditions: object) -> dict[object, object]:
+    if not isinstance(conditions, list):
+        return {}
+    return {c.get("type"): c.get("status") for c in conditions if isinstance(c, Mapping)}

@@ -85,3 +85,25 @@ def test_attempt_counter_absent_means_zero() -> None:
     lost = decide(desired(), observed(Phase.RUNNING, pod=None), at(10))
     patch = status_patch(lost, {}, at(10))
     assert (patch["recreateAttempts"], patch["lastRecreateAt"]) == (1, "2026-01-01T00:00:10Z")
+
+
+def test_waiting_reasons_within_creating_wait_out_the_grace() -> None:
+    from sandbox_operator.lifecycle.status import PROGRESS_GRACE, progress_write_due
+
+    created = T0
+    soon, later = created + timedelta(seconds=0.5), created + PROGRESS_GRACE + timedelta(seconds=1)
+    creating = {"phase": "Creating", "reason": "Creating",
+                "conditions": [{"type": "Ready", "status": "False", "reason": "Creating"}]}
+    progress = {"reason": "PodScheduling", "message": "waiting for the scheduler",
+                "conditions": [{"type": "Ready", "status": "False", "reason": "PodScheduling"}]}
+    assert progress_write_due(progress, creating, created, soon) == created + PROGRESS_GRACE
+    assert progress_write_due(progress, creating, created, later) is None  # a slow start shows its reason
+    # Anything beyond progress is written at once: a phase change, a pod name, a condition flipping.
+    assert progress_write_due({**progress, "phase": "Running"}, creating, created, soon) is None
+    assert progress_write_due({**progress, "podName": "sbx-a"}, creating, created, soon) is None
+    flipped = {"conditions": [{"type": "Ready", "status": "True"}]}
+    assert progress_write_due(flipped, creating, created, soon) is None
+    # Only within Creating, and never for the first write of a new object.
+    assert progress_write_due(progress, {**creating, "phase": "Running"}, created, soon) is None
+    assert progress_write_due(progress, {}, created, soon) is None
+    assert progress_write_due({}, creating, created, soon) is None
