@@ -44,6 +44,7 @@ HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
 # The gateway's own credentials never reach a sandbox.
 STRIPPED_HEADERS = frozenset({"x-api-key", "x-access-token", "e2b-traffic-access-token"})
 NOT_FORWARDED = HOP_HEADERS | STRIPPED_HEADERS
+CONNECT_RETRY_S = 3.0  # how long a refused connection to a Running sandbox is retried
 HEALTH_POLL_MAX_DELAY_S = 0.05  # an agent starting up is polled often: create latency waits on it
 
 
@@ -362,14 +363,29 @@ class Gateway:
             headers["Content-Length"] = str(request.content_length)
         # Only what the client accepts (else aiohttp would offer gzip on its behalf).
         headers["Accept-Encoding"] = request.headers.get("Accept-Encoding", "identity")
-        url = f"http://{status['podIP']}:{route.port}{request.rel_url}"
         data = request.content if request.body_exists else None
-        try:
-            upstream = await self.upstream().request(request.method, url, headers=headers, data=data,
-                                                    allow_redirects=False)
-        except (aiohttp.ClientConnectionError, OSError):
-            return json_response(502, {"sandboxId": route.sandbox_id, "port": route.port, "code": 502,
-                               "message": "The sandbox is running but port is not open"})
+        deadline = time.monotonic() + CONNECT_RETRY_S
+        delay = 0.02
+        while True:
+            url = f"http://{status['podIP']}:{route.port}{request.rel_url}"
+            try:
+                upstream = await self.upstream().request(request.method, url, headers=headers, data=data,
+                                                        allow_redirects=False)
+                break
+            except aiohttp.ClientConnectorError:
+                # Refused before a byte was sent: the agent of a just (re)started pod is still coming
+                # up. Retrying is safe, also for a request with a body (none of it was read yet).
+                if time.monotonic() + delay > deadline:
+                    return _port_not_open(route)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                body = self.cache.find(route.sandbox_id)
+                status = (body or {}).get("status") or {}
+                if body is None or status.get("phase") != Phase.RUNNING or not status.get("podIP"):
+                    return json_response(502, {"sandboxId": route.sandbox_id, "code": 502,
+                                               "message": "The sandbox was not found"})
+            except (aiohttp.ClientConnectionError, OSError):
+                return _port_not_open(route)
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
@@ -409,6 +425,11 @@ class Gateway:
             )
             return None if refused is None else f"file URL refused: {refused}"
         return "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)"
+
+
+def _port_not_open(route: e2b.Route) -> web.Response:
+    return json_response(502, {"sandboxId": route.sandbox_id, "port": route.port, "code": 502,
+                               "message": "The sandbox is running but port is not open"})
 
 
 def _sandboxes_path(namespace: str) -> str:
