@@ -28,6 +28,7 @@ from testlib import (
     PodAgents,
     free_port,
     http_json,
+    sandbox,
     sandbox_manifest,
     wait_phase,
     wait_until,
@@ -273,3 +274,41 @@ async def test_metadata_and_template_changes_refresh_the_labels_and_limits(fake_
         assert [s.value for s in after if s.name == "sandbox_cpu_seconds_total"] == [1.5]
     finally:
         await usage.stop()
+
+
+def test_timeouts_pools_pool_starts_and_reconcile_errors_are_counted(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    def metric(name: str, **labels: str) -> float:
+        return value(operator, name, **labels) or 0.0
+
+    lifetimes = metric("sandbox_operator_timeouts_total", kind="max_lifetime")
+    pool_starts = metric("sandbox_operator_time_to_running_seconds_count", source="pool")
+
+    cluster.apply(sandbox_manifest("short", timeouts={"idle": "0", "maxLifetime": "2s", "execution": "0"}), namespace)
+    wait_phase(cluster, namespace, "short", "Terminated")
+    wait_until(lambda: metric("sandbox_operator_timeouts_total", kind="max_lifetime") >= lifetimes + 1,
+               timeout=30, message="a max_lifetime timeout counted")
+
+    cluster.apply(json.dumps({"apiVersion": "sandbox.dev/v1alpha1", "kind": "SandboxPool",
+                              "metadata": {"name": "warm"}, "spec": {"template": "it-base", "size": 1}}), namespace)
+    pool = {"namespace": namespace, "pool": "warm"}
+    wait_until(lambda: metric("sandbox_operator_pool_desired", **pool) == 1
+               and metric("sandbox_operator_pool_ready", **pool) == 1, timeout=60, message="pool desired = ready = 1")
+    cluster.apply(sandbox_manifest("pooled"), namespace)
+    wait_phase(cluster, namespace, "pooled", "Running")
+    wait_until(lambda: metric("sandbox_operator_time_to_running_seconds_count", source="pool") >= pool_starts + 1,
+               timeout=30, message="a pool start in time_to_running{source=pool}")
+    wait_until(lambda: metric("sandbox_operator_pool_claimed", **pool) == 1, timeout=30, message="pool claimed 1")
+
+    # The API server refusing the pod (a quota of zero pods) is a reconcile error, retried with backoff.
+    cluster.apply(json.dumps({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"},
+                              "spec": {"hard": {"pods": "0"}}}), namespace)
+    wait_until(lambda: (cluster.get_json("resourcequota", "no-pods", "-n", namespace) or {})
+               .get("status", {}).get("hard"), timeout=30, message="the quota's status")
+    forbidden = metric("sandbox_operator_reconcile_errors_total", reason="Forbidden")
+    # Other resources than the warm pods': a cold start, whose pod the quota refuses.
+    cluster.apply(sandbox_manifest("refused", resources={"cpu": "500m"}), namespace)
+    wait_until(lambda: metric("sandbox_operator_reconcile_errors_total", reason="Forbidden") > forbidden,
+               timeout=30, message="a Forbidden reconcile error counted")
+    assert (sandbox(cluster, namespace, "refused").get("status") or {}).get("phase") in (None, "Creating")
