@@ -18,7 +18,7 @@ from sandbox_operator.controller.kube import JSON
 from sandbox_operator.controller.pools import try_claim_pool_pod
 from sandbox_operator.lifecycle.decide import decide
 from sandbox_operator.lifecycle.observe import desired_from, observed_from
-from sandbox_operator.lifecycle.status import format_time, progress_write_due, status_patch
+from sandbox_operator.lifecycle.status import format_time, parse_time, progress_write_due, status_patch
 from sandbox_operator.lifecycle.types import (
     CreatePod,
     Decision,
@@ -194,7 +194,7 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
 
 
 def _is_current(rt: Runtime, kind: str, key: Key, uid: str, built: JSON) -> bool:
-    """The live child (as last watched, or as this process just applied it) matches `built`."""
+    """The live child (as last watched, or as this process just wrote it) matches `built`."""
     digest = built["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
     return digest in (rt.store.child_hash(kind, key), rt.ensured.get((uid, kind)))
 
@@ -238,10 +238,7 @@ async def _write_status(
     for field, value in extra.items():
         if current.get(field) != value:
             patch[field] = value
-    created = sandbox.metadata.creation_timestamp
-    if created is not None and created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
-    due = progress_write_due(patch, current, created, now)
+    due = progress_write_due(patch, current, parse_time(sandbox.metadata.creation_timestamp), now)
     if due is not None:  # a fast start skips this write; a slow one writes it at `due`
         rt.queue.add_after(("sandbox", *key), (due - now).total_seconds())
         return
@@ -268,10 +265,8 @@ def _record_transition(
     rt.metrics.transitions.labels(previous or "", phase, reason).inc()
     if reason in TIMEOUT_KINDS:
         rt.metrics.timeouts.labels(TIMEOUT_KINDS[reason]).inc()
-    if phase == Phase.RUNNING and previous in (None, Phase.CREATING) and sandbox.metadata.creation_timestamp:
-        created = sandbox.metadata.creation_timestamp
-        if created.tzinfo is None:
-            created = created.replace(tzinfo=UTC)
+    created = parse_time(sandbox.metadata.creation_timestamp)
+    if phase == Phase.RUNNING and previous in (None, Phase.CREATING) and created is not None:
         from_pool = pool_source or ((pod or {}).get("metadata", {}).get("annotations") or {}).get(
             POOL_SOURCE_ANNOTATION
         )

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["sandbox", "pool"]
 QueueKey = tuple[Kind, str, str]  # (kind, namespace, name)
-# Children that are applied whole and watched only for their spec digest.
+# Children written whole (POST, or a merge patch when outdated) and watched only for their spec digest.
 CHILD_KINDS = ("service", "networkpolicy")
 
 
@@ -42,8 +42,8 @@ class Runtime:
         self._failures: dict[QueueKey, int] = {}
         # Pool pods being handed to a sandbox right now: never offered twice.
         self.claims_in_flight: set[Key] = set()
-        # Spec digest of the Service / NetworkPolicy this process last applied, per (sandbox uid,
-        # kind): it bridges the moment until the watch brings the applied object back, so a
+        # Spec digest of the Service / NetworkPolicy this process last wrote, per (sandbox uid,
+        # kind): it bridges the moment until the watch brings the written object back, so a
         # reconcile in between does not apply it twice. A DELETED watch event clears it.
         self.ensured: dict[tuple[str, str], str] = {}
         self.started = False
