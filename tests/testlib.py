@@ -188,12 +188,19 @@ def start_operator(
 
 
 
+AGENT_FINALIZER = "test.sandbox.dev/agent"
+
+
 class PodAgents:
     """Runs a real sandbox agent for every Running sandbox pod of a namespace, bound to the pod IP.
 
     There is no kubelet: kwok marks pods Running and gives them loopback IPs (127.1.0.0/16); this
     puts the agent where the pod says it is, so the operator's and the gateway's data paths are real.
-    Agents of pods that are gone are stopped. At most `limit` agents run at once.
+    At most `limit` agents run at once.
+
+    Like a kubelet, it holds a pod's deletion until its agent has stopped (a finalizer on each pod
+    it serves): kwok hands a deleted pod's IP to the next pod at once, and a resumed sandbox's new
+    pod must never be served by the old pod's agent still bound to that IP.
     """
 
     def __init__(
@@ -201,7 +208,7 @@ class PodAgents:
     ) -> None:
         self.cluster, self.namespace, self.workdir, self.limit = cluster, namespace, workdir, limit
         self.interpreter = interpreter  # also serve the code interpreter on 49999 (Jupyter kernels)
-        self.agents: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}  # pod uid -> (ip, process)
+        self.agents: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}  # pod uid -> (pod name, process)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"pod-agents-{namespace}", daemon=True)
 
@@ -214,24 +221,47 @@ class PodAgents:
         self._thread.join(timeout=30)
         for uid in list(self.agents):
             self._stop_agent(uid)
+        # Release every pod still held, so that the namespace can go away.
+        listing = self.cluster.get_json("pods", "-n", self.namespace, "-l", "sandbox.dev/sandbox") or {}
+        for pod in listing.get("items", []):
+            if AGENT_FINALIZER in (pod["metadata"].get("finalizers") or ()):
+                self._release(pod["metadata"]["name"], pod["metadata"]["uid"])
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
             listing = self.cluster.get_json("pods", "-n", self.namespace, "-l", "sandbox.dev/sandbox") or {}
-            live = {}
+            live, held = {}, {}
             for pod in listing.get("items", []):
-                status = pod.get("status") or {}
-                if status.get("phase") == "Running" and status.get("podIP") and not pod["metadata"].get(
-                    "deletionTimestamp"
-                ):
-                    live[pod["metadata"]["uid"]] = (status["podIP"], _container_env(pod), _workspace(pod))
-            for uid in [u for u in self.agents if u not in live]:
-                self._stop_agent(uid)
-            for uid, (ip, env, workspace) in live.items():
-                if uid not in self.agents and len(self.agents) < self.limit:
-                    self._start_agent(uid, ip, env, workspace)
+                meta, status = pod["metadata"], pod.get("status") or {}
+                if AGENT_FINALIZER in (meta.get("finalizers") or ()):
+                    held[meta["uid"]] = meta["name"]
+                if status.get("phase") == "Running" and status.get("podIP") and not meta.get("deletionTimestamp"):
+                    live[meta["uid"]] = (meta["name"], status["podIP"], _container_env(pod), _workspace(pod))
+            gone = [u for u in self.agents if u not in live]
+            for uid in gone:
+                self._stop_agent(uid)  # and releases the pod
+            for uid, name in held.items():
+                if uid not in self.agents and uid not in gone:
+                    self._release(name, uid)  # its agent is stopped (or never ran): let the pod go
+            for uid, (name, ip, env, workspace) in live.items():
+                if uid not in self.agents and len(self.agents) < self.limit and self._hold(name, uid):
+                    self._start_agent(uid, name, ip, env, workspace)
 
-    def _start_agent(self, uid: str, ip: str, env: dict[str, str], workspace: str | None) -> None:
+    def _patch_pod(self, name: str, uid: str, metadata: dict[str, Any]) -> bool:
+        # The uid in the patch is a precondition: a newer pod of the same name is left alone.
+        patch = json.dumps({"metadata": {"uid": uid, **metadata}})
+        result = self.cluster.kubectl(
+            "patch", "pod", name, "-n", self.namespace, "--type=strategic", "-p", patch, check=False
+        )
+        return result.returncode == 0
+
+    def _hold(self, name: str, uid: str) -> bool:
+        return self._patch_pod(name, uid, {"finalizers": [AGENT_FINALIZER]})
+
+    def _release(self, name: str, uid: str) -> None:
+        self._patch_pod(name, uid, {"$deleteFromPrimitiveList/finalizers": [AGENT_FINALIZER]})
+
+    def _start_agent(self, uid: str, name: str, ip: str, env: dict[str, str], workspace: str | None) -> None:
         # A directory per workspace claim (per pod without one): a resumed sandbox finds its files.
         workdir = self.workdir / (workspace or uid)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -246,10 +276,10 @@ class PodAgents:
             env={**os.environ, **{k: v for k, v in env.items() if k != "SANDBOX_WORKDIR"}},
         )
         log.close()
-        self.agents[uid] = (ip, process)
+        self.agents[uid] = (name, process)
 
     def _stop_agent(self, uid: str) -> None:
-        _, process = self.agents.pop(uid)
+        name, process = self.agents.pop(uid)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -257,6 +287,7 @@ class PodAgents:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+        self._release(name, uid)
 
 
 def _workspace(pod: dict[str, Any]) -> str | None:

@@ -81,6 +81,14 @@ class Agent:
                 prewarm.cancel()
         finally:
             log.info("sandbox-agent stopping")
+            # Stop listening and end keep-alive connections first: a request arriving while the
+            # processes are being stopped must be refused (a client retries elsewhere), not start
+            # a command that is killed a moment later.
+            for runner in runners:
+                for site in list(runner.sites):
+                    await site.stop()
+                if runner.server is not None:
+                    runner.server.pre_shutdown()
             await self.processes.shutdown()
             await self.interpreter.shutdown()
             self.filesystem.close()
