@@ -16,6 +16,10 @@ import pytest
 
 from testlib import BASE_TEMPLATE, REPO, Cluster, OperatorProcess, start_operator, wait_until
 
+# Child processes (the operator, the gateway, agents: `python -m sandbox_operator ...`) run this
+# checkout's code too, not whichever clone the editable install last pointed at.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "operator"), os.environ.get("PYTHONPATH")]))
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

@@ -322,6 +322,41 @@ def sandbox_manifest(name: str, template: str = "it-base", **spec: Any) -> str:
     return json.dumps(body)
 
 
+class PhaseWatch:
+    """Every `status.phase` a Sandbox is written with, from the moment this is created on.
+
+    A raw watch that starts at the collection's current resourceVersion: however late the stream
+    connects, the API server replays every write since, so none is missed.
+    """
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        version = cluster.kubectl("get", "sandboxes", "-n", namespace, "-o",
+                                  "jsonpath={.metadata.resourceVersion}").stdout.strip()
+        path = (f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/sandboxes?watch=1"
+                f"&resourceVersion={version}&fieldSelector=metadata.name%3D{name}&timeoutSeconds=120")
+        self.phases: list[str | None] = []
+        self._process = subprocess.Popen([kubectl_binary(), "get", "--raw", path], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True, env=cluster.env())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            event = json.loads(line)
+            if event.get("type") in ("ADDED", "MODIFIED"):
+                self.phases.append((event["object"].get("status") or {}).get("phase"))
+
+    def until(self, phase: str, timeout: float = 60) -> list[str | None]:
+        """The phases seen up to and including the first `phase`."""
+        wait_until(lambda: phase in self.phases, timeout=timeout, message=f"a watch event with phase {phase}")
+        return self.phases[: self.phases.index(phase) + 1]
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=10)
+
+
 def sandbox(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     body = cluster.get_json("sandbox", name, "-n", namespace)
     assert body is not None, f"sandbox {name} not found"

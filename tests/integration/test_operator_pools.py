@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from testlib import Cluster, OperatorProcess, children, sandbox_manifest, wait_phase, wait_until
+from testlib import Cluster, OperatorProcess, PhaseWatch, children, sandbox_manifest, wait_phase, wait_until
 
 POOL = """
 apiVersion: sandbox.dev/v1alpha1
@@ -26,6 +26,11 @@ def warm_pods(cluster: Cluster, namespace: str) -> list[dict]:  # type: ignore[t
     return [p for p in (listing or {}).get("items", []) if p["status"].get("phase") == "Running"]
 
 
+def _event_messages(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    listing = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    return [str(event.get("message")) for event in (listing or {}).get("items", [])]
+
+
 def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str) -> None:
     cluster.apply(POOL, namespace)
     wait_until(lambda: len(warm_pods(cluster, namespace)) == 2, timeout=60, message="2 warm pods")
@@ -36,9 +41,19 @@ def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str)
     )
     warm_names = {p["metadata"]["name"] for p in warm_pods(cluster, namespace)}
 
-    cluster.apply(sandbox_manifest("pooled"), namespace)
+    watch = PhaseWatch(cluster, namespace, "pooled")
+    try:
+        cluster.apply(sandbox_manifest("pooled"), namespace)
+        # The warm pod is Running already: its claim writes the status once, straight to Running.
+        assert [phase for phase in watch.until("Running") if phase] == ["Running"], watch.phases
+    finally:
+        watch.close()
     body = wait_phase(cluster, namespace, "pooled", "Running")
     assert body["status"]["podName"] in warm_names, "the sandbox should have taken a warm pod"
+    # Still one Event per transition: New -> Creating and Creating -> Running.
+    reasons = wait_until(lambda: _event_messages(cluster, namespace, "pooled") if len(
+        _event_messages(cluster, namespace, "pooled")) >= 2 else None, timeout=30, message="2 events")
+    assert any("New → Creating" in m for m in reasons) and any("Creating → Running" in m for m in reasons), reasons
     pod = cluster.get_json("pod", body["status"]["podName"], "-n", namespace)
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "Sandbox"
     assert pod["metadata"]["labels"]["sandbox.dev/sandbox"] == "pooled"

@@ -39,6 +39,21 @@ def restrict_child_watches(settings: kopf.OperatorSettings) -> None:
     settings.watching.label_selectors["networking.k8s.io", "networkpolicies"] = CHILD_SELECTOR
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps no diff base. Our handlers are indexes and raw event handlers, which never look at
+    a diff, yet kopf deep-copies every event's body to build one: ~8% of the operator's CPU in a
+    burst. Nothing is ever stored on the objects either."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def build_registry() -> kopf.OperatorRegistry:
     """All handlers on an explicit registry, so several operators can run in one test process."""
     registry = kopf.OperatorRegistry()
@@ -52,9 +67,7 @@ def build_registry() -> kopf.OperatorRegistry:
         runtime: Runtime = memo.runtime
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-        )
+        settings.persistence.diffbase_storage = NoDiffBase()
         # Events: we post our own transition Events; never mirror logs as Events.
         settings.posting.level = logging.WARNING
         settings.posting.loggers = False
@@ -78,67 +91,69 @@ def build_registry() -> kopf.OperatorRegistry:
     children = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
     @kopf.index(GROUP, VERSION, "sandboxes", registry=registry)
-    def sandbox_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    async def sandbox_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
         memo.runtime.store.put_sandbox(body)
         return NOTHING_INDEXED
 
     @kopf.index(GROUP, VERSION, "sandboxtemplates", registry=registry)
-    def template_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    async def template_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
         memo.runtime.store.put_template(body)
         return NOTHING_INDEXED
 
     @kopf.index(GROUP, VERSION, "sandboxpools", registry=registry)
-    def pool_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    async def pool_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
         memo.runtime.store.put_pool(body)
         return NOTHING_INDEXED
 
     @kopf.index("v1", "pods", registry=registry, labels=children)
-    def pod_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    async def pod_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
         memo.runtime.store.put_pod(body)
         return NOTHING_INDEXED
 
     @kopf.index("v1", "persistentvolumeclaims", registry=registry, labels=children)
-    def pvc_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    async def pvc_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
         memo.runtime.store.put_pvc(body)
         return NOTHING_INDEXED
 
     @kopf.index("v1", "services", registry=registry, labels=children)
-    def service_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    async def service_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
         memo.runtime.store.put_child_hash("service", body)
         return NOTHING_INDEXED
 
     @kopf.index("networking.k8s.io", "v1", "networkpolicies", registry=registry, labels=children)
-    def network_policy_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    async def network_policy_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
         memo.runtime.store.put_child_hash("networkpolicy", body)
         return NOTHING_INDEXED
 
     # Low-level event handlers: no diff-base annotation, no progress storage, no PATCH per event.
+    # Every handler here is async, though none awaits: kopf runs sync handlers in a thread pool,
+    # a thread hop per event and handler that cost a quarter of the operator's CPU in a burst.
     @kopf.on.event(GROUP, VERSION, "sandboxes", registry=registry)
-    def sandbox_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    async def sandbox_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_sandbox_event(event["type"], event["object"])
 
     @kopf.on.event(GROUP, VERSION, "sandboxtemplates", registry=registry)
-    def template_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    async def template_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_template_event(event["type"], event["object"])
 
     @kopf.on.event(GROUP, VERSION, "sandboxpools", registry=registry)
-    def pool_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    async def pool_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pool_event(event["type"], event["object"])
 
     @kopf.on.event("v1", "pods", registry=registry, labels=children)
-    def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    async def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pod_event(event["type"], event["object"])
 
     @kopf.on.event("v1", "persistentvolumeclaims", registry=registry, labels=children)
-    def pvc_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    async def pvc_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_pvc_event(event["type"], event["object"])
 
     @kopf.on.event("v1", "services", registry=registry, labels=children)
-    def service_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    async def service_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_child_event("service", event["type"], event["object"])
 
     @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry, labels=children)
-    def network_policy_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    async def network_policy_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.runtime.on_child_event("networkpolicy", event["type"], event["object"])
 
     return registry

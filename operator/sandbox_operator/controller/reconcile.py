@@ -27,6 +27,7 @@ from sandbox_operator.lifecycle.types import (
     DeletePod,
     DeletePVC,
     DeleteService,
+    Desired,
     EmitEvent,
     EnsureNetworkPolicy,
     EnsurePVC,
@@ -126,13 +127,68 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     )
     decision = decide(desired, observed, now)
 
+    # The Service and the NetworkPolicy depend on nothing else: written while the pod is.
+    children = [
+        ("service", core_path(namespace, "services"), names.service, service)
+        if isinstance(action, EnsureService)
+        else ("networkpolicy", networking_path(namespace), names.network_policy, policy)
+        for action in decision.actions
+        if isinstance(action, EnsureService | EnsureNetworkPolicy)
+    ]
+    children_written = (
+        asyncio.ensure_future(asyncio.gather(*(_ensure_child(rt, kind, path, child, uid, built)
+                                               for kind, path, child, built in children)))
+        if children
+        else None
+    )
+    try:
+        pod, pvc, pool_source, deleted = await _act(rt, key, body, sandbox, template, decision, pod, pvc)
+    except BaseException:
+        if children_written is not None:
+            await asyncio.gather(children_written, return_exceptions=True)
+        raise
+    if children_written is not None:
+        await children_written
+    if deleted:
+        return
+
+    decisions = [decision]
+    if pool_source is not None and decision.phase is Phase.CREATING:
+        # A claimed warm pod is Running already: decide once more on what this pass made, so that
+        # the sandbox goes Creating -> Running in one status write instead of two passes.
+        followup = _decide_again(rt, body, desired, decision, status_now, pod, pvc, service, policy, now)
+        if followup is not None:
+            decisions.append(followup)
+    await _write_status(rt, key, sandbox, decisions, status_now, pod, now, pool_source)
+    for made in decisions:
+        for action in made.actions:
+            if isinstance(action, EmitEvent):
+                rt.spawn(post_event(rt, sandbox, action.type, action.reason, action.message))
+    _schedule(rt, key, decisions[-1], now)
+
+
+async def _act(
+    rt: Runtime,
+    key: Key,
+    body: Mapping[str, Any],
+    sandbox: Sandbox,
+    template: SandboxTemplate,
+    decision: Decision,
+    pod: JSON | None,
+    pvc: JSON | None,
+) -> tuple[JSON | None, JSON | None, str | None, bool]:
+    """Carry out the decision's actions on the pod, the workspace and the Sandbox itself (the
+    Service and NetworkPolicy are the caller's). Returns the pod and claim as they now stand, the
+    pool a warm pod was claimed from, and whether the Sandbox was deleted."""
+    namespace, name = key
+    names = child_names(name)
+    uid = str(sandbox.metadata.uid)
     pool_source = None
     claim_tried = False
-    # The Service and the NetworkPolicy depend on nothing else: written side by side, not in turn.
-    children: list[tuple[str, str, str, JSON]] = []  # (kind, collection path, name, body)
+    observed_started = (body.get("status") or {}).get("startedAt") is not None
     for action in decision.actions:
         # Only a first start may take a warm pod; a resume or recreate keeps the sandbox's workspace.
-        first_start = pvc is None and observed.started_at is None
+        first_start = pvc is None and not observed_started
         wants_pod = decision.has_action(CreatePod) and first_start
         if isinstance(action, EnsurePVC | CreatePod) and wants_pod and not claim_tried:
             # A warm pod from a pool brings its own workspace claim: try that before creating either.
@@ -140,6 +196,7 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
             claimed = await try_claim_pool_pod(rt, sandbox, template)
             if claimed is not None:
                 pod, pool_source = claimed, claimed["metadata"]["annotations"][POOL_SOURCE_ANNOTATION]
+                pvc = rt.store.pvc_of_sandbox(key) or pvc
         if isinstance(action, CreatePod):
             if pool_source is not None:
                 continue
@@ -150,17 +207,14 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
             if created is not None:
                 pod = rt.store.put_pod(created)
         elif isinstance(action, EnsurePVC):
-            if pvc is not None:
+            if pvc is not None or pool_source is not None:
                 continue
-            claim = build_pvc(sandbox, template) if pool_source is None else None
+            claim = build_pvc(sandbox, template)  # None: the template's workspace is an emptyDir
             if claim is not None:
                 created = await rt.client.create(core_path(namespace, "persistentvolumeclaims"), claim)
                 if created is not None:
                     rt.store.put_pvc(created)
-        elif isinstance(action, EnsureService):
-            children.append(("service", core_path(namespace, "services"), names.service, service))
-        elif isinstance(action, EnsureNetworkPolicy):
-            children.append(("networkpolicy", networking_path(namespace), names.network_policy, policy))
+                    pvc = created
         elif isinstance(action, DeletePod):
             if pod is not None:
                 await rt.client.delete(core_path(namespace, "pods", pod["metadata"]["name"]),
@@ -177,20 +231,45 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
             await rt.client.patch(sandbox_path(namespace, name), {"spec": {"suspended": action.suspended}})
         elif isinstance(action, DeleteObject):
             await rt.client.delete(sandbox_path(namespace, name), uid=uid)
-            return
+            return pod, pvc, pool_source, True
         elif isinstance(action, RemoveFinalizer):
             await _remove_finalizers(rt, key, body)
-        elif isinstance(action, EmitEvent | RequeueAfter):
-            pass  # events after the status write; the wake-up comes from decision.wake_at
+        # EnsureService / EnsureNetworkPolicy: the caller's; EmitEvent: after the status write;
+        # RequeueAfter: the wake-up comes from decision.wake_at.
+    return pod, pvc, pool_source, False
 
-    if children:
-        await asyncio.gather(*(_ensure_child(rt, kind, path, child, uid, built)
-                               for kind, path, child, built in children))
-    await _write_status(rt, key, sandbox, decision, status_now, pod, now, pool_source)
-    for action in decision.actions:
-        if isinstance(action, EmitEvent):
-            await post_event(rt, sandbox, action.type, action.reason, action.message)
-    _schedule(rt, key, decision, now)
+
+def _decide_again(
+    rt: Runtime,
+    body: Mapping[str, Any],
+    desired: Desired,
+    decision: Decision,
+    status_now: Mapping[str, Any],
+    pod: JSON | None,
+    pvc: JSON | None,
+    service: JSON,
+    policy: JSON,
+    now: datetime,
+) -> Decision | None:
+    """The next decision, as if `decision`'s status had been written and read back; None unless it
+    moves the sandbox on with nothing left to do but report (no child to write)."""
+    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+    names, uid = child_names(name), str(body["metadata"]["uid"])
+    projected = {**status_now, **status_patch(decision, status_now, now)}
+    sandbox = Sandbox.from_body({**body, "status": projected})
+    observed = observed_from(
+        sandbox,
+        pod=pod,
+        pvc=pvc,
+        service_present=_is_current(rt, "service", (namespace, names.service), uid, service),
+        network_policy_present=_is_current(rt, "networkpolicy", (namespace, names.network_policy), uid, policy),
+    )
+    followup = decide(desired, observed, now)
+    if followup.phase is None or followup.phase == decision.phase:
+        return None
+    if any(not isinstance(action, EmitEvent | RequeueAfter) for action in followup.actions):
+        return None
+    return followup
 
 
 def _is_current(rt: Runtime, kind: str, key: Key, uid: str, built: JSON) -> bool:
@@ -220,13 +299,16 @@ async def _write_status(
     rt: Runtime,
     key: Key,
     sandbox: Sandbox,
-    decision: Decision,
+    decisions: list[Decision],
     current: Mapping[str, Any],
     pod: JSON | None,
     now: datetime,
     pool_source: str | None,
 ) -> None:
+    """Write the last of `decisions` (each follows from the one before) and record every phase
+    change on the way."""
     namespace, name = key
+    decision = decisions[-1]
     patch = status_patch(decision, current, now)
     pod_ip = (pod or {}).get("status", {}).get("podIP") if decision.phase == Phase.RUNNING else None
     extra = {
@@ -248,8 +330,10 @@ async def _write_status(
     updated = await rt.client.patch(f"{sandbox_path(namespace, name)}/status", {"status": patch})
     if updated is not None:
         rt.store.put_sandbox(updated)
-    if decision.phase is not None and str(decision.phase) != previous:
-        _record_transition(rt, sandbox, previous, str(decision.phase), decision.reason, now, pool_source, pod)
+    for made in decisions:
+        if made.phase is not None and str(made.phase) != previous:
+            _record_transition(rt, sandbox, previous, str(made.phase), made.reason, now, pool_source, pod)
+            previous = str(made.phase)
 
 
 def _record_transition(

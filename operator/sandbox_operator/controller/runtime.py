@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, Literal
 
 from sandbox_operator.controller.config import OperatorConfig
@@ -27,6 +27,8 @@ Kind = Literal["sandbox", "pool"]
 QueueKey = tuple[Kind, str, str]  # (kind, namespace, name)
 # Children written whole (POST, or a merge patch when outdated) and watched only for their spec digest.
 CHILD_KINDS = ("service", "networkpolicy")
+BACKGROUND_LIMIT = 32  # best-effort writes (Events) in flight at once
+BACKGROUND_DRAIN_S = 2.0  # how long a stopping operator lets them finish
 
 
 class Runtime:
@@ -47,6 +49,10 @@ class Runtime:
         # reconcile in between does not apply it twice. A DELETED watch event clears it.
         self.ensured: dict[tuple[str, str], str] = {}
         self.started = False
+        # Best-effort writes a reconcile does not wait for (Events): tracked so that none is
+        # garbage-collected mid-flight, bounded so that a burst cannot pile up thousands.
+        self._background: set[asyncio.Task[None]] = set()
+        self._background_slots = asyncio.Semaphore(BACKGROUND_LIMIT)
         self.usage = UsageCollector(self)
         self.metrics.registry.register(UsageExporter(self.usage.usage, config.metric_metadata_keys))
 
@@ -70,7 +76,23 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers = []
+        if self._background:
+            _, pending = await asyncio.wait(self._background, timeout=BACKGROUND_DRAIN_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.client.close()
+
+    def spawn(self, write: Coroutine[Any, Any, None]) -> None:
+        """Run a best-effort write (it handles its own errors) without holding up the reconcile."""
+
+        async def bounded() -> None:
+            async with self._background_slots:
+                await write
+
+        task = asyncio.create_task(bounded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- events from the watch streams -----------------------------------------------------------
 
