@@ -8,7 +8,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from testlib import Cluster, OperatorProcess, children, events_for, sandbox, sandbox_manifest, wait_phase, wait_until
+from testlib import (
+    Cluster,
+    OperatorProcess,
+    PhaseWatch,
+    children,
+    events_for,
+    sandbox,
+    sandbox_manifest,
+    wait_phase,
+    wait_until,
+)
 
 POD_RANGE = ipaddress.ip_network("127.1.0.0/16")
 
@@ -61,6 +71,29 @@ def test_suspend_and_resume_keep_the_workspace(cluster: Cluster, namespace: str)
     assert claims == pvc_before
     assert cluster.get_json("pvc", pvc_before[0], "-n", namespace)["metadata"]["uid"] == pvc_uid
     assert first_pod  # the pod name may be reused (deterministic), the workspace is the same claim
+
+
+def test_a_sandbox_created_suspended_never_runs_until_resumed(cluster: Cluster, namespace: str) -> None:
+    watch = PhaseWatch(cluster, namespace, "sb-parked")
+    try:
+        cluster.apply(sandbox_manifest("sb-parked", suspended=True), namespace)
+        phases = watch.until("Suspended")
+    finally:
+        watch.close()
+    assert "Running" not in phases, phases
+    parked = sandbox(cluster, namespace, "sb-parked")
+    assert parked["status"].get("startedAt") is None and parked["status"]["reason"] == "SuspendRequested"
+    made = children(cluster, namespace, "sb-parked")
+    assert made["pods"] == [] and len(made["pvc"]) == 1 and len(made["services"]) == 1
+    assert len(made["networkpolicies"]) == 1
+
+    cluster.kubectl("patch", "sandbox", "sb-parked", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"suspended":false}}')
+    running = wait_phase(cluster, namespace, "sb-parked", "Running")
+    assert running["status"]["startedAt"] and running["status"]["reason"] == "Resumed"
+    pod = cluster.get_json("pod", running["status"]["podName"], "-n", namespace)
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+            if "persistentVolumeClaim" in v] == made["pvc"]
 
 
 def _parse(stamp: str) -> datetime:

@@ -231,6 +231,15 @@ class _Reconcile:
             return _Plan(Phase.ERROR, Reason.WORKSPACE_LOST, "the workspace PVC lost its volume")
         if self.desired.resources_violation:
             return self._resources_error()
+        if self.desired.suspended:
+            # Declared suspended before it ever ran: nothing starts. Its workspace and Service are
+            # set up all the same, so that the resume is like any other.
+            return _Plan(
+                Phase.SUSPENDING,
+                Reason.SUSPEND_REQUESTED,
+                "suspended before it started: it starts when spec.suspended is false",
+                actions=[*self._ensure_children(), *self._delete_pod()],
+            )
         if pod is None:
             if blocker := self._pod_blockers():
                 return _Plan(Phase.CREATING, *blocker)
@@ -411,6 +420,7 @@ class _Reconcile:
                 "the sandbox is running again",
                 actions=self._ensure_children(),
                 last_activity_at=max(self.stamp, self.observed.last_activity_at or self.stamp),
+                started_at=self.observed.started_at or self.stamp,  # first run of one created suspended
             )
         return _Plan(Phase.RESUMING, *_waiting_reason(pod), actions=self._ensure_children())
 

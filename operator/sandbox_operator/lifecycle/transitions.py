@@ -17,7 +17,8 @@ __all__ = [
 
 ALLOWED_TRANSITIONS: Mapping[Phase | None, frozenset[Phase]] = {
     None: frozenset({Phase.CREATING}),
-    Phase.CREATING: frozenset({Phase.RUNNING, Phase.ERROR, Phase.TERMINATING}),
+    # Creating → Suspending: a sandbox declared suspended before it ever ran never starts.
+    Phase.CREATING: frozenset({Phase.RUNNING, Phase.SUSPENDING, Phase.ERROR, Phase.TERMINATING}),
     Phase.RUNNING: frozenset({Phase.SUSPENDING, Phase.TERMINATING, Phase.ERROR}),
     Phase.SUSPENDING: frozenset({Phase.SUSPENDED, Phase.ERROR}),
     Phase.SUSPENDED: frozenset({Phase.RESUMING, Phase.TERMINATING}),

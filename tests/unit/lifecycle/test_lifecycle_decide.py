@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from lifecycle_factories import (
+    BOUND_PVC,
     HOUR,
     PENDING_POD,
     READY_POD,
@@ -149,6 +150,27 @@ def test_resumed_pod_is_running_with_a_fresh_idle_clock() -> None:
     assert (decision.phase, decision.reason) == (P.RUNNING, Reason.RESUMED)
     assert decision.status.last_activity_at == at(300)
     assert decision.status.idle_deadline == at(300) + timedelta(minutes=30)
+
+
+def test_a_sandbox_created_suspended_never_starts_and_resumes_like_any_other() -> None:
+    new = observed(None, pvc=None, service_present=False, network_policy_present=False)
+    entered = decide(desired(suspended=True, persistent_workspace=True), new, at(1))
+    assert entered.phase is P.CREATING  # a new object enters Creating first, as any other
+    creating = fed_back(new, entered)
+    decision = decide(desired(suspended=True, persistent_workspace=True), creating, at(2))
+    assert (decision.phase, decision.reason) == (P.SUSPENDING, Reason.SUSPEND_REQUESTED)
+    assert CreatePod() not in work(decision)  # nothing runs
+    assert {EnsurePVC(), EnsureService(), EnsureNetworkPolicy()} <= set(work(decision))
+    creating = replace(creating, pvc=BOUND_PVC, service_present=True, network_policy_present=True)  # written
+    suspended = decide(desired(suspended=True), fed_back(creating, decision), at(3))
+    assert (suspended.phase, suspended.reason) == (P.SUSPENDED, Reason.SUSPEND_REQUESTED)
+    assert suspended.status.started_at is None
+
+    resuming = decide(desired(), fed_back(creating, suspended), at(60))
+    assert (resuming.phase, work(resuming)) == (P.RESUMING, [CreatePod()])
+    running = decide(desired(), replace(fed_back(creating, resuming), pod=READY_POD), at(61))
+    assert (running.phase, running.reason) == (P.RUNNING, Reason.RESUMED)
+    assert running.status.started_at == at(61)  # its first run starts now
 
 
 def test_a_suspended_sandbox_stays_suspended_and_has_no_pod() -> None:

@@ -13,7 +13,7 @@ P = Phase
 # Written out again on purpose: a change to the table must be a change to this list too.
 EXPECTED: dict[Phase | None, set[Phase]] = {
     None: {P.CREATING},
-    P.CREATING: {P.RUNNING, P.ERROR, P.TERMINATING},
+    P.CREATING: {P.RUNNING, P.SUSPENDING, P.ERROR, P.TERMINATING},
     P.RUNNING: {P.SUSPENDING, P.TERMINATING, P.ERROR},
     P.SUSPENDING: {P.SUSPENDED, P.ERROR},
     P.SUSPENDED: {P.RESUMING, P.TERMINATING},
