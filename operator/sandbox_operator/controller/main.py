@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from sandbox_operator import eventloop
 from sandbox_operator.api import GROUP, VERSION
 from sandbox_operator.controller.config import ANNOTATION_PREFIX, FINALIZER, MANAGED_BY, OperatorConfig
 from sandbox_operator.controller.kube import Credentials, KubeClient
@@ -190,7 +191,7 @@ async def operate(config: OperatorConfig, stop_flag: asyncio.Event | None = None
 
 def run_operator(config: OperatorConfig) -> int:
     try:
-        asyncio.run(operate(config))
+        eventloop.run(operate(config))
     except KeyboardInterrupt:
         pass
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import start_http_server
 
+from sandbox_operator import eventloop
 from sandbox_operator.controller.kube import Credentials, KubeClient
 from sandbox_operator.gateway.server import Gateway, GatewayConfig
 
@@ -67,5 +68,6 @@ def run_gateway(*, kubeconfig: str | None, host: str, port: int, metrics_port: i
                 domain: str | None, token_key_file: str | None, create_timeout: float) -> int:
     config = GatewayConfig(token_key=load_token_key(token_key_file), keys_namespace=keys_namespace,
                            domain=domain, create_timeout=create_timeout)
-    asyncio.run(serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config))
+    eventloop.run(serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config))
     return 0
+
