@@ -33,6 +33,7 @@ from sandbox_operator.lifecycle.types import (
     EnsurePVC,
     EnsureService,
     EventType,
+    Observed,
     Reason,
     RemoveFinalizer,
     RequeueAfter,
@@ -117,15 +118,7 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     service = build_service(sandbox, template)
     policy = build_network_policy(sandbox, template, gateway_namespace=rt.config.gateway_namespace)
     desired = desired_from(sandbox, template)
-    observed = observed_from(
-        sandbox,
-        pod=pod,
-        pvc=pvc,
-        # "present" means present and current: a changed spec.network re-applies the policy.
-        service_present=_is_current(rt, "service", (namespace, names.service), uid, service),
-        network_policy_present=_is_current(rt, "networkpolicy", (namespace, names.network_policy), uid, policy),
-    )
-    decision = decide(desired, observed, now)
+    decision = decide(desired, _observe(rt, sandbox, pod, pvc, service, policy), now)
 
     # The Service and the NetworkPolicy depend on nothing else: written while the pod is.
     children = [
@@ -253,23 +246,29 @@ def _decide_again(
 ) -> Decision | None:
     """The next decision, as if `decision`'s status had been written and read back; None unless it
     moves the sandbox on with nothing left to do but report (no child to write)."""
-    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
-    names, uid = child_names(name), str(body["metadata"]["uid"])
     projected = {**status_now, **status_patch(decision, status_now, now)}
     sandbox = Sandbox.from_body({**body, "status": projected})
-    observed = observed_from(
-        sandbox,
-        pod=pod,
-        pvc=pvc,
-        service_present=_is_current(rt, "service", (namespace, names.service), uid, service),
-        network_policy_present=_is_current(rt, "networkpolicy", (namespace, names.network_policy), uid, policy),
-    )
-    followup = decide(desired, observed, now)
+    followup = decide(desired, _observe(rt, sandbox, pod, pvc, service, policy), now)
     if followup.phase is None or followup.phase == decision.phase:
         return None
     if any(not isinstance(action, EmitEvent | RequeueAfter) for action in followup.actions):
         return None
     return followup
+
+
+def _observe(
+    rt: Runtime, sandbox: Sandbox, pod: JSON | None, pvc: JSON | None, service: JSON, policy: JSON
+) -> Observed:
+    namespace, uid = str(sandbox.metadata.namespace), str(sandbox.metadata.uid)
+    names = child_names(str(sandbox.metadata.name))
+    return observed_from(
+        sandbox,
+        pod=pod,
+        pvc=pvc,
+        # "present" means present and current: a changed spec.network re-applies the policy.
+        service_present=_is_current(rt, "service", (namespace, names.service), uid, service),
+        network_policy_present=_is_current(rt, "networkpolicy", (namespace, names.network_policy), uid, policy),
+    )
 
 
 def _is_current(rt: Runtime, kind: str, key: Key, uid: str, built: JSON) -> bool:
