@@ -218,7 +218,9 @@ class PodAgents:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        # No timeout: the loop checks the flag before each start, so it ends within one agent stop
+        # (bounded by _stop_agent's waits); a thread still running could hold a pod after this.
+        self._thread.join()
         for uid in list(self.agents):
             self._stop_agent(uid)
         # Release every pod still held, so that the namespace can go away.
@@ -229,23 +231,32 @@ class PodAgents:
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
-            listing = self.cluster.get_json("pods", "-n", self.namespace, "-l", "sandbox.dev/sandbox") or {}
-            live, held = {}, {}
-            for pod in listing.get("items", []):
-                meta, status = pod["metadata"], pod.get("status") or {}
-                if AGENT_FINALIZER in (meta.get("finalizers") or ()):
-                    held[meta["uid"]] = meta["name"]
-                if status.get("phase") == "Running" and status.get("podIP") and not meta.get("deletionTimestamp"):
-                    live[meta["uid"]] = (meta["name"], status["podIP"], _container_env(pod), _workspace(pod))
-            gone = [u for u in self.agents if u not in live]
-            for uid in gone:
-                self._stop_agent(uid)  # and releases the pod
-            for uid, name in held.items():
-                if uid not in self.agents and uid not in gone:
-                    self._release(name, uid)  # its agent is stopped (or never ran): let the pod go
-            for uid, (name, ip, env, workspace) in live.items():
-                if uid not in self.agents and len(self.agents) < self.limit and self._hold(name, uid):
-                    self._start_agent(uid, name, ip, env, workspace)
+            try:
+                self._pass()
+            except (AssertionError, OSError, subprocess.SubprocessError) as error:
+                # A slow or failed kubectl call must not end the loop: held pods would never go.
+                print(f"PodAgents({self.namespace}): pass failed, retrying: {error}", file=sys.stderr)
+
+    def _pass(self) -> None:
+        listing = self.cluster.get_json("pods", "-n", self.namespace, "-l", "sandbox.dev/sandbox") or {}
+        live, held = {}, {}
+        for pod in listing.get("items", []):
+            meta, status = pod["metadata"], pod.get("status") or {}
+            if AGENT_FINALIZER in (meta.get("finalizers") or ()):
+                held[meta["uid"]] = meta["name"]
+            if status.get("phase") == "Running" and status.get("podIP") and not meta.get("deletionTimestamp"):
+                live[meta["uid"]] = (meta["name"], status["podIP"], _container_env(pod), _workspace(pod))
+        gone = [u for u in self.agents if u not in live]
+        for uid in gone:
+            self._stop_agent(uid)  # and releases the pod
+        for uid, name in held.items():
+            if uid not in self.agents and uid not in gone:
+                self._release(name, uid)  # its agent is stopped (or never ran): let the pod go
+        for uid, (name, ip, env, workspace) in live.items():
+            if self._stop.is_set():
+                return  # stopping: hold no new pod (__exit__ releases the held ones)
+            if uid not in self.agents and len(self.agents) < self.limit and self._hold(name, uid):
+                self._start_agent(uid, name, ip, env, workspace)
 
     def _patch_pod(self, name: str, uid: str, metadata: dict[str, Any]) -> bool:
         # The uid in the patch is a precondition: a newer pod of the same name is left alone.

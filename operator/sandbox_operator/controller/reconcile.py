@@ -98,7 +98,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     now = datetime.now(UTC)
     status_now: Mapping[str, Any] = body.get("status") or {}
 
-    started = status_now.get("startedAt") is not None
+    # Past Creating (e.g. created suspended, never run) counts too: it keeps its template's last
+    # version if the template is deleted, like one that ran.
+    started = status_now.get("startedAt") is not None or status_now.get("phase") not in (None, "Creating")
     template_body = rt.store.template_for(sandbox.spec.template, started=started)
     if template_body is None:
         await _report_missing_template(rt, key, sandbox, status_now)
@@ -155,7 +157,7 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     await _write_status(rt, key, sandbox, decisions, status_now, pod, now, pool_source)
     for made in decisions:
         for action in made.actions:
-            if isinstance(action, EmitEvent):
+            if isinstance(action, EmitEvent) and (action.type is EventType.WARNING or rt.config.normal_events):
                 rt.spawn(post_event(rt, sandbox, action.type, action.reason, action.message))
     _schedule(rt, key, decisions[-1], now)
 
@@ -178,10 +180,11 @@ async def _act(
     uid = str(sandbox.metadata.uid)
     pool_source = None
     claim_tried = False
-    observed_started = (body.get("status") or {}).get("startedAt") is not None
+    status = body.get("status") or {}
+    entering = status.get("startedAt") is None and status.get("phase") in (None, "Creating")
     for action in decision.actions:
         # Only a first start may take a warm pod; a resume or recreate keeps the sandbox's workspace.
-        first_start = pvc is None and not observed_started
+        first_start = pvc is None and entering
         wants_pod = decision.has_action(CreatePod) and first_start
         if isinstance(action, EnsurePVC | CreatePod) and wants_pod and not claim_tried:
             # A warm pod from a pool brings its own workspace claim: try that before creating either.

@@ -50,7 +50,7 @@ class Runtime:
         self.ensured: dict[tuple[str, str], str] = {}
         self.started = False
         # Best-effort writes a reconcile does not wait for (Events): tracked so that none is
-        # garbage-collected mid-flight, bounded so that a burst cannot pile up thousands.
+        # garbage-collected mid-flight; at most BACKGROUND_LIMIT of them hold a request slot.
         self._background: set[asyncio.Task[None]] = set()
         self._background_slots = asyncio.Semaphore(BACKGROUND_LIMIT)
         self.usage = UsageCollector(self)
@@ -87,8 +87,11 @@ class Runtime:
         """Run a best-effort write (it handles its own errors) without holding up the reconcile."""
 
         async def bounded() -> None:
-            async with self._background_slots:
-                await write
+            try:
+                async with self._background_slots:
+                    await write
+            finally:
+                write.close()  # cancelled while waiting for a slot: never started, never awaited
 
         task = asyncio.create_task(bounded())
         self._background.add(task)

@@ -70,4 +70,3 @@ def run_gateway(*, kubeconfig: str | None, host: str, port: int, metrics_port: i
                            domain=domain, create_timeout=create_timeout)
     eventloop.run(serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config))
     return 0
-

@@ -461,7 +461,8 @@ class _Reconcile:
             Phase.CREATING,
             retry_reason,
             f"retrying after {observed.reason or 'an error'}",
-            actions=self._start_pod(),
+            # A sandbox suspended meanwhile starts nothing: Creating takes it on to Suspending.
+            actions=self._ensure_children() if self.desired.suspended else self._start_pod(),
             recreate_attempts=next_attempts,
             last_recreate_at=self.stamp if retry_reason is Reason.RETRYING else observed.last_recreate_at,
         )

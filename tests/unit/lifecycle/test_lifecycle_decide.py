@@ -404,6 +404,15 @@ def test_retryable_error_then_retries_into_creating() -> None:
     assert decision.status.recreate_attempts == 1
 
 
+def test_a_suspended_sandbox_in_error_retries_into_suspended_without_a_pod() -> None:
+    failed = observed(P.ERROR, reason=Reason.POD_FAILED, pod=None)
+    retried = decide(desired(suspended=True), failed, at(60))
+    assert (retried.phase, retried.reason) == (P.CREATING, Reason.RETRYING)
+    assert CreatePod() not in work(retried)
+    parked = decide(desired(suspended=True), fed_back(failed, retried), at(61))
+    assert parked.phase is P.SUSPENDING and CreatePod() not in work(parked)
+
+
 def test_error_retry_respects_backoff_and_budget() -> None:
     failed = observed(
         P.ERROR, reason=Reason.POD_FAILED, pod=None, recreate_attempts=2, last_recreate_at=at(50)
