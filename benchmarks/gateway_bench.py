@@ -67,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "gateway.json"
 LOG_DIR = REPO / "benchmarks" / "results" / "gateway-logs"
 sys.path.insert(0, str(REPO / "operator"))
+sys.path.insert(0, str(REPO / "tests"))  # testlib: the template and process helpers the tests use
 
 from benchlib import (  # noqa: E402
     cluster_down,
@@ -81,22 +82,12 @@ from benchlib import (  # noqa: E402
     summary_ms,
 )
 from sandbox_operator.controller.kube import Credentials  # noqa: E402 - needs the source root on sys.path
+from testlib import CODE_INTERPRETER_TEMPLATE, stop_process  # noqa: E402
 
 JSON = dict[str, Any]
 ENVD_PORT, INTERPRETER_PORT = 49983, 49999
 SANDBOX_LABEL = "sandbox.dev/sandbox"
 TARGETS = {"commands_run_p50_ms": 10, "run_code_p50_ms": 8, "proxy_req_per_s": 3000}
-# tests/e2e/test_gateway.py's templates: the code-interpreter image, a PVC workspace (the default).
-TEMPLATE = """
-apiVersion: sandbox.dev/v1alpha1
-kind: SandboxTemplate
-metadata: {name: %s}
-spec:
-  image: ghcr.io/sandbox-operator/sandbox-code-interpreter:dev
-  resources:
-    default: {cpu: "1", memory: 512Mi, disk: 1Gi}
-  timeouts: {idle: 30m, maxLifetime: 1h, execution: 5m}
-"""
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -163,7 +154,7 @@ def prepare_cluster(kubectl: Kubectl, namespace: str, api_key: str) -> None:
     wait_for(lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0, 30,
              f"service account default in {namespace}", interval=0.2)
     for name in ("base", "code-interpreter"):
-        kubectl("apply", "-f", "-", input=TEMPLATE % name)
+        kubectl("apply", "-f", "-", input=CODE_INTERPRETER_TEMPLATE % name)
     secret = {  # tests/e2e/test_gateway.py api_key_secret: a key granting `namespace`
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "bench-key", "labels": {"sandbox.dev/api-key": "true"},
@@ -187,13 +178,7 @@ class Proc:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:

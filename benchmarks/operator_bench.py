@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "operator.json"
 LOG_DIR = REPO / "benchmarks" / "results" / "operator-logs"
 sys.path.insert(0, str(REPO / "operator"))
+sys.path.insert(0, str(REPO / "tests"))  # testlib.stop_process
 
 from benchlib import (  # noqa: E402
     cluster_down,
@@ -68,6 +69,7 @@ from benchlib import (  # noqa: E402
     summary_ms,
 )
 from sandbox_operator.controller.kube import Credentials  # noqa: E402 - needs the source root on sys.path
+from testlib import stop_process  # noqa: E402
 
 
 def seconds_summary(seconds: Iterable[float]) -> JSON:
@@ -573,14 +575,7 @@ class OperatorProcess:
         return sum(1 for line in text.splitlines() if pattern in line)
 
     def stop(self) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
+        return stop_process(self.process, grace=20)
 
 
 def start_operator(

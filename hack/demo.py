@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # testlib.PodAgents: the stand-in for the kubelet
 
 from sandbox_operator.gateway.e2b import api_key_secret, new_api_key  # noqa: E402
-from testlib import Cluster, PodAgents  # noqa: E402
+from testlib import Cluster, PodAgents, stop_process  # noqa: E402
 
 STATE = Path(os.environ.get("SANDBOX_DEMO_STATE", REPO / ".state" / "demo"))
 NAMESPACE = "demo"
@@ -179,12 +178,7 @@ def main() -> int:
     finally:
         stack.close()
         for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_process(process, grace=15)
         if cluster_up and os.environ.get("KEEP") != "1":
             subprocess.run([str(REPO / "hack" / "cluster"), "down", "--state-dir", str(STATE)], check=False)
         elif cluster_up:

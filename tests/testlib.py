@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -291,13 +292,7 @@ class PodAgents:
 
     def _stop_agent(self, uid: str) -> None:
         name, process = self.agents.pop(uid)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_process(process, grace=10)
         self._release(name, uid)
 
 
@@ -313,11 +308,52 @@ def _container_env(pod: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in containers[0].get("env") or () if "value" in item}
 
 
+def request_json(
+    method: str, url: str, body: object = None, headers: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, Any]:
+    """An HTTP call with a JSON body; the status and the decoded JSON answer (None when empty),
+    for error statuses too."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        return error.code, json.loads(raw) if raw else None
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 30) -> int:
+    """SIGTERM, up to `grace` seconds to exit, then SIGKILL; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait(timeout=10)
+
+
 def http_json(url: str, body: Any = None, timeout: float = 30) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read().decode()
+
+
+# The gateway's e2e tests and benchmark: the code-interpreter image, a PVC workspace (the default).
+CODE_INTERPRETER_TEMPLATE = """
+apiVersion: sandbox.dev/v1alpha1
+kind: SandboxTemplate
+metadata: {name: %s}
+spec:
+  image: ghcr.io/sandbox-operator/sandbox-code-interpreter:dev
+  resources:
+    default: {cpu: "1", memory: 512Mi, disk: 1Gi}
+  timeouts: {idle: 30m, maxLifetime: 1h, execution: 5m}
+"""
 
 
 # --- Sandbox helpers -----------------------------------------------------------------------

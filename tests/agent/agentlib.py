@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_operator.agent import ENVD_COMPATIBLE_VERSION
-from testlib import wait_until
+from testlib import stop_process, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCESS_TOKEN = "test-access-token-0123456789"
@@ -144,13 +143,7 @@ def start_agent(
 
 
 def stop_agent(agent: AgentProcess) -> None:
-    if agent.process.poll() is None:
-        agent.process.send_signal(signal.SIGTERM)
-        try:
-            agent.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            agent.process.kill()
-            agent.process.wait()
+    stop_process(agent.process, grace=15)
 
 
 class FakeControlPlane:

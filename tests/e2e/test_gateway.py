@@ -19,18 +19,15 @@ from e2b import AuthenticationException, Sandbox, SandboxException, SandboxNotFo
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from sandbox_operator.gateway.e2b import api_key_secret
-from testlib import Cluster, OperatorProcess, PodAgents, free_port, wait_until
-
-TEMPLATE = """
-apiVersion: sandbox.dev/v1alpha1
-kind: SandboxTemplate
-metadata: {name: %s}
-spec:
-  image: ghcr.io/sandbox-operator/sandbox-code-interpreter:dev
-  resources:
-    default: {cpu: "1", memory: 512Mi, disk: 1Gi}
-  timeouts: {idle: 30m, maxLifetime: 1h, execution: 5m}
-"""
+from testlib import (
+    CODE_INTERPRETER_TEMPLATE,
+    Cluster,
+    OperatorProcess,
+    PodAgents,
+    free_port,
+    request_json,
+    wait_until,
+)
 
 
 @dataclass
@@ -58,7 +55,7 @@ def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytes
 
         wait_until(has_service_account, timeout=30, message=f"default service account in {ns}")
     for name in ("base", "code-interpreter"):
-        cluster.apply(TEMPLATE % name)
+        cluster.apply(CODE_INTERPRETER_TEMPLATE % name)
     api_key, other_key = "e2b_" + secrets.token_hex(20), "e2b_" + secrets.token_hex(20)
     for name, key, grants in (("key-main", api_key, namespace), ("key-other", other_key, other)):
         cluster.apply(json.dumps(api_key_secret(name, key, keys_namespace=namespace, grants=grants)))
@@ -95,16 +92,7 @@ def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytes
 
 def request(gw: Gateway, method: str, path: str, body: object = None,
             headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(gw.url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as error:
-        raw = error.read()
-        return error.code, json.loads(raw) if raw else None
+    return request_json(method, gw.url + path, body, headers)
 
 
 def sandboxes_in(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:

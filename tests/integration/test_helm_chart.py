@@ -31,6 +31,7 @@ from testlib import (
     PodAgents,
     children,
     free_port,
+    request_json,
     sandbox_manifest,
     start_operator,
     wait_phase,
@@ -369,16 +370,7 @@ class LocalGateway:
     log_path: Path
 
     def call(self, method: str, path: str, body: object = None, api_key: str | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json", **({"X-API-KEY": api_key} if api_key else {})}
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=90) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as error:
-            raw = error.read()
-            return error.code, json.loads(raw) if raw else None
+        return request_json(method, self.url + path, body, {"X-API-KEY": api_key} if api_key else None, timeout=90)
 
     def stop(self) -> None:
         if self.process.poll() is None:
