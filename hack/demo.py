@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 """The product's main job on the embedded default, end to end, with progress output.
 
-1. a real local control plane (hack/cluster: etcd, kube-apiserver, controller-manager, scheduler,
-   kwok), the CRDs and the `base` SandboxTemplate;
+1. a real local control plane (hack/cluster: etcd, kube-apiserver, controller-manager, scheduler)
+   with the container node (hack/container_node.py: pods run as real containers under crun, from
+   the images hack/build-images made), the CRDs and the `base` SandboxTemplate;
 2. the operator (`sandbox-operator run`) and the gateway (`sandbox-operator gateway`: the E2B
    control-plane API and the data-plane proxy), with an API key Secret for the `demo` namespace;
 3. the unmodified E2B code-interpreter SDK creating a sandbox through the gateway: a Sandbox object,
-   reconciled to Running (pod, workspace claim, Service, NetworkPolicy); the sandbox agent runs on
-   the pod's IP (there is no kubelet here: it stands in for the container);
-4. real work through the gateway: Python state across calls, a shell command, a file round trip;
+   reconciled to Running (pod, workspace claim, Service, NetworkPolicy); the sandbox agent runs in
+   the pod's container (tini as PID 1, uid 1000, the pod's memory limit) on the pod's IP;
+4. real work through the gateway: Python state across calls, a shell command, a file round trip,
+   and what the container enforces: `id`, `pwd`, a refused write to /usr, a memory bomb answered
+   cleanly;
 5. the operator's /metrics for the sandbox, pause → Suspended and connect → Running on the same
    workspace, kill → every child removed.
-Everything started is stopped at the end, unless KEEP=1.
+Everything started is stopped at the end (no container, mount or cgroup left), unless KEEP=1.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # testlib.PodAgents: the stand-in for the kubelet
+sys.path.insert(0, str(REPO / "tests"))  # testlib.stop_process
 
 from sandbox_operator.gateway.e2b import api_key_secret, new_api_key  # noqa: E402
-from testlib import Cluster, PodAgents, stop_process  # noqa: E402
+from testlib import stop_process  # noqa: E402
 
 STATE = Path(os.environ.get("SANDBOX_DEMO_STATE", REPO / ".state" / "demo"))
 NAMESPACE = "demo"
@@ -69,10 +72,10 @@ def main() -> int:
     cluster_up = False
     stack = contextlib.ExitStack()
     try:
-        step("starting the local control plane (hack/cluster up)")
+        step("starting the local control plane with the container node (hack/cluster up --node containers)")
         run(str(REPO / "hack" / "cluster"), "down", "--state-dir", str(STATE))
         started = time.monotonic()
-        out = run(str(REPO / "hack" / "cluster"), "up", "--state-dir", str(STATE))
+        out = run(str(REPO / "hack" / "cluster"), "up", "--state-dir", str(STATE), "--node", "containers")
         cluster_up = True
         kubeconfig = out.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
         env = {**os.environ, "KUBECONFIG": kubeconfig}
@@ -122,9 +125,6 @@ def main() -> int:
         wait_for("the gateway's /health", lambda: _http_ok(f"{gateway_url}/health"))
         print(f"    E2B_API_URL={gateway_url} E2B_SANDBOX_URL={gateway_url} E2B_API_KEY={api_key[:8]}…")
 
-        # No kubelet here: run the agent for each sandbox pod on its IP, with its env and workspace.
-        stack.enter_context(PodAgents(Cluster(kubeconfig), NAMESPACE, STATE / "workspaces", interpreter=True))
-
         step("the unmodified e2b-code-interpreter SDK: Sandbox.create() through the gateway")
         from e2b_code_interpreter import Sandbox
 
@@ -147,6 +147,15 @@ def main() -> int:
         print(f"    commands.run: {command.stdout.strip()!r} (exit {command.exit_code})")
         sbx.files.write("notes/hello.txt", "written through the SDK\n")
         print(f"    files: {sbx.files.read('notes/hello.txt').strip()!r}")
+        identity = sbx.commands.run("id && pwd")
+        print(f"    inside the container: {identity.stdout.strip().replace(chr(10), '  |  ')}")
+        refused = sbx.commands.run("touch /usr/demo 2>&1", timeout=30)
+        print(f"    write to /usr: exit {refused.exit_code}: {refused.stdout.strip()!r}")
+        bomb = sbx.run_code("hog = []\nwhile True:\n    hog.append(b\"x\" * (64 * 1024 * 1024))", timeout=120)
+        cause = bomb.error.value if bomb.error else "no error?"
+        print(f"    memory bomb in run_code: {bomb.error.name if bomb.error else ''}: {cause}")
+        after = sbx.run_code("1 + 1")
+        print(f"    the next run_code, on a fresh kernel: {after.text}")
         info = sbx.get_info()
         print(f"    get_info: state={info.state.value} cpu={info.cpu_count} memoryMB={info.memory_mb} "
               f"ends {info.end_at:%H:%M:%S}")
@@ -181,9 +190,20 @@ def main() -> int:
             stop_process(process, grace=15)
         if cluster_up and os.environ.get("KEEP") != "1":
             subprocess.run([str(REPO / "hack" / "cluster"), "down", "--state-dir", str(STATE)], check=False)
+            print("    after hack/cluster down: " + _leftovers())
         elif cluster_up:
             print(f"cluster kept: export KUBECONFIG={STATE / 'kubeconfig'}; "
                   f"stop with hack/cluster down --state-dir {STATE}")
+
+
+def _leftovers() -> str:
+    """What a container node could leave behind: containers, mounts, cgroups."""
+    containers = subprocess.run(["crun", "--root", str(STATE / "node" / "crun"), "list", "-q"],
+                                capture_output=True, text=True).stdout.split()
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if str(STATE) in line.split()[4]]
+    cgroups = list(Path("/sys/fs/cgroup/memory").glob("**/sandbox-node-*"))
+    return f"containers={len(containers)} mounts={len(mounts)} cgroups={len(cgroups)}"
 
 
 def _get(url: str) -> str:

@@ -5,6 +5,8 @@ Importable from any test module because pytest puts tests/ on sys.path (conftest
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -16,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,6 +61,7 @@ class Cluster:
 
     kubeconfig: str
     state_dir: Path | None = None  # set when the fixtures started the cluster themselves
+    node: str = "kwok"  # the local node kind: kwok (simulated pods) or containers (pods really run)
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": self.kubeconfig}
@@ -186,6 +189,67 @@ def start_operator(
     wait_until(ready, timeout=60, message="operator liveness endpoint")
     return handle
 
+
+
+
+@contextlib.contextmanager
+def local_cluster(tmp_path_factory: Any, node: str = "kwok") -> Iterator[Cluster]:
+    """A local control plane (hack/cluster up --node NODE) for the session; down afterwards."""
+    state_dir = tmp_path_factory.mktemp(f"cluster-{node}", numbered=True) / "state"
+    up = subprocess.run(
+        [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir), "--node", node],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if up.returncode != 0:
+        raise RuntimeError(f"hack/cluster up --node {node} failed:\n{up.stderr}{up.stdout}")
+    kubeconfig = up.stdout.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
+    try:
+        yield Cluster(kubeconfig=kubeconfig, state_dir=state_dir, node=node)
+    finally:
+        down = subprocess.run(
+            [sys.executable, str(REPO / "hack" / "cluster"), "down", "--state-dir", str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        if down.returncode != 0:
+            print(f"hack/cluster down failed:\n{down.stderr}", file=sys.stderr)
+
+
+def apply_crds_to(cluster: Cluster) -> list[str]:
+    """Apply crds/*.yaml and wait until each is Established; returns the CRD names."""
+    names: list[str] = []
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+        name = cluster.kubectl("get", "-f", str(path), "-o", "jsonpath={.metadata.name}").stdout.strip()
+        names.append(name)
+
+    def listable(crd: str) -> bool:
+        return cluster.kubectl("get", crd, "-A", check=False).returncode == 0
+
+    for name in names:
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        # Just after Established, list/watch can answer 429 "storage is (re)initializing" briefly.
+        wait_until(functools.partial(listable, name), timeout=30, message=f"{name} to be listable")
+    return names
+
+
+@contextlib.contextmanager
+def session_operator(cluster: Cluster, log_path: Path) -> Iterator[OperatorProcess]:
+    """One operator watching the namespaces of tests that ask for it (op-*)."""
+    # Fast usage collection so metric tests see agents' numbers within a second.
+    handle = start_operator(
+        cluster, log_path, "op-*",
+        extra_args=("--usage-interval", "0.5", "--usage-status-interval", "1", "--metric-metadata-key", "team"),
+    )
+    try:
+        yield handle
+    finally:
+        code = handle.kill(signal.SIGTERM)
+        if code not in (0, -signal.SIGTERM):
+            print(f"operator exited with {code}:\n{handle.log_tail()}")
 
 
 

@@ -3,91 +3,19 @@ agent on the pod IP, and the data plane proxied to it. Real API server, real ope
 
 from __future__ import annotations
 
-import json
-import secrets
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from e2b import AuthenticationException, Sandbox, SandboxException, SandboxNotFoundException
 from e2b_code_interpreter import Sandbox as CodeSandbox
+from e2elib import Gateway
 
-from sandbox_operator.gateway.e2b import api_key_secret
 from testlib import (
-    CODE_INTERPRETER_TEMPLATE,
     Cluster,
-    OperatorProcess,
-    PodAgents,
-    free_port,
     request_json,
-    wait_until,
 )
-
-
-@dataclass
-class Gateway:
-    url: str
-    namespace: str
-    api_key: str
-    other_key: str  # a key for another namespace
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def sdk(self, api_key: str | None = None) -> dict[str, Any]:
-        return {"api_key": api_key or self.api_key, "api_url": self.url, "sandbox_url": self.url}
-
-
-@pytest.fixture(scope="module")
-def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    suffix = secrets.token_hex(3)
-    namespace, other = f"op-gw-{suffix}", f"op-gw-other-{suffix}"  # op-*: the session operator's scope
-    for ns in (namespace, other):
-        cluster.kubectl("create", "namespace", ns)
-
-        def has_service_account(ns: str = ns) -> bool:
-            return cluster.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0
-
-        wait_until(has_service_account, timeout=30, message=f"default service account in {ns}")
-    for name in ("base", "code-interpreter"):
-        cluster.apply(CODE_INTERPRETER_TEMPLATE % name)
-    api_key, other_key = "e2b_" + secrets.token_hex(20), "e2b_" + secrets.token_hex(20)
-    for name, key, grants in (("key-main", api_key, namespace), ("key-other", other_key, other)):
-        cluster.apply(json.dumps(api_key_secret(name, key, keys_namespace=namespace, grants=grants)))
-    workdir = tmp_path_factory.mktemp("gateway")
-    port, metrics_port = free_port(), free_port()
-    log = workdir / "gateway.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", cluster.kubeconfig,
-             "--bind-address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-             "--keys-namespace", namespace, "--create-timeout", "60"],
-            stdout=out, stderr=subprocess.STDOUT, env={**cluster.env(), "SANDBOX_GATEWAY_TOKEN_KEY": "k" * 32},
-        )
-    handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, other_key, process, log)
-
-    def serving() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"gateway exited:\n{log.read_text()}")
-        try:
-            return request(handle, "GET", "/health")[0] == 200
-        except urllib.error.URLError:
-            return False  # not listening yet: it lists the cluster first
-
-    try:
-        wait_until(serving, timeout=60, message="gateway /health")
-        with PodAgents(cluster, namespace, workdir / "agents", interpreter=True):
-            yield handle
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        for ns in (namespace, other):
-            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def request(gw: Gateway, method: str, path: str, body: object = None,

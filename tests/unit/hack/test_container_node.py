@@ -1,0 +1,200 @@
+"""The container node's pure parts: a pod (as the operator builds it) → the OCI runtime config."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("container_node", REPO / "hack" / "container_node.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["container_node"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+node = _load()
+
+IMAGE_CONFIG = {
+    "Entrypoint": ["/usr/bin/tini", "--", "sandbox-agent"],
+    "Cmd": None,
+    "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SANDBOX_WORKDIR=/home/user", "LANG=C.UTF-8"],
+    "User": "1000:1000",
+    "WorkingDir": "/home/user",
+}
+
+
+def image(config: dict[str, Any] | None = None) -> Any:
+    return node.Image(ref="ghcr.io/x/y:dev", rootfs=Path("/images/y/rootfs"), config=config or IMAGE_CONFIG)
+
+
+def sandbox_pod(**container: Any) -> dict[str, Any]:
+    """The shape resources.builders.build_pod gives a sandbox pod."""
+    base = {
+        "name": "sandbox",
+        "image": "ghcr.io/x/y:dev",
+        "env": [{"name": "SANDBOX_ID", "value": "abc"}, {"name": "SANDBOX_WORKDIR", "value": "/home/user"}],
+        "resources": {"limits": {"cpu": "1", "memory": "512Mi"}, "requests": {"cpu": "1", "memory": "512Mi"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "workspace", "mountPath": "/home/user"}, {"name": "tmp", "mountPath": "/tmp"}],
+        "workingDir": "/home/user",
+        **container,
+    }
+    return {
+        "metadata": {"name": "sbx-a", "namespace": "team-a", "uid": "u-1", "labels": {"app": "x"}},
+        "spec": {
+            "hostname": "sbx-a",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+            "containers": [base],
+            "volumes": [
+                {"name": "workspace", "persistentVolumeClaim": {"claimName": "w"}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        },
+    }
+
+
+def spec_for(pod: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    container = pod["spec"]["containers"][0]
+    arguments: dict[str, Any] = {
+        "rootfs": Path("/state/merged"),
+        "env": node.container_env(pod, container, image(), "127.3.0.2", "127.0.0.1"),
+        "volumes": {"workspace": node.VolumeSource(Path("/pv/w")), "tmp": node.VolumeSource(Path("/state/tmp"))},
+        "etc_files": {"/etc/hosts": Path("/state/hosts")},
+        "cgroup_dir": Path("/sys/fs/cgroup/memory/x"),
+        "max_pids": 1024,
+        **overrides,
+    }
+    result: dict[str, Any] = node.runtime_spec(pod, container, image(), **arguments)
+    return result
+
+
+def test_a_sandbox_pod_runs_as_its_security_context_says() -> None:
+    spec = spec_for(sandbox_pod())
+    process = spec["process"]
+    assert process["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [1000]}
+    assert process["args"] == ["/usr/bin/tini", "--", "sandbox-agent"]  # the image's entrypoint
+    assert process["cwd"] == "/home/user"
+    assert process["noNewPrivileges"] is True
+    assert process["capabilities"]["bounding"] == [] and process["capabilities"]["effective"] == []
+    assert {"type": "RLIMIT_NPROC", "hard": 1024, "soft": 1024} in process["rlimits"]
+    assert spec["root"] == {"path": "/state/merged", "readonly": True}
+    assert "seccomp" in spec["linux"] and "unshare" in spec["linux"]["seccomp"]["syscalls"][0]["names"]
+    assert {ns["type"] for ns in spec["linux"]["namespaces"]} == {"pid", "ipc", "uts", "mount"}
+    mounts = {m["destination"]: m for m in spec["mounts"]}
+    assert mounts["/home/user"]["source"] == "/pv/w" and "rw" in mounts["/home/user"]["options"]
+    assert mounts["/sys/fs/cgroup/memory"]["source"] == "/sys/fs/cgroup/memory/x"
+    assert "ro" in mounts["/sys/fs/cgroup/memory"]["options"]
+    assert spec["hostname"] == "sbx-a"
+    json.dumps(spec)  # serialisable as config.json
+
+
+def test_env_is_image_then_container_then_the_bind_address() -> None:
+    pod = sandbox_pod(
+        env=[{"name": "LANG", "value": "C"}, {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    )
+    env = dict(item.split("=", 1) for item in spec_for(pod)["process"]["env"])
+    assert env["LANG"] == "C"  # the container overrides the image
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert env["POD"] == "sbx-a"
+    assert env[node.AGENT_HOST_ENV] == "127.3.0.2"
+
+
+def test_command_and_args_follow_kubernetes_rules() -> None:
+    assert node.command_line({"command": ["sandbox-agent"]}, image()) == ["sandbox-agent"]
+    assert node.command_line({"args": ["--x"]}, image()) == ["/usr/bin/tini", "--", "sandbox-agent", "--x"]
+    with_cmd = image({**IMAGE_CONFIG, "Cmd": ["a"]})
+    assert node.command_line({"command": ["b"]}, with_cmd) == ["b"]  # command drops the image's Cmd
+    assert node.command_line({}, with_cmd) == ["/usr/bin/tini", "--", "sandbox-agent", "a"]
+
+
+def test_bad_pods_are_config_errors_with_a_reason() -> None:
+    root_pod = sandbox_pod(securityContext={"runAsNonRoot": True, "runAsUser": 0})
+    with pytest.raises(node.ConfigError, match="runAsNonRoot"):
+        spec_for(root_pod)
+    no_command = image({"Env": []})
+    pod = sandbox_pod()
+    container = pod["spec"]["containers"][0]
+    with pytest.raises(node.ConfigError, match="no command"):
+        node.runtime_spec(
+            pod,
+            container,
+            no_command,
+            rootfs=Path("/r"),
+            env=[],
+            volumes={},
+            etc_files={},
+            cgroup_dir=None,
+            max_pids=10,
+        )
+    with pytest.raises(node.ConfigError, match='volume "workspace"'):
+        spec_for(pod, volumes={})
+    with pytest.raises(node.ConfigError, match="fieldRef"):
+        node.field_ref(pod, "status.nothing", "", "")
+
+
+def test_capabilities_default_drop_and_add() -> None:
+    assert node.capabilities({}) == list(node.DEFAULT_CAPABILITIES)
+    kept = node.capabilities({"securityContext": {"capabilities": {"drop": ["NET_RAW"], "add": ["SYS_PTRACE"]}}})
+    assert "CAP_NET_RAW" not in kept and kept[-1] == "CAP_SYS_PTRACE"
+    assert node.capabilities({"securityContext": {"capabilities": {"drop": ["ALL"]}}}) == []
+
+
+def test_termination_reasons_and_restart_policy() -> None:
+    assert node.terminated_reason(137, oom_killed=True) == "OOMKilled"
+    assert node.terminated_reason(137, oom_killed=False) == "Error"
+    assert node.terminated_reason(0, oom_killed=False) == "Completed"
+    assert not node.should_restart("Never", 1)
+    assert node.should_restart("OnFailure", 1) and not node.should_restart("OnFailure", 0)
+    assert node.should_restart("Always", 0)
+    assert node.terminal_phase(0) == "Succeeded" and node.terminal_phase(2) == "Failed"
+
+
+def test_quantities() -> None:
+    assert node.parse_quantity("512Mi") == 512 * 2**20
+    assert node.parse_quantity("1G") == 10**9
+    assert node.parse_quantity("250m") == pytest.approx(0.25)
+    assert node.parse_quantity("1024") == 1024
+
+
+def test_image_store_lookup(tmp_path: Path) -> None:
+    (tmp_path / "base-0123" / "rootfs").mkdir(parents=True)
+    (tmp_path / "base-0123" / "config.json").write_text(json.dumps({"config": IMAGE_CONFIG}))
+    (tmp_path / "index.json").write_text(json.dumps({"images": {"ghcr.io/x/base:dev": "base-0123"}}))
+    found = node.find_image(tmp_path, "ghcr.io/x/base:dev")
+    assert found.rootfs == tmp_path / "base-0123" / "rootfs" and found.config["User"] == "1000:1000"
+    with pytest.raises(node.ImageNotPresent, match="hack/build-images"):
+        node.find_image(tmp_path, "ghcr.io/x/other:dev")
+
+
+def test_probe_parsing_resolves_named_ports() -> None:
+    container = {"ports": [{"name": "envd", "containerPort": 49983}]}
+    probe = node.Probe.parse({"httpGet": {"path": "/health", "port": "envd"}, "periodSeconds": 2}, container)
+    assert probe is not None and (probe.kind, probe.port, probe.path, probe.period) == ("http", 49983, "/health", 2.0)
+    assert node.Probe.parse({"exec": {"command": ["true"]}}, container) is None
+
+
+def test_ip_pool_reuses_a_freed_address_last() -> None:
+    pool = node.IpPool("127.3.0.0/29")
+    first, second = pool.take(), pool.take()
+    pool.give_back(first)
+    assert pool.take() not in (first, second)  # a fresh one before the freed one
