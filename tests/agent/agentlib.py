@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
+import shutil
+import signal
+import site
 import socket
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -96,7 +102,10 @@ def start_agent(
     envd_port: int | None = None,
     interpreter_port: int | None = None,
     extra_args: tuple[str, ...] = (),
+    wrapper: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> AgentProcess:
+    """Start an agent on loopback; `wrapper` is put before its command line (see container_wrapper)."""
     workdir = tmp_root / "home"
     workdir.mkdir(parents=True, exist_ok=True)
     envd_port = envd_port or free_port()
@@ -110,6 +119,7 @@ def start_agent(
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "sandbox_operator.agent",
@@ -126,6 +136,7 @@ def start_agent(
             env=child_env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     agent = AgentProcess(process, envd_port, interpreter_port, workdir, token, log_path)
     try:
@@ -144,6 +155,122 @@ def start_agent(
 
 def stop_agent(agent: AgentProcess) -> None:
     stop_process(agent.process, grace=15)
+
+
+# -- the agent as in a container: own pid namespace (PID 1), unprivileged uid, no capabilities ------------
+
+
+def container_unsupported() -> str | None:
+    """Why the agent cannot be run as in a container here (needs root, unshare and setpriv), or None."""
+    if os.geteuid() != 0:
+        return "needs root (unshare --pid, an unprivileged uid to switch to)"
+    for tool in ("unshare", "setpriv", "mount"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "true"],
+        capture_output=True,
+        timeout=30,
+    )
+    if probe.returncode != 0:
+        return f"unshare --pid does not work here: {probe.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+def _hidden_python_dirs() -> dict[Path, set[Path]]:
+    """Directories other users cannot traverse (e.g. /root around a pyenv Python) → the subtrees below
+    them the agent's Python needs."""
+    needed = {Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable), REPO_ROOT / "operator"}
+    needed.update(Path(path) for path in site.getsitepackages())
+    hidden: dict[Path, set[Path]] = {}
+    for path in needed:
+        parts = path.resolve().parts
+        for depth in range(1, len(parts)):
+            ancestor = Path(*parts[:depth])
+            if not ancestor.stat().st_mode & 0o001:
+                hidden.setdefault(ancestor, set()).add(Path(*parts[: depth + 1]))
+                break
+    return hidden
+
+
+def container_wrapper(uid: int, stage: Path) -> list[str]:
+    """A command prefix that runs the agent the way a sandbox container does: first process (PID 1) of a
+    new pid namespace with its own /proc, as `uid` (no passwd entry needed), no capabilities (also no
+    bounding set), no-new-privileges. The network namespace stays the host's (the agent binds loopback).
+
+    Where the test machine's Python lives under a directory only root may enter (/root/.pyenv), a tmpfs
+    over that directory inside the private mount namespace shows the agent just the subtrees it needs.
+    `stage` is an empty directory for the bind mounts (they vanish with the namespace).
+    """
+    lines = ["set -e"]
+    for index, (hidden, subtrees) in enumerate(sorted(_hidden_python_dirs().items())):
+        moves = []
+        for number, subtree in enumerate(sorted(subtrees)):
+            staged = shlex.quote(str(stage / f"{index}-{number}"))
+            lines += [f"mkdir -p {staged}", f"mount --bind {shlex.quote(str(subtree))} {staged}"]
+            moves += [f"mkdir -p {shlex.quote(str(subtree))}", f"mount --move {staged} {shlex.quote(str(subtree))}"]
+        lines += [f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(hidden))}", *moves]
+    # --pdeathsig keep: the credential change would clear the SIGKILL --kill-child asks for, and with it
+    # the guarantee that nothing of the namespace outlives unshare (a test killed midway).
+    lines.append(
+        f"exec setpriv --reuid={uid} --regid={uid} --clear-groups --bounding-set=-all --no-new-privs"
+        ' --pdeathsig keep -- "$@"'
+    )
+    return [
+        "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc",
+        "--", "sh", "-c", "\n".join(lines), "sh",
+    ]  # fmt: skip
+
+
+def container_init(agent: AgentProcess) -> int:
+    """Host pid of the agent's PID 1 (the init) under container_wrapper's unshare."""
+    children = wait_until(lambda: pid_children(agent.process.pid), timeout=10, message="unshare's child")
+    return children[0]
+
+
+def stop_container_agent(agent: AgentProcess) -> int | None:
+    """Stop a container_wrapper agent the way a runtime does (SIGTERM to PID 1 from outside); its exit code."""
+    children = pid_children(agent.process.pid)
+    if children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(children[0], signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return agent.process.wait(timeout=15)
+    stop_process(agent.process, grace=1)  # unshare --kill-child takes the namespace with it
+    return None
+
+
+def pid_children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+@dataclass(frozen=True)
+class HostProcess:
+    pid: int
+    ppid: int
+    state: str
+    name: str
+
+
+def processes_of(uid: int) -> list[HostProcess]:
+    """Processes (host pids) whose real uid is `uid`, zombies included."""
+    found: list[HostProcess] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in Path(f"/proc/{entry}/status").read_text().splitlines() if ":\t" in line
+            )
+        except OSError:
+            continue
+        if int(fields["Uid"].split()[0]) == uid:
+            found.append(HostProcess(int(entry), int(fields["PPid"]), fields["State"][:1], fields["Name"]))
+    return found
 
 
 class FakeControlPlane:
@@ -212,5 +339,3 @@ class FakeControlPlane:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-

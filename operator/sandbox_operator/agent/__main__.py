@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
 
-from .config import parse_config
-from .server import configure_logging, serve
+from .config import SECRET_ENV_VARS
+from .init import become_init_if_pid1, make_undumpable
 
 
 def main() -> None:
+    # First, before the token is read or anything else runs: same-uid user code must not read this
+    # process's environment or memory (docs/agent.md, "Running as a container").
+    make_undumpable()
+    become_init_if_pid1()
+    # Imported after the fork: the init parent stays a small process.
+    import asyncio
+
+    from .config import parse_config
+    from .server import configure_logging, serve
+
     config = parse_config()
+    # Read once; children get an environment without it anyway (config.SECRET_ENV_VARS), and nothing
+    # later may find it in os.environ.
+    for name in SECRET_ENV_VARS:
+        os.environ.pop(name, None)
     configure_logging()
     config.workdir.mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(config))

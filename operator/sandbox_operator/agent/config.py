@@ -45,7 +45,10 @@ def default_workdir(env: Mapping[str, str]) -> Path:
     image_home = Path("/home/user")
     if image_home.is_dir():
         return image_home
-    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a uid without a passwd entry (any runAsUser works)
+        return Path(env.get("HOME") or Path.cwd())
 
 
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -79,9 +82,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         description="In-sandbox agent: envd-compatible API and code interpreter for the E2B SDKs.",
     )
     parser.add_argument("--host", default=env.get("SANDBOX_AGENT_HOST", "0.0.0.0"), help="bind address")
-    parser.add_argument(
-        "--envd-port", type=int, default=_env_int(env, "SANDBOX_ENVD_PORT", DEFAULT_ENVD_PORT)
-    )
+    parser.add_argument("--envd-port", type=int, default=_env_int(env, "SANDBOX_ENVD_PORT", DEFAULT_ENVD_PORT))
     parser.add_argument(
         "--interpreter-port",
         type=int,

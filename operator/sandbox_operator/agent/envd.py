@@ -18,7 +18,7 @@ from aiohttp import BodyPartReader, web
 from .connect import ConnectError, JsonObject
 from .filesystem import FilesystemService, make_dirs_as, write_metadata
 from .interpreter_http import interpreter_token_ok, is_interpreter_path, refuse_unauthenticated
-from .limits import ExecutionStats
+from .limits import ExecutionStats, exhaustion_message
 from .process import SIGNALS_BY_NAME, ManagedProcess, ProcessManager, set_window_size
 from .protojson import (
     bool_field,
@@ -178,7 +178,14 @@ class EnvdServer:
             if is_rpc_path(path):
                 return web.json_response({"code": "unauthenticated", "message": message}, status=401)
             return json_error(401, message)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (OSError, RuntimeError) as error:
+            # A worker thread for file I/O that cannot start under the pids limit: say so (429), not 500.
+            exhausted = exhaustion_message(error, "serve the request")
+            if exhausted is None:
+                raise
+            return json_error(429, exhausted)
 
     # -- plain HTTP ----------------------------------------------------------------------------
 
@@ -357,9 +364,7 @@ class EnvdServer:
         try:
             return self.state.user(username_from_basic_auth(request.headers.get("Authorization")))
         except UserError as error:
-            raise ConnectError(
-                "permission_denied" if error.status == 403 else "unauthenticated", str(error)
-            ) from error
+            raise ConnectError("permission_denied" if error.status == 403 else "unauthenticated", str(error)) from error
 
     def _path(self, request: web.Request, message: JsonObject, name: str = "path") -> Path:
         raw = string_field(message, name)
@@ -483,11 +488,12 @@ class EnvdServer:
         return {}
 
     async def send_signal(self, request: web.Request, message: JsonObject) -> JsonObject:
-        managed = self._process(message)
+        kind, value = selector(message)
         signum = enum_field(message, "signal", SIGNALS_BY_NAME)
         if signum not in (9, 15):
             raise ConnectError("invalid_argument", "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
-        managed.kill_group(signum)
+        # The whole process tree; a SIGKILL answers once nothing of it is left (commands.kill).
+        await self.processes.send_signal(kind, value, signum)
         return {}
 
     async def update(self, request: web.Request, message: JsonObject) -> JsonObject:

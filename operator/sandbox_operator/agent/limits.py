@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import errno
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +62,26 @@ class OutputLimiter:
         self.truncated = True
         self.emitted = self.limit
         return False, truncation_marker(self.limit)
+
+
+# Spawn failures that mean the sandbox ran out of something (its pids limit is RLIMIT_NPROC or a pids
+# cgroup: fork and thread creation fail with EAGAIN), not that the request was wrong.
+EXHAUSTED_RESOURCES: Final = {
+    errno.EAGAIN: "the sandbox's process limit is reached (EAGAIN)",
+    errno.ENOMEM: "the sandbox is out of memory (ENOMEM)",
+    errno.EMFILE: "the agent's open-file limit is reached (EMFILE)",
+    errno.ENFILE: "the system's open-file limit is reached (ENFILE)",
+}
+
+
+def exhaustion_message(error: BaseException, action: str) -> str | None:
+    """`cannot <action>: <why>` when error says a limit is reached, else None (a real error)."""
+    if isinstance(error, OSError) and error.errno in EXHAUSTED_RESOURCES:
+        return f"cannot {action}: {EXHAUSTED_RESOURCES[error.errno]}"
+    # threading reports a failed pthread_create (EAGAIN under the pids limit) only by this message.
+    if isinstance(error, RuntimeError) and "can't start new thread" in str(error):
+        return f"cannot start a thread: {EXHAUSTED_RESOURCES[errno.EAGAIN]}"
+    return None
 
 
 class ConcurrencyLimitError(Exception):

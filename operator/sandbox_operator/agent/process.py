@@ -20,11 +20,11 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from .config import SECRET_ENV_VARS
 from .connect import ConnectError, JsonObject
-from .limits import ConcurrencyLimitError, ExecutionStats, OutputLimiter
+from .limits import ConcurrencyLimitError, ExecutionStats, OutputLimiter, exhaustion_message
 from .protojson import encode_bytes
 from .users import SandboxState, UserContext
 
@@ -35,6 +35,13 @@ READ_CHUNK = 64 * 1024
 # before the command is reported as ended anyway (e.g. `server &` inside a foreground command).
 OUTPUT_DRAIN_GRACE = 1.0
 SIGNALS_BY_NAME: Mapping[str, int] = {"SIGNAL_SIGTERM": 15, "SIGNAL_SIGKILL": 9, "SIGNAL_UNSPECIFIED": 0}
+# A kill sweeps the command's session until nothing of it is left (a fork bomb forks while it is being
+# killed), for at most this long, pausing KILL_SWEEP_INTERVAL between sweeps.
+KILL_TREE_SECONDS: Final = 5.0
+KILL_SWEEP_INTERVAL: Final = 0.01
+# Ended commands whose process group still had members (`server &`, a fork bomb whose first shell
+# returned at once) stay killable by pid while it has; at most this many are remembered (oldest go).
+MAX_LEFTOVER_SESSIONS: Final = 256
 
 
 def end_event(returncode: int, error: str | None) -> JsonObject:
@@ -56,6 +63,62 @@ def end_event(returncode: int, error: str | None) -> JsonObject:
 
 def data_event(stream: str, chunk: bytes) -> JsonObject:
     return {"data": {stream: encode_bytes(chunk)}}
+
+
+def parse_proc_stat(text: str) -> tuple[str, int, int]:
+    """(state, process group, session) from a /proc/<pid>/stat line; comm may hold spaces and ')'."""
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], int(fields[2]), int(fields[3])
+
+
+def session_members(session: int) -> list[int]:
+    """Live pids (not zombies) in the session, or in the process group, numbered `session`.
+
+    Every command is a session of its own, so this is its process tree, including the process groups
+    a job-control shell makes; only a process that called setsid() itself leaves it.
+    """
+    members: list[int] = []
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                state, group, sid = parse_proc_stat(handle.read().decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if state not in ("Z", "X") and session in (sid, group) and int(name) != me:
+            members.append(int(name))
+    return members
+
+
+def signal_tree(session: int, signum: int) -> list[int]:
+    """Signal the process group and every member of the session; returns the members that were alive
+    before (empty: nothing of it was left)."""
+    if session <= 1:
+        return []
+    members = session_members(session)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(session, signum)  # atomic against fork within the group
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+    return members
+
+
+async def kill_tree(session: int, within: float = KILL_TREE_SECONDS) -> bool:
+    """SIGKILL the session until no live member is left (True) or `within` seconds passed (False).
+
+    killpg() is atomic against fork within the group, but members may be in other groups, in the middle
+    of a fork or not yet counted; repeating until a sweep finds nothing settles it.
+    """
+    deadline = time.monotonic() + within
+    while signal_tree(session, signal.SIGKILL):
+        if time.monotonic() >= deadline:
+            log.warning("processes of session %d survived %.1fs of SIGKILL", session, within)
+            return False
+        await asyncio.sleep(KILL_SWEEP_INTERVAL)
+    return True
 
 
 def set_window_size(fd: int, cols: int, rows: int) -> None:
@@ -110,6 +173,7 @@ class ManagedProcess:
         self.finished = asyncio.Event()
         self.end: JsonObject | None = None
         self.started = time.monotonic()
+        self.sweeper: asyncio.Task[bool] | None = None
         self._subscribers: list[asyncio.Queue[JsonObject]] = []
 
     def info(self) -> JsonObject:
@@ -149,14 +213,23 @@ class ManagedProcess:
         self.kill_group()
 
     def kill_group(self, signum: int = signal.SIGKILL) -> None:
-        """Signal the whole process group: the command and everything it started."""
+        """Signal the command's whole tree (its session: the command and everything it started). A
+        SIGKILL goes on sweeping in the background until the tree is gone (see kill_tree)."""
         if self.finished.is_set():
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)
         if self.popen.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signum)
+        signal_tree(self.pid, signum)
+        if signum == signal.SIGKILL and (self.sweeper is None or self.sweeper.done()):
+            self.sweeper = asyncio.get_running_loop().create_task(kill_tree(self.pid), name=f"kill-{self.pid}")
+            _background.add(self.sweeper)
+            self.sweeper.add_done_callback(_background.discard)
+
+    async def killed(self) -> None:
+        """Wait (bounded) until a SIGKILL sweep started by kill_group has finished."""
+        if self.sweeper is not None:
+            await asyncio.shield(self.sweeper)
 
     async def write_input(self, data: bytes) -> None:
         if self.master_fd is not None:
@@ -193,6 +266,8 @@ class ProcessManager:
         self.processes: dict[int, ManagedProcess] = {}
         self._base_env = {key: value for key, value in os.environ.items() if key not in SECRET_ENV_VARS}
         self._tasks: set[asyncio.Task[None]] = set()
+        # pid of an ended command → nothing; ordered oldest first (see MAX_LEFTOVER_SESSIONS).
+        self._leftovers: dict[int, None] = {}
 
     def environment(self, user: UserContext, cwd: str, extra: Mapping[str, str]) -> dict[str, str]:
         env = dict(self._base_env)
@@ -214,6 +289,41 @@ class ProcessManager:
 
     def running(self) -> list[JsonObject]:
         return [process.info() for process in self.processes.values()]
+
+    async def send_signal(self, kind: str, value: int | str, signum: int) -> None:
+        """Signal a command's whole tree; a SIGKILL returns once nothing of it is left (bounded).
+
+        A command whose main process has ended is no longer listed, but what it left running in its
+        session (a fork bomb whose first shell returned at once, `server &`) is still killed by its pid.
+        """
+        try:
+            managed = self.find(kind, value)
+        except ConnectError:
+            session = int(value) if kind == "pid" else 0
+            if session not in self._leftovers:
+                raise
+            if not signal_tree(session, signum):
+                del self._leftovers[session]
+                raise
+            if signum == signal.SIGKILL:
+                await kill_tree(session)
+                self._leftovers.pop(session, None)
+            return
+        managed.kill_group(signum)
+        if signum == signal.SIGKILL:
+            await managed.killed()
+
+    def _remember_leftovers(self, session: int) -> None:
+        # Forget groups that emptied meanwhile (one cheap signal-0 each): their pid may be reused.
+        for known in [session, *self._leftovers]:
+            try:
+                os.killpg(known, 0)
+            except (ProcessLookupError, PermissionError):
+                self._leftovers.pop(known, None)
+            else:
+                self._leftovers[known] = None
+        while len(self._leftovers) > MAX_LEFTOVER_SESSIONS:
+            del self._leftovers[next(iter(self._leftovers))]
 
     async def start(
         self,
@@ -274,6 +384,11 @@ class ProcessManager:
             if master_fd is not None:
                 os.close(master_fd)
             self.stats.release(kind, 0.0, timed_out=False)
+            # Out of processes (fork/exec EAGAIN under the pids limit), memory or fds: the sandbox is
+            # full, not the request wrong; the SDK raises RateLimitException for resource_exhausted.
+            exhausted = exhaustion_message(error, "start process")
+            if exhausted is not None:
+                raise ConnectError("resource_exhausted", exhausted) from error
             raise ConnectError("invalid_argument", f"failed to start process {cmd!r}: {error}") from error
 
         config: JsonObject = {"cmd": cmd, "args": args, "envs": envs}
@@ -292,6 +407,7 @@ class ProcessManager:
         # Subscribe before any reader runs: no output is published before the caller listens.
         queue = managed.subscribe()
         self.processes[managed.pid] = managed
+        self._leftovers.pop(managed.pid, None)  # the pid names this command now
         task = asyncio.create_task(self._supervise(managed, kind), name=f"process-{managed.pid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -331,6 +447,7 @@ class ProcessManager:
                 with contextlib.suppress(OSError):
                     os.close(managed.master_fd)
             self.processes.pop(managed.pid, None)
+            self._remember_leftovers(managed.pid)
             self.stats.release(kind, time.monotonic() - managed.started, managed.timed_out)
         managed.end = end_event(returncode, managed.timeout_error if managed.timed_out else None)
         managed.publish(managed.end)
@@ -340,8 +457,15 @@ class ProcessManager:
         running = list(self.processes.values())
         for managed in running:
             managed.kill_group()
-        if running:
-            await asyncio.wait([asyncio.ensure_future(m.finished.wait()) for m in running], timeout=3)
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(m.finished.wait()) for m in running]
+        waits += [asyncio.ensure_future(kill_tree(session, within=3)) for session in self._leftovers]
+        self._leftovers.clear()
+        if waits:
+            await asyncio.wait(waits, timeout=3)
+
+
+# Strong references to fire-and-forget kill sweeps (the event loop keeps only weak ones).
+_background: set[asyncio.Task[bool]] = set()
 
 
 def _publisher(managed: ManagedProcess, stream: str) -> Callable[[bytes], None]:

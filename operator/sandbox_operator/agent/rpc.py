@@ -24,6 +24,7 @@ from .connect import (
     parse_envelope_header,
     parse_timeout_ms,
 )
+from .limits import exhaustion_message
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,15 @@ ClientStreamHandler = Callable[[web.Request, AsyncIterator[JsonObject]], Awaitab
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
+def resource_exhausted(error: BaseException) -> ConnectError | None:
+    """resource_exhausted for an error that means the sandbox is out of processes/threads, memory or
+    fds (e.g. a worker thread refused under the pids limit), else None."""
+    message = exhaustion_message(error, "serve the request")
+    return None if message is None else ConnectError("resource_exhausted", message)
+
+
 def connect_error_response(error: ConnectError) -> web.Response:
-    return web.Response(
-        status=error.http_status, body=encode_json(error.to_json()), content_type=UNARY_CONTENT_TYPE
-    )
+    return web.Response(status=error.http_status, body=encode_json(error.to_json()), content_type=UNARY_CONTENT_TYPE)
 
 
 def request_deadline(request: web.Request) -> float | None:
@@ -52,9 +58,7 @@ def unary(handler: UnaryHandler) -> Callable[[web.Request], Awaitable[web.Stream
             if not is_json_content_type(request.headers.get("Content-Type", ""), UNARY_CONTENT_TYPE):
                 return web.Response(
                     status=415,
-                    body=encode_json(
-                        {"code": "unimplemented", "message": "only the JSON codec is supported"}
-                    ),
+                    body=encode_json({"code": "unimplemented", "message": "only the JSON codec is supported"}),
                     content_type=UNARY_CONTENT_TYPE,
                     headers={"Accept-Post": "application/json"},
                 )
@@ -65,6 +69,11 @@ def unary(handler: UnaryHandler) -> Callable[[web.Request], Awaitable[web.Stream
             result = await handler(request, decode_json_message(body))
         except ConnectError as error:
             return connect_error_response(error)
+        except (OSError, RuntimeError) as error:
+            exhausted = resource_exhausted(error)
+            if exhausted is None:
+                raise
+            return connect_error_response(exhausted)
         return web.Response(body=encode_json(result), content_type=UNARY_CONTENT_TYPE)
 
     return serve
@@ -125,8 +134,10 @@ def server_stream(handler: ServerStreamHandler) -> Callable[[web.Request], Await
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as error:
-            log.exception("stream %s failed", request.path)
-            end_error = ConnectError("internal", str(error) or type(error).__name__)
+            end_error = resource_exhausted(error)
+            if end_error is None:
+                log.exception("stream %s failed", request.path)
+                end_error = ConnectError("internal", str(error) or type(error).__name__)
         await response.write(encode_end_stream(end_error))
         await response.write_eof()
         return response

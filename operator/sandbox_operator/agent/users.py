@@ -58,20 +58,27 @@ class SandboxState:
 
     def user(self, requested: str | None) -> UserContext:
         """The user for a request (None = default user)."""
-        me = pwd.getpwuid(os.getuid())
+        my_name = current_user_name()
         name = requested or self.default_user
-        if not name or name == me.pw_name or (name == SDK_DEFAULT_USERNAME and not _user_exists(name)):
-            return UserContext(me.pw_name, me.pw_uid, me.pw_gid, self.config.workdir, switch=False)
+        if not name or name == my_name or (name == SDK_DEFAULT_USERNAME and not _user_exists(name)):
+            return UserContext(my_name, os.getuid(), os.getgid(), self.config.workdir, switch=False)
         try:
             entry = pwd.getpwnam(name)
         except KeyError as error:
             raise UserError(f"error looking up user '{name}': unknown user {name}", 401) from error
         if os.getuid() != 0:
-            raise UserError(
-                f"cannot act as user '{name}': the agent runs as non-root user '{me.pw_name}'", 403
-            )
+            raise UserError(f"cannot act as user '{name}': the agent runs as non-root user '{my_name}'", 403)
         home = self.config.workdir if name == self.default_user else Path(entry.pw_dir)
         return UserContext(entry.pw_name, entry.pw_uid, entry.pw_gid, home, switch=True)
+
+
+def current_user_name() -> str:
+    """The agent's user name; its uid as text when /etc/passwd has no entry for it (a template's
+    runAsUser need not exist in the image)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 def _user_exists(name: str) -> bool:

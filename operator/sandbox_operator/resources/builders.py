@@ -52,6 +52,14 @@ CONTAINER_NAME = "sandbox"
 WORKSPACE_VOLUME = "workspace"
 TMP_VOLUME = "tmp"
 TERMINATION_GRACE_SECONDS = 5  # a sandbox has nothing to flush; suspend/terminate should be quick
+# Liveness on the agent's /health: a stopped or wedged agent would otherwise hang every call. About 6 s
+# (3 misses, 2 s apart) to detect it, while a GC pause or a CPU-starved second is not a restart.
+LIVENESS_PERIOD_SECONDS = 2
+LIVENESS_TIMEOUT_SECONDS = 2
+LIVENESS_FAILURE_THRESHOLD = 3
+# The agent listens ~1 s after start; a slow node (gVisor, CPU contention) must not fail a start. Not a
+# startupProbe: that would hold back the readiness probe, i.e. Running, by up to a period.
+LIVENESS_INITIAL_DELAY_SECONDS = 10
 # Cloud metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): they hand out node credentials.
 CLOUD_METADATA_CIDRS = ("169.254.169.254/32", "fd00:ec2::254/128")
 UNENFORCED_HOSTS_ANNOTATION = "sandbox.dev/egress-hosts-not-enforced"
@@ -175,6 +183,15 @@ def build_pod(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
             "timeoutSeconds": 1,
             "failureThreshold": 3,
         },
+        # restartPolicy is Never: a failed liveness probe ends the pod (PodFailed), which the
+        # lifecycle retries within its budget on the same workspace.
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": ENVD_PORT, "scheme": "HTTP"},
+            "initialDelaySeconds": LIVENESS_INITIAL_DELAY_SECONDS,
+            "periodSeconds": LIVENESS_PERIOD_SECONDS,
+            "timeoutSeconds": LIVENESS_TIMEOUT_SECONDS,
+            "failureThreshold": LIVENESS_FAILURE_THRESHOLD,
+        },
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": security.run_as_user,
@@ -255,19 +272,21 @@ def build_pvc(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any] | N
 def build_service(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
     """A headless Service: a stable DNS name for the sandbox pod, no virtual IP to program."""
     name, _, _ = _identity(sandbox)
-    return _hashed({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(sandbox, child_names(name).service),
-        "spec": {
-            "clusterIP": "None",
-            "selector": selector_labels(name),
-            "ports": [
-                {"name": port_name, "port": port, "targetPort": port, "protocol": "TCP"}
-                for port_name, port in _all_ports(sandbox, template)
-            ],
-        },
-    })
+    return _hashed(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(sandbox, child_names(name).service),
+            "spec": {
+                "clusterIP": "None",
+                "selector": selector_labels(name),
+                "ports": [
+                    {"name": port_name, "port": port, "targetPort": port, "protocol": "TCP"}
+                    for port_name, port in _all_ports(sandbox, template)
+                ],
+            },
+        }
+    )
 
 
 def egress_hosts(sandbox: Sandbox) -> list[str]:
@@ -353,14 +372,16 @@ def build_network_policy(
                 }
             )
             metadata["annotations"] = {UNENFORCED_HOSTS_ANNOTATION: ",".join(hosts)}
-    return _hashed({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": metadata,
-        "spec": {
-            "podSelector": {"matchLabels": selector_labels(name)},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": ingress,
-            "egress": egress,
-        },
-    })
+    return _hashed(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": metadata,
+            "spec": {
+                "podSelector": {"matchLabels": selector_labels(name)},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": ingress,
+                "egress": egress,
+            },
+        }
+    )

@@ -139,6 +139,21 @@ def test_pod_ports_and_probe() -> None:
     assert probe["periodSeconds"] == 1
 
 
+def test_pod_liveness_probe_detects_a_hung_agent_in_about_six_seconds() -> None:
+    container = _container(build_pod(sandbox(), template()))
+    assert container["livenessProbe"] == {
+        "httpGet": {"path": "/health", "port": 49983, "scheme": "HTTP"},
+        "initialDelaySeconds": 10,
+        "periodSeconds": 2,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    }
+    probe = container["livenessProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] == 6
+    # Not a startupProbe: it would hold back readiness (Running) by up to a period.
+    assert "startupProbe" not in container
+
+
 def test_pod_image_command_and_pull_policy() -> None:
     tpl = template(command=["/usr/bin/agent"], args=["--serve"], imagePullPolicy="IfNotPresent")
     container = _container(build_pod(sandbox(), tpl))
@@ -186,9 +201,7 @@ def test_pod_custom_user() -> None:
 
 
 def test_pod_over_the_maximum_is_refused() -> None:
-    with pytest.raises(
-        ResourcesExceedMaxError, match=r"spec\.resources\.memory 8Gi exceeds the template maximum 4Gi"
-    ):
+    with pytest.raises(ResourcesExceedMaxError, match=r"spec\.resources\.memory 8Gi exceeds the template maximum 4Gi"):
         build_pod(sandbox(resources={"memory": "8Gi"}), template(resources={"max": {"memory": "4Gi"}}))
 
 
@@ -333,8 +346,9 @@ def test_spec_hash_follows_the_network_spec() -> None:
     assert spec_hash(deny) == spec_hash(_policy(egress="deny"))
     with_port = build_service(sandbox(network={"ports": [8080]}), template())
     without = build_service(sandbox(), template())
-    assert with_port["metadata"]["annotations"]["sandbox.dev/spec-hash"] != (
-        without["metadata"]["annotations"]["sandbox.dev/spec-hash"]
+    assert (
+        with_port["metadata"]["annotations"]["sandbox.dev/spec-hash"]
+        != (without["metadata"]["annotations"]["sandbox.dev/spec-hash"])
     )
 
 
