@@ -10,18 +10,32 @@ import os
 import queue
 import secrets
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .config import SECRET_ENV_VARS
+from .kernelwatch import (
+    OUT_OF_MEMORY_MESSAGE,
+    PROCESS_LIMIT_MESSAGE,
+    ProcessWatch,
+    exit_description,
+    oom_killed,
+    process_limit_near,
+    spawn_failure,
+)
 from .limits import ConcurrencyLimitError, ExecutionSlot, ExecutionStats, OutputLimiter
+from .sysmetrics import default_cgroup_root, memory_limit, oom_events_file, read_oom_kills
 from .users import SandboxState
 
 if TYPE_CHECKING:
+    import zmq.asyncio
     from jupyter_client.asynchronous.client import AsyncKernelClient
     from jupyter_client.manager import AsyncKernelManager
 
@@ -29,7 +43,12 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_INTERVAL: Final = 15.0
 KERNEL_READY_TIMEOUT: Final = 120.0
+# How often a starting kernel that has not answered yet is checked against the process limit.
+KERNEL_STALL_CHECK: Final = 10.0
 INTERRUPT_GRACE: Final = 5.0
+# After the kernel process exited, how long to wait for output it sent just before (already on
+# our socket, only the event loop has to see it).
+DEATH_DRAIN_GRACE: Final = 0.05
 # Installed kernels are read once; a language without a kernel rescans at most this often, so a
 # kernel installed later in the sandbox is found without a disk scan per context.
 KERNEL_SPEC_RESCAN_INTERVAL: Final = 30.0
@@ -153,6 +172,26 @@ def pick_kernel(language: str, available: Mapping[str, str]) -> str | None:
     return None
 
 
+def close_channels(client: AsyncKernelClient) -> None:
+    """Close the channels the client opened. (stop_channels() first creates, connects and closes
+    every channel it did not open, heartbeat thread object included.)"""
+    for name in ("_shell_channel", "_iopub_channel", "_stdin_channel", "_control_channel", "_hb_channel"):
+        channel = getattr(client, name, None)
+        if channel is not None and channel.is_alive():
+            channel.stop()
+
+
+def _has_message(socket: Any) -> bool:
+    import zmq
+
+    return bool(socket.get(zmq.EVENTS) & zmq.POLLIN)
+
+
+def _log_revive_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not restart a kernel: %s (the next execution tries again)", task.exception())
+
+
 def _timestamp(header: Mapping[str, Any]) -> str:
     date = header.get("date")
     if isinstance(date, datetime):
@@ -162,23 +201,71 @@ def _timestamp(header: Mapping[str, Any]) -> str:
     return datetime.now().astimezone().isoformat()
 
 
-@dataclass
+class KernelExited(Exception):
+    """The kernel process exited while an execution waited for it."""
+
+
+@dataclass(eq=False)
+class Kernel:
+    """One kernel process: its manager and client (on the interpreter's zmq context) and exit watch."""
+
+    manager: AsyncKernelManager
+    client: AsyncKernelClient
+    watch: ProcessWatch
+    # The memory cgroup's oom_kill counter when the kernel or its current execution started.
+    oom_mark: int | None
+    # Set when the agent itself stops the kernel: its exit is then no death.
+    stopping: str | None = None
+    # Why it died ("the kernel died: out of memory"), once it did.
+    death: str | None = None
+    # The IOPub receive in flight; kept across waits so that no message is lost to a timeout.
+    pending: asyncio.Task[Any] | None = None
+    # Clear while an execution reads from the kernel: a restart after its death waits for it to
+    # have read what the kernel sent before dying.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def pid(self) -> int:
+        return self.watch.pid
+
+
+@dataclass(eq=False)
 class KernelContext:
     id: str
     language: str
     cwd: str
     kernel_name: str
-    manager: AsyncKernelManager
-    client: AsyncKernelClient
+    kernel: Kernel | None  # None after a (re)start failed; the next execution starts one
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     execution: str | None = None  # msg_id of the running request
+    revive: asyncio.Task[None] | None = None  # the restart after the kernel died
 
     def describe(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
 
 
+def shared_zmq_context() -> zmq.asyncio.Context:
+    """The one zmq context of every kernel manager and client.
+
+    libzmq starts a context's I/O and reaper threads with its first socket and abort()s the whole
+    process when it cannot (`Resource temporarily unavailable (src/thread.cpp:241)`). A context per
+    manager and per client (plus the client's heartbeat thread) made every kernel start five threads
+    in the agent, so near the sandbox's process limit a kernel start killed the agent. One context,
+    its threads started now, makes starting a kernel cost the agent no thread at all.
+    """
+    import zmq
+    import zmq.asyncio
+
+    context = zmq.asyncio.Context()
+    context.socket(zmq.PAIR).close(linger=0)
+    return context
+
+
 class CodeInterpreter:
-    def __init__(self, state: SandboxState, stats: ExecutionStats) -> None:
+    def __init__(self, state: SandboxState, stats: ExecutionStats, *, cgroup_root: Path | None = None) -> None:
         self.state = state
         self.stats = stats
         self.contexts: dict[str, KernelContext] = {}
@@ -186,6 +273,9 @@ class CodeInterpreter:
         self._sockets: str | None = None
         self._kernel_specs: dict[str, str] | None = None
         self._kernel_specs_at = 0.0
+        self.cgroup_root = default_cgroup_root() if cgroup_root is None else cgroup_root
+        self._oom_file = oom_events_file(self.cgroup_root)
+        self._zmq = shared_zmq_context()
 
     def _socket_dir(self) -> str:
         """A private directory for the kernels' IPC sockets (never the workspace)."""
@@ -196,8 +286,12 @@ class CodeInterpreter:
     # -- kernels -----------------------------------------------------------------------------
 
     async def _scan_kernel_specs(self) -> dict[str, str]:
-        # find_kernel_specs walks the Jupyter data directories: off the event loop.
-        specs = await asyncio.get_running_loop().run_in_executor(None, _find_kernel_specs)
+        # find_kernel_specs walks the Jupyter data directories: off the event loop when a thread
+        # can be had (near the process limit it cannot; then the scan runs on the loop).
+        try:
+            specs = await asyncio.get_running_loop().run_in_executor(None, _find_kernel_specs)
+        except RuntimeError:
+            specs = _find_kernel_specs()
         self._kernel_specs, self._kernel_specs_at = specs, time.monotonic()
         return specs
 
@@ -226,39 +320,205 @@ class CodeInterpreter:
         env.update(self.state.env_vars)
         return env
 
-    async def create_context(self, language: str | None, cwd: str | None) -> KernelContext:
+    def _oom_kills(self) -> int | None:
+        return read_oom_kills(self._oom_file)
+
+    async def _start_kernel(self, context_id: str, kernel_name: str, cwd: str) -> Kernel:
+        """Start a kernel and wait until it answers; InterpreterError (503 for a resource limit) if not."""
+        try:
+            return await self._spawn_kernel(context_id, kernel_name, cwd)
+        except InterpreterError as error:
+            log.warning("could not start a %s kernel for context %s: %s", kernel_name, context_id, error.message)
+            raise
+
+    async def _spawn_kernel(self, context_id: str, kernel_name: str, cwd: str) -> Kernel:
         from jupyter_client.manager import AsyncKernelManager
 
+        # IPC sockets are quicker than loopback TCP and not reachable over the network.
+        manager = AsyncKernelManager(
+            kernel_name=kernel_name,
+            transport="ipc",
+            ip=os.path.join(self._socket_dir(), context_id),
+            context=self._zmq,
+        )
+        extra = list(PYTHON_KERNEL_ARGUMENTS) if kernel_name in KERNEL_NAMES["python"] else []
+        oom_before = self._oom_kills()
+        try:
+            await manager.start_kernel(cwd=cwd, env=self._kernel_env(), extra_arguments=extra)
+        except BaseException as error:
+            await self._discard(manager, None)
+            if not isinstance(error, Exception):
+                raise  # cancelled (the agent is stopping): no kernel left behind
+            refusal = spawn_failure(error) if isinstance(error, OSError) else None
+            if refusal is not None:
+                raise InterpreterError(*refusal) from error
+            raise InterpreterError(500, f"kernel {kernel_name!r} failed to start: {error}") from error
+        popen = getattr(manager.provisioner, "process", None)
+        if not isinstance(popen, subprocess.Popen):
+            await self._discard(manager, None)
+            raise InterpreterError(500, f"kernel {kernel_name!r} failed to start: no kernel process to watch")
+        watch = ProcessWatch(popen)
+        client = manager.client(context=self._zmq)
+        # No heartbeat channel: it is a thread per kernel, and the process watch notices a death sooner.
+        # Nor stdin (allow_stdin is off) or control (the manager has its own) sockets.
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        ready = asyncio.ensure_future(client.wait_for_ready(timeout=KERNEL_READY_TIMEOUT))
+        stalled = False
+        try:
+            while not stalled:
+                done, _ = await asyncio.wait(
+                    (ready, watch.exited), timeout=KERNEL_STALL_CHECK, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
+                # A kernel whose IOPub thread could not start lives on without ever answering
+                # (a non-daemon thread keeps the process alive): do not wait two minutes for it.
+                stalled = process_limit_near(self.cgroup_root)
+        except asyncio.CancelledError:  # the agent is stopping: no kernel left behind
+            ready.cancel()
+            await self._discard(manager, client)
+            watch.close()
+            raise
+        if not ready.done():
+            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ready
+        watch.reap()  # wait_for_ready may have reaped a dead kernel before the watch's callback ran
+        failure = None if ready.cancelled() else ready.exception()
+        if ready.cancelled() or failure is not None:
+            # wait_for_ready sees a death only a second late; the watch sees it at once.
+            code = watch.exited.result() if watch.exited.done() else None
+            await self._discard(manager, client)
+            watch.close()
+            if stalled:
+                raise InterpreterError(
+                    503,
+                    f"{PROCESS_LIMIT_MESSAGE}: the kernel did not answer within {KERNEL_STALL_CHECK:g}s "
+                    "with too few processes left for its threads; stop some processes or code contexts and retry",
+                )
+            if code is None:
+                raise InterpreterError(500, f"kernel {kernel_name!r} failed to start: {failure}") from failure
+            raise self._start_failure(kernel_name, code, oom_before) from failure
+        return Kernel(manager=manager, client=client, watch=watch, oom_mark=oom_before)
+
+    def _start_failure(self, kernel_name: str, code: int, oom_before: int | None) -> InterpreterError:
+        """Why a kernel died before it answered: out of memory, the process limit, or its own fault."""
+        how = exit_description(code)
+        if oom_killed(code, oom_before, self._oom_file):
+            return InterpreterError(503, f"{OUT_OF_MEMORY_MESSAGE}: the kernel was OOM-killed during start-up")
+        # A kernel that cannot start its threads (ipykernel, libzmq) dies of it: RuntimeError or abort().
+        if process_limit_near(self.cgroup_root):
+            return InterpreterError(
+                503,
+                f"{PROCESS_LIMIT_MESSAGE}: the kernel died during start-up ({how}) with too few processes "
+                "left for its threads; stop some processes or code contexts and retry",
+            )
+        return InterpreterError(500, f"kernel {kernel_name!r} failed to start: it died during start-up ({how})")
+
+    async def _discard(self, manager: AsyncKernelManager, client: AsyncKernelClient | None) -> None:
+        """Close a kernel's sockets and files and kill it if it runs (never the shared zmq context)."""
+        if client is not None:
+            close_channels(client)
+        try:
+            await manager.shutdown_kernel(now=True)
+        except Exception:
+            log.warning("could not shut down a kernel cleanly", exc_info=True)
+            with contextlib.suppress(Exception):
+                await manager.cleanup_resources()
+
+    async def _stop_kernel(self, kernel: Kernel, reason: str) -> None:
+        if kernel.stopping is None:
+            kernel.stopping = reason
+        if kernel.pending is not None:
+            kernel.pending.cancel()  # an execution waiting on it ends (KernelExited)
+            kernel.pending = None
+        await self._discard(kernel.manager, kernel.client)
+        kernel.watch.reap()
+        kernel.watch.close()
+
+    def _watch(self, context: KernelContext, kernel: Kernel) -> None:
+        kernel.watch.exited.add_done_callback(lambda exited: self._kernel_exited(context, kernel, exited.result()))
+
+    def _kernel_exited(self, context: KernelContext, kernel: Kernel, code: int) -> None:
+        """A kernel process exited: when the agent did not stop it, say why and start a fresh one now,
+        so the next execution does not wait for it (as Jupyter's restarter, without its 3 s poll)."""
+        if kernel.stopping is not None:
+            return
+        self._death_of(kernel, code)
+        if context.kernel is kernel and self.contexts.get(context.id) is context:
+            log.warning(
+                "the kernel (pid %d) of context %s died: %s; starting a fresh one", kernel.pid, context.id, kernel.death
+            )
+            self._schedule_revive(context, kernel, "it died")
+
+    def _death_of(self, kernel: Kernel, code: int) -> str:
+        if kernel.death is None:
+            if oom_killed(code, kernel.oom_mark, self._oom_file):
+                limit = memory_limit(self.cgroup_root)
+                detail = f" (memory limit {limit // (1024 * 1024)} MiB)" if limit else ""
+                kernel.death = f"the kernel died: out of memory{detail}"
+            else:
+                kernel.death = f"the kernel died ({exit_description(code)})"
+        return kernel.death
+
+    def _schedule_revive(self, context: KernelContext, old: Kernel, reason: str) -> None:
+        if context.revive is not None and not context.revive.done():
+            return
+        context.revive = asyncio.ensure_future(self._revive(context, old, reason))
+        context.revive.add_done_callback(_log_revive_failure)
+
+    async def _revive(self, context: KernelContext, old: Kernel, reason: str) -> None:
+        await old.idle.wait()
+        await self._stop_kernel(old, reason)
+        if context.kernel is old:
+            context.kernel = None
+        if self.contexts.get(context.id) is not context:
+            return  # removed meanwhile
+        kernel = await self._start_kernel(context.id, context.kernel_name, context.cwd)
+        context.kernel = kernel
+        self._watch(context, kernel)
+        log.info("restarted the %s kernel of context %s (pid %d)", context.kernel_name, context.id, kernel.pid)
+
+    async def _live_kernel(self, context: KernelContext) -> Kernel:
+        """The context's running kernel; started first when it died or a restart failed (under its lock)."""
+        revive = context.revive
+        if revive is not None:
+            with contextlib.suppress(Exception):  # a failed restart was logged; it is retried below
+                await asyncio.shield(revive)
+            if revive.done():
+                context.revive = None
+        kernel = context.kernel
+        if kernel is None or kernel.watch.exited.done():
+            kernel = await self._replace_kernel(context)
+        return kernel
+
+    async def _replace_kernel(self, context: KernelContext) -> Kernel:
+        old, context.kernel = context.kernel, None
+        if old is not None:
+            await self._stop_kernel(old, "restarted")
+        kernel = await self._start_kernel(context.id, context.kernel_name, context.cwd)
+        context.kernel = kernel
+        self._watch(context, kernel)
+        return kernel
+
+    async def create_context(self, language: str | None, cwd: str | None) -> KernelContext:
         canonical = normalize_language(language)
         kernel_name = await self._kernel_name(canonical)
         workdir = self.state.user(None).resolve(cwd) if cwd else self.state.workdir
         if not workdir.is_dir():
             raise InterpreterError(400, f"cwd '{workdir}' does not exist or is not a directory")
-        # IPC sockets are quicker than loopback TCP and not reachable over the network.
         context_id = secrets.token_hex(16)
-        manager = AsyncKernelManager(
-            kernel_name=kernel_name, transport="ipc", ip=os.path.join(self._socket_dir(), context_id)
-        )
         started = time.monotonic()
-        extra = list(PYTHON_KERNEL_ARGUMENTS) if kernel_name in KERNEL_NAMES["python"] else []
-        await manager.start_kernel(cwd=str(workdir), env=self._kernel_env(), extra_arguments=extra)
-        client = manager.client()
-        client.start_channels()
-        try:
-            await client.wait_for_ready(timeout=KERNEL_READY_TIMEOUT)
-        except RuntimeError as error:
-            client.stop_channels()
-            await manager.shutdown_kernel(now=True)
-            raise InterpreterError(500, f"kernel {kernel_name!r} failed to start: {error}") from error
+        kernel = await self._start_kernel(context_id, kernel_name, str(workdir))
         context = KernelContext(
             id=context_id,
             language=language.strip().lower() if language else "python",
             cwd=str(workdir),
             kernel_name=kernel_name,
-            manager=manager,
-            client=client,
+            kernel=kernel,
         )
         self.contexts[context.id] = context
+        self._watch(context, kernel)
         log.info("started %s kernel %s in %.2fs", kernel_name, context.id, time.monotonic() - started)
         return context
 
@@ -281,39 +541,96 @@ class CodeInterpreter:
     async def restart(self, context_id: str) -> None:
         context = self.get(context_id)
         async with context.lock:
-            await self._restart_kernel(context)
-
-    async def _restart_kernel(self, context: KernelContext) -> None:
-        await context.manager.restart_kernel(now=True)
-        await context.client.wait_for_ready(timeout=KERNEL_READY_TIMEOUT)
+            if context.revive is not None and not context.revive.done():
+                await self._live_kernel(context)  # a restart after a death is under way: that is it
+            else:
+                await self._replace_kernel(context)
 
     async def remove(self, context_id: str) -> None:
         context = self.contexts.pop(self.get(context_id).id)
-        context.client.stop_channels()
-        await context.manager.shutdown_kernel(now=True)
+        if context.revive is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(context.revive)
+        kernel, context.kernel = context.kernel, None
+        if kernel is not None:
+            await self._stop_kernel(kernel, "the context was removed")
 
     async def shutdown(self) -> None:
         for context_id in list(self.contexts):
             with contextlib.suppress(Exception):
                 await self.remove(context_id)
+        # Every socket is closed by now; linger=0 so that term() never waits for a dead peer.
+        self._zmq.destroy(linger=0)
         if self._sockets is not None:
             shutil.rmtree(self._sockets, ignore_errors=True)
 
     async def interrupt(self, context: KernelContext) -> None:
-        if context.execution is not None:
+        kernel = context.kernel
+        if context.execution is not None and kernel is not None and not kernel.watch.exited.done():
             with contextlib.suppress(Exception):
-                await context.manager.interrupt_kernel()
+                await kernel.manager.interrupt_kernel()
 
     # -- execution ---------------------------------------------------------------------------
 
-    async def _run_silently(self, context: KernelContext, code: str) -> None:
-        msg_id = context.client.execute(code, silent=True, store_history=False, allow_stdin=False)
-        while True:
-            message = await context.client.get_iopub_msg(timeout=KERNEL_READY_TIMEOUT)
-            if message["parent_header"].get("msg_id") != msg_id:
+    async def _next_message(self, kernel: Kernel, wait: float) -> dict[str, Any] | None:
+        """The kernel's next IOPub message, None after `wait` s without one. Raises KernelExited once
+        the kernel process is gone and what it sent before has been read."""
+        if kernel.stopping is not None and kernel.death is None:
+            raise KernelExited  # the agent stopped it (context removed): its sockets are closed
+        pending = kernel.pending
+        if pending is None:
+            if _has_message(kernel.client.iopub_channel.socket):
+                # Queued already (output comes in bursts): read it without a task and a wait.
+                queued: dict[str, Any] = await kernel.client.get_iopub_msg(timeout=0)
+                return queued
+            pending = kernel.pending = asyncio.ensure_future(kernel.client.get_iopub_msg())
+        exited = kernel.watch.exited
+        if not exited.done():
+            await asyncio.wait((pending, exited), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done() and not pending.done():
+            # What the kernel sent before it died is queued on our socket already: read it first.
+            await asyncio.wait((pending,), timeout=DEATH_DRAIN_GRACE)
+        if pending.done():
+            kernel.pending = None
+            if pending.cancelled():  # the agent stopped the kernel (context removed)
+                raise KernelExited
+            message: dict[str, Any] = pending.result()
+            return message
+        if exited.done():
+            pending.cancel()
+            kernel.pending = None
+            raise KernelExited
+        return None
+
+    async def _run_silently(self, kernel: Kernel, code: str) -> None:
+        msg_id = kernel.client.execute(code, silent=True, store_history=False, allow_stdin=False)
+        deadline = time.monotonic() + KERNEL_READY_TIMEOUT
+        while time.monotonic() < deadline:
+            message = await self._next_message(kernel, KEEPALIVE_INTERVAL)
+            if message is None or message["parent_header"].get("msg_id") != msg_id:
                 continue
             if message["msg_type"] == "status" and message["content"].get("execution_state") == "idle":
                 return
+        raise InterpreterError(504, f"the kernel did not answer within {KERNEL_READY_TIMEOUT:g}s")
+
+    def _exit_line(self, kernel: Kernel) -> JsonLine:
+        """The error that ends an execution whose kernel process exited."""
+        if kernel.stopping is not None and kernel.death is None:
+            # Stopped by the agent (context removed, agent shutting down): E2B's words for a lost execution.
+            return error_line(
+                "UnexpectedEndOfExecution",
+                "Connection to the execution was closed before the execution was finished",
+                f"the kernel was stopped: {kernel.stopping}",
+            )
+        code = kernel.watch.exited.result() if kernel.watch.exited.done() else -signal.SIGKILL
+        # E2B's server reports its kernel's death (Jupyter's restarter restarting it) as
+        # ContextRestarting; the value says why it died.
+        return error_line(
+            "ContextRestarting",
+            f"{self._death_of(kernel, code)}; the context was restarted with a fresh kernel "
+            "(variables and imports are lost)",
+            "",
+        )
 
     async def execute(
         self, context: KernelContext, code: str, env_vars: Mapping[str, str] | None
@@ -326,40 +643,48 @@ class CodeInterpreter:
         execution = ExecutionSlot(started=time.monotonic())
         try:
             async with context.lock:
+                # Raised before the first line, a failed (re)start is the request's HTTP error.
+                kernel = await self._live_kernel(context)
+                kernel.oom_mark = self._oom_kills()
+                kernel.idle.clear()
                 restore = None
-                if env_vars:
-                    if context.kernel_name not in KERNEL_NAMES["python"]:
-                        yield error_line("ValueError", "env_vars are only supported for Python contexts", "")
-                        yield {"type": "end_of_execution"}
-                        return
-                    await self._run_silently(
-                        context,
-                        "import os as _e2b_os\n"
-                        f"_e2b_saved_env = {{k: _e2b_os.environ.get(k) for k in {list(env_vars)!r}}}\n"
-                        f"_e2b_os.environ.update({dict(env_vars)!r})",
-                    )
-                    restore = (
-                        "for _e2b_k, _e2b_v in _e2b_saved_env.items():\n"
-                        "    _e2b_os.environ.pop(_e2b_k, None) if _e2b_v is None "
-                        "else _e2b_os.environ.__setitem__(_e2b_k, _e2b_v)\n"
-                        "del _e2b_saved_env"
-                    )
                 try:
-                    async for line in self._stream(context, code, execution):
+                    if env_vars:
+                        if context.kernel_name not in KERNEL_NAMES["python"]:
+                            yield error_line("ValueError", "env_vars are only supported for Python contexts", "")
+                            yield {"type": "end_of_execution"}
+                            return
+                        await self._run_silently(
+                            kernel,
+                            "import os as _e2b_os\n"
+                            f"_e2b_saved_env = {{k: _e2b_os.environ.get(k) for k in {list(env_vars)!r}}}\n"
+                            f"_e2b_os.environ.update({dict(env_vars)!r})",
+                        )
+                        restore = (
+                            "for _e2b_k, _e2b_v in _e2b_saved_env.items():\n"
+                            "    _e2b_os.environ.pop(_e2b_k, None) if _e2b_v is None "
+                            "else _e2b_os.environ.__setitem__(_e2b_k, _e2b_v)\n"
+                            "del _e2b_saved_env"
+                        )
+                    async for line in self._stream(context, kernel, code, execution):
                         yield line
+                except KernelExited:
+                    yield self._exit_line(kernel)
                 finally:
-                    if restore is not None and context.id in self.contexts:
+                    if restore is not None and context.kernel is kernel and not kernel.watch.exited.done():
                         with contextlib.suppress(Exception):
-                            await asyncio.wait_for(self._run_silently(context, restore), INTERRUPT_GRACE)
+                            await asyncio.wait_for(self._run_silently(kernel, restore), INTERRUPT_GRACE)
+                    kernel.idle.set()
         finally:
             self.stats.release("code", time.monotonic() - execution.started, execution.timed_out)
         yield {"type": "end_of_execution"}
 
     async def _stream(
-        self, context: KernelContext, code: str, execution: ExecutionSlot
+        self, context: KernelContext, kernel: Kernel, code: str, execution: ExecutionSlot
     ) -> AsyncIterator[JsonLine]:
-        """The kernel's messages for one request as JSON lines; marks `execution` when it timed out."""
-        client = context.client
+        """The kernel's messages for one request as JSON lines; marks `execution` when it timed out.
+        Raises KernelExited when the kernel process exits."""
+        client = kernel.client
         # Drop replies left over from earlier requests so they never pile up in memory.
         with contextlib.suppress(queue.Empty):
             while True:
@@ -378,28 +703,19 @@ class CodeInterpreter:
                     wait = min(wait, max(0.0, timed_out_at + INTERRUPT_GRACE - now))
                 elif deadline is not None:
                     wait = min(wait, max(0.0, deadline - now))
-                try:
-                    message = await client.get_iopub_msg(timeout=wait)
-                except queue.Empty:
+                message = await self._next_message(kernel, wait)
+                if message is None:
                     now = time.monotonic()
                     if timed_out_at is not None and now >= timed_out_at + INTERRUPT_GRACE:
                         # The kernel ignored the interrupt (e.g. stuck in C code): state is lost.
                         execution.timed_out = True
-                        await self._restart_kernel(context)
+                        self._schedule_revive(context, kernel, "it ignored the interrupt after a timeout")
                         yield self._timeout_line(timeout, restarted=True)
                         return
                     if timed_out_at is None and deadline is not None and now >= deadline:
                         timed_out_at = now
-                        await context.manager.interrupt_kernel()
+                        await kernel.manager.interrupt_kernel()
                         continue
-                    if not await context.manager.is_alive():
-                        yield error_line(
-                            "UnexpectedEndOfExecution",
-                            "Connection to the execution was closed before the execution was finished",
-                            "the kernel died; it is being restarted",
-                        )
-                        await self._restart_kernel(context)
-                        return
                     yield {"type": "keepalive"}
                     continue
                 if message["parent_header"].get("msg_id") != msg_id:

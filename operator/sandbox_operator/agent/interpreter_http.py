@@ -31,6 +31,15 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"code": status, "message": message}, status=status)
 
 
+def _failure(error: Exception) -> web.Response:
+    """InterpreterError → its status (503: a kernel could not start for a resource limit); anything
+    else → a JSON 500 rather than aiohttp's text/plain one (the SDK cannot parse that)."""
+    if isinstance(error, InterpreterError):
+        return _error(error.status, error.message)
+    log.error("code interpreter request failed", exc_info=error)
+    return _error(500, f"internal error: {type(error).__name__}: {error}")
+
+
 def _line(payload: dict[str, Any]) -> bytes:
     return (json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
@@ -118,8 +127,8 @@ class InterpreterServer:
             lines = self.interpreter.execute(context, code, env_vars)
             # The first line comes before the status is sent, so a refused execution gets a real error status.
             first = await anext(lines)
-        except InterpreterError as error:
-            return _error(error.status, error.message)
+        except Exception as error:
+            return _failure(error)
 
         response = web.StreamResponse(headers={"Content-Type": NDJSON_CONTENT_TYPE})
         await response.prepare(request)
@@ -166,20 +175,20 @@ class InterpreterServer:
             if cwd is not None and not isinstance(cwd, str):
                 raise InterpreterError(400, "'cwd' must be a string")
             context = await self.interpreter.create_context(language, cwd)
-        except InterpreterError as error:
-            return _error(error.status, error.message)
+        except Exception as error:
+            return _failure(error)
         return web.json_response(context.describe())
 
     async def restart_context(self, request: web.Request) -> web.Response:
         try:
             await self.interpreter.restart(request.match_info["context_id"])
-        except InterpreterError as error:
-            return _error(error.status, error.message)
+        except Exception as error:
+            return _failure(error)
         return web.json_response({})
 
     async def remove_context(self, request: web.Request) -> web.Response:
         try:
             await self.interpreter.remove(request.match_info["context_id"])
-        except InterpreterError as error:
-            return _error(error.status, error.message)
+        except Exception as error:
+            return _failure(error)
         return web.Response(status=204)

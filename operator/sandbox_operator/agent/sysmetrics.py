@@ -12,6 +12,8 @@ from typing import Final
 from .limits import DURATION_BUCKETS, ExecutionStats
 
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
+# Where the agent reads its cgroup's limits and counters (tests point it at a cgroup of their own).
+CGROUP_ROOT_ENV: Final = "SANDBOX_CGROUP_ROOT"
 # cgroup v1 reports "no limit" as a huge page-aligned number.
 UNLIMITED_THRESHOLD: Final = 1 << 60
 PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -84,6 +86,63 @@ def parse_cpu_max(text: str) -> float | None:
         return None
 
 
+def default_cgroup_root(env: Mapping[str, str] | None = None) -> Path:
+    """SANDBOX_CGROUP_ROOT, else /sys/fs/cgroup."""
+    configured = (os.environ if env is None else env).get(CGROUP_ROOT_ENV, "").strip()
+    return Path(configured) if configured else CGROUP_ROOT
+
+
+def is_v2(root: Path) -> bool:
+    return (root / "cgroup.controllers").exists()
+
+
+# A file every cgroup v1 directory of the controller has.
+V1_PROBES: Final[Mapping[str, str]] = {"memory": "memory.limit_in_bytes", "pids": "pids.max"}
+
+
+def v1_controller_dir(root: Path, controller: str) -> Path:
+    """cgroup v1: `root/<controller>` (the hierarchies mounted side by side, as in a container), or
+    `root` itself when it is already a cgroup directory of that controller."""
+    nested = root / controller
+    if not nested.is_dir() and (root / V1_PROBES[controller]).exists():
+        return root
+    return nested
+
+
+def oom_events_file(root: Path) -> Path:
+    """The file with the cgroup's `oom_kill` counter: memory.events (v2) or memory.oom_control (v1)."""
+    events = root / "memory.events"
+    if events.exists():
+        return events
+    return v1_controller_dir(root, "memory") / "memory.oom_control"
+
+
+def read_oom_kills(events_file: Path) -> int | None:
+    """How many processes the OOM killer killed in the cgroup; None when the kernel does not say
+    (v1 before Linux 4.13) or there is no memory cgroup."""
+    text = _read(events_file)
+    return None if text is None else parse_key_values(text).get("oom_kill")
+
+
+def oom_kill_count(root: Path) -> int | None:
+    return read_oom_kills(oom_events_file(root))
+
+
+def memory_limit(root: Path) -> int | None:
+    """The cgroup's memory limit in bytes, None when unlimited or unknown."""
+    if is_v2(root):
+        limit = _read_int(root / "memory.max")
+    else:
+        limit = _read_int(v1_controller_dir(root, "memory") / "memory.limit_in_bytes")
+    return None if limit is None or limit >= UNLIMITED_THRESHOLD else limit
+
+
+def pids_usage(root: Path) -> tuple[int | None, int | None]:
+    """(pids.current, pids.max) of the cgroup; None where unknown or unlimited."""
+    directory = root if is_v2(root) else v1_controller_dir(root, "pids")
+    return _read_int(directory / "pids.current"), _read_int(directory / "pids.max")
+
+
 @dataclass(frozen=True)
 class ResourceSample:
     timestamp: float
@@ -100,10 +159,10 @@ class ResourceSample:
 
 
 class ResourceSampler:
-    def __init__(self, workdir: Path, cgroup_root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, workdir: Path, cgroup_root: Path | None = None) -> None:
         self.workdir = workdir
-        self.root = cgroup_root
-        self.v2 = (cgroup_root / "cgroup.controllers").exists()
+        self.root = default_cgroup_root() if cgroup_root is None else cgroup_root
+        self.v2 = is_v2(self.root)
         self._previous: ResourceSample | None = None
         self._first = self.sample()
 
@@ -139,9 +198,10 @@ class ResourceSampler:
             limit = _read_int(self.root / "memory.max")
             cache = parse_key_values(_read(self.root / "memory.stat") or "").get("file", 0)
         else:
-            used = _read_int(self.root / "memory" / "memory.usage_in_bytes")
-            limit = _read_int(self.root / "memory" / "memory.limit_in_bytes")
-            stat = parse_key_values(_read(self.root / "memory" / "memory.stat") or "")
+            memory = v1_controller_dir(self.root, "memory")
+            used = _read_int(memory / "memory.usage_in_bytes")
+            limit = _read_int(memory / "memory.limit_in_bytes")
+            stat = parse_key_values(_read(memory / "memory.stat") or "")
             cache = stat.get("total_cache", stat.get("cache", 0))
         if used is None:
             used = host_total - meminfo.get("MemAvailable", 0)
