@@ -175,6 +175,13 @@ def test_end_event_matches_go_process_state_wording() -> None:
     }
 
 
+def test_an_oom_killed_command_ends_with_137_and_says_why() -> None:
+    end = end_event(-9, None, oom_killed=True)["end"]
+    assert end["exitCode"] == 137 and "out-of-memory" in end["error"]
+    # Only a SIGKILL is the OOM killer's; another death keeps envd's -1.
+    assert end_event(-15, None, oom_killed=True)["end"]["exitCode"] == -1
+
+
 # -- signatures and auth -------------------------------------------------------------------------
 
 

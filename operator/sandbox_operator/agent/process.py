@@ -26,6 +26,7 @@ from .config import SECRET_ENV_VARS
 from .connect import ConnectError, JsonObject
 from .limits import ConcurrencyLimitError, ExecutionStats, OutputLimiter, exhaustion_message
 from .protojson import encode_bytes
+from .sysmetrics import default_cgroup_root, oom_events_file, read_oom_kills
 from .users import SandboxState, UserContext
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,19 @@ KILL_SWEEP_INTERVAL: Final = 0.01
 MAX_LEFTOVER_SESSIONS: Final = 256
 
 
-def end_event(returncode: int, error: str | None) -> JsonObject:
-    """ProcessEvent.EndEvent as proto3 JSON (defaults omitted), worded like Go's os.ProcessState."""
+# A command the OOM killer ended reports what a shell and Kubernetes report for it: 128 + SIGKILL.
+OOM_EXIT_CODE: Final = 128 + signal.SIGKILL
+OOM_ERROR: Final = "killed by the out-of-memory killer: the sandbox's memory limit was reached"
+
+
+def end_event(returncode: int, error: str | None, *, oom_killed: bool = False) -> JsonObject:
+    """ProcessEvent.EndEvent as proto3 JSON (defaults omitted), worded like Go's os.ProcessState.
+
+    `oom_killed`: the command died of SIGKILL while the memory cgroup's OOM counter rose; it ends
+    with exit code 137 and says why (envd's -1 would hide the cause)."""
     end: JsonObject = {}
+    if oom_killed and returncode == -signal.SIGKILL:
+        return {"end": {"exitCode": OOM_EXIT_CODE, "status": "signal: killed", "error": error or OOM_ERROR}}
     if returncode >= 0:
         if returncode:
             end["exitCode"] = returncode
@@ -173,6 +184,7 @@ class ManagedProcess:
         self.finished = asyncio.Event()
         self.end: JsonObject | None = None
         self.started = time.monotonic()
+        self.oom_kills_at_start = 0  # the memory cgroup's OOM counter when it started
         self.sweeper: asyncio.Task[bool] | None = None
         self._subscribers: list[asyncio.Queue[JsonObject]] = []
 
@@ -268,6 +280,7 @@ class ProcessManager:
         self._tasks: set[asyncio.Task[None]] = set()
         # pid of an ended command → nothing; ordered oldest first (see MAX_LEFTOVER_SESSIONS).
         self._leftovers: dict[int, None] = {}
+        self._oom_file = oom_events_file(default_cgroup_root())
 
     def environment(self, user: UserContext, cwd: str, extra: Mapping[str, str]) -> dict[str, str]:
         env = dict(self._base_env)
@@ -402,6 +415,7 @@ class ProcessManager:
             stdin_enabled=stdin or master_fd is not None,
             limiter=OutputLimiter(self.state.config.max_output_bytes),
         )
+        managed.oom_kills_at_start = self._oom_kills()
         if managed.stdin_fd is not None:
             os.set_blocking(managed.stdin_fd, False)
         # Subscribe before any reader runs: no output is published before the caller listens.
@@ -449,9 +463,13 @@ class ProcessManager:
             self.processes.pop(managed.pid, None)
             self._remember_leftovers(managed.pid)
             self.stats.release(kind, time.monotonic() - managed.started, managed.timed_out)
-        managed.end = end_event(returncode, managed.timeout_error if managed.timed_out else None)
+        oom_killed = returncode == -signal.SIGKILL and self._oom_kills() > managed.oom_kills_at_start
+        managed.end = end_event(returncode, managed.timeout_error if managed.timed_out else None, oom_killed=oom_killed)
         managed.publish(managed.end)
         managed.finished.set()
+
+    def _oom_kills(self) -> int:
+        return read_oom_kills(self._oom_file) or 0
 
     async def shutdown(self) -> None:
         running = list(self.processes.values())
