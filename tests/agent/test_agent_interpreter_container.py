@@ -10,8 +10,6 @@ import resource
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -21,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentlib import REPO_ROOT, STARTUP_DEADLINE, AgentProcess, free_port, stop_agent
+from agentlib import STARTUP_DEADLINE, AgentProcess, start_agent, stop_agent
 
 from testlib import wait_until
 
@@ -71,41 +69,22 @@ def tasks(pid: int) -> int:
 
 
 def spawn_agent(
-    workdir: Path, log_path: Path, *, env: dict[str, str], argv_prefix: tuple[str, ...] = (), preexec: Any = None
+    root: Path, *, env: dict[str, str], argv_prefix: tuple[str, ...] = (), preexec: Any = None
 ) -> AgentProcess:
-    """The agent as `python -m sandbox_operator.agent` behind `argv_prefix` (e.g. setpriv)."""
-    envd_port, interpreter_port = free_port(), free_port()
-    child_env = {key: value for key, value in os.environ.items() if not key.startswith(("SANDBOX_", "E2B_"))}
-    child_env.update(PYTHONPATH=str(REPO_ROOT / "operator"), HOME=str(workdir), **env)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *argv_prefix,
-                sys.executable,
-                "-m",
-                "sandbox_operator.agent",
-                "--host",
-                "127.0.0.1",
-                "--envd-port",
-                str(envd_port),
-                "--interpreter-port",
-                str(interpreter_port),
-                "--workdir",
-                str(workdir),
-            ],
-            env=child_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec,
-        )
-    agent = AgentProcess(process, envd_port, interpreter_port, workdir, None, log_path)
+    """agentlib.start_agent behind `argv_prefix` (e.g. setpriv) with HOME at its workdir, once its
+    code interpreter answers too."""
+    agent = start_agent(
+        root, token=None, env={"HOME": str(root / "home"), **env}, wrapper=argv_prefix, preexec_fn=preexec
+    )
     try:
-        wait_until(lambda: process.poll() is not None or healthy(agent), timeout=STARTUP_DEADLINE, message="agent")
+        wait_until(
+            lambda: agent.process.poll() is not None or healthy(agent), timeout=STARTUP_DEADLINE, message="agent"
+        )
     except AssertionError:
         stop_agent(agent)
         raise
-    if process.poll() is not None:
-        raise AssertionError(f"agent exited with {process.returncode}: {log_path.read_text()}")
+    if agent.process.poll() is not None:
+        raise AssertionError(f"agent exited with {agent.process.returncode}: {agent.log_path.read_text()}")
     return agent
 
 
@@ -174,7 +153,7 @@ def nproc_agent() -> Iterator[AgentProcess]:
         "--ambient-caps=+dac_read_search",
         "--",
     )
-    agent = spawn_agent(workdir, root / "agent.log", env={}, argv_prefix=prefix, preexec=limit)
+    agent = spawn_agent(root, env={}, argv_prefix=prefix, preexec=limit)
     try:
         yield agent
     finally:
@@ -308,9 +287,7 @@ def memory_agent(memory_cgroup: Path, tmp_path: Path) -> Iterator[AgentProcess]:
 
     workdir = tmp_path / "home"
     workdir.mkdir()
-    agent = spawn_agent(
-        workdir, tmp_path / "agent.log", env={"SANDBOX_CGROUP_ROOT": str(memory_cgroup)}, preexec=join_cgroup
-    )
+    agent = spawn_agent(tmp_path, env={"SANDBOX_CGROUP_ROOT": str(memory_cgroup)}, preexec=join_cgroup)
     try:
         assert str(agent.process.pid) in (memory_cgroup / "cgroup.procs").read_text().split()
         yield agent
