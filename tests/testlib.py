@@ -139,6 +139,22 @@ class OperatorProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
             return str(response.read().decode())
 
+    def samples(self, name: str, **labels: str) -> list[Any]:
+        """The exported samples of `name` whose labels include `labels` (prometheus_client Samples)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return [
+            sample
+            for family in text_string_to_metric_families(self.metrics_text())
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The value of the first sample `samples` finds, or None."""
+        found = self.samples(name, **labels)
+        return float(found[0].value) if found else None
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

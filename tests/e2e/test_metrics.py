@@ -34,20 +34,6 @@ from testlib import (
 )
 
 
-def samples(operator: OperatorProcess, name: str, **labels: str) -> list[Sample]:
-    found = []
-    for family in text_string_to_metric_families(operator.metrics_text()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                found.append(sample)
-    return found
-
-
-def value(operator: OperatorProcess, name: str, **labels: str) -> float | None:
-    found = samples(operator, name, **labels)
-    return found[0].value if found else None
-
-
 def test_phase_counts_and_lifecycle_series_match_the_cluster(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
@@ -64,20 +50,20 @@ def test_phase_counts_and_lifecycle_series_match_the_cluster(
 
     def exported_phases() -> Counter[str]:
         return Counter({s.labels["phase"]: int(s.value)
-                        for s in samples(operator, "sandbox_operator_sandboxes", namespace=namespace)})
+                        for s in operator.samples("sandbox_operator_sandboxes", namespace=namespace)})
 
     wait_until(lambda: exported_phases() == cluster_phases(), timeout=30, message="exported phases == cluster")
     assert exported_phases() == Counter({"Running": 2, "Suspended": 1})
     # Histograms and counters got observations from these lifecycles.
-    cold = value(operator, "sandbox_operator_time_to_running_seconds_count", source="cold")
+    cold = operator.value("sandbox_operator_time_to_running_seconds_count", source="cold")
     assert cold is not None and cold >= 3
     transitions = "sandbox_operator_transitions_total"
     # `from` is a Python keyword: the label filters go in as a dict.
-    assert (value(operator, transitions, **{"from": "Creating", "to": "Running"}) or 0) >= 3
-    assert (value(operator, transitions, **{"from": "Running", "to": "Suspending"}) or 0) >= 1
-    writes = samples(operator, "sandbox_operator_api_writes_total")
+    assert (operator.value(transitions, **{"from": "Creating", "to": "Running"}) or 0) >= 3
+    assert (operator.value(transitions, **{"from": "Running", "to": "Suspending"}) or 0) >= 1
+    writes = operator.samples("sandbox_operator_api_writes_total")
     assert writes and all(s.value >= 1 for s in writes), "API writes are exported as a counter (_total)"
-    assert value(operator, "sandbox_operator_build_info", version="0.1.0") == 1.0
+    assert operator.value("sandbox_operator_build_info", version="0.1.0") == 1.0
 
 
 def test_usage_comes_from_the_agent_and_moves(
@@ -88,28 +74,28 @@ def test_usage_comes_from_the_agent_and_moves(
     body = wait_phase(cluster, namespace, "u1", "Running")
     ip = body["status"]["podIP"]
     labels = {"namespace": namespace, "sandbox": "u1"}
-    wait_until(lambda: value(operator, "sandbox_up", **labels) == 1.0, timeout=60, message="sandbox_up 1")
-    up = samples(operator, "sandbox_up", **labels)[0]
+    wait_until(lambda: operator.value("sandbox_up", **labels) == 1.0, timeout=60, message="sandbox_up 1")
+    up = operator.samples("sandbox_up", **labels)[0]
     assert up.labels["template"] == "it-base" and up.labels["metadata_team"] == "search"
     assert "metadata_owner" not in up.labels, "only allow-listed metadata keys become labels"
-    assert value(operator, "sandbox_memory_limit_bytes", **labels) == 256 * 1024**2
-    assert value(operator, "sandbox_cpu_limit_cores", **labels) == 0.25
-    assert value(operator, "sandbox_disk_quota_bytes", **labels) == 1024**3  # the spec's disk, not statvfs
+    assert operator.value("sandbox_memory_limit_bytes", **labels) == 256 * 1024**2
+    assert operator.value("sandbox_cpu_limit_cores", **labels) == 0.25
+    assert operator.value("sandbox_disk_quota_bytes", **labels) == 1024**3  # the spec's disk, not statvfs
 
-    cpu_before = value(operator, "sandbox_cpu_seconds_total", **labels) or 0.0
-    memory_before = value(operator, "sandbox_memory_used_bytes", **labels) or 0.0
+    cpu_before = operator.value("sandbox_cpu_seconds_total", **labels) or 0.0
+    memory_before = operator.value("sandbox_memory_used_bytes", **labels) or 0.0
     # Resident (written) memory well inside the template's 256 MiB limit: the container is real.
     code = "hold = b'x' * (120 * 1024 * 1024)\nimport time\nt = time.time()\nwhile time.time() - t < 1.5: pass\n"
     http_json(f"http://{ip}:49983/execute", {"code": code}, timeout=120)
     wait_until(
-        lambda: (value(operator, "sandbox_memory_used_bytes", **labels) or 0) > memory_before + 100 * 1024**2,
+        lambda: (operator.value("sandbox_memory_used_bytes", **labels) or 0) > memory_before + 100 * 1024**2,
         timeout=30, message="memory usage to rise by the 120 MiB the sandbox holds",
     )
     wait_until(
-        lambda: (value(operator, "sandbox_cpu_seconds_total", **labels) or 0) >= cpu_before + 1.0,
+        lambda: (operator.value("sandbox_cpu_seconds_total", **labels) or 0) >= cpu_before + 1.0,
         timeout=30, message="cpu seconds to rise by the 1.5 s the sandbox burned",
     )
-    wait_until(lambda: (value(operator, "sandbox_executions_total", kind="code", **labels) or 0) >= 1,
+    wait_until(lambda: (operator.value("sandbox_executions_total", kind="code", **labels) or 0) >= 1,
                timeout=30, message="an execution counted")
     # The snapshot and the agent's activity reach the Sandbox status (the idle timeout reads it).
     status = wait_until(
@@ -126,7 +112,7 @@ def test_deleted_sandbox_series_disappear(
     cluster.apply(sandbox_manifest("gone"), namespace)
     wait_phase(cluster, namespace, "gone", "Running")
     labels = {"namespace": namespace, "sandbox": "gone"}
-    wait_until(lambda: value(operator, "sandbox_up", **labels) == 1.0, timeout=60, message="sandbox_up 1")
+    wait_until(lambda: operator.value("sandbox_up", **labels) == 1.0, timeout=60, message="sandbox_up 1")
     cluster.kubectl("delete", "sandbox", "gone", "-n", namespace)
     wait_until(
         lambda: not any(s.labels.get("sandbox") == "gone" and s.labels.get("namespace") == namespace
@@ -142,7 +128,7 @@ def test_changed_metadata_relabels_the_series_without_leaving_the_old_ones(
         "template": "it-base", "metadata": {"team": "search"}}}), namespace)
     wait_phase(cluster, namespace, "relabel", "Running")
     labels = {"namespace": namespace, "sandbox": "relabel"}
-    wait_until(lambda: value(operator, "sandbox_up", metadata_team="search", **labels) == 1.0,
+    wait_until(lambda: operator.value("sandbox_up", metadata_team="search", **labels) == 1.0,
                timeout=60, message="sandbox_up 1 labelled team=search")
     cluster.kubectl("patch", "sandbox", "relabel", "-n", namespace, "--type=merge",
                     "-p", '{"spec":{"metadata":{"team":"ads"}}}')
@@ -154,7 +140,7 @@ def test_changed_metadata_relabels_the_series_without_leaving_the_old_ones(
 
     # Every series of the sandbox moves to the new label value; none stays behind with the old one.
     wait_until(lambda: teams() == {"ads"}, timeout=30, message="only team=ads series for the sandbox")
-    assert value(operator, "sandbox_up", metadata_team="ads", **labels) == 1.0
+    assert operator.value("sandbox_up", metadata_team="ads", **labels) == 1.0
 
 
 # -- the collector on its own: fake agents on loopback, no cluster -------------------------------------
@@ -263,7 +249,7 @@ def test_timeouts_pools_pool_starts_and_reconcile_errors_are_counted(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
     def metric(name: str, **labels: str) -> float:
-        return value(operator, name, **labels) or 0.0
+        return operator.value(name, **labels) or 0.0
 
     lifetimes = metric("sandbox_operator_timeouts_total", kind="max_lifetime")
     pool_starts = metric("sandbox_operator_time_to_running_seconds_count", source="pool")
