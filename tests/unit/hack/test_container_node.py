@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+from sandbox_operator.api import Sandbox, SandboxTemplate
+from sandbox_operator.resources.builders import build_pod
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -39,38 +42,25 @@ def image(config: dict[str, Any] | None = None) -> Any:
 
 
 def sandbox_pod(**container: Any) -> dict[str, Any]:
-    """The shape resources.builders.build_pod gives a sandbox pod."""
-    base = {
-        "name": "sandbox",
-        "image": "ghcr.io/x/y:dev",
-        "env": [{"name": "SANDBOX_ID", "value": "abc"}, {"name": "SANDBOX_WORKDIR", "value": "/home/user"}],
-        "resources": {"limits": {"cpu": "1", "memory": "512Mi"}, "requests": {"cpu": "1", "memory": "512Mi"}},
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [{"name": "workspace", "mountPath": "/home/user"}, {"name": "tmp", "mountPath": "/tmp"}],
-        "workingDir": "/home/user",
-        **container,
-    }
-    return {
-        "metadata": {"name": "sbx-a", "namespace": "team-a", "uid": "u-1", "labels": {"app": "x"}},
-        "spec": {
-            "hostname": "sbx-a",
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
-            "containers": [base],
-            "volumes": [
-                {"name": "workspace", "persistentVolumeClaim": {"claimName": "w"}},
-                {"name": "tmp", "emptyDir": {}},
-            ],
-        },
-    }
+    """A sandbox pod as resources.builders.build_pod makes it (read-only root), with `container`
+    fields replaced."""
+    sandbox = Sandbox.from_body(
+        {
+            "apiVersion": "sandbox.dev/v1alpha1",
+            "kind": "Sandbox",
+            "metadata": {"name": "a", "namespace": "team-a", "uid": "6f1c2d3e-0000-4000-8000-00000000abcd"},
+            "spec": {"template": "code-interpreter"},
+        }
+    )
+    template = SandboxTemplate.from_body(
+        {
+            "metadata": {"name": "code-interpreter"},
+            "spec": {"image": "ghcr.io/x/y:dev", "security": {"readOnlyRootFilesystem": True}},
+        }
+    )
+    pod = build_pod(sandbox, template)
+    pod["spec"]["containers"][0].update(container)
+    return pod
 
 
 def spec_for(pod: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -89,7 +79,8 @@ def spec_for(pod: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 
 
 def test_a_sandbox_pod_runs_as_its_security_context_says() -> None:
-    spec = spec_for(sandbox_pod())
+    pod = sandbox_pod()
+    spec = spec_for(pod)
     process = spec["process"]
     assert process["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [1000]}
     assert process["args"] == ["/usr/bin/tini", "--", "sandbox-agent"]  # the image's entrypoint
@@ -104,7 +95,7 @@ def test_a_sandbox_pod_runs_as_its_security_context_says() -> None:
     assert mounts["/home/user"]["source"] == "/pv/w" and "rw" in mounts["/home/user"]["options"]
     assert mounts["/sys/fs/cgroup/memory"]["source"] == "/sys/fs/cgroup/memory/x"
     assert "ro" in mounts["/sys/fs/cgroup/memory"]["options"]
-    assert spec["hostname"] == "sbx-a"
+    assert spec["hostname"] == pod["spec"]["hostname"]
     json.dumps(spec)  # serialisable as config.json
 
 
@@ -115,7 +106,7 @@ def test_env_is_image_then_container_then_the_bind_address() -> None:
     env = dict(item.split("=", 1) for item in spec_for(pod)["process"]["env"])
     assert env["LANG"] == "C"  # the container overrides the image
     assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
-    assert env["POD"] == "sbx-a"
+    assert env["POD"] == pod["metadata"]["name"]
     assert env[node.AGENT_HOST_ENV] == "127.3.0.2"
 
 
