@@ -1249,10 +1249,11 @@ class PodWorker(threading.Thread):
                 "Warning",
             )
             grace = float((self.pod.get("spec") or {}).get("terminationGracePeriodSeconds") or 30)
-            self._stop_container(run, grace, wait=True)
+            self._stop_container(run, grace)
             state["live_fail"] = 0
 
-    def _stop_container(self, run: ContainerRun, grace: float, *, wait: bool) -> None:
+    def _stop_container(self, run: ContainerRun, grace: float) -> None:
+        """SIGTERM, `grace` seconds, SIGKILL; the pod loop records the end as for any exit."""
         if run.process is None:
             return
         crun(self.node.crun_root, "kill", run.container_id, "TERM")
@@ -1268,12 +1269,10 @@ class PodWorker(threading.Thread):
                         os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 run.process.wait(timeout=10)
-        if wait and run.process.poll() is not None:
-            return  # the loop records its end as it does for any exit
 
     def _stop_all(self, grace: float) -> None:
         for run in self.runs.values():
-            self._stop_container(run, grace, wait=False)
+            self._stop_container(run, grace)
             if run.process is not None:
                 run.process.poll()
             run.process = None
@@ -1281,7 +1280,7 @@ class PodWorker(threading.Thread):
     def _teardown(self) -> None:
         for run in self.runs.values():
             if run.process is not None:
-                self._stop_container(run, 0, wait=False)
+                self._stop_container(run, 0)
             if run.container_id:
                 crun(self.node.crun_root, "delete", "-f", run.container_id)
             self._unmount_rootfs(run)
