@@ -73,9 +73,7 @@ def timed(call: Any, iterations: int, warmup: int = 10) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=300)
     args = parser.parse_args()
 
@@ -137,9 +135,7 @@ def main() -> None:
     print(f"commands.run('echo hi'): p50 {commands['p50_ms']} ms, p99 {commands['p99_ms']} ms")
     print(f"run_code('1+1'):          p50 {run_code['p50_ms']} ms, p99 {run_code['p99_ms']} ms")
     print(f"first run_code (kernel start): {first_run_code_s:.2f} s")
-    print(
-        f"agent RSS: idle {results['agent_idle_rss_mb']} MB, after run {results['agent_rss_after_run_mb']} MB"
-    )
+    print(f"agent RSS: idle {results['agent_idle_rss_mb']} MB, after run {results['agent_rss_after_run_mb']} MB")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")

@@ -110,7 +110,10 @@ def cluster_up(state_dir: Path, pod_cidr: str) -> str:
     for attempt in (1, 2):  # a free port picked by `up` can be taken by another process meanwhile
         up = subprocess.run(
             [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir)],
-            capture_output=True, text=True, timeout=300, env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
         if up.returncode == 0:
             break
@@ -125,5 +128,7 @@ def cluster_up(state_dir: Path, pod_cidr: str) -> str:
 def cluster_down(state_dir: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO / "hack" / "cluster"), "down", "--state-dir", str(state_dir)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )

@@ -133,8 +133,9 @@ class Kubectl:
         self.binary, self.env = binary, {**os.environ, "KUBECONFIG": kubeconfig}
 
     def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([self.binary, *args], input=input, capture_output=True, text=True, env=self.env,
-                              timeout=120)
+        done = subprocess.run(
+            [self.binary, *args], input=input, capture_output=True, text=True, env=self.env, timeout=120
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {done.stderr}{done.stdout}")
         return done
@@ -144,6 +145,7 @@ def prepare_cluster(kubectl: Kubectl, namespace: str, api_key: str) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     names = kubectl("get", "-f", str(REPO / "crds"), "-o", "name").stdout.split()
     kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+
     # Just after Established, list can answer 429 "storage is (re)initializing" for about a second.
     def listable(plural: str) -> bool:
         return kubectl("get", plural, "-A", check=False).returncode == 0
@@ -151,14 +153,22 @@ def prepare_cluster(kubectl: Kubectl, namespace: str, api_key: str) -> None:
     for plural in ("sandboxes", "sandboxtemplates", "sandboxpools"):
         wait_for(functools.partial(listable, plural), 30, f"{plural} to be listable", interval=0.2)
     kubectl("create", "namespace", namespace)
-    wait_for(lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0, 30,
-             f"service account default in {namespace}", interval=0.2)
+    wait_for(
+        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
+        30,
+        f"service account default in {namespace}",
+        interval=0.2,
+    )
     for name in ("base", "code-interpreter"):
         kubectl("apply", "-f", "-", input=CODE_INTERPRETER_TEMPLATE % name)
     secret = {  # tests/e2e/test_gateway.py api_key_secret: a key granting `namespace`
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "bench-key", "labels": {"sandbox.dev/api-key": "true"},
-                     "annotations": {"sandbox.dev/namespace": namespace}},
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "bench-key",
+            "labels": {"sandbox.dev/api-key": "true"},
+            "annotations": {"sandbox.dev/namespace": namespace},
+        },
         "data": {"key": base64.b64encode(api_key.encode()).decode()},
     }
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(secret))
@@ -196,10 +206,26 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Proc:
 
 def start_operator(kubeconfig: str, namespace: str) -> Proc:
     metrics_port, liveness_port = free_port(), free_port()
-    operator = spawn("operator", [
-        sys.executable, "-m", "sandbox_operator", "run", "--namespace", namespace, "--kubeconfig", kubeconfig,
-        "--bind-address", "127.0.0.1", "--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port),
-    ], {**os.environ, "KUBECONFIG": kubeconfig})
+    operator = spawn(
+        "operator",
+        [
+            sys.executable,
+            "-m",
+            "sandbox_operator",
+            "run",
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+            kubeconfig,
+            "--bind-address",
+            "127.0.0.1",
+            "--metrics-port",
+            str(metrics_port),
+            "--liveness-port",
+            str(liveness_port),
+        ],
+        {**os.environ, "KUBECONFIG": kubeconfig},
+    )
 
     def live() -> bool:
         operator.check_alive()
@@ -224,8 +250,12 @@ class Gateway:
             text = response.read().decode()
         values: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith(('sandbox_gateway_request_duration_seconds_sum{kind="proxy"}',
-                                'sandbox_gateway_request_duration_seconds_count{kind="proxy"}')):
+            if line.startswith(
+                (
+                    'sandbox_gateway_request_duration_seconds_sum{kind="proxy"}',
+                    'sandbox_gateway_request_duration_seconds_count{kind="proxy"}',
+                )
+            ):
                 name = line.split("{", 1)[0].rsplit("_", 1)[1]
                 values[name] = float(line.rsplit(" ", 1)[1])
         return values
@@ -235,11 +265,28 @@ def start_gateway(kubeconfig: str, namespace: str, profile: bool) -> Gateway:
     port, metrics_port = free_port(), free_port()
     profile_path = LOG_DIR / "gateway.prof" if profile else None
     runner = [sys.executable, "-m", "cProfile", "-o", str(profile_path)] if profile_path else [sys.executable]
-    proc = spawn("gateway", [
-        *runner, "-m", "sandbox_operator", "gateway", "--kubeconfig", kubeconfig, "--bind-address", "127.0.0.1",
-        "--port", str(port), "--metrics-port", str(metrics_port), "--keys-namespace", namespace,
-        "--create-timeout", "60",
-    ], {**os.environ, "KUBECONFIG": kubeconfig, "SANDBOX_GATEWAY_TOKEN_KEY": secrets.token_hex(16)})
+    proc = spawn(
+        "gateway",
+        [
+            *runner,
+            "-m",
+            "sandbox_operator",
+            "gateway",
+            "--kubeconfig",
+            kubeconfig,
+            "--bind-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--keys-namespace",
+            namespace,
+            "--create-timeout",
+            "60",
+        ],
+        {**os.environ, "KUBECONFIG": kubeconfig, "SANDBOX_GATEWAY_TOKEN_KEY": secrets.token_hex(16)},
+    )
     gateway = Gateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", profile_path)
 
     def serving() -> bool:
@@ -258,14 +305,20 @@ def start_gateway(kubeconfig: str, namespace: str, profile: bool) -> Gateway:
 class Watch(threading.Thread):
     """List + watch of one kind in a namespace (blocking HTTP in a daemon thread)."""
 
-    def __init__(self, credentials: Credentials, path: str, params: dict[str, str],
-                 on_event: Callable[[str, JSON], None], stop: threading.Event) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        path: str,
+        params: dict[str, str],
+        on_event: Callable[[str, JSON], None],
+        stop: threading.Event,
+    ) -> None:
         super().__init__(name=f"watch {path}", daemon=True)
-        self.credentials, self.path, self.params, self.on_event, self.stop = (
-            credentials, path, params, on_event, stop)
+        self.credentials, self.path, self.params, self.on_event, self.stop = (credentials, path, params, on_event, stop)
         context = credentials.ssl_context
-        self.ssl: ssl.SSLContext | None = (context if isinstance(context, ssl.SSLContext)
-                                           else None if context else ssl._create_unverified_context())
+        self.ssl: ssl.SSLContext | None = (
+            context if isinstance(context, ssl.SSLContext) else None if context else ssl._create_unverified_context()
+        )
 
     def _open(self, params: dict[str, str], timeout: float) -> Any:
         url = f"{self.credentials.server}{self.path}?{urlencode(params)}"
@@ -342,10 +395,20 @@ class ClusterView:
                 del base[key]
         self.base_env = base
         self.watches = [
-            Watch(credentials, f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/sandboxes", {},
-                  self._on_sandbox, self.stop),
-            Watch(credentials, f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": SANDBOX_LABEL},
-                  self._on_pod, self.stop),
+            Watch(
+                credentials,
+                f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/sandboxes",
+                {},
+                self._on_sandbox,
+                self.stop,
+            ),
+            Watch(
+                credentials,
+                f"/api/v1/namespaces/{namespace}/pods",
+                {"labelSelector": SANDBOX_LABEL},
+                self._on_pod,
+                self.stop,
+            ),
         ]
 
     def start(self) -> None:
@@ -406,9 +469,23 @@ class ClusterView:
         log_path = workdir / "agent.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "sandbox_operator.agent", "--host", ip, "--envd-port", str(ENVD_PORT),
-                 "--interpreter-port", str(INTERPRETER_PORT), "--workdir", str(workdir), "--no-prewarm-kernel"],
-                stdout=log_file, stderr=subprocess.STDOUT, env={**self.base_env, **env},
+                [
+                    sys.executable,
+                    "-m",
+                    "sandbox_operator.agent",
+                    "--host",
+                    ip,
+                    "--envd-port",
+                    str(ENVD_PORT),
+                    "--interpreter-port",
+                    str(INTERPRETER_PORT),
+                    "--workdir",
+                    str(workdir),
+                    "--no-prewarm-kernel",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**self.base_env, **env},
             )
         sandbox = str((pod["metadata"].get("labels") or {}).get(SANDBOX_LABEL, ""))
         return Agent(sandbox, ip, process, log_path, seen_at, time.time())
@@ -463,9 +540,18 @@ def stopped(agent: Agent) -> bool:
 def create_run(view: ClusterView, sdk: JSON, count: int) -> JSON:
     from e2b import Sandbox
 
-    stages: dict[str, list[float]] = {key: [] for key in (
-        "returned", "sandbox_running", "pod_running_seen", "agent_spawned", "agent_ready",
-        "gateway_tail_after_running_and_agent_ready", "kill")}
+    stages: dict[str, list[float]] = {
+        key: []
+        for key in (
+            "returned",
+            "sandbox_running",
+            "pod_running_seen",
+            "agent_spawned",
+            "agent_ready",
+            "gateway_tail_after_running_and_agent_ready",
+            "kill",
+        )
+    }
     first: JSON = {}
     for index in range(count + 1):  # the first pays first-use costs everywhere: reported apart
         sent = time.time()
@@ -503,8 +589,9 @@ def create_run(view: ClusterView, sdk: JSON, count: int) -> JSON:
         "sandboxes": count,
         "template": "base (PVC workspace)",
         "latency": summary_ms(stages["returned"], 1),
-        "stages_ms_from_post_sent": {key: summary_ms(values, 1) for key, values in stages.items()
-                                     if key not in ("returned", "kill")},
+        "stages_ms_from_post_sent": {
+            key: summary_ms(values, 1) for key, values in stages.items() if key not in ("returned", "kill")
+        },
         "kill": summary_ms(stages["kill"], 1),
         "first_create_ms": first,
     }
@@ -521,8 +608,9 @@ class Side:
     cpu: dict[str, float] = field(default_factory=dict)
 
 
-def compare(sides: list[Side], pids: dict[str, int], gateway: Gateway, warmup: int, iterations: int,
-            rounds: int) -> JSON:
+def compare(
+    sides: list[Side], pids: dict[str, int], gateway: Gateway, warmup: int, iterations: int, rounds: int
+) -> JSON:
     """Interleave the sides in `rounds` blocks so drifting background load hits each alike."""
     for side in sides:
         for _ in range(warmup):
@@ -547,13 +635,15 @@ def compare(sides: list[Side], pids: dict[str, int], gateway: Gateway, warmup: i
     for side in sides:
         result[side.label] = {
             **summary_ms(side.samples),
-            "cpu_ms_per_call": {name: round(seconds * 1000 / len(side.samples), 3)
-                                for name, seconds in side.cpu.items()},
+            "cpu_ms_per_call": {
+                name: round(seconds * 1000 / len(side.samples), 3) for name, seconds in side.cpu.items()
+            },
         }
     proxied = metrics_after.get("count", 0) - metrics_before.get("count", 0)
     if proxied:
         result["gateway_handler_mean_ms_per_proxied_request"] = round(
-            (metrics_after.get("sum", 0) - metrics_before.get("sum", 0)) / proxied * 1000, 3)
+            (metrics_after.get("sum", 0) - metrics_before.get("sum", 0)) / proxied * 1000, 3
+        )
         result["proxied_requests_per_call"] = round(proxied / len(sides[0].samples), 2)
     if "gateway" in result and "direct" in result:
         result["gateway_overhead_p50_ms"] = round(result["gateway"]["p50_ms"] - result["direct"]["p50_ms"], 2)
@@ -594,8 +684,11 @@ async def raw_worker(url: str, headers: dict[str, str], stats: LoadStats) -> Non
     """Keep-alive HTTP/1.1 GETs with the least client work: one write, parse status and length."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-               + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+    request = (
+        f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    ).encode()
     writer: asyncio.StreamWriter | None = None
     while time.perf_counter() < stats.stop_at:
         try:
@@ -612,7 +705,7 @@ async def raw_worker(url: str, headers: dict[str, str], stats: LoadStats) -> Non
                     if size == 0:
                         break
             elif (at := head.find(b"\r\ncontent-length:")) >= 0:
-                await reader.readexactly(int(head[at + 17:head.index(b"\r\n", at + 2)]))
+                await reader.readexactly(int(head[at + 17 : head.index(b"\r\n", at + 2)]))
             if b"\r\nconnection: close" in head:
                 writer.close()
                 writer = None
@@ -627,21 +720,24 @@ async def raw_worker(url: str, headers: dict[str, str], stats: LoadStats) -> Non
         writer.close()
 
 
-async def load(url: str, headers: dict[str, str], client: str, concurrency: int, duration: float,
-               warmup: float) -> LoadStats:
+async def load(
+    url: str, headers: dict[str, str], client: str, concurrency: int, duration: float, warmup: float
+) -> LoadStats:
     now = time.perf_counter()
     stats = LoadStats(measure_from=now + warmup, stop_at=now + warmup + duration)
     if client == "raw":
         await asyncio.gather(*(raw_worker(url, headers, stats) for _ in range(concurrency)))
         return stats
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
         await asyncio.gather(*(aiohttp_worker(session, url, headers, stats) for _ in range(concurrency)))
     return stats
 
 
-def throughput_run(args: argparse.Namespace, gateway: Gateway, agent: Agent, sandbox_id: str,
-                   background: list[int]) -> JSON:
+def throughput_run(
+    args: argparse.Namespace, gateway: Gateway, agent: Agent, sandbox_id: str, background: list[int]
+) -> JSON:
     """`background`: our other processes (operator, control plane): not "other processes"."""
     route = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(ENVD_PORT)}
     targets = {
@@ -660,11 +756,13 @@ def throughput_run(args: argparse.Namespace, gateway: Gateway, agent: Agent, san
             stats = asyncio.run(load(url, headers, client, args.concurrency, args.duration, 1.0))
             wall = args.duration + 1.0
             cpu = {name: round(cpu_seconds(pid) - before[name], 2) for name, pid in pids.items()}
-            cpu["operator_and_control_plane"] = round(sum(cpu_seconds(pid) for pid in background)
-                                                      - background_before, 2)
+            cpu["operator_and_control_plane"] = round(
+                sum(cpu_seconds(pid) for pid in background) - background_before, 2
+            )
             cpu["machine_busy"] = round(machine_busy_seconds() - busy_before, 2)
-            cpu["other_processes"] = round(cpu["machine_busy"] - sum(
-                value for key, value in cpu.items() if key != "machine_busy"), 2)
+            cpu["other_processes"] = round(
+                cpu["machine_busy"] - sum(value for key, value in cpu.items() if key != "machine_busy"), 2
+            )
             cpu["machine_capacity"] = round(wall * (os.cpu_count() or 1), 2)
             done = len(stats.latencies_ms)
             rate = done / args.duration
@@ -687,8 +785,10 @@ def throughput_run(args: argparse.Namespace, gateway: Gateway, agent: Agent, san
                 entry["agent_cpu_us_per_request"] = round(cpu["agent"] / total * 1e6, 1)
             entry["client_cpu_us_per_request"] = round(cpu["benchmark_client"] / total * 1e6, 1) if total else None
             results[f"{client}:{target}"] = entry
-            log(f"  {client:8} {target:20} {entry['req_per_s']:>6} req/s, p50 "
-                f"{entry['latency_under_load'].get('p50_ms')} ms, CPU s {cpu}")
+            log(
+                f"  {client:8} {target:20} {entry['req_per_s']:>6} req/s, p50 "
+                f"{entry['latency_under_load'].get('p50_ms')} ms, CPU s {cpu}"
+            )
     return results
 
 
@@ -732,10 +832,17 @@ def run(args: argparse.Namespace, workdir: Path, cleanup: list[Callable[[], None
     log(f"2. commands.run('echo hi'): {args.iterations} runs each after {args.warmup} warm-up, gateway vs direct")
     results["commands_run"] = compare(
         [Side("gateway", lambda: base.commands.run("echo hi")), Side("direct", lambda: direct.commands.run("echo hi"))],
-        pids, gateway, args.warmup, args.iterations, args.rounds)
+        pids,
+        gateway,
+        args.warmup,
+        args.iterations,
+        args.rounds,
+    )
     results["commands_run"]["stdout_check"] = {side: text == "hi\n" for side, text in echo.items()}
-    log(f"   gateway p50 {results['commands_run']['gateway']['p50_ms']} ms, "
-        f"direct p50 {results['commands_run']['direct']['p50_ms']} ms")
+    log(
+        f"   gateway p50 {results['commands_run']['gateway']['p50_ms']} ms, "
+        f"direct p50 {results['commands_run']['direct']['p50_ms']} ms"
+    )
 
     code: Any = CodeSandbox.create(**sdk)  # the SDK's default template, code-interpreter-v1 → code-interpreter
     code_seen = view.sandbox_by_id(code.sandbox_id)
@@ -749,11 +856,18 @@ def run(args: argparse.Namespace, workdir: Path, cleanup: list[Callable[[], None
     log(f"3. run_code('1+1'): {args.iterations} runs each after {args.warmup} warm-up, gateway vs direct")
     results["run_code"] = compare(
         [Side("gateway", lambda: code.run_code("1+1")), Side("direct", lambda: code_direct.run_code("1+1"))],
-        pids, gateway, args.warmup, args.iterations, args.rounds)
+        pids,
+        gateway,
+        args.warmup,
+        args.iterations,
+        args.rounds,
+    )
     results["run_code"]["first_run_code_with_kernel_start_s"] = round(first_run_code_s, 2)
     results["run_code"]["text_check"] = {side: text == "2" for side, text in texts.items()}
-    log(f"   gateway p50 {results['run_code']['gateway']['p50_ms']} ms, "
-        f"direct p50 {results['run_code']['direct']['p50_ms']} ms")
+    log(
+        f"   gateway p50 {results['run_code']['gateway']['p50_ms']} ms, "
+        f"direct p50 {results['run_code']['direct']['p50_ms']} ms"
+    )
     with contextlib.suppress(Exception):
         code.kill()
 
@@ -792,50 +906,91 @@ def table(results: JSON, args: argparse.Namespace) -> list[tuple[str, str, str]]
     create = results.get("create")
     if create:
         latency = create["latency"]
-        rows.append((f"Sandbox.create via gateway, cold, p50 / p99 (n={latency['n']})",
-                     f"{fmt(latency.get('p50_ms'))} / {fmt(latency.get('p99_ms'))} ms",
-                     "(operator alone: Running p50 <= 250, p99 <= 1000 ms)"))
+        rows.append(
+            (
+                f"Sandbox.create via gateway, cold, p50 / p99 (n={latency['n']})",
+                f"{fmt(latency.get('p50_ms'))} / {fmt(latency.get('p99_ms'))} ms",
+                "(operator alone: Running p50 <= 250, p99 <= 1000 ms)",
+            )
+        )
         stages = create["stages_ms_from_post_sent"]
-        rows.append(("  stages p50 from POST: Sandbox Running / agent listening / returned",
-                     f"{fmt(stages['sandbox_running'].get('p50_ms'))} / {fmt(stages['agent_ready'].get('p50_ms'))}"
-                     f" / {fmt(latency.get('p50_ms'))} ms", ""))
+        rows.append(
+            (
+                "  stages p50 from POST: Sandbox Running / agent listening / returned",
+                f"{fmt(stages['sandbox_running'].get('p50_ms'))} / {fmt(stages['agent_ready'].get('p50_ms'))}"
+                f" / {fmt(latency.get('p50_ms'))} ms",
+                "",
+            )
+        )
         tail = stages["gateway_tail_after_running_and_agent_ready"]
-        rows.append(("  gateway tail after Running + agent listening, p50 / p99",
-                     f"{fmt(tail.get('p50_ms'))} / {fmt(tail.get('p99_ms'))} ms", ""))
-    for key, label, target in (("commands_run", "commands.run('echo hi')", TARGETS["commands_run_p50_ms"]),
-                               ("run_code", "run_code('1+1')", TARGETS["run_code_p50_ms"])):
+        rows.append(
+            (
+                "  gateway tail after Running + agent listening, p50 / p99",
+                f"{fmt(tail.get('p50_ms'))} / {fmt(tail.get('p99_ms'))} ms",
+                "",
+            )
+        )
+    for key, label, target in (
+        ("commands_run", "commands.run('echo hi')", TARGETS["commands_run_p50_ms"]),
+        ("run_code", "run_code('1+1')", TARGETS["run_code_p50_ms"]),
+    ):
         if key not in results:
             continue
         entry = results[key]
         gw, direct = entry["gateway"], entry["direct"]
         rows.append((f"{label} via gateway p50 / p99", f"{gw['p50_ms']} / {gw['p99_ms']} ms", f"p50 <= {target} ms"))
         rows.append((f"{label} direct to agent p50 / p99", f"{direct['p50_ms']} / {direct['p99_ms']} ms", ""))
-        rows.append((f"{label} gateway overhead p50; gateway CPU per call; machine busy",
-                     f"{entry.get('gateway_overhead_p50_ms')} ms; {gw['cpu_ms_per_call'].get('gateway')} ms; "
-                     f"{round(entry['machine_busy_share'] * 100)}%", ""))
+        rows.append(
+            (
+                f"{label} gateway overhead p50; gateway CPU per call; machine busy",
+                f"{entry.get('gateway_overhead_p50_ms')} ms; {gw['cpu_ms_per_call'].get('gateway')} ms; "
+                f"{round(entry['machine_busy_share'] * 100)}%",
+                "",
+            )
+        )
     for client in args.clients:
         proxy = results.get("throughput", {}).get(f"{client}:gateway_proxy")
         direct = results.get("throughput", {}).get(f"{client}:agent_direct")
         own = results.get("throughput", {}).get(f"{client}:gateway_own_health")
         if proxy:
-            rows.append((f"proxy GET /health, {args.concurrency} in flight, {client} client",
-                         f"{proxy['req_per_s']} req/s (p50 {proxy['latency_under_load'].get('p50_ms')} ms, "
-                         f"{proxy['errors']} errors)", f">= {TARGETS['proxy_req_per_s']} req/s"))
-            rows.append(("  gateway CPU per proxied request; requests per gateway CPU-second",
-                         f"{proxy.get('gateway_cpu_us_per_request')} us; {proxy.get('gateway_req_per_cpu_s')}", ""))
+            rows.append(
+                (
+                    f"proxy GET /health, {args.concurrency} in flight, {client} client",
+                    f"{proxy['req_per_s']} req/s (p50 {proxy['latency_under_load'].get('p50_ms')} ms, "
+                    f"{proxy['errors']} errors)",
+                    f">= {TARGETS['proxy_req_per_s']} req/s",
+                )
+            )
+            rows.append(
+                (
+                    "  gateway CPU per proxied request; requests per gateway CPU-second",
+                    f"{proxy.get('gateway_cpu_us_per_request')} us; {proxy.get('gateway_req_per_cpu_s')}",
+                    "",
+                )
+            )
         if direct:
             rows.append((f"  same, direct to agent ({client} client)", f"{direct['req_per_s']} req/s", ""))
         if own:
             rows.append((f"  gateway's own /health, no upstream ({client} client)", f"{own['req_per_s']} req/s", ""))
     contended = [key for key, entry in results.get("throughput", {}).items() if entry.get("contended")]
     if contended:
-        rows.append(("WARNING: throughput runs where other processes took > 10% of the machine",
-                     f"{len(contended)} of {len(results['throughput'])}", "their req/s are low: 'contended' in JSON"))
+        rows.append(
+            (
+                "WARNING: throughput runs where other processes took > 10% of the machine",
+                f"{len(contended)} of {len(results['throughput'])}",
+                "their req/s are low: 'contended' in JSON",
+            )
+        )
     if "gateway_rss_mb_idle" in results:
-        rows.append(("gateway RSS idle / before load / after load (peak)",
-                     f"{results['gateway_rss_mb_idle']} / {fmt(results.get('gateway_rss_mb_before_load'))} / "
-                     f"{fmt(results.get('gateway_rss_mb_after_load'))} MB "
-                     f"({fmt(results.get('gateway_rss_mb_peak_vmhwm'))} MB)", ""))
+        rows.append(
+            (
+                "gateway RSS idle / before load / after load (peak)",
+                f"{results['gateway_rss_mb_idle']} / {fmt(results.get('gateway_rss_mb_before_load'))} / "
+                f"{fmt(results.get('gateway_rss_mb_after_load'))} MB "
+                f"({fmt(results.get('gateway_rss_mb_peak_vmhwm'))} MB)",
+                "",
+            )
+        )
     return rows
 
 
@@ -858,12 +1013,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="gateway/direct blocks the calls are split into")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight in the throughput runs")
     parser.add_argument("--duration", type=float, help="seconds per throughput run (default 10, quick 3)")
-    parser.add_argument("--clients", type=lambda text: [x for x in text.split(",") if x], default=["aiohttp", "raw"],
-                        help="throughput clients, comma-separated subset of aiohttp,raw (default both)")
-    parser.add_argument("--pod-cidr", default="127.214.0.0/16",
-                        help="loopback range kwok gives pod IPs from (apart from tests' and operator_bench's)")
-    parser.add_argument("--profile", action="store_true",
-                        help="run the gateway under cProfile; writes gateway-logs/gateway.prof and .txt")
+    parser.add_argument(
+        "--clients",
+        type=lambda text: [x for x in text.split(",") if x],
+        default=["aiohttp", "raw"],
+        help="throughput clients, comma-separated subset of aiohttp,raw (default both)",
+    )
+    parser.add_argument(
+        "--pod-cidr",
+        default="127.214.0.0/16",
+        help="loopback range kwok gives pod IPs from (apart from tests' and operator_bench's)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the gateway under cProfile; writes gateway-logs/gateway.prof and .txt",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args()
     if set(args.clients) - {"aiohttp", "raw"}:
@@ -902,8 +1067,10 @@ def main() -> None:
         "table": rows,
         "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
         "machine": machine(),
-        "contention": {"loadavg_before": [round(x, 2) for x in load_before],
-                       "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "contention": {
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "logs": str(LOG_DIR.relative_to(REPO)),
         "duration_s": round(time.monotonic() - started, 1),
         "measured_at": measured_at,

@@ -75,6 +75,7 @@ from testlib import stop_process  # noqa: E402
 def seconds_summary(seconds: Iterable[float]) -> JSON:
     return summary_ms([s * 1000 for s in seconds], digits=1)
 
+
 JSON = dict[str, Any]
 GROUP_PATH = "/apis/sandbox.dev/v1alpha1"
 SANDBOX_LABEL = "sandbox.dev/sandbox"
@@ -306,8 +307,13 @@ class Watch:
 
     async def _stream(self, resource_version: str) -> str:
         """Follow the watch until the server ends it; the resourceVersion to go on from ('' = re-list)."""
-        query = {**self.params, "watch": "1", "resourceVersion": resource_version,
-                 "allowWatchBookmarks": "true", "timeoutSeconds": "600"}
+        query = {
+            **self.params,
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": "600",
+        }
         url = self.api.credentials.server + self.path
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
         try:
@@ -505,8 +511,15 @@ class NodeMonitor:
         ready: JSON = next((c for c in conditions if c.get("type") == "Ready"), {})
         state = str(ready.get("status", "Unknown"))
         if self.ready.get(name, "True") != state or (name not in self.ready and state != "True"):
-            self.changes.append({"node": name, "ready": state, "reason": ready.get("reason"),
-                                 "at_s": round(now - self.started, 1), "scenario": self.scenario})
+            self.changes.append(
+                {
+                    "node": name,
+                    "ready": state,
+                    "reason": ready.get("reason"),
+                    "at_s": round(now - self.started, 1),
+                    "scenario": self.scenario,
+                }
+            )
         self.ready[name] = state
 
     def not_ready_in(self, scenario: str) -> bool:
@@ -552,8 +565,10 @@ class OperatorProcess:
                     source = dict(re.findall(r'(\w+)="([^"]*)"', line)).get("source", "")
                     target[source] = float(line.rsplit(" ", 1)[1])
         return {
-            source: {"count": int(counts[source]),
-                     "mean_ms": round(sums.get(source, 0.0) / counts[source] * 1000, 1) if counts[source] else None}
+            source: {
+                "count": int(counts[source]),
+                "mean_ms": round(sums.get(source, 0.0) / counts[source] * 1000, 1) if counts[source] else None,
+            }
             for source in counts
         }
 
@@ -567,8 +582,10 @@ class OperatorProcess:
 
     def reconciles(self) -> tuple[float, float]:
         """(count, seconds) of Sandbox reconciles so far."""
-        return (self.scalar("sandbox_operator_reconcile_duration_seconds_count"),
-                self.scalar("sandbox_operator_reconcile_duration_seconds_sum"))
+        return (
+            self.scalar("sandbox_operator_reconcile_duration_seconds_count"),
+            self.scalar("sandbox_operator_reconcile_duration_seconds_sum"),
+        )
 
     def log_lines(self, pattern: str) -> int:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -585,20 +602,31 @@ def start_operator(
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{name}.log"
     argv = [
-        sys.executable, "-m", "sandbox_operator", "run",
+        sys.executable,
+        "-m",
+        "sandbox_operator",
+        "run",
         *[arg for ns in namespaces for arg in ("--namespace", ns)],
-        "--kubeconfig", kubeconfig,
-        "--bind-address", "127.0.0.1",
-        "--metrics-port", str(metrics_port),
-        "--liveness-port", str(liveness_port),
+        "--kubeconfig",
+        kubeconfig,
+        "--bind-address",
+        "127.0.0.1",
+        "--metrics-port",
+        str(metrics_port),
+        "--liveness-port",
+        str(liveness_port),
         *extra,
     ]
-    env = {**os.environ, "KUBECONFIG": kubeconfig,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "KUBECONFIG": kubeconfig,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")])),
+    }
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    handle = OperatorProcess(name, process, f"http://127.0.0.1:{metrics_port}/metrics",
-                             f"http://127.0.0.1:{liveness_port}/healthz", log_path)
+    handle = OperatorProcess(
+        name, process, f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{liveness_port}/healthz", log_path
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -802,7 +830,8 @@ async def verify_pool_claims(api: Api, namespace: str, names: set[str]) -> int:
     """Pods of the benchmark's sandboxes carrying the claimed-from-pool annotation (from the API)."""
     pods, _ = await api.list_all(f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": SANDBOX_LABEL})
     return sum(
-        1 for pod in pods
+        1
+        for pod in pods
         if pod["metadata"]["labels"].get(SANDBOX_LABEL) in names
         and CLAIMED_FROM in (pod["metadata"].get("annotations") or {})
     )
@@ -813,10 +842,15 @@ async def pool_run(ctx: Context, operator: OperatorProcess, namespace: str, temp
     pool_path = f"{GROUP_PATH}/namespaces/{namespace}/sandboxpools"
     writes_before = await settle_writes(operator, quiet=0.5)
     started = time.perf_counter()
-    await api.create(pool_path, {
-        "apiVersion": "sandbox.dev/v1alpha1", "kind": "SandboxPool",
-        "metadata": {"name": "warm"}, "spec": {"template": template_name, "size": size},
-    })
+    await api.create(
+        pool_path,
+        {
+            "apiVersion": "sandbox.dev/v1alpha1",
+            "kind": "SandboxPool",
+            "metadata": {"name": "warm"},
+            "spec": {"template": template_name, "size": size},
+        },
+    )
     deadline = time.monotonic() + 60 + size * 0.5
     ready = 0
     while time.monotonic() < deadline:
@@ -951,9 +985,21 @@ def start_profiler(operator: OperatorProcess) -> tuple[subprocess.Popen[bytes], 
         return None
     output = LOG_DIR / f"{operator.name}.collapsed.txt"
     process = subprocess.Popen(
-        [py_spy, "record", "--pid", str(operator.pid), "--format", "raw", "--function", "--rate", "200",
-         "--output", str(output)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(operator.pid),
+            "--format",
+            "raw",
+            "--function",
+            "--rate",
+            "200",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)  # attach before the first POST
     return process, output
@@ -987,7 +1033,8 @@ def stop_profiler(profiler: tuple[subprocess.Popen[bytes], Path]) -> JSON:
         "samples": total,
         "top_own": [(frame, round(100 * n / total, 1)) for frame, n in own.most_common(25)] if total else [],
         "top_cumulative": [(frame, round(100 * n / total, 1)) for frame, n in cumulative.most_common(40)]
-        if total else [],
+        if total
+        else [],
     }
 
 
@@ -1031,9 +1078,7 @@ async def install_crds(api: Api, kubeconfig: str) -> None:
 # --- the run ------------------------------------------------------------------------------------
 
 
-async def run(
-    args: argparse.Namespace, kubeconfig: str, state_dir: Path, operators: list[OperatorProcess]
-) -> JSON:
+async def run(args: argparse.Namespace, kubeconfig: str, state_dir: Path, operators: list[OperatorProcess]) -> JSON:
     credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
     api = Api(credentials)
     nodes = NodeMonitor()
@@ -1060,8 +1105,14 @@ async def run(
         # Group A: idle memory, cold starts (PVC and emptyDir workspace), pool claims; events on.
         if wanted & {"cold", "cold_emptydir", "pool"}:
             log("operator A (normal events on): idle, cold, pool")
-            op_a = await asyncio.to_thread(start_operator, "operator-a-latency", kubeconfig, groups["a"],
-                                           ["--normal-events", "on", *extra], args.operator_path)
+            op_a = await asyncio.to_thread(
+                start_operator,
+                "operator-a-latency",
+                kubeconfig,
+                groups["a"],
+                ["--normal-events", "on", *extra],
+                args.operator_path,
+            )
             operators.append(op_a)
             results["idle"] = await idle_rss(op_a, args.idle_settle)
             log(f"idle RSS {results['idle']['rss_mb']} MB")
@@ -1070,9 +1121,7 @@ async def run(
             if "cold" in wanted:
                 log(f"cold: {args.sandboxes} sandboxes, PVC workspace, concurrency {args.concurrency}")
                 nodes.scenario = "cold"
-                results["cold"] = await latency_run(
-                    ctx, op_a, "bench-cold", "bench-base", args.sandboxes, COLD_STAGES
-                )
+                results["cold"] = await latency_run(ctx, op_a, "bench-cold", "bench-base", args.sandboxes, COLD_STAGES)
                 log(f"cold p50 {results['cold']['latency_from_post_sent'].get('p50_ms')} ms")
             if "cold_emptydir" in wanted:
                 log(f"cold: {args.sandboxes} sandboxes, emptyDir workspace")
@@ -1084,25 +1133,34 @@ async def run(
                 log(f"pool: size {args.pool_size or args.sandboxes}, {args.sandboxes} claims")
                 nodes.scenario = "pool"
                 results["pool"] = await pool_run(ctx, op_a, "bench-pool", "bench-base")
-                log(f"pool p50 {results['pool']['latency_from_post_sent'].get('p50_ms')} ms, "
-                    f"{results['pool']['claimed_from_pool_verified']} claimed")
-            results["operator_a"] = {"time_to_running_histogram": op_a.time_to_running(),
-                                     "rss_mb_end": mb(proc_status(op_a.pid).get("VmRSS", 0)),
-                                     "log_lines": op_a.log_lines(""),
-                                     "warnings_in_log": op_a.log_lines("WARNING")}
+                log(
+                    f"pool p50 {results['pool']['latency_from_post_sent'].get('p50_ms')} ms, "
+                    f"{results['pool']['claimed_from_pool_verified']} claimed"
+                )
+            results["operator_a"] = {
+                "time_to_running_histogram": op_a.time_to_running(),
+                "rss_mb_end": mb(proc_status(op_a.pid).get("VmRSS", 0)),
+                "log_lines": op_a.log_lines(""),
+                "warnings_in_log": op_a.log_lines("WARNING"),
+            }
             op_a.stop()
 
         # Group B: a fresh operator per burst, so its memory is that of `--burst` sandboxes. The
         # emptyDir burst measures the operator (like DESIGN.md §7's reference operator, which made
         # pods only); the PVC burst adds kube-controller-manager's host-path provisioner and binder.
-        bursts = [("burst_emptydir", "bench-burst-emptydir", "bench-ephemeral"),
-                  ("burst", "bench-burst", "bench-base")]
+        bursts = [("burst_emptydir", "bench-burst-emptydir", "bench-ephemeral"), ("burst", "bench-burst", "bench-base")]
         for key, namespace, template_name in bursts:
             if key not in wanted:
                 continue
             log(f"operator for {key}: {args.burst} sandboxes of {template_name} at once")
-            op_b = await asyncio.to_thread(start_operator, f"operator-{namespace}", kubeconfig, [namespace],
-                                           ["--normal-events", "on", *extra], args.operator_path)
+            op_b = await asyncio.to_thread(
+                start_operator,
+                f"operator-{namespace}",
+                kubeconfig,
+                [namespace],
+                ["--normal-events", "on", *extra],
+                args.operator_path,
+            )
             operators.append(op_b)
             idle = await idle_rss(op_b, args.idle_settle)
             nodes.scenario = key
@@ -1116,8 +1174,14 @@ async def run(
         # Group C: API writes (and latency) with Normal events off.
         if "cold_events_off" in wanted:
             log(f"operator C (normal events off): cold, {args.sandboxes} sandboxes")
-            op_c = await asyncio.to_thread(start_operator, "operator-c-events-off", kubeconfig, groups["c"],
-                                           ["--normal-events", "off", *extra], args.operator_path)
+            op_c = await asyncio.to_thread(
+                start_operator,
+                "operator-c-events-off",
+                kubeconfig,
+                groups["c"],
+                ["--normal-events", "off", *extra],
+                args.operator_path,
+            )
             operators.append(op_c)
             nodes.scenario = "cold_events_off"
             results["cold_events_off"] = await latency_run(
@@ -1146,59 +1210,103 @@ def table(results: JSON) -> list[tuple[str, str, str]]:
         if key not in results:
             return
         sent, returned = results[key]["latency_from_post_sent"], results[key]["latency_from_post_returned"]
-        rows.append((f"{label} p50 (from POST sent / returned)",
-                     f"{fmt(sent.get('p50_ms'))} / {fmt(returned.get('p50_ms'))} ms",
-                     f"<= {p50_target} ms" if p50_target else ""))
-        rows.append((f"{label} p99 (from POST sent / returned)",
-                     f"{fmt(sent.get('p99_ms'))} / {fmt(returned.get('p99_ms'))} ms",
-                     f"<= {p99_target} ms" if p99_target else ""))
-        rows.append((f"{label} reached Running", f"{results[key]['reached_running']}/{results[key]['sandboxes']}",
-                     ""))
+        rows.append(
+            (
+                f"{label} p50 (from POST sent / returned)",
+                f"{fmt(sent.get('p50_ms'))} / {fmt(returned.get('p50_ms'))} ms",
+                f"<= {p50_target} ms" if p50_target else "",
+            )
+        )
+        rows.append(
+            (
+                f"{label} p99 (from POST sent / returned)",
+                f"{fmt(sent.get('p99_ms'))} / {fmt(returned.get('p99_ms'))} ms",
+                f"<= {p99_target} ms" if p99_target else "",
+            )
+        )
+        rows.append((f"{label} reached Running", f"{results[key]['reached_running']}/{results[key]['sandboxes']}", ""))
 
     latency("cold, PVC workspace", "cold", TARGETS["cold_p50_ms"], TARGETS["cold_p99_ms"])
     latency("cold, emptyDir workspace", "cold_emptydir", None, None)
     latency("pool claim", "pool", TARGETS["pool_p50_ms"], TARGETS["pool_p99_ms"])
     if "pool" in results:
         pool = results["pool"]
-        rows.append(("pool: claimed from pool (pod annotation)",
-                     f"{pool['claimed_from_pool_verified']}/{pool['sandboxes']}", ""))
+        rows.append(
+            (
+                "pool: claimed from pool (pod annotation)",
+                f"{pool['claimed_from_pool_verified']}/{pool['sandboxes']}",
+                "",
+            )
+        )
         rows.append(("pool: fill time", f"{pool['pool']['fill_s']} s for {pool['pool']['size']}", ""))
     for key, label in (("burst_emptydir", "emptyDir"), ("burst", "PVC")):
         if key not in results:
             continue
         burst = results[key]
-        rows.append((f"burst {burst['sandboxes']} ({label}): all Running",
-                     f"{fmt(burst['all_running_s'], ' s')} ({burst['reached_running']}/{burst['sandboxes']})",
-                     f"<= {TARGETS['burst_all_running_s']} s"))
-        rows.append((f"burst {burst['sandboxes']} ({label}): all POSTed", f"{burst['all_posted_s']} s "
-                     f"({burst['creates_per_s']}/s, {burst['in_flight']} in flight)", ""))
-        rows.append((f"burst {burst['sandboxes']} ({label}): all Creating / 50% / 90% Running",
-                     f"{fmt(burst['all_creating_s'])} / {fmt(burst['running_50pct_s'])} / "
-                     f"{fmt(burst['running_90pct_s'])} s", ""))
-    for key, label in (("cold", "events on, cold"), ("cold_events_off", "events off, cold"),
-                       ("burst_emptydir", "events on, emptyDir burst"), ("burst", "events on, PVC burst"),
-                       ("pool", "events on, pool claim+refill")):
+        rows.append(
+            (
+                f"burst {burst['sandboxes']} ({label}): all Running",
+                f"{fmt(burst['all_running_s'], ' s')} ({burst['reached_running']}/{burst['sandboxes']})",
+                f"<= {TARGETS['burst_all_running_s']} s",
+            )
+        )
+        rows.append(
+            (
+                f"burst {burst['sandboxes']} ({label}): all POSTed",
+                f"{burst['all_posted_s']} s ({burst['creates_per_s']}/s, {burst['in_flight']} in flight)",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"burst {burst['sandboxes']} ({label}): all Creating / 50% / 90% Running",
+                f"{fmt(burst['all_creating_s'])} / {fmt(burst['running_50pct_s'])} / {fmt(burst['running_90pct_s'])} s",
+                "",
+            )
+        )
+    for key, label in (
+        ("cold", "events on, cold"),
+        ("cold_events_off", "events off, cold"),
+        ("burst_emptydir", "events on, emptyDir burst"),
+        ("burst", "events on, PVC burst"),
+        ("pool", "events on, pool claim+refill"),
+    ):
         if key in results:
             writes = results[key]["api_writes"]
-            rows.append((f"API writes per sandbox ({label})", fmt(writes["per_sandbox"]),
-                         f"<= {TARGETS['writes_per_sandbox']}"))
+            rows.append(
+                (f"API writes per sandbox ({label})", fmt(writes["per_sandbox"]), f"<= {TARGETS['writes_per_sandbox']}")
+            )
     if "idle" in results:
         rows.append(("operator RSS idle", f"{results['idle']['rss_mb']} MB", ""))
     for key, label in (("burst_emptydir", "emptyDir"), ("burst", "PVC")):
         if key not in results:
             continue
         burst = results[key]
-        rows.append((f"operator RSS idle -> {burst['sandboxes']} Running ({label} burst)",
-                     f"{burst['idle_rss_mb']} -> {burst['rss_mb_settled']} MB (peak {burst['rss_mb_peak_vmhwm']} MB)",
-                     f"<= {TARGETS['rss_mb']} MB"))
+        rows.append(
+            (
+                f"operator RSS idle -> {burst['sandboxes']} Running ({label} burst)",
+                f"{burst['idle_rss_mb']} -> {burst['rss_mb_settled']} MB (peak {burst['rss_mb_peak_vmhwm']} MB)",
+                f"<= {TARGETS['rss_mb']} MB",
+            )
+        )
         cpu = burst["cpu_s"]
-        rows.append((f"CPU s during the {label} burst (2 cores x {cpu['wall_s']} s)",
-                     f"operator {cpu['operator']}, apiserver {cpu.get('kube-apiserver')}, "
-                     f"other processes {cpu['other_processes']}", ""))
+        rows.append(
+            (
+                f"CPU s during the {label} burst (2 cores x {cpu['wall_s']} s)",
+                f"operator {cpu['operator']}, apiserver {cpu.get('kube-apiserver')}, "
+                f"other processes {cpu['other_processes']}",
+                "",
+            )
+        )
     overloaded = [key for key in SCENARIOS if (results.get(key) or {}).get("node_not_ready_during_run")]
     if overloaded:
-        rows.append(("WARNING: kwok node went NotReady (machine overloaded) in", ", ".join(overloaded),
-                     "figures there are not the operator's"))
+        rows.append(
+            (
+                "WARNING: kwok node went NotReady (machine overloaded) in",
+                ", ".join(overloaded),
+                "figures there are not the operator's",
+            )
+        )
     return rows
 
 
@@ -1227,41 +1335,72 @@ def print_report(results: JSON) -> None:
         if key not in results["scenarios"]:
             continue
         apiserver = results["scenarios"][key]["apiserver"]
-        print(f"\nAPI server, {key}: {apiserver['writes_per_sandbox_all_clients']} writes/sandbox from all clients; "
-              "top requests per sandbox (mean ms): "
-              + ", ".join(f"{r['request']} {r['per_sandbox']} ({r['mean_ms']})" for r in apiserver["requests"][:12]))
+        print(
+            f"\nAPI server, {key}: {apiserver['writes_per_sandbox_all_clients']} writes/sandbox from all clients; "
+            "top requests per sandbox (mean ms): "
+            + ", ".join(f"{r['request']} {r['per_sandbox']} ({r['mean_ms']})" for r in apiserver["requests"][:12])
+        )
     print()
     for key, scenario in results["scenarios"].items():
         if isinstance(scenario, dict) and "cpu_s" in scenario:
             reconciles = scenario["sandbox_reconciles"]
-            print(f"{key}: {reconciles['per_sandbox']} reconciles/sandbox, mean {reconciles['mean_ms']} ms; CPU s "
-                  + ", ".join(f"{k} {v}" for k, v in scenario["cpu_s"].items()))
+            print(
+                f"{key}: {reconciles['per_sandbox']} reconciles/sandbox, mean {reconciles['mean_ms']} ms; CPU s "
+                + ", ".join(f"{k} {v}" for k, v in scenario["cpu_s"].items())
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sandboxes", type=int, default=100, help="sandboxes per latency scenario (cold, pool)")
     parser.add_argument("--burst", type=int, default=1000, help="sandboxes in the burst")
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="sandboxes being created at once in the latency scenarios (1 = one at a time)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="sandboxes being created at once in the latency scenarios (1 = one at a time)",
+    )
     parser.add_argument("--burst-in-flight", type=int, default=48, help="POSTs in flight during the burst")
     parser.add_argument("--pool-size", type=int, default=0, help="SandboxPool size (default: --sandboxes)")
     parser.add_argument("--sandbox-timeout", type=float, default=30.0, help="seconds to wait for one Running")
-    parser.add_argument("--burst-timeout", type=float, default=0.0,
-                        help="seconds to wait for the whole burst (default: max(120, burst/5))")
-    parser.add_argument("--pod-cidr", default="127.213.0.0/16",
-                        help="loopback range kwok gives pod IPs from (apart from the tests' 127.1.0.0/16)")
+    parser.add_argument(
+        "--burst-timeout",
+        type=float,
+        default=0.0,
+        help="seconds to wait for the whole burst (default: max(120, burst/5))",
+    )
+    parser.add_argument(
+        "--pod-cidr",
+        default="127.213.0.0/16",
+        help="loopback range kwok gives pod IPs from (apart from the tests' 127.1.0.0/16)",
+    )
     parser.add_argument("--idle-settle", type=float, default=3.0, help="seconds after start-up before idle RSS")
-    parser.add_argument("--scenarios", type=lambda text: [x for x in text.split(",") if x], default=list(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
-    parser.add_argument("--burst-stages", action="store_true",
-                        help="also watch the burst's pods and PVCs for a stage breakdown (costs benchmark CPU)")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample operator B with py-spy during the burst (skews its figures)")
-    parser.add_argument("--operator-arg", action="append", default=[],
-                        help="extra argument for `sandbox_operator run` (repeatable), e.g. --operator-arg=--workers=32")
-    parser.add_argument("--operator-path", type=Path, default=REPO / "operator",
-                        help="source root the operator runs from (e.g. another worktree's operator/, for A/B runs)")
+    parser.add_argument(
+        "--scenarios",
+        type=lambda text: [x for x in text.split(",") if x],
+        default=list(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--burst-stages",
+        action="store_true",
+        help="also watch the burst's pods and PVCs for a stage breakdown (costs benchmark CPU)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="sample operator B with py-spy during the burst (skews its figures)"
+    )
+    parser.add_argument(
+        "--operator-arg",
+        action="append",
+        default=[],
+        help="extra argument for `sandbox_operator run` (repeatable), e.g. --operator-arg=--workers=32",
+    )
+    parser.add_argument(
+        "--operator-path",
+        type=Path,
+        default=REPO / "operator",
+        help="source root the operator runs from (e.g. another worktree's operator/, for A/B runs)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)

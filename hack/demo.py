@@ -91,20 +91,43 @@ def main() -> int:
         kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
         for crd in ("sandboxes", "sandboxtemplates", "sandboxpools"):
             kubectl("wait", "--for=condition=Established", f"crd/{crd}.sandbox.dev", "--timeout=60s")
-        wait_for("the CRDs to serve", lambda: subprocess.run(
-            ["kubectl", "get", "sandboxtemplates"], capture_output=True, env=env).returncode == 0)
+        wait_for(
+            "the CRDs to serve",
+            lambda: (
+                subprocess.run(["kubectl", "get", "sandboxtemplates"], capture_output=True, env=env).returncode == 0
+            ),
+        )
         kubectl("apply", "-f", str(REPO / "examples" / "sandboxtemplate-base.yaml"))
         kubectl("create", "namespace", NAMESPACE)
 
         step("starting the operator")
         metrics_port, liveness_port = free_port(), free_port()
         log = open(STATE / "operator.log", "wb")  # noqa: SIM115 - the child owns it
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "sandbox_operator", "run", "--kubeconfig", kubeconfig,
-             "--bind-address", "127.0.0.1", "--metrics-port", str(metrics_port),
-             "--liveness-port", str(liveness_port), "--usage-interval", "1", "--usage-status-interval", "2"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        ))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sandbox_operator",
+                    "run",
+                    "--kubeconfig",
+                    kubeconfig,
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--metrics-port",
+                    str(metrics_port),
+                    "--liveness-port",
+                    str(liveness_port),
+                    "--usage-interval",
+                    "1",
+                    "--usage-status-interval",
+                    "2",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        )
         wait_for("the operator's liveness endpoint", lambda: _http_ok(f"http://127.0.0.1:{liveness_port}/healthz"))
         print(f"    metrics: http://127.0.0.1:{metrics_port}/metrics   log: {STATE / 'operator.log'}")
 
@@ -112,16 +135,36 @@ def main() -> int:
         gateway_port = free_port()
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         api_key = new_api_key()
-        kubectl("apply", "-f", "-", input=json.dumps(
-            api_key_secret("demo-key", api_key, keys_namespace=NAMESPACE, grants=NAMESPACE)))
+        kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(api_key_secret("demo-key", api_key, keys_namespace=NAMESPACE, grants=NAMESPACE)),
+        )
         gateway_log = open(STATE / "gateway.log", "wb")  # noqa: SIM115 - the child owns it
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", kubeconfig,
-             "--bind-address", "127.0.0.1", "--port", str(gateway_port), "--metrics-port", "0",
-             "--keys-namespace", NAMESPACE],
-            stdout=gateway_log, stderr=subprocess.STDOUT,
-            env={**env, "SANDBOX_GATEWAY_TOKEN_KEY": os.urandom(24).hex()},
-        ))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sandbox_operator",
+                    "gateway",
+                    "--kubeconfig",
+                    kubeconfig,
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--port",
+                    str(gateway_port),
+                    "--metrics-port",
+                    "0",
+                    "--keys-namespace",
+                    NAMESPACE,
+                ],
+                stdout=gateway_log,
+                stderr=subprocess.STDOUT,
+                env={**env, "SANDBOX_GATEWAY_TOKEN_KEY": os.urandom(24).hex()},
+            )
+        )
         wait_for("the gateway's /health", lambda: _http_ok(f"{gateway_url}/health"))
         print(f"    E2B_API_URL={gateway_url} E2B_SANDBOX_URL={gateway_url} E2B_API_KEY={api_key[:8]}…")
 
@@ -132,11 +175,14 @@ def main() -> int:
         created = time.monotonic()
         sbx = Sandbox.create(template="base", timeout=3600, metadata={"team": "demo"}, **sdk)
         print(f"    sandbox {sbx.sandbox_id} serving after {time.monotonic() - created:.2f}s")
-        name = next(s["metadata"]["name"] for s in json.loads(kubectl("get", "sandboxes", "-n", NAMESPACE,
-                                                                            "-o", "json"))["items"])
+        name = next(
+            s["metadata"]["name"]
+            for s in json.loads(kubectl("get", "sandboxes", "-n", NAMESPACE, "-o", "json"))["items"]
+        )
         status = sandbox(name)["status"]
-        print(f"    Sandbox {NAMESPACE}/{name}: phase={status['phase']} pod={status['podName']} "
-              f"podIP={status['podIP']}")
+        print(
+            f"    Sandbox {NAMESPACE}/{name}: phase={status['phase']} pod={status['podName']} podIP={status['podIP']}"
+        )
         print("    " + kubectl("get", "sandbox,pod,pvc,service,networkpolicy", "-n", NAMESPACE).replace("\n", "\n    "))
 
         step("real work in the sandbox, through the gateway to the agent on the pod IP")
@@ -149,16 +195,18 @@ def main() -> int:
         print(f"    files: {sbx.files.read('notes/hello.txt').strip()!r}")
         identity = sbx.commands.run("id && pwd")
         print(f"    inside the container: {identity.stdout.strip().replace(chr(10), '  |  ')}")
-        refused = sbx.commands.run("touch /usr/demo 2>&1; echo \"(exit $?)\"", timeout=30)
+        refused = sbx.commands.run('touch /usr/demo 2>&1; echo "(exit $?)"', timeout=30)
         print(f"    write to /usr: {refused.stdout.strip()!r}")
-        bomb = sbx.run_code("hog = []\nwhile True:\n    hog.append(b\"x\" * (64 * 1024 * 1024))", timeout=120)
+        bomb = sbx.run_code('hog = []\nwhile True:\n    hog.append(b"x" * (64 * 1024 * 1024))', timeout=120)
         cause = bomb.error.value if bomb.error else "no error?"
         print(f"    memory bomb in run_code: {bomb.error.name if bomb.error else ''}: {cause}")
         after = sbx.run_code("1 + 1")
         print(f"    the next run_code, on a fresh kernel: {after.text}")
         info = sbx.get_info()
-        print(f"    get_info: state={info.state.value} cpu={info.cpu_count} memoryMB={info.memory_mb} "
-              f"ends {info.end_at:%H:%M:%S}")
+        print(
+            f"    get_info: state={info.state.value} cpu={info.cpu_count} memoryMB={info.memory_mb} "
+            f"ends {info.end_at:%H:%M:%S}"
+        )
 
         step("the operator's metrics for this sandbox")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -170,22 +218,42 @@ def main() -> int:
 
         wait_for("the code executions in the operator's metrics", counted)
         for line in _get(metrics_url).splitlines():
-            if line.startswith(("sandbox_up{", "sandbox_memory_used_bytes{", "sandbox_executions_total{",
-                                'sandbox_operator_sandboxes{')):
+            if line.startswith(
+                (
+                    "sandbox_up{",
+                    "sandbox_memory_used_bytes{",
+                    "sandbox_executions_total{",
+                    "sandbox_operator_sandboxes{",
+                )
+            ):
                 print(f"    {line}")
 
         step("pause (→ Suspended: pod deleted, workspace kept) and connect (→ Running on the same workspace)")
         sbx.pause()
         print(f"    paused: phase={sandbox(name)['status']['phase']}")
         resumed = Sandbox.connect(sbx.sandbox_id, **sdk)
-        print(f"    resumed: phase={sandbox(name)['status']['phase']}; "
-              f"notes/hello.txt = {resumed.files.read('notes/hello.txt').strip()!r}")
+        print(
+            f"    resumed: phase={sandbox(name)['status']['phase']}; "
+            f"notes/hello.txt = {resumed.files.read('notes/hello.txt').strip()!r}"
+        )
 
         step("kill: the Sandbox and every child are removed")
         print(f"    kill() -> {resumed.kill()}")
-        wait_for("the sandbox's children to go", lambda: not kubectl(
-            "get", "pod,pvc,service,networkpolicy", "-n", NAMESPACE, "-l", f"sandbox.dev/sandbox={name}",
-            "-o", "name").strip())
+        wait_for(
+            "the sandbox's children to go",
+            lambda: (
+                not kubectl(
+                    "get",
+                    "pod,pvc,service,networkpolicy",
+                    "-n",
+                    NAMESPACE,
+                    "-l",
+                    f"sandbox.dev/sandbox={name}",
+                    "-o",
+                    "name",
+                ).strip()
+            ),
+        )
         print("    " + (kubectl("get", "sandbox,pod,pvc", "-n", NAMESPACE).strip() or "nothing left"))
         step("done")
         return 0
@@ -197,16 +265,22 @@ def main() -> int:
             subprocess.run([str(REPO / "hack" / "cluster"), "down", "--state-dir", str(STATE)], check=False)
             print("    after hack/cluster down: " + _leftovers())
         elif cluster_up:
-            print(f"cluster kept: export KUBECONFIG={STATE / 'kubeconfig'}; "
-                  f"stop with hack/cluster down --state-dir {STATE}")
+            print(
+                f"cluster kept: export KUBECONFIG={STATE / 'kubeconfig'}; "
+                f"stop with hack/cluster down --state-dir {STATE}"
+            )
 
 
 def _leftovers() -> str:
     """What a container node could leave behind: containers, mounts, cgroups."""
-    containers = subprocess.run(["crun", "--root", str(STATE / "node" / "crun"), "list", "-q"],
-                                capture_output=True, text=True).stdout.split()
-    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-              if str(STATE) in line.split()[4]]
+    containers = subprocess.run(
+        ["crun", "--root", str(STATE / "node" / "crun"), "list", "-q"], capture_output=True, text=True
+    ).stdout.split()
+    mounts = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if str(STATE) in line.split()[4]
+    ]
     cgroups = list(Path("/sys/fs/cgroup/memory").glob("**/sandbox-node-*"))
     return f"containers={len(containers)} mounts={len(mounts)} cgroups={len(cgroups)}"
 

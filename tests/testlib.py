@@ -178,13 +178,23 @@ def start_operator(
     metrics_port, liveness_port = free_port(), free_port()
     scope = [arg for ns in namespaces for arg in ("--namespace", ns)] or ["--all-namespaces"]
     argv = [
-        sys.executable, "-m", "sandbox_operator", "run", *scope,
-        "--kubeconfig", cluster.kubeconfig,
-        "--bind-address", "127.0.0.1",
-        "--metrics-port", str(metrics_port),
-        "--liveness-port", str(liveness_port),
-        "--gateway-namespace", "sandbox-system",
-        "--log-level", "DEBUG" if os.environ.get("SANDBOX_TEST_DEBUG") else "INFO",
+        sys.executable,
+        "-m",
+        "sandbox_operator",
+        "run",
+        *scope,
+        "--kubeconfig",
+        cluster.kubeconfig,
+        "--bind-address",
+        "127.0.0.1",
+        "--metrics-port",
+        str(metrics_port),
+        "--liveness-port",
+        str(liveness_port),
+        "--gateway-namespace",
+        "sandbox-system",
+        "--log-level",
+        "DEBUG" if os.environ.get("SANDBOX_TEST_DEBUG") else "INFO",
         *extra_args,
     ]
     log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed with the fixture
@@ -204,8 +214,6 @@ def start_operator(
 
     wait_until(ready, timeout=60, message="operator liveness endpoint")
     return handle
-
-
 
 
 @contextlib.contextmanager
@@ -257,7 +265,9 @@ def session_operator(cluster: Cluster, log_path: Path) -> Iterator[OperatorProce
     """One operator watching the namespaces of tests that ask for it (op-*)."""
     # Fast usage collection so metric tests see agents' numbers within a second.
     handle = start_operator(
-        cluster, log_path, "op-*",
+        cluster,
+        log_path,
+        "op-*",
         extra_args=("--usage-interval", "0.5", "--usage-status-interval", "1", "--metric-metadata-key", "team"),
     )
     try:
@@ -266,7 +276,6 @@ def session_operator(cluster: Cluster, log_path: Path) -> Iterator[OperatorProce
         code = handle.kill(signal.SIGTERM)
         if code not in (0, -signal.SIGTERM):
             print(f"operator exited with {code}:\n{handle.log_tail()}")
-
 
 
 AGENT_FINALIZER = "test.sandbox.dev/agent"
@@ -359,10 +368,22 @@ class PodAgents:
         workdir.mkdir(parents=True, exist_ok=True)
         log = open(workdir / "agent.log", "ab")  # noqa: SIM115 - owned by the child process
         process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox_operator.agent", "--host", ip, "--envd-port", "49983",
-             "--interpreter-port", "49999" if self.interpreter else "0", "--workdir", str(workdir),
-             "--no-prewarm-kernel"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "sandbox_operator.agent",
+                "--host",
+                ip,
+                "--envd-port",
+                "49983",
+                "--interpreter-port",
+                "49999" if self.interpreter else "0",
+                "--workdir",
+                str(workdir),
+                "--no-prewarm-kernel",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             # The container's env, as the kubelet would set it (the sandbox's spec.env among it),
             # except the workspace path, which is a directory of this test here.
             env={**os.environ, **{k: v for k, v in env.items() if k != "SANDBOX_WORKDIR"}},
@@ -394,8 +415,9 @@ def request_json(
     """An HTTP call with a JSON body; the status and the decoded JSON answer (None when empty),
     for error statuses too."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
@@ -457,13 +479,21 @@ class PhaseWatch:
     """
 
     def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
-        version = cluster.kubectl("get", "sandboxes", "-n", namespace, "-o",
-                                  "jsonpath={.metadata.resourceVersion}").stdout.strip()
-        path = (f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/sandboxes?watch=1"
-                f"&resourceVersion={version}&fieldSelector=metadata.name%3D{name}&timeoutSeconds=120")
+        version = cluster.kubectl(
+            "get", "sandboxes", "-n", namespace, "-o", "jsonpath={.metadata.resourceVersion}"
+        ).stdout.strip()
+        path = (
+            f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/sandboxes?watch=1"
+            f"&resourceVersion={version}&fieldSelector=metadata.name%3D{name}&timeoutSeconds=120"
+        )
         self.phases: list[str | None] = []
-        self._process = subprocess.Popen([kubectl_binary(), "get", "--raw", path], stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, text=True, env=cluster.env())
+        self._process = subprocess.Popen(
+            [kubectl_binary(), "get", "--raw", path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=cluster.env(),
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

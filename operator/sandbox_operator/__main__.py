@@ -15,8 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the operator")
     scope = run.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[], dest="namespaces",
-                       help="watch only this namespace (repeatable; globs allowed); default: all namespaces")
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="watch only this namespace (repeatable; globs allowed); default: all namespaces",
+    )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces (default)")
     run.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster, else KUBECONFIG)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -25,33 +31,62 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--liveness-port", type=int, default=8080, help="liveness /healthz port (0 = off)")
     run.add_argument("--workers", type=int, default=16, help="concurrent reconciles")
     run.add_argument("--max-in-flight", type=int, default=64, help="concurrent API requests")
-    run.add_argument("--gateway-namespace", default="sandbox-system",
-                     help="namespace of the gateway pods allowed into sandboxes by NetworkPolicy")
-    run.add_argument("--normal-events", choices=["on", "off"], default="on",
-                     help="post Normal-type Events on transitions (Warnings are always posted)")
-    run.add_argument("--usage-interval", type=float, default=15.0,
-                     help="seconds between usage scrapes of each running sandbox's agent (0 = off)")
+    run.add_argument(
+        "--gateway-namespace",
+        default="sandbox-system",
+        help="namespace of the gateway pods allowed into sandboxes by NetworkPolicy",
+    )
+    run.add_argument(
+        "--normal-events",
+        choices=["on", "off"],
+        default="on",
+        help="post Normal-type Events on transitions (Warnings are always posted)",
+    )
+    run.add_argument(
+        "--usage-interval",
+        type=float,
+        default=15.0,
+        help="seconds between usage scrapes of each running sandbox's agent (0 = off)",
+    )
     run.add_argument("--usage-concurrency", type=int, default=32, help="agent scrapes in flight at once")
-    run.add_argument("--usage-status-interval", type=float, default=60.0,
-                     help="minimum seconds between status.usage writes per sandbox")
+    run.add_argument(
+        "--usage-status-interval",
+        type=float,
+        default=60.0,
+        help="minimum seconds between status.usage writes per sandbox",
+    )
     run.add_argument("--agent-port", type=int, default=49983, help="the agent's envd port in sandbox pods")
-    run.add_argument("--metric-metadata-key", action="append", default=[], dest="metric_metadata_keys",
-                     help="a spec.metadata key exported as a metric label (repeatable; keep the set small)")
+    run.add_argument(
+        "--metric-metadata-key",
+        action="append",
+        default=[],
+        dest="metric_metadata_keys",
+        help="a spec.metadata key exported as a metric label (repeatable; keep the set small)",
+    )
     gateway = sub.add_parser("gateway", help="serve the E2B control-plane API and the sandbox data-plane proxy")
     gateway.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster, else KUBECONFIG)")
     gateway.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     gateway.add_argument("--bind-address", default="0.0.0.0", help="address of the API/proxy and metrics ports")
     gateway.add_argument("--port", type=int, default=3000, help="E2B API and data-plane proxy port")
     gateway.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
-    gateway.add_argument("--keys-namespace", default="sandbox-system",
-                         help="namespace of the API key Secrets (label sandbox.dev/api-key=true)")
-    gateway.add_argument("--domain", default=None,
-                         help="sandbox domain returned to SDKs ({port}-{id}.<domain> routes here); unset: clients "
-                              "use E2B_SANDBOX_URL")
-    gateway.add_argument("--token-key-file", default=None,
-                         help="file with the key sandbox access tokens derive from (else $SANDBOX_GATEWAY_TOKEN_KEY)")
-    gateway.add_argument("--create-timeout", type=float, default=120.0,
-                         help="seconds a create or resume waits for the sandbox to serve")
+    gateway.add_argument(
+        "--keys-namespace",
+        default="sandbox-system",
+        help="namespace of the API key Secrets (label sandbox.dev/api-key=true)",
+    )
+    gateway.add_argument(
+        "--domain",
+        default=None,
+        help="sandbox domain returned to SDKs ({port}-{id}.<domain> routes here); unset: clients use E2B_SANDBOX_URL",
+    )
+    gateway.add_argument(
+        "--token-key-file",
+        default=None,
+        help="file with the key sandbox access tokens derive from (else $SANDBOX_GATEWAY_TOKEN_KEY)",
+    )
+    gateway.add_argument(
+        "--create-timeout", type=float, default=120.0, help="seconds a create or resume waits for the sandbox to serve"
+    )
     key = sub.add_parser("api-key", help="print a new gateway API key as a Secret manifest (kubectl apply -f -)")
     key.add_argument("--grants", required=True, help="the namespace whose sandboxes the key may use")
     key.add_argument("--keys-namespace", default="sandbox-system", help="the gateway's namespace (--keys-namespace)")
@@ -98,17 +133,26 @@ def main(argv: list[str] | None = None) -> None:
 
         api_key = new_api_key()
         name = args.name or f"api-key-{args.grants}-{secrets.token_hex(3)}"[:63]
-        print(json.dumps(api_key_secret(name, api_key, keys_namespace=args.keys_namespace, grants=args.grants),
-                         indent=2))
+        print(
+            json.dumps(api_key_secret(name, api_key, keys_namespace=args.keys_namespace, grants=args.grants), indent=2)
+        )
         print(f"E2B_API_KEY={api_key}", file=sys.stderr)
         return
     if args.command == "gateway":
         from sandbox_operator.gateway.main import run_gateway
 
-        sys.exit(run_gateway(kubeconfig=args.kubeconfig, host=args.bind_address, port=args.port,
-                             metrics_port=args.metrics_port, keys_namespace=args.keys_namespace,
-                             domain=args.domain, token_key_file=args.token_key_file,
-                             create_timeout=args.create_timeout))
+        sys.exit(
+            run_gateway(
+                kubeconfig=args.kubeconfig,
+                host=args.bind_address,
+                port=args.port,
+                metrics_port=args.metrics_port,
+                keys_namespace=args.keys_namespace,
+                domain=args.domain,
+                token_key_file=args.token_key_file,
+                create_timeout=args.create_timeout,
+            )
+        )
 
 
 if __name__ == "__main__":

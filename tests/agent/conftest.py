@@ -18,9 +18,7 @@ from agentlib import (
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """The main agent: access token set, default Python kernel pre-warmed (kernel start is slow)."""
-    process = start_agent(
-        tmp_path_factory.mktemp("agent"), token=ACCESS_TOKEN, extra_args=("--prewarm-kernel",)
-    )
+    process = start_agent(tmp_path_factory.mktemp("agent"), token=ACCESS_TOKEN, extra_args=("--prewarm-kernel",))
     yield process
     stop_agent(process)
 

@@ -141,9 +141,7 @@ def test_signed_download_and_upload_urls(sandbox: Any, agent: Any) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(local.replace("signed.txt", "other.txt"))
     assert refused.value.code == 401
-    upload = sandbox.upload_url("uploaded.txt").replace(
-        "https://49983-agenttestsandbox.e2b.app", agent.envd_url
-    )
+    upload = sandbox.upload_url("uploaded.txt").replace("https://49983-agenttestsandbox.e2b.app", agent.envd_url)
     request = urllib.request.Request(
         upload, data=b"via url", method="POST", headers={"Content-Type": "application/octet-stream"}
     )

@@ -153,9 +153,7 @@ def test_metrics_require_the_token(agent: Any) -> None:
 
 def test_init_sets_env_vars_visible_to_commands_and_envs(sandbox: Any, agent: Any) -> None:
     body = json.dumps({"envVars": {"FROM_INIT": "init-value"}}).encode()
-    status, _, _ = agent.request(
-        "POST", "/init", body=body, headers={**AUTH, "Content-Type": "application/json"}
-    )
+    status, _, _ = agent.request("POST", "/init", body=body, headers={**AUTH, "Content-Type": "application/json"})
     assert status == 204
     assert json.loads(agent.request("GET", "/envs", headers=AUTH)[2])["FROM_INIT"] == "init-value"
     assert sandbox.commands.run("echo $FROM_INIT").stdout == "init-value\n"

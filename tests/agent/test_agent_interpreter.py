@@ -48,9 +48,7 @@ def test_matplotlib_chart_comes_back_as_png(code_sandbox: Any) -> None:
 
 
 def test_html_result_from_display(code_sandbox: Any) -> None:
-    execution = code_sandbox.run_code(
-        "from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))"
-    )
+    execution = code_sandbox.run_code("from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))")
     assert [result.html for result in execution.results] == ["<b>bold</b>"]
     assert execution.results[0].is_main_result is False
 

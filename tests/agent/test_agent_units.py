@@ -92,9 +92,7 @@ def test_end_stream_carries_the_error_code_and_message() -> None:
     }
 
 
-@given(
-    st.lists(st.dictionaries(st.text(max_size=5), st.integers(), max_size=3), max_size=5), st.integers(1, 9)
-)
+@given(st.lists(st.dictionaries(st.text(max_size=5), st.integers(), max_size=3), max_size=5), st.integers(1, 9))
 def test_decoder_reassembles_envelopes_split_anywhere(messages: list[dict[str, int]], step: int) -> None:
     stream = b"".join(encode_message_envelope(message) for message in messages)
     decoder = EnvelopeDecoder(max_length=1 << 20)
@@ -170,9 +168,7 @@ def test_timestamps_are_rfc3339_utc_with_minimal_fraction() -> None:
 def test_end_event_matches_go_process_state_wording() -> None:
     assert end_event(0, None) == {"end": {"exited": True, "status": "exit status 0"}}
     assert end_event(3, None) == {"end": {"exitCode": 3, "exited": True, "status": "exit status 3"}}
-    assert end_event(-9, "timed out") == {
-        "end": {"exitCode": -1, "status": "signal: killed", "error": "timed out"}
-    }
+    assert end_event(-9, "timed out") == {"end": {"exitCode": -1, "status": "signal: killed", "error": "timed out"}}
 
 
 def test_an_oom_killed_command_ends_with_137_and_says_why() -> None:
@@ -218,9 +214,7 @@ def test_gzip_negotiation() -> None:
 
 
 @given(st.lists(st.binary(max_size=50), max_size=20), st.integers(1, 200))
-def test_output_limiter_never_exceeds_the_limit_and_marks_truncation_once(
-    chunks: list[bytes], limit: int
-) -> None:
+def test_output_limiter_never_exceeds_the_limit_and_marks_truncation_once(chunks: list[bytes], limit: int) -> None:
     limiter = OutputLimiter(limit)
     kept = b""
     markers = 0
@@ -269,10 +263,7 @@ def test_concurrency_limit_and_statistics() -> None:
 
 def test_proc_and_cgroup_parsers() -> None:
     assert parse_meminfo("MemTotal:  2048 kB\nCached: 1 kB\n") == {"MemTotal": 2048 * 1024, "Cached": 1024}
-    net = (
-        "Inter-|\n face |\n    lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n"
-        "  eth0: 500 5 0 0 0 0 0 0 700 7 0 0 0 0 0 0\n"
-    )
+    net = "Inter-|\n face |\n    lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n  eth0: 500 5 0 0 0 0 0 0 700 7 0 0 0 0 0 0\n"
     assert parse_net_dev(net) == (500, 700)
     assert parse_cpu_max("200000 100000") == 2.0
     assert parse_cpu_max("max 100000") is None
@@ -298,10 +289,7 @@ def test_prometheus_exposition_has_the_contract_metrics() -> None:
     ):
         assert f"\n{name}{{" in text or text.startswith(f"{name}{{") or f"# TYPE {name} " in text
     assert 'sandbox_agent_executions_total{kind="command",sandbox_id="sbx1"} 1' in text
-    assert (
-        'sandbox_agent_execution_duration_seconds_bucket{kind="command",le="0.005",sandbox_id="sbx1"} 1'
-        in text
-    )
+    assert 'sandbox_agent_execution_duration_seconds_bucket{kind="command",le="0.005",sandbox_id="sbx1"} 1' in text
     assert 'sandbox_agent_execution_duration_seconds_count{kind="command",sandbox_id="sbx1"} 1' in text
 
 

@@ -84,10 +84,27 @@ def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytes
     log = workdir / "gateway.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", cluster.kubeconfig,
-             "--bind-address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-             "--keys-namespace", namespace, "--create-timeout", "60"],
-            stdout=out, stderr=subprocess.STDOUT, env={**cluster.env(), "SANDBOX_GATEWAY_TOKEN_KEY": "k" * 32},
+            [
+                sys.executable,
+                "-m",
+                "sandbox_operator",
+                "gateway",
+                "--kubeconfig",
+                cluster.kubeconfig,
+                "--bind-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--keys-namespace",
+                namespace,
+                "--create-timeout",
+                "60",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**cluster.env(), "SANDBOX_GATEWAY_TOKEN_KEY": "k" * 32},
         )
     handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, other_key, process, log)
 

@@ -18,8 +18,9 @@ from testlib import (
 )
 
 
-def request(gw: Gateway, method: str, path: str, body: object = None,
-            headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def request(
+    gw: Gateway, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     return request_json(method, gw.url + path, body, headers)
 
 
@@ -28,11 +29,13 @@ def sandboxes_in(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
 
 
 def test_sdk_lifecycle_through_the_gateway(cluster: Cluster, gateway: Gateway) -> None:
-    sbx = Sandbox.create(template="base", timeout=120, metadata={"team": "gw"}, envs={"GREETING": "hi"},
-                         **gateway.sdk())
+    sbx = Sandbox.create(
+        template="base", timeout=120, metadata={"team": "gw"}, envs={"GREETING": "hi"}, **gateway.sdk()
+    )
     try:
-        (body,) = [s for s in sandboxes_in(cluster, gateway.namespace)
-                   if s["status"].get("sandboxID") == sbx.sandbox_id]
+        (body,) = [
+            s for s in sandboxes_in(cluster, gateway.namespace) if s["status"].get("sandboxID") == sbx.sandbox_id
+        ]
         assert body["spec"]["timeouts"]["maxLifetime"] == "120s"
         run = sbx.commands.run("echo $GREETING from $(pwd)")
         assert run.exit_code == 0 and run.stdout.startswith("hi from ")
@@ -92,8 +95,13 @@ def test_keys_and_tokens_are_enforced(cluster: Cluster, gateway: Gateway) -> Non
         assert status == 401 and "access token" in body["message"]
         status, _ = request(gateway, "GET", "/health", headers=route)
         assert status == 204  # open, as the SDK probes it without a token
-        status, body = request(gateway, "POST", "/init", {"accessToken": "x"},
-                               headers={**route, "X-Access-Token": sbx._envd_access_token or ""})
+        status, body = request(
+            gateway,
+            "POST",
+            "/init",
+            {"accessToken": "x"},
+            headers={**route, "X-Access-Token": sbx._envd_access_token or ""},
+        )
         assert status == 403  # orchestrator-only endpoints never pass
         status, body = request(gateway, "GET", "/health", headers={**route, "E2b-Sandbox-Id": "nosuchsandbox"})
         assert status == 502 and "was not found" in body["message"]
@@ -110,8 +118,7 @@ def test_bad_requests_are_refused_and_leave_nothing(cluster: Cluster, gateway: G
     assert status == 400 and "timeout" in body["message"]
     status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True}, headers)
     assert status == 400 and "autoPause" in body["message"]
-    status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base",
-                                                              "envVars": {"1BAD": "x"}}, headers)
+    status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "envVars": {"1BAD": "x"}}, headers)
     assert status == 400 and "env" in body["message"]  # refused by the CRD's own rule
     status, body = request(gateway, "GET", "/v2/sandboxes?state=sleeping", headers=headers)
     assert status == 400 and "state" in body["message"]
@@ -137,8 +144,9 @@ def test_session_api_over_plain_http(cluster: Cluster, gateway: Gateway) -> None
         status, failed = request(gateway, "POST", f"{base}/code", {"code": "1/0"}, headers)
         assert status == 200 and failed["error"]["name"] == "ZeroDivisionError"
 
-        put = urllib.request.Request(f"{gateway.url}{base}/files?path=data/in.txt", data=b"payload\n", method="PUT",
-                                     headers=headers)
+        put = urllib.request.Request(
+            f"{gateway.url}{base}/files?path=data/in.txt", data=b"payload\n", method="PUT", headers=headers
+        )
         with urllib.request.urlopen(put, timeout=30) as response:
             assert response.status == 200
         get = urllib.request.Request(f"{gateway.url}{base}/files?path=data/in.txt", headers=headers)
@@ -154,14 +162,18 @@ def test_session_api_over_plain_http(cluster: Cluster, gateway: Gateway) -> None
     assert request(gateway, "DELETE", base, headers=headers)[0] == 404
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "message"), [
-    ("PUT", "/api/v1/session/Bad_Id/sandbox", {}, 400, "session id"),
-    ("PUT", "/api/v1/session/ok/sandbox", {"template": "nope"}, 400, "template 'nope' not found"),
-    ("PUT", "/api/v1/session/ok/sandbox", {"timeout": "long"}, 400, "timeout"),
-    ("POST", "/api/v1/session/ok/sandbox/commands", {"cmd": ""}, 404, "PUT it first"),
-])
-def test_session_api_refuses_bad_input(cluster: Cluster, gateway: Gateway, method: str, path: str,
-                                       body: dict[str, Any], status: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("PUT", "/api/v1/session/Bad_Id/sandbox", {}, 400, "session id"),
+        ("PUT", "/api/v1/session/ok/sandbox", {"template": "nope"}, 400, "template 'nope' not found"),
+        ("PUT", "/api/v1/session/ok/sandbox", {"timeout": "long"}, 400, "timeout"),
+        ("POST", "/api/v1/session/ok/sandbox/commands", {"cmd": ""}, 404, "PUT it first"),
+    ],
+)
+def test_session_api_refuses_bad_input(
+    cluster: Cluster, gateway: Gateway, method: str, path: str, body: dict[str, Any], status: int, message: str
+) -> None:
     before = len(sandboxes_in(cluster, gateway.namespace))
     got, answer = request(gateway, method, path, body, {"X-API-KEY": gateway.api_key})
     assert got == status and message in answer["message"]

@@ -49,8 +49,12 @@ def test_phase_counts_and_lifecycle_series_match_the_cluster(
         return Counter(str((s.get("status") or {}).get("phase")) for s in listing.get("items", []))
 
     def exported_phases() -> Counter[str]:
-        return Counter({s.labels["phase"]: int(s.value)
-                        for s in operator.samples("sandbox_operator_sandboxes", namespace=namespace)})
+        return Counter(
+            {
+                s.labels["phase"]: int(s.value)
+                for s in operator.samples("sandbox_operator_sandboxes", namespace=namespace)
+            }
+        )
 
     wait_until(lambda: exported_phases() == cluster_phases(), timeout=30, message="exported phases == cluster")
     assert exported_phases() == Counter({"Running": 2, "Suspended": 1})
@@ -66,11 +70,16 @@ def test_phase_counts_and_lifecycle_series_match_the_cluster(
     assert operator.value("sandbox_operator_build_info", version="0.1.0") == 1.0
 
 
-def test_usage_comes_from_the_agent_and_moves(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    cluster.apply(json.dumps({**json.loads(sandbox_manifest("u1")), "spec": {
-        "template": "it-base", "metadata": {"team": "search", "owner": "not-exported"}}}), namespace)
+def test_usage_comes_from_the_agent_and_moves(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    cluster.apply(
+        json.dumps(
+            {
+                **json.loads(sandbox_manifest("u1")),
+                "spec": {"template": "it-base", "metadata": {"team": "search", "owner": "not-exported"}},
+            }
+        ),
+        namespace,
+    )
     body = wait_phase(cluster, namespace, "u1", "Running")
     ip = body["status"]["podIP"]
     labels = {"namespace": namespace, "sandbox": "u1"}
@@ -89,54 +98,80 @@ def test_usage_comes_from_the_agent_and_moves(
     http_json(f"http://{ip}:49983/execute", {"code": code}, timeout=120)
     wait_until(
         lambda: (operator.value("sandbox_memory_used_bytes", **labels) or 0) > memory_before + 100 * 1024**2,
-        timeout=30, message="memory usage to rise by the 120 MiB the sandbox holds",
+        timeout=30,
+        message="memory usage to rise by the 120 MiB the sandbox holds",
     )
     wait_until(
         lambda: (operator.value("sandbox_cpu_seconds_total", **labels) or 0) >= cpu_before + 1.0,
-        timeout=30, message="cpu seconds to rise by the 1.5 s the sandbox burned",
+        timeout=30,
+        message="cpu seconds to rise by the 1.5 s the sandbox burned",
     )
-    wait_until(lambda: (operator.value("sandbox_executions_total", kind="code", **labels) or 0) >= 1,
-               timeout=30, message="an execution counted")
+    wait_until(
+        lambda: (operator.value("sandbox_executions_total", kind="code", **labels) or 0) >= 1,
+        timeout=30,
+        message="an execution counted",
+    )
     # The snapshot and the agent's activity reach the Sandbox status (the idle timeout reads it).
     status = wait_until(
-        lambda: (s := (cluster.get_json("sandbox", "u1", "-n", namespace) or {}).get("status", {}))
-        .get("usage", {}).get("memoryBytes", 0) > memory_before + 100 * 1024**2 and s,
-        timeout=30, message="status.usage with the new memory figure",
+        lambda: (
+            (s := (cluster.get_json("sandbox", "u1", "-n", namespace) or {}).get("status", {}))
+            .get("usage", {})
+            .get("memoryBytes", 0)
+            > memory_before + 100 * 1024**2
+            and s
+        ),
+        timeout=30,
+        message="status.usage with the new memory figure",
     )
     assert status["lastActivityAt"] >= status["startedAt"]
 
 
-def test_deleted_sandbox_series_disappear(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
+def test_deleted_sandbox_series_disappear(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
     cluster.apply(sandbox_manifest("gone"), namespace)
     wait_phase(cluster, namespace, "gone", "Running")
     labels = {"namespace": namespace, "sandbox": "gone"}
     wait_until(lambda: operator.value("sandbox_up", **labels) == 1.0, timeout=60, message="sandbox_up 1")
     cluster.kubectl("delete", "sandbox", "gone", "-n", namespace)
     wait_until(
-        lambda: not any(s.labels.get("sandbox") == "gone" and s.labels.get("namespace") == namespace
-                        for f in text_string_to_metric_families(operator.metrics_text()) for s in f.samples),
-        timeout=30, message="every series of the deleted sandbox gone",
+        lambda: (
+            not any(
+                s.labels.get("sandbox") == "gone" and s.labels.get("namespace") == namespace
+                for f in text_string_to_metric_families(operator.metrics_text())
+                for s in f.samples
+            )
+        ),
+        timeout=30,
+        message="every series of the deleted sandbox gone",
     )
 
 
 def test_changed_metadata_relabels_the_series_without_leaving_the_old_ones(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
-    cluster.apply(json.dumps({**json.loads(sandbox_manifest("relabel")), "spec": {
-        "template": "it-base", "metadata": {"team": "search"}}}), namespace)
+    cluster.apply(
+        json.dumps(
+            {**json.loads(sandbox_manifest("relabel")), "spec": {"template": "it-base", "metadata": {"team": "search"}}}
+        ),
+        namespace,
+    )
     wait_phase(cluster, namespace, "relabel", "Running")
     labels = {"namespace": namespace, "sandbox": "relabel"}
-    wait_until(lambda: operator.value("sandbox_up", metadata_team="search", **labels) == 1.0,
-               timeout=60, message="sandbox_up 1 labelled team=search")
-    cluster.kubectl("patch", "sandbox", "relabel", "-n", namespace, "--type=merge",
-                    "-p", '{"spec":{"metadata":{"team":"ads"}}}')
+    wait_until(
+        lambda: operator.value("sandbox_up", metadata_team="search", **labels) == 1.0,
+        timeout=60,
+        message="sandbox_up 1 labelled team=search",
+    )
+    cluster.kubectl(
+        "patch", "sandbox", "relabel", "-n", namespace, "--type=merge", "-p", '{"spec":{"metadata":{"team":"ads"}}}'
+    )
 
     def teams() -> set[str]:
-        return {s.labels.get("metadata_team", "")
-                for f in text_string_to_metric_families(operator.metrics_text()) for s in f.samples
-                if s.labels.get("namespace") == namespace and s.labels.get("sandbox") == "relabel"}
+        return {
+            s.labels.get("metadata_team", "")
+            for f in text_string_to_metric_families(operator.metrics_text())
+            for s in f.samples
+            if s.labels.get("namespace") == namespace and s.labels.get("sandbox") == "relabel"
+        }
 
     # Every series of the sandbox moves to the new label value; none stays behind with the old one.
     wait_until(lambda: teams() == {"ads"}, timeout=30, message="only team=ads series for the sandbox")
@@ -146,14 +181,18 @@ def test_changed_metadata_relabels_the_series_without_leaving_the_old_ones(
 # -- the collector on its own: fake agents on loopback, no cluster -------------------------------------
 
 AGENT_TEXT = "sandbox_agent_cpu_seconds_total 1.5\nsandbox_agent_memory_used_bytes 1024\n"
-TEMPLATE: dict[str, Any] = {"metadata": {"name": "t", "resourceVersion": "1"},
-            "spec": {"image": "x", "resources": {"default": {"cpu": "250m", "memory": "256Mi", "disk": "1Gi"}}}}
+TEMPLATE: dict[str, Any] = {
+    "metadata": {"name": "t", "resourceVersion": "1"},
+    "spec": {"image": "x", "resources": {"default": {"cpu": "250m", "memory": "256Mi", "disk": "1Gi"}}},
+}
 
 
 def sandbox_body(name: str, ip: str, version: int = 1, team: str = "search") -> dict[str, Any]:
-    return {"metadata": {"namespace": "ns", "name": name, "resourceVersion": str(version)},
-            "spec": {"template": "t", "metadata": {"team": team}},
-            "status": {"phase": "Running", "podIP": ip}}
+    return {
+        "metadata": {"namespace": "ns", "name": name, "resourceVersion": str(version)},
+        "spec": {"template": "t", "metadata": {"team": team}},
+        "status": {"phase": "Running", "podIP": ip},
+    }
 
 
 class _NoClient:
@@ -162,8 +201,13 @@ class _NoClient:
 
 
 def collector(store: Store, port: int, interval: float, concurrency: int) -> UsageCollector:
-    config = OperatorConfig(usage_interval=interval, usage_concurrency=concurrency, usage_status_interval=3600,
-                            agent_port=port, metric_metadata_keys=("team",))
+    config = OperatorConfig(
+        usage_interval=interval,
+        usage_concurrency=concurrency,
+        usage_status_interval=3600,
+        agent_port=port,
+        metric_metadata_keys=("team",),
+    )
     rt = SimpleNamespace(config=config, store=store, client=_NoClient(), queue=SimpleNamespace(add=lambda key: None))
     return UsageCollector(cast(Runtime, rt))
 
@@ -233,9 +277,15 @@ async def test_metadata_and_template_changes_refresh_the_labels_and_limits(fake_
         await usage.collect_once()
         assert {s.labels["metadata_team"] for s in exported(usage)} == {"search"}
         store.put_sandbox(sandbox_body("s", "127.0.0.2", version=2, team="ads"))
-        store.put_template({"metadata": {"name": "t", "resourceVersion": "2"},
-                            "spec": {**TEMPLATE["spec"], "resources": {"default": {
-                                "cpu": "500m", "memory": "256Mi", "disk": "1Gi"}}}})
+        store.put_template(
+            {
+                "metadata": {"name": "t", "resourceVersion": "2"},
+                "spec": {
+                    **TEMPLATE["spec"],
+                    "resources": {"default": {"cpu": "500m", "memory": "256Mi", "disk": "1Gi"}},
+                },
+            }
+        )
         await usage.collect_once()
         after = exported(usage)
         assert {s.labels["metadata_team"] for s in after} == {"ads"}, "no series keeps the old label"
@@ -256,28 +306,63 @@ def test_timeouts_pools_pool_starts_and_reconcile_errors_are_counted(
 
     cluster.apply(sandbox_manifest("short", timeouts={"idle": "0", "maxLifetime": "2s", "execution": "0"}), namespace)
     wait_phase(cluster, namespace, "short", "Terminated")
-    wait_until(lambda: metric("sandbox_operator_timeouts_total", kind="max_lifetime") >= lifetimes + 1,
-               timeout=30, message="a max_lifetime timeout counted")
+    wait_until(
+        lambda: metric("sandbox_operator_timeouts_total", kind="max_lifetime") >= lifetimes + 1,
+        timeout=30,
+        message="a max_lifetime timeout counted",
+    )
 
-    cluster.apply(json.dumps({"apiVersion": "sandbox.dev/v1alpha1", "kind": "SandboxPool",
-                              "metadata": {"name": "warm"}, "spec": {"template": "it-base", "size": 1}}), namespace)
+    cluster.apply(
+        json.dumps(
+            {
+                "apiVersion": "sandbox.dev/v1alpha1",
+                "kind": "SandboxPool",
+                "metadata": {"name": "warm"},
+                "spec": {"template": "it-base", "size": 1},
+            }
+        ),
+        namespace,
+    )
     pool = {"namespace": namespace, "pool": "warm"}
-    wait_until(lambda: metric("sandbox_operator_pool_desired", **pool) == 1
-               and metric("sandbox_operator_pool_ready", **pool) == 1, timeout=60, message="pool desired = ready = 1")
+    wait_until(
+        lambda: (
+            metric("sandbox_operator_pool_desired", **pool) == 1 and metric("sandbox_operator_pool_ready", **pool) == 1
+        ),
+        timeout=60,
+        message="pool desired = ready = 1",
+    )
     cluster.apply(sandbox_manifest("pooled"), namespace)
     wait_phase(cluster, namespace, "pooled", "Running")
-    wait_until(lambda: metric("sandbox_operator_time_to_running_seconds_count", source="pool") >= pool_starts + 1,
-               timeout=30, message="a pool start in time_to_running{source=pool}")
+    wait_until(
+        lambda: metric("sandbox_operator_time_to_running_seconds_count", source="pool") >= pool_starts + 1,
+        timeout=30,
+        message="a pool start in time_to_running{source=pool}",
+    )
     wait_until(lambda: metric("sandbox_operator_pool_claimed", **pool) == 1, timeout=30, message="pool claimed 1")
 
     # The API server refusing the pod (a quota of zero pods) is a reconcile error, retried with backoff.
-    cluster.apply(json.dumps({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"},
-                              "spec": {"hard": {"pods": "0"}}}), namespace)
-    wait_until(lambda: (cluster.get_json("resourcequota", "no-pods", "-n", namespace) or {})
-               .get("status", {}).get("hard"), timeout=30, message="the quota's status")
+    cluster.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "ResourceQuota",
+                "metadata": {"name": "no-pods"},
+                "spec": {"hard": {"pods": "0"}},
+            }
+        ),
+        namespace,
+    )
+    wait_until(
+        lambda: (cluster.get_json("resourcequota", "no-pods", "-n", namespace) or {}).get("status", {}).get("hard"),
+        timeout=30,
+        message="the quota's status",
+    )
     forbidden = metric("sandbox_operator_reconcile_errors_total", reason="Forbidden")
     # Other resources than the warm pods': a cold start, whose pod the quota refuses.
     cluster.apply(sandbox_manifest("refused", resources={"cpu": "500m"}), namespace)
-    wait_until(lambda: metric("sandbox_operator_reconcile_errors_total", reason="Forbidden") > forbidden,
-               timeout=30, message="a Forbidden reconcile error counted")
+    wait_until(
+        lambda: metric("sandbox_operator_reconcile_errors_total", reason="Forbidden") > forbidden,
+        timeout=30,
+        message="a Forbidden reconcile error counted",
+    )
     assert (sandbox(cluster, namespace, "refused").get("status") or {}).get("phase") in (None, "Creating")

@@ -324,9 +324,7 @@ def refusals_namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
 
 
-def _assert_refused(
-    cluster: Cluster, body: dict[str, Any], namespace: str | None, field: str, rule: str
-) -> None:
+def _assert_refused(cluster: Cluster, body: dict[str, Any], namespace: str | None, field: str, rule: str) -> None:
     # `kubectl create` validates strictly by default (--validate=strict, i.e. fieldValidation=Strict).
     args = ["create", "-f", "-"] + (["-n", namespace] if namespace else [])
     result = cluster.kubectl(*args, input=json.dumps(body), check=False)
@@ -362,9 +360,7 @@ def test_bad_template_is_refused(
     assert cluster.get_json("sandboxtemplate", name) is None
 
 
-def test_minimal_sandbox_comes_back_with_defaults(
-    cluster: Cluster, apply_crds: list[str], namespace: str
-) -> None:
+def test_minimal_sandbox_comes_back_with_defaults(cluster: Cluster, apply_crds: list[str], namespace: str) -> None:
     cluster.kubectl("create", "-n", namespace, "-f", str(EXAMPLES / "sandbox-minimal.yaml"))
     body = cluster.get_json("sandbox", "minimal", "-n", namespace)
     assert body["spec"] == {
@@ -400,18 +396,14 @@ def test_minimal_template_comes_back_with_defaults(cluster: Cluster, apply_crds:
 
 
 def test_zero_lifetime_allows_any_idle(cluster: Cluster, apply_crds: list[str], namespace: str) -> None:
-    body = _sandbox(
-        {"template": "base", "timeouts": {"idle": "48h", "maxLifetime": "0", "execution": "0"}}, "nolimit"
-    )
+    body = _sandbox({"template": "base", "timeouts": {"idle": "48h", "maxLifetime": "0", "execution": "0"}}, "nolimit")
     cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(body))
     stored = cluster.get_json("sandbox", "nolimit", "-n", namespace)
     assert stored["spec"]["timeouts"] == {"idle": "48h", "maxLifetime": "0", "execution": "0"}
 
 
 def test_template_is_immutable(cluster: Cluster, apply_crds: list[str], namespace: str) -> None:
-    cluster.kubectl(
-        "create", "-n", namespace, "-f", "-", input=json.dumps(_sandbox({"template": "base"}, "fixed"))
-    )
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(_sandbox({"template": "base"}, "fixed")))
     result = cluster.kubectl(
         "patch",
         "sandbox",
@@ -429,12 +421,8 @@ def test_template_is_immutable(cluster: Cluster, apply_crds: list[str], namespac
     assert cluster.get_json("sandbox", "fixed", "-n", namespace)["spec"]["template"] == "base"
 
 
-def test_status_subresource_accepts_operator_status(
-    cluster: Cluster, apply_crds: list[str], namespace: str
-) -> None:
-    cluster.kubectl(
-        "create", "-n", namespace, "-f", "-", input=json.dumps(_sandbox({"template": "base"}, "st"))
-    )
+def test_status_subresource_accepts_operator_status(cluster: Cluster, apply_crds: list[str], namespace: str) -> None:
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(_sandbox({"template": "base"}, "st")))
     status = {
         "phase": "Running",
         "sandboxID": "a1b2c3d4e5",
@@ -499,9 +487,7 @@ def test_status_subresource_accepts_operator_status(
 def test_explain_shows_descriptions(cluster: Cluster, apply_crds: list[str]) -> None:
     # kubectl explain reads the published OpenAPI, which lags CRD establishment slightly.
     explained = wait_until(
-        lambda: (
-            (out := cluster.kubectl("explain", "sandbox.spec.timeouts", check=False)).returncode == 0 and out
-        ),
+        lambda: (out := cluster.kubectl("explain", "sandbox.spec.timeouts", check=False)).returncode == 0 and out,
         timeout=30,
         message="kubectl explain sandbox.spec.timeouts",
     )

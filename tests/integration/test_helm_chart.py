@@ -60,15 +60,20 @@ def helm(cluster: Cluster | None, *args: str, check: bool = True) -> subprocess.
 
 def rendered(*args: str) -> list[dict[str, Any]]:
     # --kube-version: a helm built from source defaults to v1.20 offline, below the chart's floor.
-    out = helm(None, "template", "sbx", str(CHART), "--namespace", "sandbox-system", "--kube-version", "1.36.3",
-               *args).stdout
+    out = helm(
+        None, "template", "sbx", str(CHART), "--namespace", "sandbox-system", "--kube-version", "1.36.3", *args
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def find(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> list[dict[str, Any]]:
     """The documents of a kind (of one app.kubernetes.io/component, when given)."""
-    return [doc for doc in docs if doc["kind"] == kind and (
-        component is None or (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == component)]
+    return [
+        doc
+        for doc in docs
+        if doc["kind"] == kind
+        and (component is None or (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == component)
+    ]
 
 
 def forbidden_in(log: str) -> bool:
@@ -111,11 +116,16 @@ def test_defaults_render_a_hardened_operator_and_templates() -> None:
 
 def test_values_reach_the_operator_flags() -> None:
     docs = rendered(
-        "--set", "operator.watchNamespaces={team-a,team-*}",
-        "--set", "operator.normalEvents=false",
-        "--set", "operator.metricMetadataKeys={team}",
-        "--set", "serviceMonitor.enabled=true",
-        "--set", "templates=null",
+        "--set",
+        "operator.watchNamespaces={team-a,team-*}",
+        "--set",
+        "operator.normalEvents=false",
+        "--set",
+        "operator.metricMetadataKeys={team}",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "templates=null",
     )
     args = find(docs, "Deployment", "operator")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-*" in args
@@ -126,10 +136,13 @@ def test_values_reach_the_operator_flags() -> None:
     (component,) = monitor["spec"]["selector"]["matchExpressions"]
     assert component["key"] == "app.kubernetes.io/component"
     assert sorted(component["values"]) == ["gateway", "operator"]
-    services = {doc["metadata"]["name"]: [port["name"] for port in doc["spec"]["ports"]]
-                for doc in find(docs, "Service")}
-    assert services == {"sbx-sandbox-operator-metrics": ["metrics"],
-                        "sbx-sandbox-operator-gateway": ["http", "gateway-metrics"]}
+    services = {
+        doc["metadata"]["name"]: [port["name"] for port in doc["spec"]["ports"]] for doc in find(docs, "Service")
+    }
+    assert services == {
+        "sbx-sandbox-operator-metrics": ["metrics"],
+        "sbx-sandbox-operator-gateway": ["http", "gateway-metrics"],
+    }
     assert find(docs, "SandboxTemplate") == []
 
 
@@ -152,12 +165,19 @@ def test_defaults_render_a_hardened_gateway() -> None:
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/sandbox-operator/sandbox-operator:0.1.0"  # the operator's image
     assert container["args"] == [
-        "gateway", "--bind-address=0.0.0.0", "--port=3000", "--metrics-port=9091",
-        "--keys-namespace=sandbox-system", "--token-key-file=/etc/sandbox-gateway/token-key",
-        "--create-timeout=120", "--log-level=INFO",
+        "gateway",
+        "--bind-address=0.0.0.0",
+        "--port=3000",
+        "--metrics-port=9091",
+        "--keys-namespace=sandbox-system",
+        "--token-key-file=/etc/sandbox-gateway/token-key",
+        "--create-timeout=120",
+        "--log-level=INFO",
     ]
     assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
     }
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
@@ -177,7 +197,8 @@ def test_defaults_render_a_hardened_gateway() -> None:
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
     assert [(port["name"], port["port"], port["targetPort"]) for port in service["spec"]["ports"]] == [
-        ("http", 80, "http"), ("gateway-metrics", 9091, "metrics"),
+        ("http", 80, "http"),
+        ("gateway-metrics", 9091, "metrics"),
     ]
     assert find(docs, "Ingress") == []
 
@@ -199,9 +220,12 @@ def test_defaults_render_a_hardened_gateway() -> None:
 
 def test_gateway_disabled_renders_no_gateway_objects() -> None:
     docs = rendered("--set", "gateway.enabled=false", "--set", "serviceMonitor.enabled=true")
-    gateway = [f"{doc['kind']}/{doc['metadata']['name']}" for doc in docs
-               if "gateway" in doc["metadata"]["name"]
-               or (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"]
+    gateway = [
+        f"{doc['kind']}/{doc['metadata']['name']}"
+        for doc in docs
+        if "gateway" in doc["metadata"]["name"]
+        or (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"
+    ]
     assert gateway == []
     (monitor,) = find(docs, "ServiceMonitor")
     assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["metrics"]
@@ -210,11 +234,24 @@ def test_gateway_disabled_renders_no_gateway_objects() -> None:
 
 def test_gateway_ingress_and_overrides_render() -> None:
     docs = rendered(
-        "--set", "gateway.ingress.enabled=true", "--set", "gateway.domain=sbx.example.com",
-        "--set", "gateway.ingress.tls.secretName=sbx-tls", "--set", "gateway.ingress.className=nginx",
-        "--set", "gateway.tokenKey.existingSecret=my-key", "--set", "gateway.image.tag=9.9.9",
-        "--set", "gateway.replicas=3", "--set", "gateway.service.type=LoadBalancer",
-        "--set", "gateway.createTimeout=30",
+        "--set",
+        "gateway.ingress.enabled=true",
+        "--set",
+        "gateway.domain=sbx.example.com",
+        "--set",
+        "gateway.ingress.tls.secretName=sbx-tls",
+        "--set",
+        "gateway.ingress.className=nginx",
+        "--set",
+        "gateway.tokenKey.existingSecret=my-key",
+        "--set",
+        "gateway.image.tag=9.9.9",
+        "--set",
+        "gateway.replicas=3",
+        "--set",
+        "gateway.service.type=LoadBalancer",
+        "--set",
+        "gateway.createTimeout=30",
     )
     (ingress,) = find(docs, "Ingress")
     hosts = ["api.sbx.example.com", "*.sbx.example.com"]
@@ -239,8 +276,17 @@ def test_gateway_ingress_and_overrides_render() -> None:
     assert find(docs, "Service", "gateway")[0]["spec"]["type"] == "LoadBalancer"
 
     # The Ingress needs the domain the SDK derives both host names from.
-    refused = helm(None, "template", "sbx", str(CHART), "--kube-version", "1.36.3",
-                   "--set", "gateway.ingress.enabled=true", check=False)
+    refused = helm(
+        None,
+        "template",
+        "sbx",
+        str(CHART),
+        "--kube-version",
+        "1.36.3",
+        "--set",
+        "gateway.ingress.enabled=true",
+        check=False,
+    )
     assert refused.returncode != 0 and "gateway.domain" in refused.stderr
 
 
@@ -249,14 +295,20 @@ def release(cluster: Cluster, apply_crds: list[str], namespace: str, tmp_path: P
     """The chart installed into `namespace` with one template of its own (cluster-scoped names are
     shared with other tests, so the chart's default templates are switched off)."""
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"templates": {
-        "base": None,
-        "code-interpreter": None,
-        f"helm-{namespace}": {
-            "image": "ghcr.io/sandbox-operator/sandbox-base:dev",
-            "resources": {"default": {"cpu": "250m", "memory": "256Mi", "disk": "1Gi"}},
-        },
-    }}))
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "templates": {
+                    "base": None,
+                    "code-interpreter": None,
+                    f"helm-{namespace}": {
+                        "image": "ghcr.io/sandbox-operator/sandbox-base:dev",
+                        "resources": {"default": {"cpu": "250m", "memory": "256Mi", "disk": "1Gi"}},
+                    },
+                }
+            }
+        )
+    )
     name = f"sbx-{namespace[-6:]}"
     helm(cluster, "install", name, str(CHART), "--namespace", namespace, "-f", str(values), "--wait=false")
     try:
@@ -284,20 +336,28 @@ def test_install_and_uninstall(cluster: Cluster, namespace: str, release: str) -
     assert cluster.get_json("secret", f"{gateway}-token-key", "-n", namespace)["data"]["token-key"]
     assert cluster.get_json("serviceaccount", gateway, "-n", namespace) is not None
     subjects = [{"kind": "ServiceAccount", "name": gateway, "namespace": namespace}]
-    for kind, extra in (("role", ["-n", namespace]), ("rolebinding", ["-n", namespace]),
-                        ("clusterrole", []), ("clusterrolebinding", [])):
+    for kind, extra in (
+        ("role", ["-n", namespace]),
+        ("rolebinding", ["-n", namespace]),
+        ("clusterrole", []),
+        ("clusterrolebinding", []),
+    ):
         found = cluster.get_json(kind, gateway, *extra)
         assert found is not None, f"{kind} {gateway}"
         if kind.endswith("binding"):
             assert found["subjects"] == subjects
 
     helm(cluster, "uninstall", release, "--namespace", namespace)
-    owned = [(kind, fullname, ["-n", namespace]) for kind in ("deployment", "serviceaccount")] + [
-        (kind, fullname, []) for kind in ("clusterrole", "clusterrolebinding")] + [
-        (kind, gateway, ["-n", namespace]) for kind in ("deployment", "service", "serviceaccount", "role",
-                                                        "rolebinding")] + [
-        (kind, gateway, []) for kind in ("clusterrole", "clusterrolebinding")] + [
-        ("secret", f"{gateway}-token-key", ["-n", namespace])]
+    owned = (
+        [(kind, fullname, ["-n", namespace]) for kind in ("deployment", "serviceaccount")]
+        + [(kind, fullname, []) for kind in ("clusterrole", "clusterrolebinding")]
+        + [
+            (kind, gateway, ["-n", namespace])
+            for kind in ("deployment", "service", "serviceaccount", "role", "rolebinding")
+        ]
+        + [(kind, gateway, []) for kind in ("clusterrole", "clusterrolebinding")]
+        + [("secret", f"{gateway}-token-key", ["-n", namespace])]
+    )
     for kind, name, extra in owned:
 
         def removed(kind: str = kind, name: str = name, extra: list[str] = extra) -> bool:
@@ -313,10 +373,22 @@ def test_gateway_token_key_survives_upgrade(cluster: Cluster, namespace: str, re
     secret = f"{release}-sandbox-operator-gateway-token-key"
     before = cluster.get_json("secret", secret, "-n", namespace)["data"]
     # An upgrade that changes the gateway re-renders every template, the Secret's too.
-    helm(cluster, "upgrade", release, str(CHART), "--namespace", namespace, "-f", str(tmp_path / "values.yaml"),
-         "--set", "gateway.replicas=3", "--wait=false")
-    assert cluster.get_json("deployment", f"{release}-sandbox-operator-gateway", "-n", namespace)["spec"][
-        "replicas"] == 3
+    helm(
+        cluster,
+        "upgrade",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "-f",
+        str(tmp_path / "values.yaml"),
+        "--set",
+        "gateway.replicas=3",
+        "--wait=false",
+    )
+    assert (
+        cluster.get_json("deployment", f"{release}-sandbox-operator-gateway", "-n", namespace)["spec"]["replicas"] == 3
+    )
     assert cluster.get_json("secret", secret, "-n", namespace)["data"] == before
     assert len(base64.b64decode(before["token-key"])) == 48
     # The notes tell how to make an API key and point the SDK at the gateway.
@@ -336,9 +408,7 @@ def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, p
     return path
 
 
-def test_chart_rbac_is_enough_for_the_operator(
-    cluster: Cluster, namespace: str, release: str, tmp_path: Path
-) -> None:
+def test_chart_rbac_is_enough_for_the_operator(cluster: Cluster, namespace: str, release: str, tmp_path: Path) -> None:
     fullname = f"{release}-sandbox-operator"
     as_operator = Cluster(str(service_account_kubeconfig(cluster, namespace, fullname, tmp_path / "sa.kubeconfig")))
     # RBAC is really enforced: the account cannot read secrets.
@@ -351,12 +421,16 @@ def test_chart_rbac_is_enough_for_the_operator(
         cluster.apply(sandbox_manifest("rbac", template=f"helm-{namespace}"), namespace)
         running = wait_phase(cluster, namespace, "rbac", "Running")
         assert running["status"]["podIP"]
-        cluster.kubectl("patch", "sandbox", "rbac", "-n", namespace, "--type=merge",
-                        "-p", json.dumps({"spec": {"suspended": True}}))
+        cluster.kubectl(
+            "patch", "sandbox", "rbac", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"suspended": True}})
+        )
         wait_phase(cluster, namespace, "rbac", "Suspended")
         cluster.kubectl("delete", "sandbox", "rbac", "-n", namespace, "--wait=true", "--timeout=60s")
-        wait_until(lambda: not any(children(cluster, namespace, "rbac").values()), timeout=60,
-                   message="children of rbac removed")
+        wait_until(
+            lambda: not any(children(cluster, namespace, "rbac").values()),
+            timeout=60,
+            message="children of rbac removed",
+        )
         assert operator.process.poll() is None, operator.log_tail()
     finally:
         operator.kill()
@@ -383,11 +457,29 @@ def start_gateway(as_gateway: Cluster, keys_namespace: str, token_key_file: Path
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", as_gateway.kubeconfig,
-             "--bind-address", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-             "--keys-namespace", keys_namespace, "--token-key-file", str(token_key_file),
-             "--create-timeout", "60"],
-            stdout=log, stderr=subprocess.STDOUT, env=as_gateway.env(),
+            [
+                sys.executable,
+                "-m",
+                "sandbox_operator",
+                "gateway",
+                "--kubeconfig",
+                as_gateway.kubeconfig,
+                "--bind-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                "0",
+                "--keys-namespace",
+                keys_namespace,
+                "--token-key-file",
+                str(token_key_file),
+                "--create-timeout",
+                "60",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=as_gateway.env(),
         )
     gateway = LocalGateway(f"http://127.0.0.1:{port}", process, log_path)
 
@@ -407,9 +499,7 @@ def start_gateway(as_gateway: Cluster, keys_namespace: str, token_key_file: Path
     return gateway
 
 
-def test_chart_rbac_is_enough_for_the_gateway(
-    cluster: Cluster, namespace: str, release: str, tmp_path: Path
-) -> None:
+def test_chart_rbac_is_enough_for_the_gateway(cluster: Cluster, namespace: str, release: str, tmp_path: Path) -> None:
     """The gateway as the chart's gateway account, the operator as the operator's: an E2B create,
     get, list, timeout and kill of a sandbox whose agent really answers on its pod IP."""
     fullname = f"{release}-sandbox-operator"
@@ -418,15 +508,21 @@ def test_chart_rbac_is_enough_for_the_gateway(
     sandboxes = f"{namespace}-sbx"
     cluster.kubectl("create", "namespace", sandboxes)
     try:
-        wait_until(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", sandboxes,
-                                           check=False).returncode == 0,
-                   timeout=30, message=f"service account default in {sandboxes}")
+        wait_until(
+            lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", sandboxes, check=False).returncode == 0,
+            timeout=30,
+            message=f"service account default in {sandboxes}",
+        )
         as_operator = Cluster(str(service_account_kubeconfig(cluster, namespace, fullname, tmp_path / "op.kubeconfig")))
-        as_gateway = Cluster(str(service_account_kubeconfig(cluster, namespace, gateway_account,
-                                                            tmp_path / "gw.kubeconfig")))
+        as_gateway = Cluster(
+            str(service_account_kubeconfig(cluster, namespace, gateway_account, tmp_path / "gw.kubeconfig"))
+        )
         # RBAC is really enforced, and the gateway's account has nothing it does not use.
-        for args in (["get", "pods", "-n", sandboxes], ["get", "secrets", "-n", sandboxes],
-                     ["get", "secret", f"{gateway_account}-token-key", "-n", namespace]):
+        for args in (
+            ["get", "pods", "-n", sandboxes],
+            ["get", "secrets", "-n", sandboxes],
+            ["get", "secret", f"{gateway_account}-token-key", "-n", namespace],
+        ):
             denied = as_gateway.kubectl(*args, check=False)
             assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), args
 
@@ -467,8 +563,11 @@ def drive_the_gateway(cluster: Cluster, gateway: LocalGateway, api_key: str, san
     assert status == 201, created
     sandbox_id = created["sandboxID"]
     assert created["envdAccessToken"]
-    (body,) = [item for item in (cluster.get_json("sandboxes", "-n", sandboxes) or {}).get("items", [])
-               if item["status"].get("sandboxID") == sandbox_id]
+    (body,) = [
+        item
+        for item in (cluster.get_json("sandboxes", "-n", sandboxes) or {}).get("items", [])
+        if item["status"].get("sandboxID") == sandbox_id
+    ]
     assert body["status"]["phase"] == "Running"
 
     status, info = gateway.call("GET", f"/sandboxes/{sandbox_id}", api_key=api_key)
@@ -483,9 +582,15 @@ def drive_the_gateway(cluster: Cluster, gateway: LocalGateway, api_key: str, san
     status, _ = gateway.call("DELETE", f"/sandboxes/{sandbox_id}", api_key=api_key)
     assert status == 204
     name = body["metadata"]["name"]
-    wait_until(lambda: cluster.get_json("sandbox", name, "-n", sandboxes) is None, timeout=60,
-               message=f"sandbox {name} deleted")
+    wait_until(
+        lambda: cluster.get_json("sandbox", name, "-n", sandboxes) is None,
+        timeout=60,
+        message=f"sandbox {name} deleted",
+    )
     # Gone for the gateway too, once its watch has the deletion (its children go with the garbage
     # collector, on the cluster's schedule, not the gateway's).
-    wait_until(lambda: gateway.call("GET", f"/sandboxes/{sandbox_id}", api_key=api_key)[0] == 404, timeout=30,
-               message=f"gateway answers 404 for {sandbox_id}")
+    wait_until(
+        lambda: gateway.call("GET", f"/sandboxes/{sandbox_id}", api_key=api_key)[0] == 404,
+        timeout=30,
+        message=f"gateway answers 404 for {sandbox_id}",
+    )

@@ -51,11 +51,21 @@ def test_custom_resource_with_status_subresource(cluster: Cluster, namespace: st
         namespace,
     )
     # Status only changes through the status subresource: a main-resource patch ignores it.
-    cluster.kubectl("patch", "widget", "w1", "-n", namespace, "--type=merge", "-p",
-                    json.dumps({"status": {"phase": "Ignored"}}))
+    cluster.kubectl(
+        "patch", "widget", "w1", "-n", namespace, "--type=merge", "-p", json.dumps({"status": {"phase": "Ignored"}})
+    )
     assert cluster.get_json("widget", "w1", "-n", namespace).get("status") is None
-    cluster.kubectl("patch", "widget", "w1", "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": {"phase": "Ready"}}))
+    cluster.kubectl(
+        "patch",
+        "widget",
+        "w1",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"phase": "Ready"}}),
+    )
     widget = cluster.get_json("widget", "w1", "-n", namespace)
     assert widget["status"] == {"phase": "Ready"}
     assert widget["spec"] == {"size": 3}
@@ -103,8 +113,7 @@ spec:
         namespace,
     )
     wait_until(
-        lambda: (cluster.get_json("pvc", "workspace", "-n", namespace) or {}).get("status", {}).get("phase")
-        == "Bound",
+        lambda: (cluster.get_json("pvc", "workspace", "-n", namespace) or {}).get("status", {}).get("phase") == "Bound",
         timeout=60,
         message="PVC workspace Bound",
     )
@@ -118,8 +127,7 @@ def test_namespace_with_pod_deletes_cleanly(cluster: Cluster) -> None:
         timeout=30,
         message="default service account",
     )
-    cluster.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: x}]}\n",
-                  name)
+    cluster.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: x}]}\n", name)
     wait_until(
         lambda: (cluster.get_json("pod", "p", "-n", name) or {}).get("status", {}).get("phase") == "Running",
         timeout=60,

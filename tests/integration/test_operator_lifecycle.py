@@ -46,8 +46,9 @@ def test_create_reaches_running_with_children(cluster: Cluster, namespace: str) 
     assert container["resources"]["limits"]["cpu"] in ("250m", "0.25")
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert pod["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
-    wait_until(lambda: "Started" in events_for(cluster, namespace, "sb1") or None, timeout=30,
-               message="a Started event")
+    wait_until(
+        lambda: "Started" in events_for(cluster, namespace, "sb1") or None, timeout=30, message="a Started event"
+    )
 
 
 def test_suspend_and_resume_keep_the_workspace(cluster: Cluster, namespace: str) -> None:
@@ -87,13 +88,15 @@ def test_a_sandbox_created_suspended_never_runs_until_resumed(cluster: Cluster, 
     assert made["pods"] == [] and len(made["pvc"]) == 1 and len(made["services"]) == 1
     assert len(made["networkpolicies"]) == 1
 
-    cluster.kubectl("patch", "sandbox", "sb-parked", "-n", namespace, "--type=merge",
-                    "-p", '{"spec":{"suspended":false}}')
+    cluster.kubectl(
+        "patch", "sandbox", "sb-parked", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":false}}'
+    )
     running = wait_phase(cluster, namespace, "sb-parked", "Running")
     assert running["status"]["startedAt"] and running["status"]["reason"] == "Resumed"
     pod = cluster.get_json("pod", running["status"]["podName"], "-n", namespace)
-    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
-            if "persistentVolumeClaim" in v] == made["pvc"]
+    assert [
+        v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v
+    ] == made["pvc"]
 
 
 def _parse(stamp: str) -> datetime:
@@ -126,10 +129,27 @@ def test_idle_timeout_counts_from_last_activity(cluster: Cluster, namespace: str
     # activity + idle, whenever this test gets to run. (Activity first: the other order could fire
     # at startedAt + 2 s already.)
     activity = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
-    cluster.kubectl("patch", "sandbox", name, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": {"lastActivityAt": activity.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
-    cluster.kubectl("patch", "sandbox", name, "-n", namespace, "--type=merge",
-                    "-p", json.dumps({"spec": {"timeouts": {"idle": "2s"}}}))
+    cluster.kubectl(
+        "patch",
+        "sandbox",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"lastActivityAt": activity.strftime("%Y-%m-%dT%H:%M:%SZ")}}),
+    )
+    cluster.kubectl(
+        "patch",
+        "sandbox",
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"timeouts": {"idle": "2s"}}}),
+    )
     body = wait_phase(cluster, namespace, name, phase, timeout=60)
     assert body["status"]["reason"] == "IdleTimeout"
     assert _ready_changed_at(body) >= activity + timedelta(seconds=2), "fired before activity + idle"
@@ -159,8 +179,11 @@ def test_pod_deleted_out_of_band_is_recreated(cluster: Cluster, namespace: str) 
         return bool(pod and pod["metadata"]["uid"] != old_uid and body["status"]["phase"] == "Running")
 
     wait_until(replaced, timeout=60, message="a new pod with a new uid, sandbox Running")
-    wait_until(lambda: "PodRecreated" in events_for(cluster, namespace, "sb5") or None, timeout=30,
-               message="a PodRecreated event")
+    wait_until(
+        lambda: "PodRecreated" in events_for(cluster, namespace, "sb5") or None,
+        timeout=30,
+        message="a PodRecreated event",
+    )
 
 
 def test_pod_failure_sets_error_with_reason(cluster: Cluster, namespace: str) -> None:
@@ -168,11 +191,17 @@ def test_pod_failure_sets_error_with_reason(cluster: Cluster, namespace: str) ->
     running = wait_phase(cluster, namespace, "sb6", "Running")
     pod_name = running["status"]["podName"]
     terminated = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
-    patch = {"status": {"phase": "Failed", "containerStatuses": [
-        {"name": "sandbox", "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": terminated}
-    ]}}
-    cluster.kubectl("patch", "pod", pod_name, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps(patch))
+    patch = {
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"name": "sandbox", "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": terminated}
+            ],
+        }
+    }
+    cluster.kubectl(
+        "patch", "pod", pod_name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(patch)
+    )
     body = wait_phase(cluster, namespace, "sb6", "Error")
     assert body["status"]["reason"] == "OOMKilled"
 
@@ -188,8 +217,11 @@ def test_resources_over_template_max_error_and_nothing_created(cluster: Cluster,
 def test_unknown_template_reports_it(cluster: Cluster, namespace: str) -> None:
     cluster.apply(sandbox_manifest("orphan", template="does-not-exist"), namespace)
     body = wait_until(
-        lambda: (b := cluster.get_json("sandbox", "orphan", "-n", namespace))
-        and (b.get("status") or {}).get("reason") == "TemplateNotFound" and b,
+        lambda: (
+            (b := cluster.get_json("sandbox", "orphan", "-n", namespace))
+            and (b.get("status") or {}).get("reason") == "TemplateNotFound"
+            and b
+        ),
         timeout=30,
         message="reason TemplateNotFound",
     )
@@ -197,9 +229,7 @@ def test_unknown_template_reports_it(cluster: Cluster, namespace: str) -> None:
     assert children(cluster, namespace, "orphan")["pods"] == []
 
 
-def test_network_change_reapplies_the_policy_and_deleted_children_come_back(
-    cluster: Cluster, namespace: str
-) -> None:
+def test_network_change_reapplies_the_policy_and_deleted_children_come_back(cluster: Cluster, namespace: str) -> None:
     cluster.apply(sandbox_manifest("net", network={"egress": "deny"}), namespace)
     running = wait_phase(cluster, namespace, "net", "Running")
     policy_name = service_name = running["status"]["podName"]  # children share the sbx-<name> name
@@ -210,13 +240,27 @@ def test_network_change_reapplies_the_policy_and_deleted_children_come_back(
         return len(policy["spec"]["egress"]) if policy else -1
 
     denied = egress_rules()
-    cluster.kubectl("patch", "sandbox", "net", "-n", namespace, "--type=merge",
-                    "-p", json.dumps({"spec": {"network": {"egress": "allow", "ports": [8080]}}}))
+    cluster.kubectl(
+        "patch",
+        "sandbox",
+        "net",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"network": {"egress": "allow", "ports": [8080]}}}),
+    )
     wait_until(lambda: egress_rules() == denied + 1, timeout=30, message="the policy re-applied with egress allow")
-    wait_until(lambda: any(p["port"] == 8080 for p in
-                           (cluster.get_json("service", service_name, "-n", namespace) or {"spec": {"ports": []}})
-                           ["spec"]["ports"]),
-               timeout=30, message="the Service re-applied with port 8080")
+    wait_until(
+        lambda: any(
+            p["port"] == 8080
+            for p in (cluster.get_json("service", service_name, "-n", namespace) or {"spec": {"ports": []}})["spec"][
+                "ports"
+            ]
+        ),
+        timeout=30,
+        message="the Service re-applied with port 8080",
+    )
 
     for kind, name in (("networkpolicy", policy_name), ("service", service_name)):
         old_uid = cluster.get_json(kind, name, "-n", namespace)["metadata"]["uid"]
@@ -242,8 +286,11 @@ spec:
 """)
     try:
         cluster.apply(sandbox_manifest("orphaned", template=template), namespace)
-        wait_until(lambda: (sandbox(cluster, namespace, "orphaned").get("status") or {}).get("startedAt"),
-                   timeout=30, message="orphaned started")
+        wait_until(
+            lambda: (sandbox(cluster, namespace, "orphaned").get("status") or {}).get("startedAt"),
+            timeout=30,
+            message="orphaned started",
+        )
         cluster.kubectl("delete", "sandboxtemplate", template)
         terminated = wait_phase(cluster, namespace, "orphaned", "Terminated", timeout=60)
         assert terminated["status"]["reason"] == "MaxLifetime"

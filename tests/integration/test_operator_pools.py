@@ -51,8 +51,15 @@ def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str)
     body = wait_phase(cluster, namespace, "pooled", "Running")
     assert body["status"]["podName"] in warm_names, "the sandbox should have taken a warm pod"
     # Still one Event per transition: New -> Creating and Creating -> Running.
-    reasons = wait_until(lambda: _event_messages(cluster, namespace, "pooled") if len(
-        _event_messages(cluster, namespace, "pooled")) >= 2 else None, timeout=30, message="2 events")
+    reasons = wait_until(
+        lambda: (
+            _event_messages(cluster, namespace, "pooled")
+            if len(_event_messages(cluster, namespace, "pooled")) >= 2
+            else None
+        ),
+        timeout=30,
+        message="2 events",
+    )
     assert any("New → Creating" in m for m in reasons) and any("Creating → Running" in m for m in reasons), reasons
     pod = cluster.get_json("pod", body["status"]["podName"], "-n", namespace)
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "Sandbox"
@@ -64,8 +71,10 @@ def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str)
 
     # The pool refills to its size with new pods.
     wait_until(
-        lambda: len(warm_pods(cluster, namespace)) == 2
-        and {p["metadata"]["name"] for p in warm_pods(cluster, namespace)} != warm_names,
+        lambda: (
+            len(warm_pods(cluster, namespace)) == 2
+            and {p["metadata"]["name"] for p in warm_pods(cluster, namespace)} != warm_names
+        ),
         timeout=60,
         message="pool refilled",
     )
@@ -77,8 +86,9 @@ def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str)
     cluster.kubectl("patch", "sandbox", "pooled", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":false}}')
     resumed = wait_phase(cluster, namespace, "pooled", "Running")
     new_pod = cluster.get_json("pod", resumed["status"]["podName"], "-n", namespace)
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in new_pod["spec"]["volumes"]
-              if "persistentVolumeClaim" in v]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"] for v in new_pod["spec"]["volumes"] if "persistentVolumeClaim" in v
+    ]
     assert claims == [workspace]
 
 
@@ -95,8 +105,9 @@ def test_sandbox_that_differs_from_pool_pods_cold_starts(cluster: Cluster, names
 def test_pool_scales_down(cluster: Cluster, namespace: str) -> None:
     cluster.apply(POOL, namespace)
     wait_until(lambda: len(warm_pods(cluster, namespace)) == 2, timeout=60, message="2 warm pods")
-    cluster.kubectl("patch", "sandboxpool", "warm", "-n", namespace, "--type=merge",
-                    "-p", json.dumps({"spec": {"size": 0}}))
+    cluster.kubectl(
+        "patch", "sandboxpool", "warm", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"size": 0}})
+    )
     wait_until(
         lambda: not (cluster.get_json("pods", "-n", namespace, "-l", "sandbox.dev/pool=warm") or {}).get("items"),
         timeout=60,
@@ -124,13 +135,20 @@ def test_a_failed_warm_pod_is_replaced(cluster: Cluster, namespace: str) -> None
     victim = warm_pods(cluster, namespace)[0]
     name, claim = victim["metadata"]["name"], workspace_of(victim)
     patch = {"status": {"phase": "Failed", "reason": "Evicted", "message": "the node was low on memory"}}
-    cluster.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps(patch))
+    cluster.kubectl(
+        "patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(patch)
+    )
 
-    wait_until(lambda: cluster.get_json("pod", name, "-n", namespace) is None, timeout=60,
-               message=f"failed warm pod {name} deleted")
-    wait_until(lambda: cluster.get_json("pvc", claim, "-n", namespace) is None, timeout=60,
-               message=f"its workspace claim {claim} deleted")
+    wait_until(
+        lambda: cluster.get_json("pod", name, "-n", namespace) is None,
+        timeout=60,
+        message=f"failed warm pod {name} deleted",
+    )
+    wait_until(
+        lambda: cluster.get_json("pvc", claim, "-n", namespace) is None,
+        timeout=60,
+        message=f"its workspace claim {claim} deleted",
+    )
     wait_until(
         lambda: len(warm_pods(cluster, namespace)) == 2 and pool_status(cluster, namespace).get("ready") == 2,
         timeout=60,
@@ -147,8 +165,11 @@ def test_a_warm_pod_deleted_out_of_band_leaves_no_claim_behind(cluster: Cluster,
     cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=false")
 
     # The claim goes once no pod uses it (after a short grace period the operator allows new claims).
-    wait_until(lambda: cluster.get_json("pvc", claim, "-n", namespace) is None, timeout=60,
-               message=f"workspace claim {claim} of the deleted warm pod deleted")
+    wait_until(
+        lambda: cluster.get_json("pvc", claim, "-n", namespace) is None,
+        timeout=60,
+        message=f"workspace claim {claim} of the deleted warm pod deleted",
+    )
 
     def refilled_without_leaks() -> bool:
         pods = warm_pods(cluster, namespace)
@@ -157,8 +178,9 @@ def test_a_warm_pod_deleted_out_of_band_leaves_no_claim_behind(cluster: Cluster,
     wait_until(refilled_without_leaks, timeout=60, message="2 warm pods, one claim each, no other pool claims")
 
 
-def test_status_claimed_counts_sandboxes_on_claimed_pods(cluster: Cluster, operator: OperatorProcess,
-                                                         namespace: str) -> None:
+def test_status_claimed_counts_sandboxes_on_claimed_pods(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.apply(POOL, namespace)
 
     def status_is(ready: int, claimed: int) -> bool:
@@ -176,8 +198,9 @@ def test_status_claimed_counts_sandboxes_on_claimed_pods(cluster: Cluster, opera
     wait_until(lambda: pool_status(cluster, namespace).get("claimed") == 2, timeout=30, message="claimed=2")
 
     # A suspended sandbox no longer runs on the pod it took: it stops counting.
-    cluster.kubectl("patch", "sandbox", "pooled-a", "-n", namespace, "--type=merge", "-p",
-                    '{"spec":{"suspended":true}}')
+    cluster.kubectl(
+        "patch", "sandbox", "pooled-a", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":true}}'
+    )
     wait_phase(cluster, namespace, "pooled-a", "Suspended")
     wait_until(lambda: pool_status(cluster, namespace).get("claimed") == 1, timeout=30, message="claimed=1")
     series = f'sandbox_operator_pool_claimed{{namespace="{namespace}",pool="warm"}} 1.0'

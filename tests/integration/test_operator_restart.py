@@ -18,14 +18,21 @@ def test_sigkill_mid_lifecycle_converges_without_orphans_or_duplicates(
 ) -> None:
     namespace = f"k-{secrets.token_hex(3)}"  # outside the session operator's op-* scope
     cluster.kubectl("create", "namespace", namespace)
-    wait_until(lambda: cluster.kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
-               timeout=30, message="default service account")
+    wait_until(
+        lambda: cluster.kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
+        timeout=30,
+        message="default service account",
+    )
     # Two workers: the batch takes long enough to be caught half done, whatever the machine's speed.
     first = start_operator(cluster, tmp_path / "first.log", namespace, extra_args=("--workers", "2"))
     try:
         items = [
-            {"apiVersion": "sandbox.dev/v1alpha1", "kind": "Sandbox", "metadata": {"name": f"s{i:02d}"},
-             "spec": {"template": base_template, "suspended": i % 5 == 0}}
+            {
+                "apiVersion": "sandbox.dev/v1alpha1",
+                "kind": "Sandbox",
+                "metadata": {"name": f"s{i:02d}"},
+                "spec": {"template": base_template, "suspended": i % 5 == 0},
+            }
             for i in range(COUNT)
         ]
         cluster.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}), namespace)
@@ -42,13 +49,15 @@ def test_sigkill_mid_lifecycle_converges_without_orphans_or_duplicates(
 
     # While it is down, the declared state changes: suspend some more, resume some suspended ones.
     for i in (1, 2, 3):
-        cluster.kubectl("patch", "sandbox", f"s{i:02d}", "-n", namespace, "--type=merge",
-                        "-p", '{"spec":{"suspended":true}}')
+        cluster.kubectl(
+            "patch", "sandbox", f"s{i:02d}", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":true}}'
+        )
     cluster.kubectl("patch", "sandbox", "s05", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":false}}')
     suspended = {f"s{i:02d}" for i in range(COUNT) if i % 5 == 0} - {"s05"} | {"s01", "s02", "s03"}
 
     second = start_operator(cluster, tmp_path / "second.log", namespace)
     try:
+
         def mismatches() -> list[str]:
             listing = cluster.get_json("sandboxes", "-n", namespace) or {}
             wrong = []
@@ -62,16 +71,23 @@ def test_sigkill_mid_lifecycle_converges_without_orphans_or_duplicates(
         try:
             wait_until(lambda: not mismatches(), timeout=120, message="every sandbox in its declared phase")
         except AssertionError as exc:
-            pods = cluster.kubectl("get", "pods", "-n", namespace, "-o",
-                                   "custom-columns=NAME:.metadata.name,PHASE:.status.phase,"
-                                   "READY:.status.conditions[?(@.type=='Ready')].status,RV:.metadata.resourceVersion",
-                                   check=False).stdout
-            raise AssertionError(
-                f"{exc}\nnot converged: {mismatches()}\npods:\n{pods}\n{second.log_tail(30)}"
-            ) from exc
+            pods = cluster.kubectl(
+                "get",
+                "pods",
+                "-n",
+                namespace,
+                "-o",
+                "custom-columns=NAME:.metadata.name,PHASE:.status.phase,"
+                "READY:.status.conditions[?(@.type=='Ready')].status,RV:.metadata.resourceVersion",
+                check=False,
+            ).stdout
+            raise AssertionError(f"{exc}\nnot converged: {mismatches()}\npods:\n{pods}\n{second.log_tail(30)}") from exc
         pods = (cluster.get_json("pods", "-n", namespace) or {}).get("items", [])
-        owners = Counter(p["metadata"]["labels"].get("sandbox.dev/sandbox") for p in pods
-                         if not p["metadata"].get("deletionTimestamp"))
+        owners = Counter(
+            p["metadata"]["labels"].get("sandbox.dev/sandbox")
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+        )
         assert set(owners) == {f"s{i:02d}" for i in range(COUNT)} - suspended, "orphan or missing pods"
         assert max(owners.values()) == 1, f"duplicate pods: {[k for k, v in owners.items() if v > 1]}"
         sandbox_uids = {s["metadata"]["uid"] for s in (cluster.get_json("sandboxes", "-n", namespace) or {})["items"]}

@@ -55,9 +55,7 @@ def read_metadata(path: Path) -> dict[str, str]:
     for name in names:
         if name.startswith(METADATA_XATTR_PREFIX):
             with contextlib.suppress(OSError):
-                metadata[name[len(METADATA_XATTR_PREFIX) :]] = os.getxattr(path, name).decode(
-                    errors="replace"
-                )
+                metadata[name[len(METADATA_XATTR_PREFIX) :]] = os.getxattr(path, name).decode(errors="replace")
     return metadata
 
 

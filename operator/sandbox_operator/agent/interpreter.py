@@ -525,9 +525,7 @@ class CodeInterpreter:
     async def default_context(self, language: str | None) -> KernelContext:
         canonical = normalize_language(language)
         pending = self._defaults.get(canonical)
-        if pending is None or (
-            pending.done() and (pending.exception() or pending.result().id not in self.contexts)
-        ):
+        if pending is None or (pending.done() and (pending.exception() or pending.result().id not in self.contexts)):
             pending = asyncio.ensure_future(self.create_context(canonical, None))
             self._defaults[canonical] = pending
         return await asyncio.shield(pending)
@@ -765,7 +763,6 @@ class CodeInterpreter:
         detail = " The kernel did not stop and was restarted; its state was lost." if restarted else ""
         return error_line(
             "TimeoutError",
-            f"Execution timed out after {timeout:g}s (SANDBOX_EXECUTION_TIMEOUT) and was interrupted."
-            + detail,
+            f"Execution timed out after {timeout:g}s (SANDBOX_EXECUTION_TIMEOUT) and was interrupted." + detail,
             "",
         )

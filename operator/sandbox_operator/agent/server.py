@@ -31,15 +31,11 @@ class Agent:
         self.processes = ProcessManager(self.state, self.stats)
         self.filesystem = FilesystemService()
         self.interpreter = CodeInterpreter(self.state, self.stats)
-        self.envd = EnvdServer(
-            self.state, self.stats, self.processes, self.filesystem, ResourceSampler(config.workdir)
-        )
+        self.envd = EnvdServer(self.state, self.stats, self.processes, self.filesystem, ResourceSampler(config.workdir))
         self.interpreter_http = InterpreterServer(self.interpreter, self.state, self.stats)
 
     def envd_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self.envd.middleware], client_max_size=self.config.max_rpc_body_bytes
-        )
+        app = web.Application(middlewares=[self.envd.middleware], client_max_size=self.config.max_rpc_body_bytes)
         self.envd.routes(app)
         # With the SDK's sandbox_url every data-plane request reaches one address, so the envd
         # listener serves the code-interpreter routes as well (no paths collide).
@@ -68,9 +64,7 @@ class Agent:
                 "sandbox-agent ready: envd on %s:%d, code interpreter on %s, workdir %s",
                 self.config.host,
                 self.config.envd_port,
-                f"{self.config.host}:{self.config.interpreter_port}"
-                if self.config.interpreter_port
-                else "envd port",
+                f"{self.config.host}:{self.config.interpreter_port}" if self.config.interpreter_port else "envd port",
                 self.config.workdir,
             )
             prewarm = None
@@ -112,8 +106,6 @@ async def serve(config: AgentConfig) -> None:
 
 
 def configure_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Jupyter's loggers are chatty at INFO about connection files.
     logging.getLogger("traitlets").setLevel(logging.WARNING)

@@ -10,9 +10,7 @@ from typing import Literal
 Operation = Literal["read", "write"]
 
 
-def compute_signature(
-    path: str, operation: Operation, username: str, access_token: str, expiration: int | None
-) -> str:
+def compute_signature(path: str, operation: Operation, username: str, access_token: str, expiration: int | None) -> str:
     """v1_ + unpadded base64(sha256("{path}:{operation}:{username}:{token}[:{expiration}]"))."""
     raw = f"{path}:{operation}:{username}:{access_token}"
     if expiration is not None:

@@ -250,9 +250,7 @@ class ResourceSampler:
         return round(max(0.0, min(used, 1.0)) * 100, 2)
 
 
-def envd_metrics(
-    sample: ResourceSample, cpu_used_pct: float, stats: ExecutionStats
-) -> dict[str, float | int]:
+def envd_metrics(sample: ResourceSample, cpu_used_pct: float, stats: ExecutionStats) -> dict[str, float | int]:
     """envd GET /metrics JSON (plus the agent's activity fields, which envd clients ignore)."""
     mib = 1024 * 1024
     return {
@@ -300,9 +298,7 @@ def prometheus_text(sample: ResourceSample, stats: ExecutionStats, sandbox_id: s
     metric("memory_cache_bytes", "gauge", "Page cache charged to the sandbox.", [({}, sample.memory_cache)])
     metric("disk_used_bytes", "gauge", "Used bytes on the workspace filesystem.", [({}, sample.disk_used)])
     metric("disk_quota_bytes", "gauge", "Size of the workspace filesystem.", [({}, sample.disk_total)])
-    metric(
-        "network_receive_bytes_total", "counter", "Bytes received (all but loopback).", [({}, sample.net_rx)]
-    )
+    metric("network_receive_bytes_total", "counter", "Bytes received (all but loopback).", [({}, sample.net_rx)])
     metric("network_transmit_bytes_total", "counter", "Bytes sent (all but loopback).", [({}, sample.net_tx)])
     metric("processes", "gauge", "Processes in the sandbox.", [({}, sample.processes)])
     metric(

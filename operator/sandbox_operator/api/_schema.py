@@ -85,9 +85,7 @@ class CelRules:
 
     rules: tuple[CelRule, ...]
 
-    def __get_pydantic_json_schema__(
-        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = handler(core_schema)
         schema.setdefault("x-kubernetes-validations", []).extend(self.rules)
         return schema
@@ -97,15 +95,11 @@ class CelRules:
 class _IntOrString:
     """Annotated marker: the schema node is ``x-kubernetes-int-or-string`` (like core quantities)."""
 
-    def __get_pydantic_json_schema__(
-        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = handler(core_schema)
         schema.pop("type", None)
         schema.pop("maxLength", None)  # not allowed to bound the integer branch; CEL cost stays small
-        schema.update(
-            {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
-        )
+        schema.update({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]})
         return schema
 
 
@@ -218,8 +212,7 @@ EnvMap = Annotated[
     CelRules(
         (
             cel(
-                f"self.all(name, size(name) <= {ENV_NAME_MAX} && "
-                f"name.matches({_cel_string(ENV_NAME_PATTERN)}))",
+                f"self.all(name, size(name) <= {ENV_NAME_MAX} && name.matches({_cel_string(ENV_NAME_PATTERN)}))",
                 ENV_NAME_MESSAGE,
                 reason="FieldValueInvalid",
             ),
@@ -253,8 +246,7 @@ LabelMap = Annotated[
     CelRules(
         (
             cel(
-                f"self.all(key, size(key) <= {LABEL_KEY_MAX} && "
-                f"key.matches({_cel_string(LABEL_KEY_PATTERN)}))",
+                f"self.all(key, size(key) <= {LABEL_KEY_MAX} && key.matches({_cel_string(LABEL_KEY_PATTERN)}))",
                 LABEL_KEY_MESSAGE,
                 reason="FieldValueInvalid",
             ),
@@ -266,9 +258,7 @@ LabelMap = Annotated[
 # --- Egress targets -------------------------------------------------------------------------------
 
 _PORT_RE = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
-HOST_PORT_PATTERN = (
-    rf"^[a-z0-9]([-a-z0-9]{{0,61}}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{{0,61}}[a-z0-9])?)*:{_PORT_RE}$"
-)
+HOST_PORT_PATTERN = rf"^[a-z0-9]([-a-z0-9]{{0,61}}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{{0,61}}[a-z0-9])?)*:{_PORT_RE}$"
 EGRESS_TARGET_MESSAGE = (
     "each egressAllow entry must be a CIDR (10.0.0.0/8, fd00::/8) or a lowercase host:port with a port "
     "from 1 to 65535 (pypi.org:443)"

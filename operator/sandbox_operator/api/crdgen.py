@@ -132,9 +132,7 @@ def _ordered(node: JsonSchema) -> JsonSchema:
 
 
 def _model_schema(model: type[Any]) -> JsonSchema:
-    raw: JsonSchema = model.model_json_schema(
-        by_alias=True, mode="validation", ref_template="#/$defs/{model}"
-    )
+    raw: JsonSchema = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
     defs = raw.pop("$defs", {})
     return structural(raw, defs, "")
 
@@ -255,16 +253,15 @@ def _drifted(output: Path, rendered: dict[str, str]) -> Iterable[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sandbox_operator.api.crdgen", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m sandbox_operator.api.crdgen", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--output", type=Path, action="append", default=None,
+        "--output",
+        type=Path,
+        action="append",
+        default=None,
         help="directory of the CRD YAML files (repeatable; default: crds/ and the Helm chart's crds/)",
     )
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if the directory differs from the models"
-    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if the directory differs from the models")
     args = parser.parse_args(argv)
     rendered = {name: render(crd) for name, crd in build_crds().items()}
     outputs: list[Path] = args.output or list(default_output_dirs())

@@ -39,9 +39,7 @@ _DECIMAL_SUFFIX = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "
 # supported by Go durations (write 24h). Digit counts are capped so that no value overflows Go's
 # int64 nanoseconds inside CEL (99999h + 9999999m + 999999999s is about 445,000 hours).
 DURATION_PATTERN = r"^(0|[0-9]{1,5}h([0-9]{1,7}m)?([0-9]{1,9}s)?|[0-9]{1,7}m([0-9]{1,9}s)?|[0-9]{1,9}s)$"
-_DURATION_RE = re.compile(
-    r"(?:(?P<zero>0)|(?:(?P<h>[0-9]{1,5})h)?(?:(?P<m>[0-9]{1,7})m)?(?:(?P<s>[0-9]{1,9})s)?)"
-)
+_DURATION_RE = re.compile(r"(?:(?P<zero>0)|(?:(?P<h>[0-9]{1,5})h)?(?:(?P<m>[0-9]{1,7})m)?(?:(?P<s>[0-9]{1,9})s)?)")
 DURATION_HINT = "a duration such as 300s, 30m or 1h30m (units h, m, s), or 0 for none"
 
 
@@ -130,6 +128,4 @@ def format_duration(seconds: int) -> str:
     minutes, secs = divmod(rest, 60)
     if hours > 99999:
         raise ValueError(f"{seconds}s is longer than the longest supported duration (99999h)")
-    return "".join(
-        f"{amount}{unit}" for amount, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if amount
-    )
+    return "".join(f"{amount}{unit}" for amount, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if amount)

@@ -55,9 +55,7 @@ class _Model(BaseModel):
 class _StatusModel(BaseModel):
     """Status-side models: tolerant of fields a newer operator may have written."""
 
-    model_config = ConfigDict(
-        alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True, extra="ignore"
-    )
+    model_config = ConfigDict(alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True, extra="ignore")
 
 
 # --- Enums ----------------------------------------------------------------------------------------
@@ -144,17 +142,13 @@ def _duration_rules(subject: str) -> tuple[dict[str, str], ...]:
     return tuple(rules)
 
 
-def _check_within_lifetime(
-    idle: str | None, execution: str | None, max_lifetime: str | None, subject: str
-) -> None:
+def _check_within_lifetime(idle: str | None, execution: str | None, max_lifetime: str | None, subject: str) -> None:
     if max_lifetime is None or parse_duration(max_lifetime) == 0:
         return
     limit = parse_duration(max_lifetime)
     for name, value in (("idle", idle), ("execution", execution)):
         if value is not None and parse_duration(value) > limit:
-            raise ValueError(
-                f"{subject}.{name} must not be longer than {subject}.maxLifetime (0 means no limit)"
-            )
+            raise ValueError(f"{subject}.{name} must not be longer than {subject}.maxLifetime (0 means no limit)")
 
 
 _IDLE_DESCRIPTION = (
@@ -204,9 +198,7 @@ class NetworkSpec(_Model):
                 reason="FieldValueRequired",
             ),
             cel(
-                "!has(self.ports) || self.ports.all(port, "
-                + " && ".join(f"port != {p}" for p in AGENT_PORTS)
-                + ")",
+                "!has(self.ports) || self.ports.all(port, " + " && ".join(f"port != {p}" for p in AGENT_PORTS) + ")",
                 f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent",
                 field_path=".ports",
                 reason="FieldValueForbidden",
@@ -243,9 +235,7 @@ class NetworkSpec(_Model):
         if self.egress is EgressMode.ALLOW_LIST and not self.egress_allow:
             raise ValueError("egress allowList needs at least one egressAllow entry")
         if self.ports and set(self.ports) & set(AGENT_PORTS):
-            raise ValueError(
-                f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent"
-            )
+            raise ValueError(f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent")
         if self.ports and len(set(self.ports)) != len(self.ports):
             raise ValueError("ports must not repeat")
         return self
@@ -281,9 +271,7 @@ _CONDITIONS_EXTRA: dict[str, Any] = {
 class ObjectMeta(BaseModel):
     """The parts of Kubernetes object metadata the operator reads; everything else is kept as is."""
 
-    model_config = ConfigDict(
-        alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True, extra="allow"
-    )
+    model_config = ConfigDict(alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True, extra="allow")
 
     name: str | None = None
     generate_name: str | None = None
@@ -338,9 +326,7 @@ class CrdInfo:
 class _Resource(BaseModel):
     """A whole object: apiVersion, kind, metadata, spec (and status)."""
 
-    model_config = ConfigDict(
-        alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True, extra="ignore"
-    )
+    model_config = ConfigDict(alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True, extra="ignore")
 
     crd: ClassVar[CrdInfo]
 
@@ -412,9 +398,7 @@ class SandboxSpec(_Model):
     )
     metadata: LabelMap | None = Field(
         default=None,
-        description=(
-            "Free-form key/value metadata, returned by the E2B API; allow-listed keys become metric labels."
-        ),
+        description=("Free-form key/value metadata, returned by the E2B API; allow-listed keys become metric labels."),
     )
     ttl_after_terminated: Duration | None = Field(
         default=None,
@@ -497,9 +481,7 @@ class SandboxStatus(_StatusModel):
         max_length=1024,
         description="Why the sandbox is in Error or terminated, in CamelCase (IdleTimeout, OOMKilled, ...).",
     )
-    message: str | None = Field(
-        default=None, max_length=32768, description="Human-readable details of reason."
-    )
+    message: str | None = Field(default=None, max_length=32768, description="Human-readable details of reason.")
     usage: ResourceUsage | None = Field(default=None, description="Latest resource usage sample.")
 
     def condition(self, condition_type: str) -> Condition | None:
@@ -641,13 +623,9 @@ class SecuritySettings(_Model):
     """Pod security of sandboxes. Privilege escalation, capabilities and the service-account token
     are always off and seccomp is always RuntimeDefault; these are the choices a template may make."""
 
-    run_as_user: int = Field(
-        default=1000, ge=1, le=2147483647, description="UID of the sandbox processes; never 0."
-    )
+    run_as_user: int = Field(default=1000, ge=1, le=2147483647, description="UID of the sandbox processes; never 0.")
     run_as_group: int = Field(default=1000, ge=1, le=2147483647, description="GID of the sandbox processes.")
-    fs_group: int = Field(
-        default=1000, ge=1, le=2147483647, description="Group that owns the workspace volume."
-    )
+    fs_group: int = Field(default=1000, ge=1, le=2147483647, description="Group that owns the workspace volume.")
     read_only_root_filesystem: bool = Field(
         default=False,
         description="Mount the image's root filesystem read-only (the workspace and /tmp stay writable).",
@@ -673,9 +651,7 @@ class SandboxTemplateSpec(_Model):
     args: list[Annotated[str, Field(max_length=4096)]] | None = Field(
         default=None, max_length=256, description="Arguments to the entrypoint (the image's CMD when unset)."
     )
-    env: EnvMap | None = Field(
-        default=None, description="Environment variables of every sandbox of this template."
-    )
+    env: EnvMap | None = Field(default=None, description="Environment variables of every sandbox of this template.")
     resources: TemplateResources = Field(
         default_factory=TemplateResources,
         description="Default and maximum resources.",
@@ -723,9 +699,7 @@ class SandboxTemplateSpec(_Model):
     @model_validator(mode="after")
     def _ports_free(self) -> Self:
         if self.ports and set(self.ports) & set(AGENT_PORTS):
-            raise ValueError(
-                f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent"
-            )
+            raise ValueError(f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent")
         return self
 
 

@@ -161,19 +161,19 @@ def build_registry() -> kopf.OperatorRegistry:
     return registry
 
 
-async def operate(config: OperatorConfig, stop_flag: asyncio.Event | None = None,
-                  ready_flag: asyncio.Event | None = None) -> Runtime:
+async def operate(
+    config: OperatorConfig, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None
+) -> Runtime:
     """Run the operator until stopped; returns the runtime (for tests and benchmarks)."""
     credentials = await asyncio.to_thread(Credentials.load, config.kubeconfig)
-    client = KubeClient(credentials, max_in_flight=config.max_in_flight,
-                        reload=functools.partial(Credentials.load, config.kubeconfig))
+    client = KubeClient(
+        credentials, max_in_flight=config.max_in_flight, reload=functools.partial(Credentials.load, config.kubeconfig)
+    )
     runtime = Runtime(client, config)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.bind_address, registry=runtime.metrics.registry)
         log.info("serving /metrics on %s:%d", config.bind_address, config.metrics_port)
-    liveness = (
-        f"http://{config.bind_address}:{config.liveness_port}/healthz" if config.liveness_port else None
-    )
+    liveness = f"http://{config.bind_address}:{config.liveness_port}/healthz" if config.liveness_port else None
     try:
         await kopf.operator(
             registry=build_registry(),

@@ -83,16 +83,18 @@ def _pool_owner(pool: SandboxPool) -> dict[str, Any]:
 def build_warm_pod(pool: SandboxPool, template: SandboxTemplate, suffix: str) -> tuple[JSON, JSON | None]:
     """A warm pod (and its workspace claim) for the pool: a sandbox pod of template defaults."""
     name = f"{pool.metadata.name}-{suffix}"
-    stand_in = Sandbox.from_body({
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Sandbox",
-        "metadata": {
-            "name": name,
-            "namespace": pool.metadata.namespace,
-            "uid": f"pool-{pool.metadata.uid}-{suffix}",
-        },
-        "spec": {"template": pool.spec.template},
-    })
+    stand_in = Sandbox.from_body(
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Sandbox",
+            "metadata": {
+                "name": name,
+                "namespace": pool.metadata.namespace,
+                "uid": f"pool-{pool.metadata.uid}-{suffix}",
+            },
+            "spec": {"template": pool.spec.template},
+        }
+    )
     pod = build_pod(stand_in, template)
     claim = build_pvc(stand_in, template)
     for child in (pod, claim):
@@ -122,8 +124,11 @@ def workspace_claim_of(pod: JSON) -> str | None:
 
 
 def _claims_mounted(pod: JSON) -> list[str]:
-    return [str(v[WORKSPACE_VOLUME_KEY]["claimName"]) for v in pod.get("spec", {}).get("volumes") or []
-            if WORKSPACE_VOLUME_KEY in v]
+    return [
+        str(v[WORKSPACE_VOLUME_KEY]["claimName"])
+        for v in pod.get("spec", {}).get("volumes") or []
+        if WORKSPACE_VOLUME_KEY in v
+    ]
 
 
 def _core_path(namespace: str, plural: str, name: str) -> str:
@@ -136,8 +141,12 @@ async def _delete_unchanged(rt: Runtime, path: str, obj: JSON) -> bool:
     True when it is deleted or already gone, False when it changed."""
     metadata = obj["metadata"]
     preconditions = {k: metadata[k] for k in ("uid", "resourceVersion") if metadata.get(k)}
-    options: JSON = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
-                     "preconditions": preconditions}
+    options: JSON = {
+        "kind": "DeleteOptions",
+        "apiVersion": "v1",
+        "propagationPolicy": "Background",
+        "preconditions": preconditions,
+    }
     try:
         await rt.client.request("DELETE", path, options)
     except ApiError as exc:
@@ -193,8 +202,11 @@ async def reconcile_pool(rt: Runtime, key: Key) -> None:
     # Any pod may mount a pool claim (a warm pod, or one claimed from the pool in the middle of its
     # claim), so all of the namespace's pods count; one pass, O(pods in the store).
     namespace_pods = [p for (ns, _), p in list(rt.store.pods.items()) if ns == namespace]
-    pool_claims = [c for (ns, _), c in list(rt.store.pvcs.items())
-                   if ns == namespace and (c["metadata"].get("labels") or {}).get(POOL_LABEL) == pool_name]
+    pool_claims = [
+        c
+        for (ns, _), c in list(rt.store.pvcs.items())
+        if ns == namespace and (c["metadata"].get("labels") or {}).get(POOL_LABEL) == pool_name
+    ]
     in_use = {claim for p in namespace_pods for claim in _claims_mounted(p)} if pool_claims else set()
     sweep = orphaned_claims(pool_name, pool_claims, in_use, now, ORPHAN_CLAIM_GRACE, released)
     for claim_name in sweep.to_delete:
@@ -206,12 +218,14 @@ async def reconcile_pool(rt: Runtime, key: Key) -> None:
 
     claimed = count_claimed(pool_name, namespace_pods)
     if template is None:
-        await _write_pool_status(rt, key, body, plan.ready, claimed, "TemplateNotFound",
-                                 f'SandboxTemplate "{pool.spec.template}" not found')
+        await _write_pool_status(
+            rt, key, body, plan.ready, claimed, "TemplateNotFound", f'SandboxTemplate "{pool.spec.template}" not found'
+        )
         return
     message = f"{plan.ready}/{pool.spec.size} warm pods ready"
-    await _write_pool_status(rt, key, body, plan.ready, claimed,
-                             "Filled" if plan.ready >= pool.spec.size else "Filling", message)
+    await _write_pool_status(
+        rt, key, body, plan.ready, claimed, "Filled" if plan.ready >= pool.spec.size else "Filling", message
+    )
 
 
 async def _delete_warm_pod(rt: Runtime, key: Key, pod_name: str, stale: bool) -> str | None:
@@ -227,8 +241,13 @@ async def _delete_warm_pod(rt: Runtime, key: Key, pod_name: str, stale: bool) ->
         return ""  # gone, or no longer the pool's
     if stale:
         phase = (pod.get("status") or {}).get("phase")
-        log.info("replacing warm pod %s/%s of pool %s (%s)", namespace, pod_name, pool_name,
-                 phase if phase in ("Failed", "Succeeded") else "outdated or workspace taken")
+        log.info(
+            "replacing warm pod %s/%s of pool %s (%s)",
+            namespace,
+            pod_name,
+            pool_name,
+            phase if phase in ("Failed", "Succeeded") else "outdated or workspace taken",
+        )
     if not await _delete_unchanged(rt, _core_path(namespace, "pods", pod_name), pod):
         return None
     rt.store.delete_pod(pod_key)
@@ -264,11 +283,16 @@ async def _write_pool_status(
         patch["observedGeneration"] = generation
     if old is None or (old.get("status"), old.get("reason"), old.get("message")) != (is_ready, reason, message):
         transition = old.get("lastTransitionTime") if old and old.get("status") == is_ready else None
-        patch["conditions"] = [{
-            "type": "Ready", "status": is_ready, "reason": reason, "message": message,
-            "lastTransitionTime": transition or format_time(datetime.now(UTC)),
-            "observedGeneration": generation,
-        }]
+        patch["conditions"] = [
+            {
+                "type": "Ready",
+                "status": is_ready,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": transition or format_time(datetime.now(UTC)),
+                "observedGeneration": generation,
+            }
+        ]
     if not patch:
         return
     updated = await rt.client.patch(
@@ -291,7 +315,8 @@ async def try_claim_pool_pod(rt: Runtime, sandbox: Sandbox, template: SandboxTem
     """Take a ready warm pod of a matching pool for `sandbox`, or None (then: cold start)."""
     namespace = str(sandbox.metadata.namespace)
     pools = [
-        pool_name for (pool_ns, pool_name), body in rt.store.pools.items()
+        pool_name
+        for (pool_ns, pool_name), body in rt.store.pools.items()
         if pool_ns == namespace and (body.get("spec") or {}).get("template") == sandbox.spec.template
     ]
     if not pools:

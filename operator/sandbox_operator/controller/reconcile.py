@@ -112,8 +112,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     pod, extras = _select_pod(pods, names.pod, status_now.get("podName"))
     for extra in extras:  # e.g. a pool claim raced a cold create: keep one pod per sandbox
         log.info("deleting duplicate pod %s/%s of sandbox %s", namespace, extra["metadata"]["name"], name)
-        await rt.client.delete(core_path(namespace, "pods", extra["metadata"]["name"]),
-                               uid=extra["metadata"].get("uid"))
+        await rt.client.delete(
+            core_path(namespace, "pods", extra["metadata"]["name"]), uid=extra["metadata"].get("uid")
+        )
         rt.store.delete_pod((namespace, extra["metadata"]["name"]))
     pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((namespace, names.pvc))
     uid = str(sandbox.metadata.uid)
@@ -131,8 +132,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
         if isinstance(action, EnsureService | EnsureNetworkPolicy)
     ]
     children_written = (
-        asyncio.ensure_future(asyncio.gather(*(_ensure_child(rt, kind, path, child, uid, built)
-                                               for kind, path, child, built in children)))
+        asyncio.ensure_future(
+            asyncio.gather(*(_ensure_child(rt, kind, path, child, uid, built) for kind, path, child, built in children))
+        )
         if children
         else None
     )
@@ -213,8 +215,9 @@ async def _act(
                     pvc = created
         elif isinstance(action, DeletePod):
             if pod is not None:
-                await rt.client.delete(core_path(namespace, "pods", pod["metadata"]["name"]),
-                                       uid=pod["metadata"].get("uid"))
+                await rt.client.delete(
+                    core_path(namespace, "pods", pod["metadata"]["name"]), uid=pod["metadata"].get("uid")
+                )
         elif isinstance(action, DeletePVC):
             await rt.client.delete(core_path(namespace, "persistentvolumeclaims", names.pvc))
         elif isinstance(action, DeleteService):
@@ -289,8 +292,10 @@ async def _ensure_child(rt: Runtime, kind: str, collection: str, name: str, uid:
     if rt.store.child_hash(kind, key) is None:
         written = await rt.client.create(collection, body)  # None: it exists (409), maybe outdated
     if written is None:
-        patch = {"metadata": {"labels": body["metadata"]["labels"], "annotations": body["metadata"]["annotations"]},
-                 "spec": body["spec"]}
+        patch = {
+            "metadata": {"labels": body["metadata"]["labels"], "annotations": body["metadata"]["annotations"]},
+            "spec": body["spec"],
+        }
         written = await rt.client.patch(f"{collection}/{name}", patch)
     rt.ensured[(uid, kind)] = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
     if written is not None:
@@ -359,8 +364,14 @@ def _record_transition(
         rt.metrics.time_to_running.labels("pool" if from_pool else "cold").observe(
             max(0.0, (now - created).total_seconds())
         )
-    log.info("sandbox %s/%s: %s -> %s (%s)", sandbox.metadata.namespace, sandbox.metadata.name,
-             previous or "-", phase, reason)
+    log.info(
+        "sandbox %s/%s: %s -> %s (%s)",
+        sandbox.metadata.namespace,
+        sandbox.metadata.name,
+        previous or "-",
+        phase,
+        reason,
+    )
 
 
 def _schedule(rt: Runtime, key: Key, decision: Decision, now: datetime) -> None:
@@ -382,11 +393,16 @@ async def _report_missing_template(rt: Runtime, key: Key, sandbox: Sandbox, curr
         "message": message,
         "sandboxID": sandbox_id(sandbox),
         "observedGeneration": sandbox.metadata.generation,
-        "conditions": [{
-            "type": "Ready", "status": "False", "reason": "TemplateNotFound", "message": message,
-            "lastTransitionTime": format_time(datetime.now(UTC)),
-            "observedGeneration": sandbox.metadata.generation,
-        }],
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "False",
+                "reason": "TemplateNotFound",
+                "message": message,
+                "lastTransitionTime": format_time(datetime.now(UTC)),
+                "observedGeneration": sandbox.metadata.generation,
+            }
+        ],
     }
     updated = await rt.client.patch(f"{sandbox_path(*key)}/status", {"status": patch})
     if updated is not None:

@@ -38,8 +38,9 @@ class Runtime:
         self.store = Store()
         self.queue: WorkQueue[QueueKey] = WorkQueue()
         self.metrics = LifecycleMetrics()
-        self.metrics.attach_snapshot(self._phase_counts, self._pool_counts, lambda: client.writes,
-                                     lambda: len(self.queue))
+        self.metrics.attach_snapshot(
+            self._phase_counts, self._pool_counts, lambda: client.writes, lambda: len(self.queue)
+        )
         self._workers: list[asyncio.Task[None]] = []
         self._failures: dict[QueueKey, int] = {}
         # Pool pods being handed to a sandbox right now: never offered twice.
@@ -210,8 +211,9 @@ class Runtime:
                 failures = self._failures.get(qkey, 0) + 1
                 self._failures[qkey] = failures
                 delay = min(0.1 * 2 ** (failures - 1), 30.0)  # exponential backoff, capped
-                log.warning("reconcile %s/%s/%s failed (%s), retry in %.1fs: %s",
-                            kind, namespace, name, reason, delay, exc)
+                log.warning(
+                    "reconcile %s/%s/%s failed (%s), retry in %.1fs: %s", kind, namespace, name, reason, delay, exc
+                )
                 self.queue.add_after(qkey, delay)
             finally:
                 self.queue.done(qkey)

@@ -117,8 +117,12 @@ class UsageCollector:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-                log.info("usage round cut short after %.1fs: %d of %d scrapes left for the next round",
-                         budget, len(pending), len(tasks))
+                log.info(
+                    "usage round cut short after %.1fs: %d of %d scrapes left for the next round",
+                    budget,
+                    len(pending),
+                    len(tasks),
+                )
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     log.error("usage scrape failed", exc_info=task.exception())
@@ -191,15 +195,17 @@ class UsageCollector:
         if now - self._last_status_write.get(key, -1e9) < self.status_interval:
             return
         self._last_status_write[key] = now
-        status: dict[str, Any] = {"usage": {
-            "cpuCores": round(entry.cpu_cores or 0.0, 4),
-            "memoryBytes": int(sample.memory_used_bytes),
-            "diskBytes": int(sample.disk_used_bytes),
-            "rxBytes": int(sample.rx_bytes),
-            "txBytes": int(sample.tx_bytes),
-            "processes": int(sample.processes),
-            "collectedAt": format_time(datetime.fromtimestamp(entry.sampled_at, UTC)),
-        }}
+        status: dict[str, Any] = {
+            "usage": {
+                "cpuCores": round(entry.cpu_cores or 0.0, 4),
+                "memoryBytes": int(sample.memory_used_bytes),
+                "diskBytes": int(sample.disk_used_bytes),
+                "rxBytes": int(sample.rx_bytes),
+                "txBytes": int(sample.tx_bytes),
+                "processes": int(sample.processes),
+                "collectedAt": format_time(datetime.fromtimestamp(entry.sampled_at, UTC)),
+            }
+        }
         if sample.last_activity:
             activity = datetime.fromtimestamp(sample.last_activity, UTC).replace(microsecond=0)
             known = parse_time((body.get("status") or {}).get("lastActivityAt"))

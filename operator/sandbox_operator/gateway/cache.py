@@ -45,8 +45,12 @@ class Cache:
         feeds: list[tuple[str, str, dict[str, str], Callable[[str, JSON], None]]] = [
             ("sandboxes", f"/apis/{GROUP}/{VERSION}/sandboxes", {}, self._on_sandbox),
             ("templates", f"/apis/{GROUP}/{VERSION}/sandboxtemplates", {}, self._on_template),
-            ("api-keys", f"/api/v1/namespaces/{self.keys_namespace}/secrets",
-             {"labelSelector": f"{API_KEY_LABEL}=true"}, self._on_secret),
+            (
+                "api-keys",
+                f"/api/v1/namespaces/{self.keys_namespace}/secrets",
+                {"labelSelector": f"{API_KEY_LABEL}=true"},
+                self._on_secret,
+            ),
         ]
         for name, path, params, apply in feeds:
             self._synced[name] = asyncio.Event()
@@ -63,8 +67,7 @@ class Cache:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _follow(self, name: str, path: str, params: dict[str, str],
-                      apply: Callable[[str, JSON], None]) -> None:
+    async def _follow(self, name: str, path: str, params: dict[str, str], apply: Callable[[str, JSON], None]) -> None:
         """List, then watch from the list's resourceVersion; re-list when the watch expires (410)."""
         failures = 0
         while True:
@@ -75,8 +78,13 @@ class Cache:
                 self._synced[name].set()
                 failures = 0
                 while True:
-                    watch = {**params, "watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
-                             "timeoutSeconds": "300"}
+                    watch = {
+                        **params,
+                        "watch": "1",
+                        "resourceVersion": version,
+                        "allowWatchBookmarks": "true",
+                        "timeoutSeconds": "300",
+                    }
                     async for event in self.client.watch_lines(path, watch):
                         kind, obj = event.get("type"), event.get("object") or {}
                         if kind == "ERROR":
@@ -91,8 +99,13 @@ class Cache:
                 expired = isinstance(exc, ApiError) and exc.status == 410
                 delay = 0.0 if expired else RELIST_BACKOFF_S[min(failures, len(RELIST_BACKOFF_S) - 1)]
                 failures += 0 if expired else 1
-                log.log(logging.DEBUG if expired else logging.WARNING, "watch of %s: %s; re-listing in %.1fs",
-                        name, exc, delay)
+                log.log(
+                    logging.DEBUG if expired else logging.WARNING,
+                    "watch of %s: %s; re-listing in %.1fs",
+                    name,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def _replace(self, apply: Callable[[str, JSON], None], items: list[JSON], name: str) -> None:
@@ -122,9 +135,22 @@ class Cache:
         if old is not None:
             self.by_id.pop(sandbox_id_of(old), None)
         if kind != "DELETED":
-            slim = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "creationTimestamp",
-                                                          "deletionTimestamp", "resourceVersion", "generation")},
-                    "spec": body.get("spec") or {}, "status": body.get("status") or {}}
+            slim = {
+                "metadata": {
+                    k: meta.get(k)
+                    for k in (
+                        "name",
+                        "namespace",
+                        "uid",
+                        "creationTimestamp",
+                        "deletionTimestamp",
+                        "resourceVersion",
+                        "generation",
+                    )
+                },
+                "spec": body.get("spec") or {},
+                "status": body.get("status") or {},
+            }
             self.sandboxes[key] = slim
             self.by_id[sandbox_id_of(slim)] = key
 
@@ -146,8 +172,12 @@ class Cache:
         namespace = (meta.get("annotations") or {}).get(API_KEY_NAMESPACE_ANNOTATION)
         raw = (body.get("data") or {}).get("key")
         if not namespace or not raw:
-            log.warning("API key secret %s/%s needs data.key and the %s annotation; ignored",
-                        self.keys_namespace, name, API_KEY_NAMESPACE_ANNOTATION)
+            log.warning(
+                "API key secret %s/%s needs data.key and the %s annotation; ignored",
+                self.keys_namespace,
+                name,
+                API_KEY_NAMESPACE_ANNOTATION,
+            )
             return
         try:
             key = base64.b64decode(raw).decode().strip()

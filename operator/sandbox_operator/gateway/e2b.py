@@ -138,8 +138,11 @@ def sandbox_from_request(request: Mapping[str, Any], *, namespace: str, template
         "apiVersion": API_VERSION,
         "kind": "Sandbox",
         # E2B sandboxes have no names: a random one, shaped like a DNS label.
-        "metadata": {"name": f"e2b-{secrets.token_hex(6)}", "namespace": namespace,
-                     "annotations": {CREATED_BY_ANNOTATION: "e2b-api"}},
+        "metadata": {
+            "name": f"e2b-{secrets.token_hex(6)}",
+            "namespace": namespace,
+            "annotations": {CREATED_BY_ANNOTATION: "e2b-api"},
+        },
         "spec": spec,
     }
 
@@ -307,8 +310,13 @@ def parse_list_query(query: Mapping[str, str]) -> ListQuery:
         raise BadRequest("limit must be an integer") from None
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-    return ListQuery(states, parse_metadata_filter(query.get("metadata") or ""), query.get("template") or None,
-                     limit, query.get("nextToken") or None)
+    return ListQuery(
+        states,
+        parse_metadata_filter(query.get("metadata") or ""),
+        query.get("template") or None,
+        limit,
+        query.get("nextToken") or None,
+    )
 
 
 def parse_metadata_filter(value: str) -> dict[str, str]:

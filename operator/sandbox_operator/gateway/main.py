@@ -32,13 +32,21 @@ def load_token_key(path: str | None) -> bytes:
         return key
     if os.environ.get(TOKEN_KEY_ENV):
         return os.environ[TOKEN_KEY_ENV].encode()
-    log.warning("no --token-key-file or %s: using a random token key; sandbox access tokens will not "
-                "survive a gateway restart, and replicas will not agree on them", TOKEN_KEY_ENV)
+    log.warning(
+        "no --token-key-file or %s: using a random token key; sandbox access tokens will not "
+        "survive a gateway restart, and replicas will not agree on them",
+        TOKEN_KEY_ENV,
+    )
     return secrets.token_bytes(32)
 
 
 async def serve(
-    *, kubeconfig: str | None, host: str, port: int, metrics_port: int, config: GatewayConfig,
+    *,
+    kubeconfig: str | None,
+    host: str,
+    port: int,
+    metrics_port: int,
+    config: GatewayConfig,
     stop: asyncio.Event | None = None,
 ) -> None:
     credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
@@ -52,8 +60,12 @@ async def serve(
         await gateway.cache.synced(within=60)
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
-        log.info("gateway serving the E2B API and sandbox traffic on %s:%d (API keys from secrets in %s)",
-                 host, port, config.keys_namespace)
+        log.info(
+            "gateway serving the E2B API and sandbox traffic on %s:%d (API keys from secrets in %s)",
+            host,
+            port,
+            config.keys_namespace,
+        )
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,9 +76,22 @@ async def serve(
         await client.close()
 
 
-def run_gateway(*, kubeconfig: str | None, host: str, port: int, metrics_port: int, keys_namespace: str,
-                domain: str | None, token_key_file: str | None, create_timeout: float) -> int:
-    config = GatewayConfig(token_key=load_token_key(token_key_file), keys_namespace=keys_namespace,
-                           domain=domain, create_timeout=create_timeout)
+def run_gateway(
+    *,
+    kubeconfig: str | None,
+    host: str,
+    port: int,
+    metrics_port: int,
+    keys_namespace: str,
+    domain: str | None,
+    token_key_file: str | None,
+    create_timeout: float,
+) -> int:
+    config = GatewayConfig(
+        token_key=load_token_key(token_key_file),
+        keys_namespace=keys_namespace,
+        domain=domain,
+        create_timeout=create_timeout,
+    )
     eventloop.run(serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config))
     return 0

@@ -39,8 +39,20 @@ JSON = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Not forwarded in either direction (RFC 9110 §7.6.1), plus what the proxy sets itself.
-HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                         "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 # The gateway's own credentials never reach a sandbox.
 STRIPPED_HEADERS = frozenset({"x-api-key", "x-access-token", "e2b-traffic-access-token"})
 NOT_FORWARDED = HOP_HEADERS | STRIPPED_HEADERS
@@ -63,11 +75,19 @@ class Gateway:
         self.config = config
         self.cache = Cache(client, config.keys_namespace)
         self.registry = CollectorRegistry()
-        self.requests = Counter("sandbox_gateway_requests", "Requests answered, by kind and status code.",
-                                ["kind", "code"], registry=self.registry)
-        self.latency = Histogram("sandbox_gateway_request_duration_seconds",
-                                 "Time to the response headers, by kind.", ["kind"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60))
+        self.requests = Counter(
+            "sandbox_gateway_requests",
+            "Requests answered, by kind and status code.",
+            ["kind", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sandbox_gateway_request_duration_seconds",
+            "Time to the response headers, by kind.",
+            ["kind"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+        )
         self._upstream: aiohttp.ClientSession | None = None
         self._tokens: dict[str, str] = {}  # sandbox uid -> access token
 
@@ -76,12 +96,18 @@ class Gateway:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._dispatch], client_max_size=self.config.max_body_bytes)
         routes = [
-            ("POST", "/v2/sandboxes", self.create), ("POST", "/sandboxes", self.create),
-            ("GET", "/v2/sandboxes", self.list), ("GET", "/sandboxes", self.list),
-            ("GET", "/sandboxes/{id}", self.get_info), ("DELETE", "/sandboxes/{id}", self.kill),
-            ("POST", "/sandboxes/{id}/timeout", self.set_timeout), ("POST", "/sandboxes/{id}/pause", self.pause),
-            ("POST", "/v2/sandboxes/{id}/connect", self.connect), ("POST", "/sandboxes/{id}/connect", self.connect),
-            ("POST", "/sandboxes/{id}/resume", self.connect), ("GET", "/sandboxes/{id}/metrics", self.metrics),
+            ("POST", "/v2/sandboxes", self.create),
+            ("POST", "/sandboxes", self.create),
+            ("GET", "/v2/sandboxes", self.list),
+            ("GET", "/sandboxes", self.list),
+            ("GET", "/sandboxes/{id}", self.get_info),
+            ("DELETE", "/sandboxes/{id}", self.kill),
+            ("POST", "/sandboxes/{id}/timeout", self.set_timeout),
+            ("POST", "/sandboxes/{id}/pause", self.pause),
+            ("POST", "/v2/sandboxes/{id}/connect", self.connect),
+            ("POST", "/sandboxes/{id}/connect", self.connect),
+            ("POST", "/sandboxes/{id}/resume", self.connect),
+            ("GET", "/sandboxes/{id}/metrics", self.metrics),
             ("GET", "/health", self.health),
         ]
         routes += session_routes(self)
@@ -203,7 +229,8 @@ class Gateway:
                 return True
             status = body.get("status") or {}
             return status.get("phase") in (Phase.RUNNING, Phase.ERROR, Phase.TERMINATED) and (
-                status.get("phase") != Phase.RUNNING or bool(status.get("podIP")))
+                status.get("phase") != Phase.RUNNING or bool(status.get("podIP"))
+            )
 
         deadline = time.monotonic() + within
         body = await self.cache.wait_for(key, settled, within)
@@ -220,8 +247,9 @@ class Gateway:
         delay = 0.02
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with self.upstream().get(f"http://{pod_ip}:{e2b.ENVD_PORT}/health",
-                                               timeout=aiohttp.ClientTimeout(total=2)) as response:
+                async with self.upstream().get(
+                    f"http://{pod_ip}:{e2b.ENVD_PORT}/health", timeout=aiohttp.ClientTimeout(total=2)
+                ) as response:
                     if response.status < 300:
                         return
             if time.monotonic() + delay > deadline:
@@ -314,7 +342,8 @@ class Gateway:
         name = body["metadata"]["name"]
         await self.set_suspended(namespace, name, True)
         await self.cache.wait_for(
-            (namespace, name), lambda b: b is None or (b.get("status") or {}).get("phase") == Phase.SUSPENDED,
+            (namespace, name),
+            lambda b: b is None or (b.get("status") or {}).get("phase") == Phase.SUSPENDED,
             self.config.create_timeout,
         )
         return web.Response(status=204)
@@ -338,8 +367,9 @@ class Gateway:
         if not pod_ip or e2b.state_of(body) != "running":
             return json_response(200, [])
         try:
-            async with self.upstream().get(f"http://{pod_ip}:{e2b.ENVD_PORT}/metrics",
-                                           timeout=aiohttp.ClientTimeout(total=5)) as response:
+            async with self.upstream().get(
+                f"http://{pod_ip}:{e2b.ENVD_PORT}/metrics", timeout=aiohttp.ClientTimeout(total=5)
+            ) as response:
                 sample = await response.json()
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
             return json_response(200, [])
@@ -351,8 +381,9 @@ class Gateway:
         body = self.cache.find(route.sandbox_id)
         status = (body or {}).get("status") or {}
         if body is None or status.get("phase") != Phase.RUNNING or not status.get("podIP"):
-            return json_response(502, {"sandboxId": route.sandbox_id, "message": "The sandbox was not found",
-                                       "code": 502})
+            return json_response(
+                502, {"sandboxId": route.sandbox_id, "message": "The sandbox was not found", "code": 502}
+            )
         if route.port == e2b.ENVD_PORT and request.path in e2b.INTERNAL_PATHS:
             return json_response(403, e2b.error_body(403, f"{request.path} is internal to the sandbox"))
         refusal = self._check_token(request, route, self.token_of(body))
@@ -369,8 +400,9 @@ class Gateway:
         while True:
             url = f"http://{status['podIP']}:{route.port}{request.rel_url}"
             try:
-                upstream = await self.upstream().request(request.method, url, headers=headers, data=data,
-                                                        allow_redirects=False)
+                upstream = await self.upstream().request(
+                    request.method, url, headers=headers, data=data, allow_redirects=False
+                )
                 break
             except aiohttp.ClientConnectorError:
                 # Refused before a byte was sent: the agent of a just (re)started pod is still coming
@@ -382,8 +414,9 @@ class Gateway:
                 body = self.cache.find(route.sandbox_id)
                 status = (body or {}).get("status") or {}
                 if body is None or status.get("phase") != Phase.RUNNING or not status.get("podIP"):
-                    return json_response(502, {"sandboxId": route.sandbox_id, "code": 502,
-                                               "message": "The sandbox was not found"})
+                    return json_response(
+                        502, {"sandboxId": route.sandbox_id, "code": 502, "message": "The sandbox was not found"}
+                    )
             except (aiohttp.ClientConnectionError, OSError):
                 return _port_not_open(route)
         try:
@@ -428,8 +461,15 @@ class Gateway:
 
 
 def _port_not_open(route: e2b.Route) -> web.Response:
-    return json_response(502, {"sandboxId": route.sandbox_id, "port": route.port, "code": 502,
-                               "message": "The sandbox is running but port is not open"})
+    return json_response(
+        502,
+        {
+            "sandboxId": route.sandbox_id,
+            "port": route.port,
+            "code": 502,
+            "message": "The sandbox is running but port is not open",
+        },
+    )
 
 
 def _sandboxes_path(namespace: str) -> str:

@@ -42,8 +42,9 @@ MAX_OUTPUT_BYTES = 4 << 20  # a command's stdout/stderr returned inline
 
 def session_name(session_id: str) -> str:
     if not SESSION_ID.match(session_id):
-        raise e2b.Refused(400, "a session id is 1-40 lowercase letters, digits and '-', starting and ending "
-                                "with a letter or digit")
+        raise e2b.Refused(
+            400, "a session id is 1-40 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        )
     return f"session-{session_id}"
 
 
@@ -51,9 +52,13 @@ def routes(gateway: Gateway) -> list[tuple[str, str, Any]]:
     api = SessionApi(gateway)
     base = "/api/v1/session/{session}/sandbox"
     return [
-        ("PUT", base, api.ensure), ("GET", base, api.get), ("DELETE", base, api.delete),
-        ("POST", base + "/commands", api.commands), ("POST", base + "/code", api.code),
-        ("GET", base + "/files", api.read_file), ("PUT", base + "/files", api.write_file),
+        ("PUT", base, api.ensure),
+        ("GET", base, api.get),
+        ("DELETE", base, api.delete),
+        ("POST", base + "/commands", api.commands),
+        ("POST", base + "/code", api.code),
+        ("GET", base + "/files", api.read_file),
+        ("PUT", base + "/files", api.write_file),
     ]
 
 
@@ -76,8 +81,9 @@ class SessionApi:
             raise e2b.Refused(404, f"session {key[1].removeprefix('session-')} has no sandbox: PUT it first")
         status = body.get("status") or {}
         if status.get("phase") != Phase.RUNNING or not status.get("podIP"):
-            raise e2b.Refused(409, f"the session's sandbox is {status.get('phase') or 'starting'}, not Running: "
-                                    "PUT it to resume")
+            raise e2b.Refused(
+                409, f"the session's sandbox is {status.get('phase') or 'starting'}, not Running: PUT it to resume"
+            )
         return body
 
     async def ensure(self, request: web.Request) -> web.StreamResponse:
@@ -92,9 +98,13 @@ class SessionApi:
             if template is None:
                 raise e2b.Refused(400, f"template {payload.get('template') or 'base'!r} not found")
             manifest = e2b.sandbox_from_request(
-                {"timeout": payload.get("timeout"), "metadata": payload.get("metadata"),
-                 "envVars": payload.get("envVars")},
-                namespace=namespace, template=template,
+                {
+                    "timeout": payload.get("timeout"),
+                    "metadata": payload.get("metadata"),
+                    "envVars": payload.get("envVars"),
+                },
+                namespace=namespace,
+                template=template,
             )
             manifest["metadata"]["name"] = name
             manifest["metadata"]["labels"] = {"sandbox.dev/session": request.match_info["session"]}
@@ -140,8 +150,9 @@ class SessionApi:
         end: JSON = {}
         decoder = EnvelopeDecoder(max_length=MAX_OUTPUT_BYTES * 2)
         url = f"http://{body['status']['podIP']}:{e2b.ENVD_PORT}/process.Process/Start"
-        async with self.gw.upstream().post(url, data=encode_envelope(json.dumps({"process": process}).encode()),
-                                           headers=headers) as response:
+        async with self.gw.upstream().post(
+            url, data=encode_envelope(json.dumps({"process": process}).encode()), headers=headers
+        ) as response:
             if response.status != 200:
                 raise e2b.Refused(502, f"the agent answered {response.status}: {await response.text()}")
             async for chunk in response.content.iter_any():
@@ -150,8 +161,10 @@ class SessionApi:
                     if flags & FLAG_END_STREAM:
                         if parsed.get("error"):
                             error = parsed["error"]
-                            raise e2b.Refused(504 if error.get("code") == "deadline_exceeded" else 502,
-                                               f"{error.get('code')}: {error.get('message')}")
+                            raise e2b.Refused(
+                                504 if error.get("code") == "deadline_exceeded" else 502,
+                                f"{error.get('code')}: {error.get('message')}",
+                            )
                         continue
                     event = parsed.get("event") or {}
                     for stream, sink in (("stdout", stdout), ("stderr", stderr)):
@@ -160,12 +173,15 @@ class SessionApi:
                             sink.extend(base64.b64decode(data)[: MAX_OUTPUT_BYTES - len(sink)])
                     if "end" in event:
                         end = event["end"]
-        return json_response(200, {
-            "exitCode": int(end.get("exitCode") or 0),
-            "stdout": stdout.decode(errors="replace"),
-            "stderr": stderr.decode(errors="replace"),
-            "error": end.get("error"),
-        })
+        return json_response(
+            200,
+            {
+                "exitCode": int(end.get("exitCode") or 0),
+                "stdout": stdout.decode(errors="replace"),
+                "stderr": stderr.decode(errors="replace"),
+                "error": end.get("error"),
+            },
+        )
 
     async def code(self, request: web.Request) -> web.StreamResponse:
         body = self._serving(self._key(request))
@@ -212,8 +228,9 @@ class SessionApi:
         headers = {"Accept-Encoding": request.headers.get("Accept-Encoding", "identity")}
         if method == "POST":
             headers["Content-Type"] = "application/octet-stream"
-        async with self.gw.upstream().request(method, url, params={"path": path}, data=data,
-                                               headers=headers) as response:
+        async with self.gw.upstream().request(
+            method, url, params={"path": path}, data=data, headers=headers
+        ) as response:
             content = await response.read()
             kept = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "content-encoding")}
             return web.Response(status=response.status, body=content, headers=kept)

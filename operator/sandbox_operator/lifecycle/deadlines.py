@@ -33,9 +33,7 @@ class Deadlines:
         return min(future, default=None)
 
 
-def _after(
-    start: datetime | None, duration: timedelta | None, *, zero_is_none: bool = True
-) -> datetime | None:
+def _after(start: datetime | None, duration: timedelta | None, *, zero_is_none: bool = True) -> datetime | None:
     # For timeouts a zero duration means "no limit"; for the TTL it means "right away".
     if start is None or duration is None or (zero_is_none and not duration):
         return None

@@ -243,9 +243,7 @@ class _Reconcile:
         if pod is None:
             if blocker := self._pod_blockers():
                 return _Plan(Phase.CREATING, *blocker)
-            return _Plan(
-                Phase.CREATING, Reason.CREATING, "creating the sandbox pod", actions=self._start_pod()
-            )
+            return _Plan(Phase.CREATING, Reason.CREATING, "creating the sandbox pod", actions=self._start_pod())
         if pod.deleting:
             return _Plan(Phase.CREATING, Reason.POD_TERMINATING, "waiting for the old sandbox pod to go away")
         if _pod_ready(pod):
@@ -294,9 +292,7 @@ class _Reconcile:
             return _Plan(Phase.RUNNING, *_waiting_reason(pod), actions=self._ensure_children())
         plan = _Plan(
             Phase.RUNNING,
-            self.observed.reason
-            if self.observed.reason in (Reason.STARTED, Reason.RESUMED)
-            else Reason.STARTED,
+            self.observed.reason if self.observed.reason in (Reason.STARTED, Reason.RESUMED) else Reason.STARTED,
             "the sandbox is running",
             actions=self._ensure_children(),
         )
@@ -352,21 +348,15 @@ class _Reconcile:
         )
 
     def _suspending(self) -> _Plan:
-        reason = (
-            self.observed.reason if self.observed.reason in _SUSPEND_REASONS else Reason.SUSPEND_REQUESTED
-        )
+        reason = self.observed.reason if self.observed.reason in _SUSPEND_REASONS else Reason.SUSPEND_REQUESTED
         if self.pod is None:
             return _Plan(Phase.SUSPENDED, reason, "the sandbox is suspended; its workspace is kept")
-        return _Plan(
-            Phase.SUSPENDING, reason, "suspending: waiting for the pod to go away", actions=self._delete_pod()
-        )
+        return _Plan(Phase.SUSPENDING, reason, "suspending: waiting for the pod to go away", actions=self._delete_pod())
 
     def _suspended(self) -> _Plan:
         if plan := self._max_lifetime_plan():
             return plan
-        reason = (
-            self.observed.reason if self.observed.reason in _SUSPEND_REASONS else Reason.SUSPEND_REQUESTED
-        )
+        reason = self.observed.reason if self.observed.reason in _SUSPEND_REASONS else Reason.SUSPEND_REQUESTED
         suspended = _Plan(
             Phase.SUSPENDED,
             reason,
@@ -380,9 +370,7 @@ class _Reconcile:
             message = f"cannot resume: {self.desired.resources_violation}"
             plan = _Plan(Phase.SUSPENDED, Reason.RESOURCES_EXCEED_TEMPLATE_MAX, message)
             if self.observed.reason != Reason.RESOURCES_EXCEED_TEMPLATE_MAX:
-                plan.events.append(
-                    EmitEvent(EventType.WARNING, Reason.RESOURCES_EXCEED_TEMPLATE_MAX, message)
-                )
+                plan.events.append(EmitEvent(EventType.WARNING, Reason.RESOURCES_EXCEED_TEMPLATE_MAX, message))
             return plan
         if self._pod_blockers():
             return suspended  # a leftover pod is deleted first; the resume follows when it is gone
@@ -428,9 +416,7 @@ class _Reconcile:
         if plan := self._max_lifetime_plan():
             return plan
         observed = self.observed
-        stay = _Plan(
-            Phase.ERROR, observed.reason or Reason.POD_FAILED, observed.message or "the sandbox failed"
-        )
+        stay = _Plan(Phase.ERROR, observed.reason or Reason.POD_FAILED, observed.message or "the sandbox failed")
         if self.desired.resources_violation:
             return self._resources_error()
         generation, acted_on = self.desired.generation, observed.observed_generation
@@ -485,9 +471,7 @@ class _Reconcile:
         if self._passed(ttl):
             plan.actions.append(DeleteObject())
             plan.events.append(
-                EmitEvent(
-                    EventType.NORMAL, Reason.TTL_EXPIRED, "ttlAfterTerminated passed: deleting the sandbox"
-                )
+                EmitEvent(EventType.NORMAL, Reason.TTL_EXPIRED, "ttlAfterTerminated passed: deleting the sandbox")
             )
         return plan
 
@@ -562,9 +546,7 @@ class _Reconcile:
             started_at=started_at,
             last_activity_at=last_activity_at,
             terminated_at=terminated_at,
-            recreate_attempts=observed.recreate_attempts
-            if plan.recreate_attempts is None
-            else plan.recreate_attempts,
+            recreate_attempts=observed.recreate_attempts if plan.recreate_attempts is None else plan.recreate_attempts,
             last_recreate_at=plan.last_recreate_at or observed.last_recreate_at,
             expires_at=expires_at(self.desired, deadlines) if live else None,
             idle_deadline=deadlines.idle if phase is Phase.RUNNING else None,
@@ -587,9 +569,7 @@ def _condition(kind: ConditionType, true: bool, reason: str, message: str) -> Co
     return Condition(kind, ConditionStatus.TRUE if true else ConditionStatus.FALSE, reason, message)
 
 
-def _conditions(
-    phase: Phase | None, reason: str, message: str, pod: PodObservation | None
-) -> tuple[Condition, ...]:
+def _conditions(phase: Phase | None, reason: str, message: str, pod: PodObservation | None) -> tuple[Condition, ...]:
     # The reason of a False condition is the phase (or the cause while Running), so that
     # `kubectl wait --for=condition=Ready` failures say where the sandbox is.
     where = str(phase) if phase is not None else reason

@@ -131,9 +131,7 @@ def observed_from(
     """
     metadata, status = sandbox.metadata, sandbox.status
     if metadata.creation_timestamp is None:
-        raise ValueError(
-            "the Sandbox has no metadata.creationTimestamp: pass the object as the API server returns it"
-        )
+        raise ValueError("the Sandbox has no metadata.creationTimestamp: pass the object as the API server returns it")
     # terminatedAt, recreateAttempts and lastRecreateAt are not in the v1alpha1 status model yet; read
     # them when present, and fall back to the Terminated condition for the termination time.
     terminated_at = parse_time(getattr(status, "terminated_at", None))

@@ -61,11 +61,7 @@ def merge_conditions(
     merged: list[dict[str, Any]] = []
     for condition in conditions:
         before = by_type.pop(str(condition.type), None)
-        unchanged = (
-            before is not None
-            and before.get("status") == condition.status
-            and before.get("lastTransitionTime")
-        )
+        unchanged = before is not None and before.get("status") == condition.status and before.get("lastTransitionTime")
         entry: dict[str, Any] = {
             "type": str(condition.type),
             "status": str(condition.status),

@@ -66,12 +66,15 @@ class _SnapshotCollector(Collector):
             sandboxes.add_metric([namespace, template, phase], count)
         yield sandboxes
 
-        desired = GaugeMetricFamily(f"{PREFIX}_pool_desired", "Warm pods a SandboxPool asks for.",
-                                    labels=["namespace", "pool"])
-        ready = GaugeMetricFamily(f"{PREFIX}_pool_ready", "Warm, unclaimed pods that are ready.",
-                                  labels=["namespace", "pool"])
-        claimed = GaugeMetricFamily(f"{PREFIX}_pool_claimed", "Pods claimed from the pool by Sandboxes.",
-                                    labels=["namespace", "pool"])
+        desired = GaugeMetricFamily(
+            f"{PREFIX}_pool_desired", "Warm pods a SandboxPool asks for.", labels=["namespace", "pool"]
+        )
+        ready = GaugeMetricFamily(
+            f"{PREFIX}_pool_ready", "Warm, unclaimed pods that are ready.", labels=["namespace", "pool"]
+        )
+        claimed = GaugeMetricFamily(
+            f"{PREFIX}_pool_claimed", "Pods claimed from the pool by Sandboxes.", labels=["namespace", "pool"]
+        )
         for pool in self._pools():
             desired.add_metric([pool.namespace, pool.pool], pool.desired)
             ready.add_metric([pool.namespace, pool.pool], pool.ready)
@@ -90,8 +93,9 @@ class _SnapshotCollector(Collector):
             writes.add_metric([verb, resource], count)
         yield writes
 
-        yield GaugeMetricFamily(f"{PREFIX}_workqueue_depth", "Sandboxes waiting for a reconcile worker.",
-                                value=self._queue_depth())
+        yield GaugeMetricFamily(
+            f"{PREFIX}_workqueue_depth", "Sandboxes waiting for a reconcile worker.", value=self._queue_depth()
+        )
 
 
 class LifecycleMetrics:

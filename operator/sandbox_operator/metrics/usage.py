@@ -146,7 +146,8 @@ class UsageExporter(Collector):
         executions = counter("executions", "Finished executions by kind (command, pty, code).", ["kind"])
         timeouts = counter("execution_timeouts", "Executions stopped by the execution timeout, by kind.", ["kind"])
         durations = SummaryMetricFamily(
-            f"{PREFIX}_execution_duration_seconds", "Duration of finished executions, by kind.",
+            f"{PREFIX}_execution_duration_seconds",
+            "Duration of finished executions, by kind.",
             labels=[*names, "kind"],
         )
         for entry in entries:
@@ -178,5 +179,22 @@ class UsageExporter(Collector):
                 timeouts.add_metric([*labels, kind], value)
             for kind, count in sorted(sample.execution_seconds_count.items()):
                 durations.add_metric([*labels, kind], int(count), sample.execution_seconds_sum.get(kind, 0.0))
-        yield from (up, cpu, cpu_total, cpu_limit, memory, memory_limit, disk, disk_quota, rx, tx, processes,
-                    last_activity, idle, running, executions, timeouts, durations)
+        yield from (
+            up,
+            cpu,
+            cpu_total,
+            cpu_limit,
+            memory,
+            memory_limit,
+            disk,
+            disk_quota,
+            rx,
+            tx,
+            processes,
+            last_activity,
+            idle,
+            running,
+            executions,
+            timeouts,
+            durations,
+        )

@@ -29,9 +29,7 @@ class ResourcesExceedMax:
         return "; ".join(violation.message for violation in self.violations)
 
 
-def resolve_resources(
-    spec: SandboxSpec, template: SandboxTemplateSpec
-) -> EffectiveResources | ResourcesExceedMax:
+def resolve_resources(spec: SandboxSpec, template: SandboxTemplateSpec) -> EffectiveResources | ResourcesExceedMax:
     """The resources a pod of this sandbox gets, or every field that exceeds the template maximum."""
     resolved = resolve_with_defaults(spec, template)
     if resolved.violations:

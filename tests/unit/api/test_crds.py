@@ -52,9 +52,7 @@ def test_generator_writes_both_crd_directories() -> None:
 def test_crds_directory_matches_the_models(crd_dir: Path, name: str) -> None:
     path = crd_dir / name
     assert path.exists(), f"{path} missing: run python -m sandbox_operator.api.crdgen"
-    assert path.read_text() == render(GENERATED[name]), (
-        f"{path} drifted: run python -m sandbox_operator.api.crdgen"
-    )
+    assert path.read_text() == render(GENERATED[name]), f"{path} drifted: run python -m sandbox_operator.api.crdgen"
 
 
 @pytest.mark.parametrize("crd_dir", CRD_DIRS, ids=lambda path: str(path.relative_to(REPO)))
@@ -103,12 +101,7 @@ def test_schema_is_structural_and_described(kind: type[Any]) -> None:
         assert "default" not in node or node["default"] is not None, f"{path}: default null"
         if "anyOf" in node:
             assert node.get("x-kubernetes-int-or-string"), f"{path}: anyOf outside int-or-string"
-        if (
-            node.get("type") == "string"
-            and "enum" not in node
-            and "format" not in node
-            and path.startswith(".spec")
-        ):
+        if node.get("type") == "string" and "enum" not in node and "format" not in node and path.startswith(".spec"):
             assert "maxLength" in node, f"{path}: strings need maxLength for CEL cost estimation"
         if node.get("type") == "array" and path.startswith(".spec"):
             assert "maxItems" in node, f"{path}: arrays need maxItems"

@@ -72,9 +72,7 @@ def test_parse_millicores_rounds_up(text: str | int, millicores: int) -> None:
     assert parse_millicores(text) == millicores
 
 
-@pytest.mark.parametrize(
-    ("text", "size"), [("1Gi", 2**30), ("1G", 10**9), ("1500m", 2), ("128974848", 128974848)]
-)
+@pytest.mark.parametrize(("text", "size"), [("1Gi", 2**30), ("1G", 10**9), ("1500m", 2), ("128974848", 128974848)])
 def test_parse_bytes_rounds_up(text: str, size: int) -> None:
     assert parse_bytes(text) == size
 

@@ -30,8 +30,9 @@ async def test_a_401_reloads_the_credentials_and_retries_once() -> None:
         reloads.append(1)
         return Credentials(server=base, headers={"Authorization": "Bearer fresh"}, ssl_context=False)
 
-    client = KubeClient(Credentials(server=base, headers={"Authorization": "Bearer stale"}, ssl_context=False),
-                        reload=reload)
+    client = KubeClient(
+        Credentials(server=base, headers={"Authorization": "Bearer stale"}, ssl_context=False), reload=reload
+    )
     try:
         body = await client.get("/api/v1/namespaces/ns/pods/p")
         assert body == {"kind": "Pod", "metadata": {"name": "p"}}

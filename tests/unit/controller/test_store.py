@@ -23,8 +23,12 @@ def test_older_watch_events_never_overwrite_a_newer_object() -> None:
 
 def test_pods_are_indexed_by_sandbox_and_stripped() -> None:
     store = Store()
-    pod = obj("sbx-a", "1", meta={"labels": {SANDBOX_LABEL: "a"}, "managedFields": [{"x": 1}]},
-              spec={"nodeName": "n", "containers": [{"name": "c"}], "volumes": []})
+    pod = obj(
+        "sbx-a",
+        "1",
+        meta={"labels": {SANDBOX_LABEL: "a"}, "managedFields": [{"x": 1}]},
+        spec={"nodeName": "n", "containers": [{"name": "c"}], "volumes": []},
+    )
     store.put_pod(pod)
     (stored,) = store.pods_of_sandbox(("ns", "a"))
     assert "managedFields" not in stored["metadata"] and "containers" not in stored["spec"]

@@ -26,8 +26,9 @@ def test_child_watches_carry_the_managed_by_selector(plural: str, kind: str) -> 
 def test_network_policy_watch_carries_the_selector() -> None:
     settings = kopf.OperatorSettings()
     restrict_child_watches(settings)
-    policies = Resource(group="networking.k8s.io", version="v1", plural="networkpolicies",
-                        kind="NetworkPolicy", namespaced=True)
+    policies = Resource(
+        group="networking.k8s.io", version="v1", plural="networkpolicies", kind="NetworkPolicy", namespaced=True
+    )
     assert settings.watching.label_selectors.collect(policies) == [CHILD_SELECTOR]
 
 

@@ -15,8 +15,10 @@ from sandbox_operator.api import Sandbox
 from sandbox_operator.gateway import e2b
 
 UID = "0b5a9d1e-3f3c-4b0e-9d8e-1f2a3b4c5d6e"
-TEMPLATE = {"metadata": {"name": "base"},
-            "spec": {"image": "i", "resources": {"default": {"cpu": "1500m", "memory": "768Mi", "disk": "2Gi"}}}}
+TEMPLATE = {
+    "metadata": {"name": "base"},
+    "spec": {"image": "i", "resources": {"default": {"cpu": "1500m", "memory": "768Mi", "disk": "2Gi"}}},
+}
 
 
 def cr(phase: str | None = "Running", **spec: Any) -> dict[str, Any]:
@@ -24,18 +26,24 @@ def cr(phase: str | None = "Running", **spec: Any) -> dict[str, Any]:
         "metadata": {"name": "e2b-abc", "namespace": "team-a", "uid": UID, "creationTimestamp": "2026-12-01T10:00:00Z"},
         "spec": {"template": "base", **spec},
         "status": {"phase": phase, "startedAt": "2026-12-01T10:00:01Z", "expiresAt": "2026-12-01T10:05:00Z"}
-        if phase else {},
+        if phase
+        else {},
     }
 
 
 def test_create_maps_timeout_env_metadata_and_validates_as_a_sandbox() -> None:
     body = e2b.sandbox_from_request(
         {"templateID": "base", "timeout": 120, "metadata": {"team": "a"}, "envVars": {"FOO": "bar"}},
-        namespace="team-a", template="base",
+        namespace="team-a",
+        template="base",
     )
     assert body["metadata"]["namespace"] == "team-a" and body["metadata"]["name"].startswith("e2b-")
-    assert body["spec"] == {"template": "base", "timeouts": {"maxLifetime": "120s", "idle": "0"},
-                            "metadata": {"team": "a"}, "env": {"FOO": "bar"}}
+    assert body["spec"] == {
+        "template": "base",
+        "timeouts": {"maxLifetime": "120s", "idle": "0"},
+        "metadata": {"team": "a"},
+        "env": {"FOO": "bar"},
+    }
     Sandbox.model_validate({**body, "metadata": {**body["metadata"], "uid": UID}})  # the CRD's own model
 
 
@@ -44,29 +52,42 @@ def test_create_defaults_to_the_sdk_timeout() -> None:
     assert body["spec"]["timeouts"]["maxLifetime"] == "300s"
 
 
-@pytest.mark.parametrize(("request_body", "message"), [
-    ({"timeout": -1}, "timeout"),
-    ({"timeout": "60"}, "timeout"),
-    ({"timeout": True}, "timeout"),
-    ({"metadata": {"a": 1}}, "metadata"),
-    ({"envVars": ["A=1"]}, "envVars"),
-    ({"autoPause": True}, "autoPause"),
-    ({"network": {"rules": {}}}, "network.rules"),
-    ({"network": {"denyOut": ["10.0.0.0/8"]}}, "denyOut"),
-    ({"network": "none"}, "network"),
-])
+@pytest.mark.parametrize(
+    ("request_body", "message"),
+    [
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": "60"}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"metadata": {"a": 1}}, "metadata"),
+        ({"envVars": ["A=1"]}, "envVars"),
+        ({"autoPause": True}, "autoPause"),
+        ({"network": {"rules": {}}}, "network.rules"),
+        ({"network": {"denyOut": ["10.0.0.0/8"]}}, "denyOut"),
+        ({"network": "none"}, "network"),
+    ],
+)
 def test_bad_create_requests_say_what_is_wrong(request_body: dict[str, Any], message: str) -> None:
     with pytest.raises(e2b.BadRequest, match=message):
         e2b.sandbox_from_request({"templateID": "base", **request_body}, namespace="n", template="base")
 
 
-@pytest.mark.parametrize(("request_body", "network"), [
-    ({"allow_internet_access": False}, {"egress": "deny"}),
-    ({"allow_internet_access": True}, {"egress": "allow"}),
-    ({"network": {"denyOut": ["0.0.0.0/0"]}}, {"egress": "deny"}),
-    ({"network": {"allowOut": ["1.1.1.1", "example.com", "10.0.0.0/8", "pypi.org:443"], "denyOut": ["0.0.0.0/0"]}},
-     {"egress": {"allow": ["1.1.1.1/32", "example.com:443", "10.0.0.0/8", "pypi.org:443"]}}),
-])
+@pytest.mark.parametrize(
+    ("request_body", "network"),
+    [
+        ({"allow_internet_access": False}, {"egress": "deny"}),
+        ({"allow_internet_access": True}, {"egress": "allow"}),
+        ({"network": {"denyOut": ["0.0.0.0/0"]}}, {"egress": "deny"}),
+        (
+            {
+                "network": {
+                    "allowOut": ["1.1.1.1", "example.com", "10.0.0.0/8", "pypi.org:443"],
+                    "denyOut": ["0.0.0.0/0"],
+                }
+            },
+            {"egress": {"allow": ["1.1.1.1/32", "example.com:443", "10.0.0.0/8", "pypi.org:443"]}},
+        ),
+    ],
+)
 def test_network_requests_become_egress_modes(request_body: dict[str, Any], network: dict[str, Any]) -> None:
     body = e2b.sandbox_from_request({"templateID": "base", **request_body}, namespace="n", template="base")
     assert body["spec"]["network"] == network
@@ -87,19 +108,38 @@ def test_sandbox_id_is_the_operators_and_tokens_are_per_object() -> None:
 
 def test_detail_has_every_required_field_and_the_effective_sizes() -> None:
     detail = e2b.sandbox_detail(cr(metadata={"team": "a"}), TEMPLATE, "tok")
-    for field in ("templateID", "sandboxID", "clientID", "startedAt", "endAt", "envdVersion", "cpuCount",
-                  "memoryMB", "diskSizeMB", "state"):
+    for field in (
+        "templateID",
+        "sandboxID",
+        "clientID",
+        "startedAt",
+        "endAt",
+        "envdVersion",
+        "cpuCount",
+        "memoryMB",
+        "diskSizeMB",
+        "state",
+    ):
         assert field in detail
     assert (detail["cpuCount"], detail["memoryMB"], detail["diskSizeMB"]) == (2, 768, 2048)
     assert detail["state"] == "running" and detail["metadata"] == {"team": "a"}
     assert detail["endAt"] == "2026-12-01T10:05:00Z" and detail["envdAccessToken"] == "tok"
 
 
-@pytest.mark.parametrize(("phase", "state"), [
-    (None, "running"), ("Creating", "running"), ("Running", "running"), ("Resuming", "running"),
-    ("Suspending", "paused"), ("Suspended", "paused"),
-    ("Terminating", None), ("Terminated", None), ("Error", None),
-])
+@pytest.mark.parametrize(
+    ("phase", "state"),
+    [
+        (None, "running"),
+        ("Creating", "running"),
+        ("Running", "running"),
+        ("Resuming", "running"),
+        ("Suspending", "paused"),
+        ("Suspended", "paused"),
+        ("Terminating", None),
+        ("Terminated", None),
+        ("Error", None),
+    ],
+)
 def test_phases_map_to_e2b_states(phase: str | None, state: str | None) -> None:
     assert e2b.state_of(cr(phase)) == state
 
@@ -136,28 +176,43 @@ def test_bad_list_queries_are_refused(query: dict[str, str]) -> None:
         e2b.parse_list_query(query)
 
 
-@pytest.mark.parametrize(("headers", "host", "route"), [
-    ({"E2b-Sandbox-Id": "abc123", "E2b-Sandbox-Port": "49983"}, "127.0.0.1:3000", e2b.Route("abc123", 49983)),
-    ({}, "49999-abc123.sandbox.example.com", e2b.Route("abc123", 49999)),
-    ({}, "8080-abc123.sandbox.example.com:443", e2b.Route("abc123", 8080)),
-    ({}, "api.sandbox.example.com", None),
-    ({}, "127.0.0.1:3000", None),
-    ({"E2b-Sandbox-Id": "abc123"}, "127.0.0.1", "both E2b-Sandbox-Id and E2b-Sandbox-Port are required"),
-    ({"E2b-Sandbox-Id": "a", "E2b-Sandbox-Port": "99999"}, "h", "invalid E2b-Sandbox-Port '99999'"),
-])
+@pytest.mark.parametrize(
+    ("headers", "host", "route"),
+    [
+        ({"E2b-Sandbox-Id": "abc123", "E2b-Sandbox-Port": "49983"}, "127.0.0.1:3000", e2b.Route("abc123", 49983)),
+        ({}, "49999-abc123.sandbox.example.com", e2b.Route("abc123", 49999)),
+        ({}, "8080-abc123.sandbox.example.com:443", e2b.Route("abc123", 8080)),
+        ({}, "api.sandbox.example.com", None),
+        ({}, "127.0.0.1:3000", None),
+        ({"E2b-Sandbox-Id": "abc123"}, "127.0.0.1", "both E2b-Sandbox-Id and E2b-Sandbox-Port are required"),
+        ({"E2b-Sandbox-Id": "a", "E2b-Sandbox-Port": "99999"}, "h", "invalid E2b-Sandbox-Port '99999'"),
+    ],
+)
 def test_routes(headers: dict[str, str], host: str, route: e2b.Route | str | None) -> None:
     assert e2b.route_of(headers, host) == route
 
 
-@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=30),
-       st.integers(min_value=1, max_value=65535))
+@given(
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=30),
+    st.integers(min_value=1, max_value=65535),
+)
 def test_host_routes_round_trip(sandbox_id: str, port: int) -> None:
     assert e2b.route_of({}, f"{port}-{sandbox_id}.sbx.example.com") == e2b.Route(sandbox_id, port)
 
 
 def test_metric_from_the_agents_envd_metrics() -> None:
-    metric = e2b.metric_from_agent({"ts": 1764583200, "cpu_count": 2, "cpu_used_pct": 12.5, "mem_used": 10,
-                                    "mem_total": 20, "mem_cache": 1, "disk_used": 5, "disk_total": 50})
+    metric = e2b.metric_from_agent(
+        {
+            "ts": 1764583200,
+            "cpu_count": 2,
+            "cpu_used_pct": 12.5,
+            "mem_used": 10,
+            "mem_total": 20,
+            "mem_cache": 1,
+            "disk_used": 5,
+            "disk_total": 50,
+        }
+    )
     assert metric["timestamp"] == "2025-12-01T10:00:00Z" and metric["timestampUnix"] == 1764583200
     assert (metric["cpuCount"], metric["cpuUsedPct"], metric["diskTotal"]) == (2, 12.5, 50)
 

@@ -53,9 +53,7 @@ START_ALL = [EnsureNetworkPolicy(), EnsurePVC(), EnsureService(), CreatePod()]
 
 
 def test_new_sandbox_creates_children_network_policy_first() -> None:
-    decision = decide(
-        desired(), observed(None, pvc=None, service_present=None, network_policy_present=None), T0
-    )
+    decision = decide(desired(), observed(None, pvc=None, service_present=None, network_policy_present=None), T0)
     assert decision.phase is P.CREATING
     assert work(decision) == START_ALL
     (event,) = events(decision)
@@ -66,9 +64,7 @@ def test_new_sandbox_creates_children_network_policy_first() -> None:
 
 
 def test_without_persistence_no_pvc_is_asked_for() -> None:
-    decision = decide(
-        desired(persistent_workspace=False), observed(None, pvc=None, service_present=False), T0
-    )
+    decision = decide(desired(persistent_workspace=False), observed(None, pvc=None, service_present=False), T0)
     assert work(decision) == [EnsureService(), CreatePod()]
 
 
@@ -102,9 +98,7 @@ def test_ready_pod_means_running_started() -> None:
 
 
 def test_running_recreates_a_deleted_service_and_policy() -> None:
-    decision = decide(
-        desired(), observed(P.RUNNING, service_present=False, network_policy_present=False), at(10)
-    )
+    decision = decide(desired(), observed(P.RUNNING, service_present=False, network_policy_present=False), at(10))
     assert decision.phase is P.RUNNING
     assert work(decision) == [EnsureNetworkPolicy(), EnsureService()]
 
@@ -258,9 +252,7 @@ def test_idle_counts_from_start_without_activity_and_from_activity_after() -> No
 
 
 def test_idle_suspended_reason_survives_to_suspended() -> None:
-    decision = decide(
-        desired(suspended=True), observed(P.SUSPENDING, reason=Reason.IDLE_TIMEOUT, pod=None), at(1)
-    )
+    decision = decide(desired(suspended=True), observed(P.SUSPENDING, reason=Reason.IDLE_TIMEOUT, pod=None), at(1))
     assert (decision.phase, decision.reason) == (P.SUSPENDED, Reason.IDLE_TIMEOUT)
 
 
@@ -308,9 +300,7 @@ def test_pod_failures_are_errors_with_their_reason(failed_pod: object, reason: R
 
 
 def test_evicted_message_is_kept() -> None:
-    decision = decide(
-        desired(), observed(P.RUNNING, pod=pod(PodPhase.FAILED, reason="Evicted", message="disk")), at(1)
-    )
+    decision = decide(desired(), observed(P.RUNNING, pod=pod(PodPhase.FAILED, reason="Evicted", message="disk")), at(1))
     assert "disk" in decision.message
 
 
@@ -414,9 +404,7 @@ def test_a_suspended_sandbox_in_error_retries_into_suspended_without_a_pod() -> 
 
 
 def test_error_retry_respects_backoff_and_budget() -> None:
-    failed = observed(
-        P.ERROR, reason=Reason.POD_FAILED, pod=None, recreate_attempts=2, last_recreate_at=at(50)
-    )
+    failed = observed(P.ERROR, reason=Reason.POD_FAILED, pod=None, recreate_attempts=2, last_recreate_at=at(50))
     waiting = decide(desired(), failed, at(60))
     assert waiting.phase is P.ERROR
     assert waiting.wake_at == at(80)
@@ -445,9 +433,7 @@ def test_spec_change_is_not_forgotten_while_the_old_pod_goes() -> None:
 
 
 def test_max_lifetime_ends_an_error() -> None:
-    decision = decide(
-        desired(), observed(P.ERROR, reason=Reason.OOM_KILLED, pod=pod(PodPhase.FAILED)), T0 + HOUR
-    )
+    decision = decide(desired(), observed(P.ERROR, reason=Reason.OOM_KILLED, pod=pod(PodPhase.FAILED)), T0 + HOUR)
     assert (decision.phase, decision.reason) == (P.TERMINATING, Reason.MAX_LIFETIME)
     assert work(decision) == [DeletePod()]
 

@@ -63,9 +63,7 @@ def test_pvc_observation() -> None:
     assert (lost.phase, lost.deleting) == (PvcPhase.LOST, True)
 
 
-def _sandbox(
-    spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, **meta: Any
-) -> Sandbox:
+def _sandbox(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, **meta: Any) -> Sandbox:
     metadata = {
         "name": "demo",
         "namespace": "team",
@@ -93,9 +91,7 @@ TEMPLATE = SandboxTemplate.from_body(
 
 def test_desired_from_uses_template_defaults_and_spec_overrides() -> None:
     wanted = desired_from(
-        _sandbox(
-            {"timeouts": {"idle": "0"}, "onIdle": "terminate", "suspended": True, "ttlAfterTerminated": "0"}
-        ),
+        _sandbox({"timeouts": {"idle": "0"}, "onIdle": "terminate", "suspended": True, "ttlAfterTerminated": "0"}),
         TEMPLATE,
     )
     assert wanted.max_lifetime == timedelta(hours=2)
@@ -138,13 +134,9 @@ def test_observed_from_reads_status_and_children() -> None:
 def test_terminated_at_falls_back_to_the_condition() -> None:
     status = {
         "phase": "Terminated",
-        "conditions": [
-            {"type": "Terminated", "status": "True", "lastTransitionTime": "2026-01-01T01:00:00Z"}
-        ],
+        "conditions": [{"type": "Terminated", "status": "True", "lastTransitionTime": "2026-01-01T01:00:00Z"}],
     }
-    seen = observed_from(
-        _sandbox(status=status, deletionTimestamp="2026-01-01T02:00:00Z"), pod=None, pvc=None
-    )
+    seen = observed_from(_sandbox(status=status, deletionTimestamp="2026-01-01T02:00:00Z"), pod=None, pvc=None)
     assert seen.terminated_at == T0 + timedelta(hours=1)
     assert seen.deleting
 

@@ -266,8 +266,10 @@ LABELS = {
 def test_the_sweep_deletes_exactly_the_unused_pool_claims_past_grace(
     specs: list[tuple[str, int, bool, bool, bool]],
 ) -> None:
-    claims = [pvc(f"c{i}", labels=LABELS[kind], age=timedelta(seconds=age), deleting=deleting)
-              for i, (kind, age, _, deleting, _) in enumerate(specs)]
+    claims = [
+        pvc(f"c{i}", labels=LABELS[kind], age=timedelta(seconds=age), deleting=deleting)
+        for i, (kind, age, _, deleting, _) in enumerate(specs)
+    ]
     in_use = {f"c{i}" for i, spec in enumerate(specs) if spec[2]}
     released = {f"c{i}" for i, spec in enumerate(specs) if spec[4]}
     sweep = orphaned_claims("warm", claims, in_use, NOW, GRACE, released)
@@ -289,10 +291,14 @@ def test_the_sweep_deletes_exactly_the_unused_pool_claims_past_grace(
 # --- count_claimed --------------------------------------------------------------------------------
 
 
-def claimed_pod(name: str, pool: str = "warm", phase: str = "Running", deleting: bool = False,
-                sandbox: str | None = "sb") -> dict[str, Any]:
-    metadata: dict[str, Any] = {"name": name, "labels": {SANDBOX_LABEL: sandbox} if sandbox else {},
-                                "annotations": {CLAIMED_FROM_ANNOTATION: pool}}
+def claimed_pod(
+    name: str, pool: str = "warm", phase: str = "Running", deleting: bool = False, sandbox: str | None = "sb"
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {SANDBOX_LABEL: sandbox} if sandbox else {},
+        "annotations": {CLAIMED_FROM_ANNOTATION: pool},
+    }
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": metadata, "status": {"phase": phase}}
@@ -318,12 +324,19 @@ def test_claimed_counts_live_sandbox_pods_taken_from_this_pool() -> None:
 
 
 def spec_pod(sandbox_id: str, claim: str, hostname: str, image: str = "img:1") -> dict[str, Any]:
-    return {"spec": {
-        "hostname": hostname,
-        "containers": [{"name": "sandbox", "image": image,
-                        "env": [{"name": "SANDBOX_ID", "value": sandbox_id}, {"name": "MODE", "value": "x"}]}],
-        "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}],
-    }}
+    return {
+        "spec": {
+            "hostname": hostname,
+            "containers": [
+                {
+                    "name": "sandbox",
+                    "image": image,
+                    "env": [{"name": "SANDBOX_ID", "value": sandbox_id}, {"name": "MODE", "value": "x"}],
+                }
+            ],
+            "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}],
+        }
+    }
 
 
 def test_identity_does_not_enter_the_signature_but_the_spec_does() -> None:

@@ -161,11 +161,14 @@ async def filled(runtime: FakeRuntime) -> str:
 
 
 def sandbox(name: str = "sb") -> Sandbox:
-    return Sandbox.from_body({
-        "apiVersion": "sandbox.dev/v1alpha1", "kind": "Sandbox",
-        "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}"},
-        "spec": {"template": "base"},
-    })
+    return Sandbox.from_body(
+        {
+            "apiVersion": "sandbox.dev/v1alpha1",
+            "kind": "Sandbox",
+            "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}"},
+            "spec": {"template": "base"},
+        }
+    )
 
 
 def template() -> SandboxTemplate:
@@ -286,8 +289,9 @@ async def test_a_claim_whose_workspace_changed_is_lost_and_touches_nothing() -> 
     runtime = FakeRuntime()
     name = await filled(runtime)
     claim = workspace_claim_of(runtime.client.of_kind("pods")[name])
-    runtime.client.objects[f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{claim}"]["metadata"][
-        "resourceVersion"] = "999"  # another operator process took it first
+    runtime.client.objects[f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{claim}"]["metadata"]["resourceVersion"] = (
+        "999"  # another operator process took it first
+    )
     assert await try_claim_pool_pod(runtime.rt, sandbox(), template()) is None
     assert not [c for c in runtime.client.calls if c[0] == "PATCH" and "/pods/" in c[1]]
 

@@ -45,18 +45,14 @@ pods = st.one_of(
         deleting=st.booleans(),
         reason=st.sampled_from([None, "Evicted", "NodeLost", "UnexpectedAdmissionError"]),
         message=st.sampled_from([None, "the node was low on resource: memory"]),
-        terminated_reasons=st.lists(st.sampled_from(["OOMKilled", "Error", "Completed"]), max_size=2).map(
-            tuple
-        ),
+        terminated_reasons=st.lists(st.sampled_from(["OOMKilled", "Error", "Completed"]), max_size=2).map(tuple),
         waiting_reasons=st.lists(
             st.sampled_from(["ContainerCreating", "ImagePullBackOff", "ErrImagePull", "InvalidImageName"]),
             max_size=2,
         ).map(tuple),
     ),
 )
-pvcs = st.one_of(
-    st.none(), st.builds(PvcObservation, phase=st.sampled_from(PvcPhase), deleting=st.booleans())
-)
+pvcs = st.one_of(st.none(), st.builds(PvcObservation, phase=st.sampled_from(PvcPhase), deleting=st.booleans()))
 presence = st.sampled_from([None, True, False])
 retry_policies = st.sampled_from(
     [
@@ -177,9 +173,7 @@ def test_decide_is_deterministic(desired: Desired, observed: Observed, now: date
 
 @settings(max_examples=500 * SCALE, deadline=None)
 @given(desireds, observeds, moments)
-def test_no_creation_when_ending_or_over_the_maximum(
-    desired: Desired, observed: Observed, now: datetime
-) -> None:
+def test_no_creation_when_ending_or_over_the_maximum(desired: Desired, observed: Observed, now: datetime) -> None:
     decision = decide(desired, observed, now)
     if observed.phase in NO_CREATE_PHASES or desired.resources_violation is not None or observed.deleting:
         assert not decision.creates_anything

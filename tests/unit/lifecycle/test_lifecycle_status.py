@@ -92,10 +92,16 @@ def test_waiting_reasons_within_creating_wait_out_the_grace() -> None:
 
     created = T0
     soon, later = created + timedelta(seconds=0.5), created + PROGRESS_GRACE + timedelta(seconds=1)
-    creating = {"phase": "Creating", "reason": "Creating",
-                "conditions": [{"type": "Ready", "status": "False", "reason": "Creating"}]}
-    progress = {"reason": "PodScheduling", "message": "waiting for the scheduler",
-                "conditions": [{"type": "Ready", "status": "False", "reason": "PodScheduling"}]}
+    creating = {
+        "phase": "Creating",
+        "reason": "Creating",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "Creating"}],
+    }
+    progress = {
+        "reason": "PodScheduling",
+        "message": "waiting for the scheduler",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "PodScheduling"}],
+    }
     assert progress_write_due(progress, creating, created, soon) == created + PROGRESS_GRACE
     assert progress_write_due(progress, creating, created, later) is None  # a slow start shows its reason
     # Anything beyond progress is written at once: a phase change, a pod name, a condition flipping.

@@ -47,6 +47,4 @@ def test_over_the_maximum_names_each_field() -> None:
 
 def test_unset_maximum_is_uncapped() -> None:
     tpl = template(resources={"max": {"cpu": "1"}})
-    assert isinstance(
-        resolve_resources(sandbox(resources={"memory": "512Gi"}).spec, tpl.spec), EffectiveResources
-    )
+    assert isinstance(resolve_resources(sandbox(resources={"memory": "512Gi"}).spec, tpl.spec), EffectiveResources)
