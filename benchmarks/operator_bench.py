@@ -68,7 +68,7 @@ from benchlib import (  # noqa: E402
     proc_status,
     summary_ms,
 )
-from sandbox_operator.controller.kube import Credentials  # noqa: E402 - needs the source root on sys.path
+from sandbox_operator.kube import Credentials  # noqa: E402 - needs the source root on sys.path
 from testlib import stop_process  # noqa: E402
 
 

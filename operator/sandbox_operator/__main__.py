@@ -7,6 +7,7 @@ import logging
 import sys
 
 from sandbox_operator import __version__
+from sandbox_operator.api.names import ENVD_PORT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="minimum seconds between status.usage writes per sandbox",
     )
-    run.add_argument("--agent-port", type=int, default=49983, help="the agent's envd port in sandbox pods")
+    run.add_argument("--agent-port", type=int, default=ENVD_PORT, help="the agent's envd port in sandbox pods")
     run.add_argument(
         "--metric-metadata-key",
         action="append",

@@ -17,7 +17,7 @@ from e2b import CommandExitException, NotEnoughSpaceException, RateLimitExceptio
 from e2b_code_interpreter import Sandbox
 from e2elib import Gateway
 
-from sandbox_operator.resources.names import SANDBOX_ID_LABEL
+from sandbox_operator.api.names import SANDBOX_ID_LABEL
 from testlib import CODE_INTERPRETER_TEMPLATE, Cluster, sandbox_manifest, wait_phase, wait_until
 
 # Memory the bombs ask for: well above the templates' 512 MiB limit.

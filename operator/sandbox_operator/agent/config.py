@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_ENVD_PORT = 49983
-DEFAULT_INTERPRETER_PORT = 49999
+from sandbox_operator.api.names import ENVD_PORT, INTERPRETER_PORT
+
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_EXECUTIONS = 64
 DEFAULT_MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
@@ -23,8 +23,8 @@ SECRET_ENV_VARS = frozenset({"SANDBOX_ACCESS_TOKEN"})
 @dataclass(frozen=True)
 class AgentConfig:
     host: str = "0.0.0.0"
-    envd_port: int = DEFAULT_ENVD_PORT
-    interpreter_port: int = DEFAULT_INTERPRETER_PORT
+    envd_port: int = ENVD_PORT
+    interpreter_port: int = INTERPRETER_PORT
     workdir: Path = field(default_factory=lambda: default_workdir({}))
     sandbox_id: str = ""
     access_token: str | None = None
@@ -82,11 +82,11 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         description="In-sandbox agent: envd-compatible API and code interpreter for the E2B SDKs.",
     )
     parser.add_argument("--host", default=env.get("SANDBOX_AGENT_HOST", "0.0.0.0"), help="bind address")
-    parser.add_argument("--envd-port", type=int, default=_env_int(env, "SANDBOX_ENVD_PORT", DEFAULT_ENVD_PORT))
+    parser.add_argument("--envd-port", type=int, default=_env_int(env, "SANDBOX_ENVD_PORT", ENVD_PORT))
     parser.add_argument(
         "--interpreter-port",
         type=int,
-        default=_env_int(env, "SANDBOX_INTERPRETER_PORT", DEFAULT_INTERPRETER_PORT),
+        default=_env_int(env, "SANDBOX_INTERPRETER_PORT", INTERPRETER_PORT),
         help="code interpreter port; 0 disables the separate listener",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="workspace and default user's home")

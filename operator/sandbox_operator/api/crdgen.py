@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .v1alpha1 import GROUP, KINDS, VERSION, CrdInfo, _Resource
+from .names import GROUP, VERSION
+from .v1alpha1 import KINDS, CrdInfo, _Resource
 
 __all__ = ["build_crd", "build_crds", "crd_filename", "main", "render", "structural"]
 

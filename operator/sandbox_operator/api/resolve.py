@@ -40,6 +40,11 @@ class ResolvedResources:
     violations: tuple[ResourceLimitViolation, ...]
     """Every field above the template's resources.max (empty when it fits)."""
 
+    @property
+    def violation_message(self) -> str | None:
+        """Every violation in one human message, or None when the resources fit."""
+        return "; ".join(violation.message for violation in self.violations) or None
+
 
 @dataclass(frozen=True)
 class ResolvedTimeouts:

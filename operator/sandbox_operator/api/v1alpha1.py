@@ -11,7 +11,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Final, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -31,14 +31,9 @@ from ._schema import (
     cel_quantity,
     with_rules,
 )
+from .names import AGENT_PORTS, API_VERSION
 from .quantity import parse_duration, parse_quantity
 
-GROUP: Final = "sandbox.dev"
-VERSION: Final = "v1alpha1"
-API_VERSION: Final = "sandbox.dev/v1alpha1"
-
-# Ports of the in-sandbox agent (envd and the code interpreter); user ports must not shadow them.
-AGENT_PORTS = (49983, 49999)
 SANDBOX_NAME_MAX = 63
 
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MANAGED_BY = "sandbox-operator"
-# kopf's own finalizer/annotation prefix: distinct, so another kopf operator never collides (kopf #372).
-ANNOTATION_PREFIX = "sandbox.dev"
-FINALIZER = "sandbox.dev/finalizer"
+from sandbox_operator.api.names import ENVD_PORT
 
 
 @dataclass(frozen=True)
@@ -26,6 +23,6 @@ class OperatorConfig:
     usage_interval: float = 15.0
     usage_concurrency: int = 32
     usage_status_interval: float = 60.0
-    agent_port: int = 49983
+    agent_port: int = ENVD_PORT
     # spec.metadata keys that become metric labels (metadata_<key>); bounded on purpose.
     metric_metadata_keys: tuple[str, ...] = ()

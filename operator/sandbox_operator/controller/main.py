@@ -10,22 +10,108 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
 from sandbox_operator import eventloop
-from sandbox_operator.api import GROUP, VERSION
-from sandbox_operator.controller.config import ANNOTATION_PREFIX, FINALIZER, MANAGED_BY, OperatorConfig
-from sandbox_operator.controller.kube import Credentials, KubeClient
+from sandbox_operator.api.names import (
+    FINALIZER,
+    KOPF_ANNOTATION_PREFIX,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NETWORK_POLICIES,
+    PERSISTENT_VOLUME_CLAIMS,
+    PODS,
+    SANDBOX_POOLS,
+    SANDBOX_TEMPLATES,
+    SANDBOXES,
+    SERVICES,
+    ApiResource,
+)
+from sandbox_operator.controller.config import OperatorConfig
 from sandbox_operator.controller.runtime import Runtime
+from sandbox_operator.kube import Credentials, KubeClient
 
 log = logging.getLogger(__name__)
 
 
-CHILD_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 NOTHING_INDEXED: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One watched resource: what its initial list puts in the store (``index``), what each event
+    does (``on_event``), and whether only the operator's own children are watched."""
+
+    resource: ApiResource
+    index: Callable[[Runtime, kopf.Body], object]
+    on_event: Callable[[Runtime, str | None, kopf.RawBody], None]
+    children_only: bool = False
+
+    @property
+    def reference(self) -> tuple[str, ...]:
+        """kopf's resource reference: (group, version, plural), or (version, plural) for the core group."""
+        resource = self.resource
+        return (
+            (resource.group, resource.version, resource.plural)
+            if resource.group
+            else (resource.version, resource.plural)
+        )
+
+
+FEEDS = (
+    Feed(
+        SANDBOXES, lambda rt, body: rt.store.put_sandbox(body), lambda rt, kind, body: rt.on_sandbox_event(kind, body)
+    ),
+    Feed(
+        SANDBOX_TEMPLATES,
+        lambda rt, body: rt.store.put_template(body),
+        lambda rt, kind, body: rt.on_template_event(kind, body),
+    ),
+    Feed(SANDBOX_POOLS, lambda rt, body: rt.store.put_pool(body), lambda rt, kind, body: rt.on_pool_event(kind, body)),
+    Feed(PODS, lambda rt, body: rt.store.put_pod(body), lambda rt, kind, body: rt.on_pod_event(kind, body), True),
+    Feed(
+        PERSISTENT_VOLUME_CLAIMS,
+        lambda rt, body: rt.store.put_pvc(body),
+        lambda rt, kind, body: rt.on_pvc_event(kind, body),
+        True,
+    ),
+    Feed(
+        SERVICES,
+        lambda rt, body: rt.store.put_child_hash("service", body),
+        lambda rt, kind, body: rt.on_child_event("service", kind, body),
+        True,
+    ),
+    Feed(
+        NETWORK_POLICIES,
+        lambda rt, body: rt.store.put_child_hash("networkpolicy", body),
+        lambda rt, kind, body: rt.on_child_event("networkpolicy", kind, body),
+        True,
+    ),
+)
+
+
+def _register_feed(registry: kopf.OperatorRegistry, feed: Feed) -> None:
+    labels = {MANAGED_BY_LABEL: MANAGED_BY} if feed.children_only else None
+    plural = feed.resource.plural
+
+    async def index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+        feed.index(memo.runtime, body)
+        return NOTHING_INDEXED
+
+    # Low-level event handlers: no diff-base annotation, no progress storage, no PATCH per event.
+    # Both are async, though neither awaits: kopf runs sync handlers in a thread pool, a thread hop
+    # per event and handler that cost a quarter of the operator's CPU in a burst.
+    async def on_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+        feed.on_event(memo.runtime, event["type"], event["object"])
+
+    kopf.index(*feed.reference, registry=registry, labels=labels, id=f"{plural}_index")(index)
+    kopf.on.event(*feed.reference, registry=registry, labels=labels, id=f"{plural}_event")(on_event)
 
 
 def restrict_child_watches(settings: kopf.OperatorSettings) -> None:
@@ -34,10 +120,10 @@ def restrict_child_watches(settings: kopf.OperatorSettings) -> None:
     kopf keys these by resource reference: ("v1", "pods") matches the core pods; a "v1/pods"
     string would be read as group "v1" and match nothing, silently watching every pod.
     """
-    settings.watching.label_selectors["v1", "pods"] = CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "persistentvolumeclaims"] = CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "services"] = CHILD_SELECTOR
-    settings.watching.label_selectors["networking.k8s.io", "networkpolicies"] = CHILD_SELECTOR
+    for feed in FEEDS:
+        if feed.children_only:
+            group_or_version = feed.resource.group or feed.resource.version
+            settings.watching.label_selectors[group_or_version, feed.resource.plural] = CHILD_SELECTOR
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -68,7 +154,7 @@ def build_registry() -> kopf.OperatorRegistry:
     async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         runtime: Runtime = memo.runtime
         settings.persistence.finalizer = FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_ANNOTATION_PREFIX)
         settings.persistence.diffbase_storage = NoDiffBase()
         # Events: we post our own transition Events; never mirror logs as Events.
         settings.posting.level = logging.WARNING
@@ -90,74 +176,8 @@ def build_registry() -> kopf.OperatorRegistry:
     # reconcile a sandbox before its pod, claim or template arrived: a duplicate pod, a spent
     # recreate attempt, or a TemplateNotFound over a final reason. The indexes keep nothing
     # (an empty mapping; None would be stored as a value per object).
-    children = {"app.kubernetes.io/managed-by": MANAGED_BY}
-
-    @kopf.index(GROUP, VERSION, "sandboxes", registry=registry)
-    async def sandbox_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
-        memo.runtime.store.put_sandbox(body)
-        return NOTHING_INDEXED
-
-    @kopf.index(GROUP, VERSION, "sandboxtemplates", registry=registry)
-    async def template_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
-        memo.runtime.store.put_template(body)
-        return NOTHING_INDEXED
-
-    @kopf.index(GROUP, VERSION, "sandboxpools", registry=registry)
-    async def pool_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
-        memo.runtime.store.put_pool(body)
-        return NOTHING_INDEXED
-
-    @kopf.index("v1", "pods", registry=registry, labels=children)
-    async def pod_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
-        memo.runtime.store.put_pod(body)
-        return NOTHING_INDEXED
-
-    @kopf.index("v1", "persistentvolumeclaims", registry=registry, labels=children)
-    async def pvc_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
-        memo.runtime.store.put_pvc(body)
-        return NOTHING_INDEXED
-
-    @kopf.index("v1", "services", registry=registry, labels=children)
-    async def service_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
-        memo.runtime.store.put_child_hash("service", body)
-        return NOTHING_INDEXED
-
-    @kopf.index("networking.k8s.io", "v1", "networkpolicies", registry=registry, labels=children)
-    async def network_policy_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
-        memo.runtime.store.put_child_hash("networkpolicy", body)
-        return NOTHING_INDEXED
-
-    # Low-level event handlers: no diff-base annotation, no progress storage, no PATCH per event.
-    # Every handler here is async, though none awaits: kopf runs sync handlers in a thread pool,
-    # a thread hop per event and handler that cost a quarter of the operator's CPU in a burst.
-    @kopf.on.event(GROUP, VERSION, "sandboxes", registry=registry)
-    async def sandbox_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-        memo.runtime.on_sandbox_event(event["type"], event["object"])
-
-    @kopf.on.event(GROUP, VERSION, "sandboxtemplates", registry=registry)
-    async def template_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-        memo.runtime.on_template_event(event["type"], event["object"])
-
-    @kopf.on.event(GROUP, VERSION, "sandboxpools", registry=registry)
-    async def pool_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-        memo.runtime.on_pool_event(event["type"], event["object"])
-
-    @kopf.on.event("v1", "pods", registry=registry, labels=children)
-    async def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-        memo.runtime.on_pod_event(event["type"], event["object"])
-
-    @kopf.on.event("v1", "persistentvolumeclaims", registry=registry, labels=children)
-    async def pvc_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-        memo.runtime.on_pvc_event(event["type"], event["object"])
-
-    @kopf.on.event("v1", "services", registry=registry, labels=children)
-    async def service_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-        memo.runtime.on_child_event("service", event["type"], event["object"])
-
-    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry, labels=children)
-    async def network_policy_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-        memo.runtime.on_child_event("networkpolicy", event["type"], event["object"])
-
+    for feed in FEEDS:
+        _register_feed(registry, feed)
     return registry
 
 

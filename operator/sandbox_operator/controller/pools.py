@@ -15,12 +15,19 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sandbox_operator.api import GROUP, VERSION, Sandbox, SandboxPool, SandboxTemplate
-from sandbox_operator.controller.kube import JSON, ApiError
-from sandbox_operator.lifecycle.pool import (
-    CLAIMED_FROM_ANNOTATION,
+from sandbox_operator.api import API_VERSION, Sandbox, SandboxPool, SandboxTemplate
+from sandbox_operator.api.names import (
+    CLAIMED_FROM_POOL_ANNOTATION,
+    PERSISTENT_VOLUME_CLAIMS,
+    POD_SIGNATURE_ANNOTATION,
+    PODS,
     POOL_LABEL,
-    SIGNATURE_ANNOTATION,
+    SANDBOX_ID_LABEL,
+    SANDBOX_LABEL,
+    SANDBOX_POOLS,
+)
+from sandbox_operator.kube import JSON, ApiError
+from sandbox_operator.lifecycle.pool import (
     count_claimed,
     is_claimable,
     is_pool_claim,
@@ -30,8 +37,6 @@ from sandbox_operator.lifecycle.pool import (
 )
 from sandbox_operator.lifecycle.status import format_time
 from sandbox_operator.resources import (
-    SANDBOX_ID_LABEL,
-    SANDBOX_LABEL,
     build_pod,
     build_pvc,
     owner_reference,
@@ -45,8 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLAIMED_FROM_ANNOTATION",
-    "SIGNATURE_ANNOTATION",
     "ClaimInterruptedError",
     "build_warm_pod",
     "reconcile_pool",
@@ -71,7 +74,7 @@ class ClaimInterruptedError(Exception):
 
 def _pool_owner(pool: SandboxPool) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
+        "apiVersion": API_VERSION,
         "kind": "SandboxPool",
         "name": pool.metadata.name,
         "uid": pool.metadata.uid,
@@ -85,7 +88,7 @@ def build_warm_pod(pool: SandboxPool, template: SandboxTemplate, suffix: str) ->
     name = f"{pool.metadata.name}-{suffix}"
     stand_in = Sandbox.from_body(
         {
-            "apiVersion": f"{GROUP}/{VERSION}",
+            "apiVersion": API_VERSION,
             "kind": "Sandbox",
             "metadata": {
                 "name": name,
@@ -106,14 +109,14 @@ def build_warm_pod(pool: SandboxPool, template: SandboxTemplate, suffix: str) ->
         labels[POOL_LABEL] = str(pool.metadata.name)
         child["metadata"]["ownerReferences"] = [_pool_owner(pool)]
     # The pod's env names the stand-in; the real identity arrives with the claim (labels, status).
-    pod["metadata"]["annotations"] = {SIGNATURE_ANNOTATION: pod_signature(pod)}
+    pod["metadata"]["annotations"] = {POD_SIGNATURE_ANNOTATION: pod_signature(pod)}
     return pod, claim
 
 
 def warm_pod_signature(pool: SandboxPool, template: SandboxTemplate) -> str:
     """The signature every current warm pod of the pool carries (names do not enter it)."""
     pod, _ = build_warm_pod(pool, template, "signature")
-    return str(pod["metadata"]["annotations"][SIGNATURE_ANNOTATION])
+    return str(pod["metadata"]["annotations"][POD_SIGNATURE_ANNOTATION])
 
 
 def workspace_claim_of(pod: JSON) -> str | None:
@@ -129,10 +132,6 @@ def _claims_mounted(pod: JSON) -> list[str]:
         for v in pod.get("spec", {}).get("volumes") or []
         if WORKSPACE_VOLUME_KEY in v
     ]
-
-
-def _core_path(namespace: str, plural: str, name: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/{plural}/{name}"
 
 
 async def _delete_unchanged(rt: Runtime, path: str, obj: JSON) -> bool:
@@ -184,8 +183,8 @@ async def reconcile_pool(rt: Runtime, key: Key) -> None:
         for _ in range(plan.to_create):
             pod, claim = build_warm_pod(pool, template, secrets.token_hex(3))
             if claim is not None:
-                await rt.client.create(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", claim)
-            created = await rt.client.create(f"/api/v1/namespaces/{namespace}/pods", pod)
+                await rt.client.create(PERSISTENT_VOLUME_CLAIMS.collection(namespace), claim)
+            created = await rt.client.create(PODS.collection(namespace), pod)
             if created is not None:
                 rt.store.put_pod(created)
 
@@ -248,7 +247,7 @@ async def _delete_warm_pod(rt: Runtime, key: Key, pod_name: str, stale: bool) ->
             pool_name,
             phase if phase in ("Failed", "Succeeded") else "outdated or workspace taken",
         )
-    if not await _delete_unchanged(rt, _core_path(namespace, "pods", pod_name), pod):
+    if not await _delete_unchanged(rt, PODS.path(namespace, pod_name), pod):
         return None
     rt.store.delete_pod(pod_key)
     return workspace_claim_of(pod) or ""
@@ -259,7 +258,7 @@ async def _delete_pool_claim(rt: Runtime, namespace: str, claim_name: str) -> bo
     claim = rt.store.pvcs.get((namespace, claim_name))
     if claim is None:
         return True
-    if not await _delete_unchanged(rt, _core_path(namespace, "persistentvolumeclaims", claim_name), claim):
+    if not await _delete_unchanged(rt, PERSISTENT_VOLUME_CLAIMS.path(namespace, claim_name), claim):
         return False
     log.info("deleted unused workspace claim %s/%s of a warm pool", namespace, claim_name)
     rt.store.delete_pvc((namespace, claim_name))  # the watch brings it back while it terminates
@@ -295,9 +294,7 @@ async def _write_pool_status(
         ]
     if not patch:
         return
-    updated = await rt.client.patch(
-        f"/apis/{GROUP}/{VERSION}/namespaces/{key[0]}/sandboxpools/{key[1]}/status", {"status": patch}
-    )
+    updated = await rt.client.patch(SANDBOX_POOLS.path(*key, "status"), {"status": patch})
     if updated is not None:
         rt.store.put_pool(updated)
 
@@ -329,7 +326,7 @@ async def try_claim_pool_pod(rt: Runtime, sandbox: Sandbox, template: SandboxTem
         for pod in rt.store.pods_of_pool((pool_ns, pool_name)):
             pod_key = (namespace, pod["metadata"]["name"])
             annotations = pod["metadata"].get("annotations") or {}
-            if pod_key in rt.claims_in_flight or annotations.get(SIGNATURE_ANNOTATION) != wanted:
+            if pod_key in rt.claims_in_flight or annotations.get(POD_SIGNATURE_ANNOTATION) != wanted:
                 continue
             if not is_claimable(pod) or not _offered_claim(rt, namespace, pool_name, pod):
                 continue
@@ -347,7 +344,7 @@ async def try_claim_pool_pod(rt: Runtime, sandbox: Sandbox, template: SandboxTem
 def _claim_metadata(sandbox: Sandbox, pool_name: str, resource_version: str | None) -> JSON:
     metadata: JSON = {
         "labels": {POOL_LABEL: None, SANDBOX_LABEL: sandbox.metadata.name, SANDBOX_ID_LABEL: sandbox_id(sandbox)},
-        "annotations": {CLAIMED_FROM_ANNOTATION: pool_name},
+        "annotations": {CLAIMED_FROM_POOL_ANNOTATION: pool_name},
         "ownerReferences": [owner_reference(sandbox)],
     }
     if resource_version:
@@ -376,7 +373,7 @@ async def _claim(rt: Runtime, sandbox: Sandbox, pod: JSON, pool_name: str) -> JS
             return None
         try:
             moved = await rt.client.patch(
-                f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim_name}",
+                PERSISTENT_VOLUME_CLAIMS.path(namespace, claim_name),
                 {"metadata": _claim_metadata(sandbox, pool_name, claim["metadata"].get("resourceVersion"))},
             )
         except ApiError as exc:
@@ -389,7 +386,7 @@ async def _claim(rt: Runtime, sandbox: Sandbox, pod: JSON, pool_name: str) -> JS
         lock = None  # the pair is ours now; the pod's resourceVersion may have moved with its status
     try:
         updated = await rt.client.patch(
-            f"/api/v1/namespaces/{namespace}/pods/{pod_name}",
+            PODS.path(namespace, pod_name),
             {"metadata": _claim_metadata(sandbox, pool_name, lock)},
         )
     except ApiError as exc:

@@ -13,9 +13,22 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sandbox_operator.api import GROUP, VERSION, Phase, Sandbox, SandboxTemplate
-from sandbox_operator.controller.kube import JSON
+from sandbox_operator.api import API_VERSION, Phase, Sandbox, SandboxTemplate
+from sandbox_operator.api.names import (
+    CLAIMED_FROM_POOL_ANNOTATION,
+    ENVD_PORT,
+    EVENTS,
+    FINALIZER,
+    MANAGED_BY,
+    NETWORK_POLICIES,
+    PERSISTENT_VOLUME_CLAIMS,
+    PODS,
+    SANDBOXES,
+    SERVICES,
+    SPEC_HASH_ANNOTATION,
+)
 from sandbox_operator.controller.pools import try_claim_pool_pod
+from sandbox_operator.kube import JSON
 from sandbox_operator.lifecycle.decide import decide
 from sandbox_operator.lifecycle.observe import desired_from, observed_from
 from sandbox_operator.lifecycle.status import format_time, parse_time, progress_write_due, status_patch
@@ -40,8 +53,6 @@ from sandbox_operator.lifecycle.types import (
     SetSuspended,
 )
 from sandbox_operator.resources import (
-    ENVD_PORT,
-    SPEC_HASH_ANNOTATION,
     build_network_policy,
     build_pod,
     build_pvc,
@@ -57,22 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TIMEOUT_KINDS = {Reason.IDLE_TIMEOUT.value: "idle", Reason.MAX_LIFETIME.value: "max_lifetime"}
-POOL_SOURCE_ANNOTATION = "sandbox.dev/claimed-from-pool"
-
-
-def sandbox_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/sandboxes"
-    return f"{base}/{name}" if name else base
-
-
-def core_path(namespace: str, plural: str, name: str = "") -> str:
-    base = f"/api/v1/namespaces/{namespace}/{plural}"
-    return f"{base}/{name}" if name else base
-
-
-def networking_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies"
-    return f"{base}/{name}" if name else base
 
 
 def _use_claim(pod: JSON, claim_name: str) -> None:
@@ -112,9 +107,7 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     pod, extras = _select_pod(pods, names.pod, status_now.get("podName"))
     for extra in extras:  # e.g. a pool claim raced a cold create: keep one pod per sandbox
         log.info("deleting duplicate pod %s/%s of sandbox %s", namespace, extra["metadata"]["name"], name)
-        await rt.client.delete(
-            core_path(namespace, "pods", extra["metadata"]["name"]), uid=extra["metadata"].get("uid")
-        )
+        await rt.client.delete(PODS.path(namespace, extra["metadata"]["name"]), uid=extra["metadata"].get("uid"))
         rt.store.delete_pod((namespace, extra["metadata"]["name"]))
     pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((namespace, names.pvc))
     uid = str(sandbox.metadata.uid)
@@ -125,9 +118,9 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
 
     # The Service and the NetworkPolicy depend on nothing else: written while the pod is.
     children = [
-        ("service", core_path(namespace, "services"), names.service, service)
+        ("service", SERVICES.collection(namespace), names.service, service)
         if isinstance(action, EnsureService)
-        else ("networkpolicy", networking_path(namespace), names.network_policy, policy)
+        else ("networkpolicy", NETWORK_POLICIES.collection(namespace), names.network_policy, policy)
         for action in decision.actions
         if isinstance(action, EnsureService | EnsureNetworkPolicy)
     ]
@@ -193,7 +186,7 @@ async def _act(
             claim_tried = True
             claimed = await try_claim_pool_pod(rt, sandbox, template)
             if claimed is not None:
-                pod, pool_source = claimed, claimed["metadata"]["annotations"][POOL_SOURCE_ANNOTATION]
+                pod, pool_source = claimed, claimed["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION]
                 pvc = rt.store.pvc_of_sandbox(key) or pvc
         if isinstance(action, CreatePod):
             if pool_source is not None:
@@ -201,7 +194,7 @@ async def _act(
             new_pod = build_pod(sandbox, template)
             if pvc is not None and pvc["metadata"]["name"] != names.pvc:
                 _use_claim(new_pod, pvc["metadata"]["name"])  # a workspace taken over from a pool pod
-            created = await rt.client.create(core_path(namespace, "pods"), new_pod)
+            created = await rt.client.create(PODS.collection(namespace), new_pod)
             if created is not None:
                 pod = rt.store.put_pod(created)
         elif isinstance(action, EnsurePVC):
@@ -209,27 +202,25 @@ async def _act(
                 continue
             claim = build_pvc(sandbox, template)  # None: the template's workspace is an emptyDir
             if claim is not None:
-                created = await rt.client.create(core_path(namespace, "persistentvolumeclaims"), claim)
+                created = await rt.client.create(PERSISTENT_VOLUME_CLAIMS.collection(namespace), claim)
                 if created is not None:
                     rt.store.put_pvc(created)
                     pvc = created
         elif isinstance(action, DeletePod):
             if pod is not None:
-                await rt.client.delete(
-                    core_path(namespace, "pods", pod["metadata"]["name"]), uid=pod["metadata"].get("uid")
-                )
+                await rt.client.delete(PODS.path(namespace, pod["metadata"]["name"]), uid=pod["metadata"].get("uid"))
         elif isinstance(action, DeletePVC):
-            await rt.client.delete(core_path(namespace, "persistentvolumeclaims", names.pvc))
+            await rt.client.delete(PERSISTENT_VOLUME_CLAIMS.path(namespace, names.pvc))
         elif isinstance(action, DeleteService):
-            await rt.client.delete(core_path(namespace, "services", names.service))
+            await rt.client.delete(SERVICES.path(namespace, names.service))
             rt.ensured.pop((uid, "service"), None)
         elif isinstance(action, DeleteNetworkPolicy):
-            await rt.client.delete(networking_path(namespace, names.network_policy))
+            await rt.client.delete(NETWORK_POLICIES.path(namespace, names.network_policy))
             rt.ensured.pop((uid, "networkpolicy"), None)
         elif isinstance(action, SetSuspended):
-            await rt.client.patch(sandbox_path(namespace, name), {"spec": {"suspended": action.suspended}})
+            await rt.client.patch(SANDBOXES.path(namespace, name), {"spec": {"suspended": action.suspended}})
         elif isinstance(action, DeleteObject):
-            await rt.client.delete(sandbox_path(namespace, name), uid=uid)
+            await rt.client.delete(SANDBOXES.path(namespace, name), uid=uid)
             return pod, pvc, pool_source, True
         elif isinstance(action, RemoveFinalizer):
             await _remove_finalizers(rt, key, body)
@@ -334,7 +325,7 @@ async def _write_status(
     if not patch:
         return
     previous = current.get("phase")
-    updated = await rt.client.patch(f"{sandbox_path(namespace, name)}/status", {"status": patch})
+    updated = await rt.client.patch(SANDBOXES.path(namespace, name, "status"), {"status": patch})
     if updated is not None:
         rt.store.put_sandbox(updated)
     for made in decisions:
@@ -359,7 +350,7 @@ def _record_transition(
     created = parse_time(sandbox.metadata.creation_timestamp)
     if phase == Phase.RUNNING and previous in (None, Phase.CREATING) and created is not None:
         from_pool = pool_source or ((pod or {}).get("metadata", {}).get("annotations") or {}).get(
-            POOL_SOURCE_ANNOTATION
+            CLAIMED_FROM_POOL_ANNOTATION
         )
         rt.metrics.time_to_running.labels("pool" if from_pool else "cold").observe(
             max(0.0, (now - created).total_seconds())
@@ -404,19 +395,17 @@ async def _report_missing_template(rt: Runtime, key: Key, sandbox: Sandbox, curr
             }
         ],
     }
-    updated = await rt.client.patch(f"{sandbox_path(*key)}/status", {"status": patch})
+    updated = await rt.client.patch(SANDBOXES.path(*key, "status"), {"status": patch})
     if updated is not None:
         rt.store.put_sandbox(updated)
     await post_event(rt, sandbox, EventType.WARNING, "TemplateNotFound", message)
 
 
 async def _remove_finalizers(rt: Runtime, key: Key, body: Mapping[str, Any]) -> None:
-    from sandbox_operator.controller.config import FINALIZER
-
     finalizers = list((body.get("metadata") or {}).get("finalizers") or [])
     if FINALIZER in finalizers:
         finalizers.remove(FINALIZER)
-        await rt.client.patch(sandbox_path(*key), {"metadata": {"finalizers": finalizers}})
+        await rt.client.patch(SANDBOXES.path(*key), {"metadata": {"finalizers": finalizers}})
 
 
 async def post_event(rt: Runtime, sandbox: Sandbox, event_type: EventType, reason: str, message: str) -> None:
@@ -429,7 +418,7 @@ async def post_event(rt: Runtime, sandbox: Sandbox, event_type: EventType, reaso
         "kind": "Event",
         "metadata": {"generateName": f"{sandbox.metadata.name}.", "namespace": namespace},
         "involvedObject": {
-            "apiVersion": f"{GROUP}/{VERSION}",
+            "apiVersion": API_VERSION,
             "kind": "Sandbox",
             "name": sandbox.metadata.name,
             "namespace": namespace,
@@ -441,10 +430,10 @@ async def post_event(rt: Runtime, sandbox: Sandbox, event_type: EventType, reaso
         "firstTimestamp": now,
         "lastTimestamp": now,
         "count": 1,
-        "source": {"component": "sandbox-operator"},
-        "reportingComponent": "sandbox-operator",
+        "source": {"component": MANAGED_BY},
+        "reportingComponent": MANAGED_BY,
     }
     try:
-        await rt.client.create(core_path(namespace, "events"), event)
+        await rt.client.create(EVENTS.collection(namespace), event)
     except Exception as exc:  # an Event is best effort: never fail a reconcile over it
         log.debug("could not post event %s on %s: %s", reason, sandbox.metadata.name, exc)

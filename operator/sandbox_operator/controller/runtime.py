@@ -13,11 +13,12 @@ import time
 from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, Literal
 
+from sandbox_operator.api.names import CLAIMED_FROM_POOL_ANNOTATION, POOL_LABEL, SANDBOX_LABEL
 from sandbox_operator.controller.config import OperatorConfig
-from sandbox_operator.controller.kube import ApiError, KubeClient
-from sandbox_operator.controller.store import POOL_LABEL, SANDBOX_LABEL, Key, Store, key_of
+from sandbox_operator.controller.store import Key, Store, key_of
 from sandbox_operator.controller.usage import UsageCollector
 from sandbox_operator.controller.workqueue import QueueClosed, WorkQueue
+from sandbox_operator.kube import ApiError, KubeClient
 from sandbox_operator.metrics.lifecycle import LifecycleMetrics, PhaseCount, PoolCount
 from sandbox_operator.metrics.usage import UsageExporter
 
@@ -153,7 +154,7 @@ class Runtime:
         if POOL_LABEL in labels:
             self.queue.add(("pool", key[0], labels[POOL_LABEL]))
         # A pool pod just claimed by a sandbox: its pool refills.
-        claimed_from = (pod["metadata"].get("annotations") or {}).get("sandbox.dev/claimed-from-pool")
+        claimed_from = (pod["metadata"].get("annotations") or {}).get(CLAIMED_FROM_POOL_ANNOTATION)
         if claimed_from:
             self.queue.add(("pool", key[0], claimed_from))
 

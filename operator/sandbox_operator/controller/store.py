@@ -10,14 +10,10 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from sandbox_operator.resources import SPEC_HASH_ANNOTATION
+from sandbox_operator.api.names import POOL_LABEL, SANDBOX_LABEL, SPEC_HASH_ANNOTATION
 
 JSON = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
-
-SANDBOX_LABEL = "sandbox.dev/sandbox"
-POOL_LABEL = "sandbox.dev/pool"
-TEMPLATE_LABEL = "sandbox.dev/template"
 
 _DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
 

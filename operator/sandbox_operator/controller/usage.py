@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 
 from sandbox_operator.api import Phase, Sandbox, SandboxTemplate, resolve_resources
+from sandbox_operator.api.names import SANDBOXES
 from sandbox_operator.lifecycle.status import format_time, parse_time
 from sandbox_operator.metrics.usage import AgentSample, Limits, SandboxUsage, parse_agent_metrics
 
@@ -212,10 +213,8 @@ class UsageCollector:
             if known is None or activity > known:
                 status["lastActivityAt"] = format_time(activity)
         namespace, name = key
-        from sandbox_operator.controller.reconcile import sandbox_path
-
         try:
-            updated = await self.rt.client.patch(f"{sandbox_path(namespace, name)}/status", {"status": status})
+            updated = await self.rt.client.patch(SANDBOXES.path(namespace, name, "status"), {"status": status})
         except Exception as exc:
             log.debug("usage status write of %s/%s failed: %s", namespace, name, exc)
             return

@@ -12,17 +12,21 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sandbox_operator.api import GROUP, VERSION
-from sandbox_operator.controller.kube import ApiError, KubeClient
+from sandbox_operator.api.names import (
+    API_KEY_LABEL,
+    API_KEY_NAMESPACES_ANNOTATION,
+    SANDBOX_TEMPLATES,
+    SANDBOXES,
+    SECRETS,
+)
 from sandbox_operator.gateway.e2b import api_key_digest, sandbox_id_of
+from sandbox_operator.kube import ApiError, KubeClient
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 Key = tuple[str, str]
 
-API_KEY_LABEL = "sandbox.dev/api-key"
-API_KEY_NAMESPACE_ANNOTATION = "sandbox.dev/namespace"
 RELIST_BACKOFF_S = (0.2, 1.0, 5.0)
 
 
@@ -43,11 +47,11 @@ class Cache:
 
     def start(self) -> None:
         feeds: list[tuple[str, str, dict[str, str], Callable[[str, JSON], None]]] = [
-            ("sandboxes", f"/apis/{GROUP}/{VERSION}/sandboxes", {}, self._on_sandbox),
-            ("templates", f"/apis/{GROUP}/{VERSION}/sandboxtemplates", {}, self._on_template),
+            ("sandboxes", SANDBOXES.collection(), {}, self._on_sandbox),
+            ("templates", SANDBOX_TEMPLATES.collection(), {}, self._on_template),
             (
                 "api-keys",
-                f"/api/v1/namespaces/{self.keys_namespace}/secrets",
+                SECRETS.collection(self.keys_namespace),
                 {"labelSelector": f"{API_KEY_LABEL}=true"},
                 self._on_secret,
             ),
@@ -169,14 +173,14 @@ class Cache:
             self.api_keys.pop(previous, None)
         if kind == "DELETED":
             return
-        namespace = (meta.get("annotations") or {}).get(API_KEY_NAMESPACE_ANNOTATION)
+        namespace = (meta.get("annotations") or {}).get(API_KEY_NAMESPACES_ANNOTATION)
         raw = (body.get("data") or {}).get("key")
         if not namespace or not raw:
             log.warning(
                 "API key secret %s/%s needs data.key and the %s annotation; ignored",
                 self.keys_namespace,
                 name,
-                API_KEY_NAMESPACE_ANNOTATION,
+                API_KEY_NAMESPACES_ANNOTATION,
             )
             return
         try:

@@ -20,6 +20,11 @@ from urllib.parse import parse_qsl, unquote
 
 from sandbox_operator.agent import ENVD_COMPATIBLE_VERSION
 from sandbox_operator.api import API_VERSION, Phase, resolve_resources
+from sandbox_operator.api.names import (
+    API_KEY_LABEL,
+    API_KEY_NAMESPACES_ANNOTATION,
+    CREATED_BY_ANNOTATION,
+)
 from sandbox_operator.api.v1alpha1 import SandboxSpec, SandboxTemplateSpec
 from sandbox_operator.resources.names import sandbox_id_for
 
@@ -30,8 +35,6 @@ DEFAULT_TIMEOUT_S = 300  # the SDK's documented server default
 MAX_LIST_LIMIT = 100
 # The SDKs' default template names, served by our templates of the same purpose.
 TEMPLATE_ALIASES = {"code-interpreter-v1": "code-interpreter"}
-CREATED_BY_ANNOTATION = "sandbox.dev/created-by"
-ENVD_PORT, INTERPRETER_PORT = 49983, 49999
 # envd endpoints that only the orchestrator may call: never proxied from outside (COMPAT §7).
 INTERNAL_PATHS = frozenset({"/init", "/freeze", "/unfreeze", "/collapse", "/fsfreeze", "/fsthaw", "/files/compose"})
 RUNNING_PHASES = frozenset({Phase.CREATING, Phase.RUNNING, Phase.RESUMING})
@@ -84,8 +87,8 @@ def api_key_secret(name: str, key: str, *, keys_namespace: str, grants: str) -> 
         "metadata": {
             "name": name,
             "namespace": keys_namespace,
-            "labels": {"sandbox.dev/api-key": "true"},
-            "annotations": {"sandbox.dev/namespace": grants},
+            "labels": {API_KEY_LABEL: "true"},
+            "annotations": {API_KEY_NAMESPACES_ANNOTATION: grants},
         },
         "type": "Opaque",
         "stringData": {"key": key},

@@ -14,8 +14,8 @@ from aiohttp import web
 from prometheus_client import start_http_server
 
 from sandbox_operator import eventloop
-from sandbox_operator.controller.kube import Credentials, KubeClient
 from sandbox_operator.gateway.server import Gateway, GatewayConfig
+from sandbox_operator.kube import Credentials, KubeClient
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sandbox_operator.agent.signing import tokens_equal, verify_signature
-from sandbox_operator.api import GROUP, VERSION, Phase, parse_duration
-from sandbox_operator.controller.kube import ApiError, KubeClient
+from sandbox_operator.api import Phase, parse_duration
+from sandbox_operator.api.names import ENVD_PORT, SANDBOXES
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.cache import Cache
 from sandbox_operator.gateway.http import json_response, read_payload
 from sandbox_operator.gateway.session import routes as session_routes
+from sandbox_operator.kube import ApiError, KubeClient
 
 log = logging.getLogger(__name__)
 
@@ -197,17 +198,17 @@ class Gateway:
     # Operations shared by the E2B API and the session API.
 
     async def create_sandbox(self, namespace: str, manifest: JSON) -> None:
-        created = await self.client.request("POST", _sandboxes_path(namespace), manifest)
+        created = await self.client.request("POST", SANDBOXES.collection(namespace), manifest)
         self.cache.observe(created)
 
     async def set_suspended(self, namespace: str, name: str, suspended: bool) -> None:
-        patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"suspended": suspended}})
+        patched = await self.client.patch(SANDBOXES.path(namespace, name), {"spec": {"suspended": suspended}})
         if patched is not None:
             self.cache.observe(patched)
 
     async def delete_sandbox(self, namespace: str, name: str, *, wait: bool, uid: str | None = None) -> bool:
         """Delete a Sandbox (its children go with it); with `wait`, until the watch saw it go."""
-        deleted = await self.client.delete(f"{_sandboxes_path(namespace)}/{name}", uid=uid)
+        deleted = await self.client.delete(SANDBOXES.path(namespace, name), uid=uid)
         if deleted and wait:
             await self.cache.wait_for((namespace, name), lambda body: body is None, self.config.create_timeout)
         return deleted
@@ -248,7 +249,7 @@ class Gateway:
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 async with self.upstream().get(
-                    f"http://{pod_ip}:{e2b.ENVD_PORT}/health", timeout=aiohttp.ClientTimeout(total=2)
+                    f"http://{pod_ip}:{ENVD_PORT}/health", timeout=aiohttp.ClientTimeout(total=2)
                 ) as response:
                     if response.status < 300:
                         return
@@ -322,7 +323,7 @@ class Gateway:
         if idle and parse_duration(idle) > parse_duration(lifetime):
             timeouts["idle"] = "0"
         name = body["metadata"]["name"]
-        patched = await self.client.patch(f"{_sandboxes_path(namespace)}/{name}", {"spec": {"timeouts": timeouts}})
+        patched = await self.client.patch(SANDBOXES.path(namespace, name), {"spec": {"timeouts": timeouts}})
         if patched is None:
             return
         self.cache.observe(patched)
@@ -368,7 +369,7 @@ class Gateway:
             return json_response(200, [])
         try:
             async with self.upstream().get(
-                f"http://{pod_ip}:{e2b.ENVD_PORT}/metrics", timeout=aiohttp.ClientTimeout(total=5)
+                f"http://{pod_ip}:{ENVD_PORT}/metrics", timeout=aiohttp.ClientTimeout(total=5)
             ) as response:
                 sample = await response.json()
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
@@ -384,7 +385,7 @@ class Gateway:
             return json_response(
                 502, {"sandboxId": route.sandbox_id, "message": "The sandbox was not found", "code": 502}
             )
-        if route.port == e2b.ENVD_PORT and request.path in e2b.INTERNAL_PATHS:
+        if route.port == ENVD_PORT and request.path in e2b.INTERNAL_PATHS:
             return json_response(403, e2b.error_body(403, f"{request.path} is internal to the sandbox"))
         refusal = self._check_token(request, route, self.token_of(body))
         if refusal:
@@ -444,9 +445,9 @@ class Gateway:
         given = request.headers.get("X-Access-Token") or request.headers.get("E2B-Traffic-Access-Token")
         if tokens_equal(given, token):
             return None
-        if route.port == e2b.ENVD_PORT and request.path == "/health":
+        if route.port == ENVD_PORT and request.path == "/health":
             return None
-        if route.port == e2b.ENVD_PORT and request.path == "/files" and request.query.get("signature"):
+        if route.port == ENVD_PORT and request.path == "/files" and request.query.get("signature"):
             refused = verify_signature(
                 signature=request.query.get("signature"),
                 expiration=request.query.get("signature_expiration"),
@@ -470,10 +471,6 @@ def _port_not_open(route: e2b.Route) -> web.Response:
             "message": "The sandbox is running but port is not open",
         },
     )
-
-
-def _sandboxes_path(namespace: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/sandboxes"
 
 
 def _api_error(exc: ApiError) -> web.Response:

@@ -27,9 +27,10 @@ from aiohttp import web
 
 from sandbox_operator.agent.connect import FLAG_END_STREAM, STREAM_CONTENT_TYPE, EnvelopeDecoder, encode_envelope
 from sandbox_operator.api import Phase
-from sandbox_operator.controller.kube import ApiError
+from sandbox_operator.api.names import ENVD_PORT, INTERPRETER_PORT, SESSION_LABEL
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.http import json_response, read_payload
+from sandbox_operator.kube import ApiError
 
 if TYPE_CHECKING:
     from sandbox_operator.gateway.server import Gateway
@@ -107,7 +108,7 @@ class SessionApi:
                 template=template,
             )
             manifest["metadata"]["name"] = name
-            manifest["metadata"]["labels"] = {"sandbox.dev/session": request.match_info["session"]}
+            manifest["metadata"]["labels"] = {SESSION_LABEL: request.match_info["session"]}
             try:
                 await self.gw.create_sandbox(namespace, manifest)
                 created = True
@@ -149,7 +150,7 @@ class SessionApi:
         stdout, stderr = bytearray(), bytearray()
         end: JSON = {}
         decoder = EnvelopeDecoder(max_length=MAX_OUTPUT_BYTES * 2)
-        url = f"http://{body['status']['podIP']}:{e2b.ENVD_PORT}/process.Process/Start"
+        url = f"http://{body['status']['podIP']}:{ENVD_PORT}/process.Process/Start"
         async with self.gw.upstream().post(
             url, data=encode_envelope(json.dumps({"process": process}).encode()), headers=headers
         ) as response:
@@ -192,7 +193,7 @@ class SessionApi:
         if payload.get("language") is not None:
             execute["language"] = payload["language"]
         result: JSON = {"results": [], "stdout": "", "stderr": "", "error": None, "executionCount": None}
-        url = f"http://{body['status']['podIP']}:{e2b.INTERPRETER_PORT}/execute"
+        url = f"http://{body['status']['podIP']}:{INTERPRETER_PORT}/execute"
         token = self.gw.token_of(body)
         async with self.gw.upstream().post(url, json=execute, headers={"X-Access-Token": token}) as response:
             if response.status != 200:
@@ -223,7 +224,7 @@ class SessionApi:
         path = request.query.get("path")
         if not path:
             raise e2b.Refused(400, "the 'path' query parameter is required")
-        url = f"http://{body['status']['podIP']}:{e2b.ENVD_PORT}/files"
+        url = f"http://{body['status']['podIP']}:{ENVD_PORT}/files"
         data = await request.read() if method == "POST" else None
         headers = {"Accept-Encoding": request.headers.get("Accept-Encoding", "identity")}
         if method == "POST":

@@ -16,10 +16,10 @@ from sandbox_operator.lifecycle.deadlines import Deadlines, compute_deadlines, e
 from sandbox_operator.lifecycle.transitions import is_allowed_transition
 from sandbox_operator.lifecycle.types import (
     Action,
-    Condition,
     ConditionStatus,
     ConditionType,
     CreatePod,
+    DecidedCondition,
     Decision,
     DeleteNetworkPolicy,
     DeleteObject,
@@ -565,11 +565,13 @@ class _Reconcile:
         )
 
 
-def _condition(kind: ConditionType, true: bool, reason: str, message: str) -> Condition:
-    return Condition(kind, ConditionStatus.TRUE if true else ConditionStatus.FALSE, reason, message)
+def _condition(kind: ConditionType, true: bool, reason: str, message: str) -> DecidedCondition:
+    return DecidedCondition(kind, ConditionStatus.TRUE if true else ConditionStatus.FALSE, reason, message)
 
 
-def _conditions(phase: Phase | None, reason: str, message: str, pod: PodObservation | None) -> tuple[Condition, ...]:
+def _conditions(
+    phase: Phase | None, reason: str, message: str, pod: PodObservation | None
+) -> tuple[DecidedCondition, ...]:
     # The reason of a False condition is the phase (or the cause while Running), so that
     # `kubectl wait --for=condition=Ready` failures say where the sandbox is.
     where = str(phase) if phase is not None else reason

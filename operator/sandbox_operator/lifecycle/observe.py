@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sandbox_operator.api import Sandbox, SandboxTemplate, parse_duration, resolve_timeouts
+from sandbox_operator.api import Sandbox, SandboxTemplate, parse_duration, resolve_resources, resolve_timeouts
 from sandbox_operator.lifecycle.deadlines import Deadlines, compute_deadlines, expires_at
 from sandbox_operator.lifecycle.status import parse_time
 from sandbox_operator.lifecycle.types import (
@@ -23,7 +23,6 @@ from sandbox_operator.lifecycle.types import (
     PvcPhase,
     RetryPolicy,
 )
-from sandbox_operator.resources.resolve import ResourcesExceedMax, resolve_resources
 
 __all__ = [
     "deadlines",
@@ -110,7 +109,7 @@ def desired_from(sandbox: Sandbox, template: SandboxTemplate, retry: RetryPolicy
         on_idle=spec.on_idle,
         ttl_after_terminated=None if ttl is None else timedelta(seconds=parse_duration(ttl)),
         persistent_workspace=template_spec.persistence.enabled,
-        resources_violation=resources.message if isinstance(resources, ResourcesExceedMax) else None,
+        resources_violation=resources.violation_message,
         retry=retry or RetryPolicy(),
         generation=sandbox.metadata.generation,
     )

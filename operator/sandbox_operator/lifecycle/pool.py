@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sandbox_operator.api.names import (
+    CLAIMED_FROM_POOL_ANNOTATION,
+    POD_SIGNATURE_ANNOTATION,
+    POOL_LABEL,
+    SANDBOX_LABEL,
+)
 from sandbox_operator.lifecycle.status import parse_time
-from sandbox_operator.resources.names import SANDBOX_LABEL
-
-# Same key as controller.store.POOL_LABEL (the store indexes warm pods by it); repeated here so the
-# pure core does not import the controller.
-POOL_LABEL = "sandbox.dev/pool"
-SIGNATURE_ANNOTATION = "sandbox.dev/pod-signature"
-CLAIMED_FROM_ANNOTATION = "sandbox.dev/claimed-from-pool"
 
 # Env vars that name the sandbox itself: they differ between a warm pod and its claimant by design.
 IDENTITY_ENV = frozenset({"SANDBOX_ID"})
@@ -67,7 +66,7 @@ def is_stale(pod: Mapping[str, Any], signature: str | None) -> bool:
         return True
     if signature is None:
         return False
-    return (_metadata(pod).get("annotations") or {}).get(SIGNATURE_ANNOTATION) != signature
+    return (_metadata(pod).get("annotations") or {}).get(POD_SIGNATURE_ANNOTATION) != signature
 
 
 def plan_pool(
@@ -144,7 +143,7 @@ def count_claimed(pool: str, pods: Sequence[Mapping[str, Any]]) -> int:
     count = 0
     for pod in pods:
         metadata = _metadata(pod)
-        if (metadata.get("annotations") or {}).get(CLAIMED_FROM_ANNOTATION) != pool:
+        if (metadata.get("annotations") or {}).get(CLAIMED_FROM_POOL_ANNOTATION) != pool:
             continue
         if SANDBOX_LABEL not in (metadata.get("labels") or {}) or _deleting(pod):
             continue

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sandbox_operator.lifecycle.types import Condition, Decision
+from sandbox_operator.lifecycle.types import DecidedCondition, Decision
 
 __all__ = ["PROGRESS_GRACE", "format_time", "merge_conditions", "parse_time", "progress_write_due", "status_patch"]
 
@@ -49,7 +49,7 @@ def _same_time(left: object, right: datetime | None) -> bool:
 
 def merge_conditions(
     previous: Sequence[Mapping[str, Any]] | None,
-    conditions: Sequence[Condition],
+    conditions: Sequence[DecidedCondition],
     now: datetime,
     observed_generation: int | None = None,
 ) -> list[dict[str, Any]]:

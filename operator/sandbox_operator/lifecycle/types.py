@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sandbox_operator.api import OnIdle, Phase
+from sandbox_operator.api import ConditionStatus, OnIdle, Phase
+from sandbox_operator.api.names import ConditionType, Reason
 
 __all__ = [
     "Action",
-    "Condition",
     "ConditionStatus",
     "ConditionType",
     "CreatePod",
+    "DecidedCondition",
     "Decision",
     "DeleteNetworkPolicy",
     "DeleteObject",
@@ -44,42 +45,6 @@ __all__ = [
     "SetSuspended",
     "StatusFields",
 ]
-
-
-class Reason(StrEnum):
-    """Stable, CamelCase reasons for status.reason, condition reasons and Events."""
-
-    # Creating / Running
-    CREATING = "Creating"
-    POD_PENDING = "PodPending"
-    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
-    STARTED = "Started"
-    RESUMED = "Resumed"
-    POD_NOT_READY = "PodNotReady"
-    POD_TERMINATING = "PodTerminating"
-    POD_RECREATED = "PodRecreated"
-    RECREATE_BACKOFF = "RecreateBackoff"
-    # Suspend / resume
-    SUSPEND_REQUESTED = "SuspendRequested"
-    RESUME_REQUESTED = "ResumeRequested"
-    # Termination
-    MAX_LIFETIME = "MaxLifetime"
-    IDLE_TIMEOUT = "IdleTimeout"
-    DELETED = "Deleted"
-    TTL_EXPIRED = "TTLExpired"
-    # Errors
-    POD_FAILED = "PodFailed"
-    POD_SUCCEEDED = "PodSucceeded"
-    OOM_KILLED = "OOMKilled"
-    EVICTED = "Evicted"
-    IMAGE_ERROR = "ImageError"
-    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
-    RECREATE_BUDGET_EXHAUSTED = "RecreateBudgetExhausted"
-    RESOURCES_EXCEED_TEMPLATE_MAX = "ResourcesExceedTemplateMax"
-    WORKSPACE_LOST = "WorkspaceLost"
-    # Error → Creating
-    RETRYING = "Retrying"
-    SPEC_CHANGED = "SpecChanged"
 
 
 class PodPhase(StrEnum):
@@ -152,7 +117,7 @@ class Desired:
     ttl_after_terminated: timedelta | None = None
     # False when the template has no persistence: no PVC, the workspace is an emptyDir.
     persistent_workspace: bool = True
-    # Set when spec.resources exceed the template maximum (resources.resolve_resources): a human
+    # Set when spec.resources exceed the template maximum (api.resolve_resources): a human
     # message naming the field. No pod is ever created while this is set.
     resources_violation: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -292,20 +257,9 @@ CREATE_ACTIONS: tuple[type[Action], ...] = (CreatePod, EnsurePVC, EnsureService,
 # --- result --------------------------------------------------------------------------------------
 
 
-class ConditionType(StrEnum):
-    READY = "Ready"
-    SUSPENDED = "Suspended"
-    TERMINATED = "Terminated"
-
-
-class ConditionStatus(StrEnum):
-    TRUE = "True"
-    FALSE = "False"
-
-
 @dataclass(frozen=True, slots=True)
-class Condition:
-    """A kstatus-style condition; lastTransitionTime is added by status.merge_conditions."""
+class DecidedCondition:
+    """A condition as decide() sets it; lastTransitionTime is added by status.merge_conditions."""
 
     type: ConditionType
     status: ConditionStatus
@@ -340,7 +294,7 @@ class Decision:
     phase: Phase | None
     reason: str
     message: str
-    conditions: tuple[Condition, ...]
+    conditions: tuple[DecidedCondition, ...]
     actions: tuple[Action, ...]
     status: StatusFields
     wake_at: datetime | None

@@ -2,9 +2,6 @@
 
 from sandbox_operator.resources.builders import (
     CONTAINER_NAME,
-    ENVD_PORT,
-    INTERPRETER_PORT,
-    SPEC_HASH_ANNOTATION,
     ResourcesExceedMaxError,
     build_network_policy,
     build_pod,
@@ -16,40 +13,16 @@ from sandbox_operator.resources.builders import (
     spec_hash,
 )
 from sandbox_operator.resources.names import (
-    MANAGED_BY,
-    MANAGED_BY_LABEL,
-    NAME_LABEL,
-    SANDBOX_ID_LABEL,
-    SANDBOX_LABEL,
-    TEMPLATE_LABEL,
     ChildNames,
     child_names,
     sandbox_id_for,
     sandbox_labels,
     selector_labels,
 )
-from sandbox_operator.resources.resolve import (
-    EffectiveResources,
-    ResourceLimitViolation,
-    ResourcesExceedMax,
-    resolve_resources,
-)
 
 __all__ = [
     "CONTAINER_NAME",
-    "ENVD_PORT",
-    "INTERPRETER_PORT",
-    "MANAGED_BY",
-    "MANAGED_BY_LABEL",
-    "NAME_LABEL",
-    "SANDBOX_ID_LABEL",
-    "SANDBOX_LABEL",
-    "SPEC_HASH_ANNOTATION",
-    "TEMPLATE_LABEL",
     "ChildNames",
-    "EffectiveResources",
-    "ResourceLimitViolation",
-    "ResourcesExceedMax",
     "ResourcesExceedMaxError",
     "build_network_policy",
     "build_pod",
@@ -58,7 +31,6 @@ __all__ = [
     "child_names",
     "egress_hosts",
     "owner_reference",
-    "resolve_resources",
     "sandbox_id",
     "sandbox_id_for",
     "sandbox_labels",

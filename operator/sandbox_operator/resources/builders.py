@@ -12,30 +12,29 @@ import json
 from typing import Any
 
 from sandbox_operator.api import (
-    AGENT_PORTS,
     API_VERSION,
     EgressMode,
+    ResolvedResources,
     Sandbox,
     SandboxTemplate,
+    resolve_resources,
     resolve_timeouts,
 )
-from sandbox_operator.resources.names import (
+from sandbox_operator.api.names import (
+    AGENT_PORTS,
     COMPONENT_LABEL,
+    EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION,
+    ENVD_PORT,
     GATEWAY_COMPONENT,
+    INTERPRETER_PORT,
     OPERATOR_COMPONENT,
-    child_names,
-    sandbox_id_for,
-    sandbox_labels,
-    selector_labels,
+    SPEC_HASH_ANNOTATION,
 )
-from sandbox_operator.resources.resolve import EffectiveResources, ResourcesExceedMax, resolve_resources
+from sandbox_operator.resources.names import child_names, sandbox_id_for, sandbox_labels, selector_labels
 
 __all__ = [
     "CLOUD_METADATA_CIDRS",
     "CONTAINER_NAME",
-    "ENVD_PORT",
-    "INTERPRETER_PORT",
-    "SPEC_HASH_ANNOTATION",
     "ResourcesExceedMaxError",
     "build_network_policy",
     "build_pod",
@@ -47,7 +46,6 @@ __all__ = [
     "spec_hash",
 ]
 
-ENVD_PORT, INTERPRETER_PORT = AGENT_PORTS
 CONTAINER_NAME = "sandbox"
 WORKSPACE_VOLUME = "workspace"
 TMP_VOLUME = "tmp"
@@ -62,10 +60,6 @@ LIVENESS_FAILURE_THRESHOLD = 3
 LIVENESS_INITIAL_DELAY_SECONDS = 10
 # Cloud metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): they hand out node credentials.
 CLOUD_METADATA_CIDRS = ("169.254.169.254/32", "fd00:ec2::254/128")
-UNENFORCED_HOSTS_ANNOTATION = "sandbox.dev/egress-hosts-not-enforced"
-# On Services and NetworkPolicies: a digest of what the operator applied, so a watch event tells
-# whether the live object is current (spec.network and ports may change on a live sandbox).
-SPEC_HASH_ANNOTATION = "sandbox.dev/spec-hash"
 
 
 def spec_hash(body: dict[str, Any]) -> str:
@@ -83,8 +77,8 @@ def _hashed(body: dict[str, Any]) -> dict[str, Any]:
 class ResourcesExceedMaxError(ValueError):
     """build_pod was asked for a pod whose resources exceed the template maximum."""
 
-    def __init__(self, refused: ResourcesExceedMax) -> None:
-        super().__init__(refused.message)
+    def __init__(self, refused: ResolvedResources) -> None:
+        super().__init__(refused.violation_message)
         self.refused = refused
 
 
@@ -135,9 +129,9 @@ def _all_ports(sandbox: Sandbox, template: SandboxTemplate) -> list[tuple[str, i
     return named + [(f"port-{port}", port) for port in _user_ports(sandbox, template)]
 
 
-def _effective_resources(sandbox: Sandbox, template: SandboxTemplate) -> EffectiveResources:
+def _effective_resources(sandbox: Sandbox, template: SandboxTemplate) -> ResolvedResources:
     resolved = resolve_resources(sandbox.spec, template.spec)
-    if isinstance(resolved, ResourcesExceedMax):
+    if resolved.violations:
         raise ResourcesExceedMaxError(resolved)
     return resolved
 
@@ -371,7 +365,7 @@ def build_network_policy(
                     "ports": [{"protocol": "TCP", "port": port} for port in ports],
                 }
             )
-            metadata["annotations"] = {UNENFORCED_HOSTS_ANNOTATION: ",".join(hosts)}
+            metadata["annotations"] = {EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION: ",".join(hosts)}
     return _hashed(
         {
             "apiVersion": "networking.k8s.io/v1",

@@ -1,22 +1,23 @@
-"""Deterministic names, labels and the E2B sandbox ID of a sandbox's children."""
+"""Deterministic names, label sets and the E2B sandbox ID of a sandbox's children (the label keys
+themselves are in api.names)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 
+from sandbox_operator.api.names import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NAME_LABEL,
+    SANDBOX_ID_LABEL,
+    SANDBOX_LABEL,
+    TEMPLATE_LABEL,
+)
+
 __all__ = [
-    "COMPONENT_LABEL",
-    "GATEWAY_COMPONENT",
     "LABEL_MAX",
-    "MANAGED_BY",
-    "MANAGED_BY_LABEL",
-    "NAME_LABEL",
-    "OPERATOR_COMPONENT",
-    "SANDBOX_ID_LABEL",
     "SANDBOX_ID_LENGTH",
-    "SANDBOX_LABEL",
-    "TEMPLATE_LABEL",
     "ChildNames",
     "bounded_name",
     "child_names",
@@ -25,16 +26,6 @@ __all__ = [
     "sandbox_labels",
     "selector_labels",
 ]
-
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY = "sandbox-operator"
-NAME_LABEL = "app.kubernetes.io/name"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-GATEWAY_COMPONENT = "gateway"
-OPERATOR_COMPONENT = "operator"
-SANDBOX_LABEL = "sandbox.dev/sandbox"
-TEMPLATE_LABEL = "sandbox.dev/template"
-SANDBOX_ID_LABEL = "sandbox.dev/sandbox-id"
 
 LABEL_MAX = 63  # DNS labels: hostnames, Service names, label values
 SANDBOX_ID_LENGTH = 20  # like E2B's IDs

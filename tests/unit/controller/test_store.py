@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sandbox_operator.controller.store import SANDBOX_LABEL, Store
+from sandbox_operator.api.names import SANDBOX_LABEL
+from sandbox_operator.controller.store import Store
 
 
 def obj(name: str, rv: str, namespace: str | None = "ns", **extra: Any) -> dict[str, Any]:

@@ -10,11 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox_operator.controller import store
+from sandbox_operator.api.names import CLAIMED_FROM_POOL_ANNOTATION, POD_SIGNATURE_ANNOTATION, POOL_LABEL, SANDBOX_LABEL
 from sandbox_operator.lifecycle.pool import (
-    CLAIMED_FROM_ANNOTATION,
-    POOL_LABEL,
-    SIGNATURE_ANNOTATION,
     PoolPlan,
     count_claimed,
     is_claimable,
@@ -24,7 +21,6 @@ from sandbox_operator.lifecycle.pool import (
     plan_pool,
     pod_signature,
 )
-from sandbox_operator.resources import SANDBOX_LABEL
 
 SIG = "current"
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
@@ -41,7 +37,7 @@ def warm(
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": name, "labels": {POOL_LABEL: "warm"}}
     if signature is not None:
-        metadata["annotations"] = {SIGNATURE_ANNOTATION: signature}
+        metadata["annotations"] = {POD_SIGNATURE_ANNOTATION: signature}
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
@@ -66,14 +62,6 @@ def pvc(
 
 def names(pods: list[dict[str, Any]]) -> set[str]:
     return {p["metadata"]["name"] for p in pods}
-
-
-# --- shared names ---------------------------------------------------------------------------------
-
-
-def test_the_pool_label_is_the_one_the_store_indexes() -> None:
-    assert store.POOL_LABEL == POOL_LABEL
-    assert store.SANDBOX_LABEL == SANDBOX_LABEL
 
 
 # --- is_claimable / is_stale ----------------------------------------------------------------------
@@ -297,7 +285,7 @@ def claimed_pod(
     metadata: dict[str, Any] = {
         "name": name,
         "labels": {SANDBOX_LABEL: sandbox} if sandbox else {},
-        "annotations": {CLAIMED_FROM_ANNOTATION: pool},
+        "annotations": {CLAIMED_FROM_POOL_ANNOTATION: pool},
     }
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"

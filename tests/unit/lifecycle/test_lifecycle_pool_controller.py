@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 
 from sandbox_operator.api import Sandbox, SandboxTemplate
-from sandbox_operator.controller.kube import ApiError
+from sandbox_operator.api.names import CLAIMED_FROM_POOL_ANNOTATION, POOL_LABEL, SANDBOX_LABEL
 from sandbox_operator.controller.pools import (
     ClaimInterruptedError,
     reconcile_pool,
@@ -22,8 +22,7 @@ from sandbox_operator.controller.pools import (
 from sandbox_operator.controller.runtime import Runtime
 from sandbox_operator.controller.store import Store
 from sandbox_operator.controller.workqueue import WorkQueue
-from sandbox_operator.lifecycle.pool import CLAIMED_FROM_ANNOTATION, POOL_LABEL
-from sandbox_operator.resources import SANDBOX_LABEL
+from sandbox_operator.kube import ApiError
 
 JSON = dict[str, Any]
 NS = "team-a"
@@ -282,7 +281,7 @@ async def test_a_claim_relabels_the_workspace_first_locked_by_its_resource_versi
     assert workspace is not None and workspace["metadata"]["name"] == claim
     labels = claimed["metadata"]["labels"]
     assert labels[SANDBOX_LABEL] == "sb" and POOL_LABEL not in labels
-    assert claimed["metadata"]["annotations"][CLAIMED_FROM_ANNOTATION] == "warm"
+    assert claimed["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION] == "warm"
 
 
 async def test_a_claim_whose_workspace_changed_is_lost_and_touches_nothing() -> None:

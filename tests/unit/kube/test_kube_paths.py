@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox_operator.controller.kube import _resource_of
+from sandbox_operator.kube.client import _resource_of
 
 
 @pytest.mark.parametrize(

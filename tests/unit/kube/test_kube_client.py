@@ -6,7 +6,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sandbox_operator.controller.kube import ApiError, Credentials, KubeClient
+from sandbox_operator.kube import ApiError, Credentials, KubeClient
 
 
 async def test_a_401_reloads_the_credentials_and_retries_once() -> None:

@@ -1,0 +1,215 @@
+"""Every name the project puts on the wire, defined once: API group, labels, annotations, the
+finalizer, agent ports, status reasons, condition types and the REST paths of the resources it
+reads and writes.
+
+Pure constants and path arithmetic, no I/O: every component (operator, gateway, agent, tests)
+imports them from here instead of spelling a string again.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "AGENT_PORTS",
+    "API_KEY_LABEL",
+    "API_KEY_NAMESPACES_ANNOTATION",
+    "API_VERSION",
+    "CLAIMED_FROM_POOL_ANNOTATION",
+    "COMPONENT_LABEL",
+    "CREATED_BY_ANNOTATION",
+    "EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION",
+    "ENVD_PORT",
+    "EVENTS",
+    "FINALIZER",
+    "GATEWAY_COMPONENT",
+    "GROUP",
+    "INTERPRETER_PORT",
+    "KOPF_ANNOTATION_PREFIX",
+    "MANAGED_BY",
+    "MANAGED_BY_LABEL",
+    "NAME_LABEL",
+    "NETWORK_POLICIES",
+    "OPERATOR_COMPONENT",
+    "PERSISTENT_VOLUME_CLAIMS",
+    "PODS",
+    "POD_SIGNATURE_ANNOTATION",
+    "POOL_LABEL",
+    "SANDBOXES",
+    "SANDBOX_ID_LABEL",
+    "SANDBOX_LABEL",
+    "SANDBOX_POOLS",
+    "SANDBOX_TEMPLATES",
+    "SECRETS",
+    "SERVICES",
+    "SESSION_LABEL",
+    "SPEC_HASH_ANNOTATION",
+    "TEMPLATE_LABEL",
+    "VERSION",
+    "ApiResource",
+    "ConditionType",
+    "PoolReason",
+    "Reason",
+]
+
+# --- API group ------------------------------------------------------------------------------------
+
+GROUP: Final = "sandbox.dev"
+"""API group of Sandbox, SandboxTemplate and SandboxPool."""
+VERSION: Final = "v1alpha1"
+"""The one served (and stored) version of the group."""
+API_VERSION: Final = "sandbox.dev/v1alpha1"
+"""apiVersion of the project's objects: GROUP/VERSION (a literal, so that types can name it)."""
+
+# --- labels ---------------------------------------------------------------------------------------
+
+MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
+"""Recommended label: which tool manages the object (value MANAGED_BY)."""
+MANAGED_BY: Final = "sandbox-operator"
+"""Value of MANAGED_BY_LABEL on every child the operator makes; also its Event source."""
+NAME_LABEL: Final = "app.kubernetes.io/name"
+"""Recommended label: the application (``sandbox`` on children; the chart's name on its objects)."""
+COMPONENT_LABEL: Final = "app.kubernetes.io/component"
+"""Recommended label: which part of the application (GATEWAY_COMPONENT, OPERATOR_COMPONENT)."""
+GATEWAY_COMPONENT: Final = "gateway"
+"""COMPONENT_LABEL value of the gateway's pods (sandbox NetworkPolicies admit them)."""
+OPERATOR_COMPONENT: Final = "operator"
+"""COMPONENT_LABEL value of the operator's pods (they scrape agents)."""
+SANDBOX_LABEL: Final = "sandbox.dev/sandbox"
+"""On a sandbox's children (and a claimed warm pod): the name of the Sandbox they belong to."""
+TEMPLATE_LABEL: Final = "sandbox.dev/template"
+"""On a sandbox's children: its SandboxTemplate's name (shortened to a label value)."""
+SANDBOX_ID_LABEL: Final = "sandbox.dev/sandbox-id"
+"""On a sandbox's children: its E2B sandbox ID."""
+POOL_LABEL: Final = "sandbox.dev/pool"
+"""On a warm pod and its workspace claim: the SandboxPool that keeps it (removed by a claim)."""
+SESSION_LABEL: Final = "sandbox.dev/session"
+"""On a Sandbox created by the session API: the session it serves."""
+API_KEY_LABEL: Final = "sandbox.dev/api-key"
+"""On a Secret in the gateway's namespace (value ``true``): it holds an API key."""
+
+# --- annotations ----------------------------------------------------------------------------------
+
+API_KEY_NAMESPACES_ANNOTATION: Final = "sandbox.dev/namespace"
+"""On an API key Secret: the namespace the key grants."""
+CREATED_BY_ANNOTATION: Final = "sandbox.dev/created-by"
+"""On a Sandbox the gateway created: the client that asked for it."""
+SPEC_HASH_ANNOTATION: Final = "sandbox.dev/spec-hash"
+"""On Services and NetworkPolicies: a digest of what the operator applied, to tell a current child."""
+EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION: Final = "sandbox.dev/egress-hosts-not-enforced"
+"""On a NetworkPolicy: host names of egressAllow that a plain NetworkPolicy cannot enforce."""
+POD_SIGNATURE_ANNOTATION: Final = "sandbox.dev/pod-signature"
+"""On a warm pod: a digest of its spec, to match it with the pod a Sandbox would get."""
+CLAIMED_FROM_POOL_ANNOTATION: Final = "sandbox.dev/claimed-from-pool"
+"""On a pod (and claim) a Sandbox took from a pool: the pool's name, for its whole life."""
+KOPF_ANNOTATION_PREFIX: Final = GROUP
+"""Prefix of kopf's own progress annotations: distinct, so another kopf operator never collides."""
+FINALIZER: Final = "sandbox.dev/finalizer"
+"""On Sandboxes: held until the sandbox's pod is gone."""
+
+# --- agent ports ----------------------------------------------------------------------------------
+
+ENVD_PORT: Final = 49983
+"""The agent's envd API (processes, files, /health, /agent/metrics)."""
+INTERPRETER_PORT: Final = 49999
+"""The agent's code interpreter (/execute, /contexts)."""
+AGENT_PORTS: Final = (ENVD_PORT, INTERPRETER_PORT)
+"""Ports of the in-sandbox agent; user ports must not shadow them."""
+
+
+# --- reasons and conditions -----------------------------------------------------------------------
+
+
+class Reason(enum.StrEnum):
+    """Stable, CamelCase reasons of a Sandbox's status.reason, its conditions and its Events."""
+
+    # Creating / Running
+    CREATING = "Creating"
+    TEMPLATE_NOT_FOUND = "TemplateNotFound"
+    POD_PENDING = "PodPending"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    STARTED = "Started"
+    RESUMED = "Resumed"
+    POD_NOT_READY = "PodNotReady"
+    POD_TERMINATING = "PodTerminating"
+    POD_RECREATED = "PodRecreated"
+    RECREATE_BACKOFF = "RecreateBackoff"
+    # Suspend / resume
+    SUSPEND_REQUESTED = "SuspendRequested"
+    RESUME_REQUESTED = "ResumeRequested"
+    # Termination
+    MAX_LIFETIME = "MaxLifetime"
+    IDLE_TIMEOUT = "IdleTimeout"
+    DELETED = "Deleted"
+    TTL_EXPIRED = "TTLExpired"
+    # Errors
+    POD_FAILED = "PodFailed"
+    POD_SUCCEEDED = "PodSucceeded"
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    IMAGE_ERROR = "ImageError"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    RECREATE_BUDGET_EXHAUSTED = "RecreateBudgetExhausted"
+    RESOURCES_EXCEED_TEMPLATE_MAX = "ResourcesExceedTemplateMax"
+    WORKSPACE_LOST = "WorkspaceLost"
+    # Error → Creating
+    RETRYING = "Retrying"
+    SPEC_CHANGED = "SpecChanged"
+
+
+class PoolReason(enum.StrEnum):
+    """Reasons of a SandboxPool's Ready condition."""
+
+    FILLED = "Filled"
+    FILLING = "Filling"
+    TEMPLATE_NOT_FOUND = "TemplateNotFound"
+
+
+class ConditionType(enum.StrEnum):
+    """Condition types the operator writes."""
+
+    READY = "Ready"
+    SUSPENDED = "Suspended"
+    TERMINATED = "Terminated"
+
+
+# --- REST paths -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResource:
+    """A namespaced resource of the Kubernetes API and the paths to it."""
+
+    group: str  # "" for the core group
+    version: str
+    plural: str
+
+    @property
+    def prefix(self) -> str:
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+
+    def collection(self, namespace: str | None = None) -> str:
+        """The collection in one namespace, or across all of them (for list and watch)."""
+        if namespace is None:
+            return f"{self.prefix}/{self.plural}"
+        return f"{self.prefix}/namespaces/{namespace}/{self.plural}"
+
+    def path(self, namespace: str | None, name: str, subresource: str = "") -> str:
+        """One object (namespace None: a cluster-scoped one), or one of its subresources (``status``,
+        ``scale``)."""
+        base = f"{self.collection(namespace)}/{name}"
+        return f"{base}/{subresource}" if subresource else base
+
+
+SANDBOXES: Final = ApiResource(GROUP, VERSION, "sandboxes")
+SANDBOX_TEMPLATES: Final = ApiResource(GROUP, VERSION, "sandboxtemplates")
+"""Cluster-scoped: its paths take no namespace."""
+SANDBOX_POOLS: Final = ApiResource(GROUP, VERSION, "sandboxpools")
+PODS: Final = ApiResource("", "v1", "pods")
+PERSISTENT_VOLUME_CLAIMS: Final = ApiResource("", "v1", "persistentvolumeclaims")
+SERVICES: Final = ApiResource("", "v1", "services")
+SECRETS: Final = ApiResource("", "v1", "secrets")
+EVENTS: Final = ApiResource("", "v1", "events")
+NETWORK_POLICIES: Final = ApiResource("networking.k8s.io", "v1", "networkpolicies")
