@@ -28,14 +28,19 @@ from sandbox_operator.api.names import (
 )
 from sandbox_operator.kube import JSON, ApiError
 from sandbox_operator.lifecycle.pool import (
+    PoolPlan,
+    claims_mounted,
     count_claimed,
-    is_claimable,
+    is_offerable,
     is_pool_claim,
     orphaned_claims,
     plan_pool,
     pod_signature,
+    pool_readiness,
+    pool_status_patch,
+    unusable_pods,
+    workspace_claim_of,
 )
-from sandbox_operator.lifecycle.status import format_time
 from sandbox_operator.resources import (
     build_pod,
     build_pvc,
@@ -44,7 +49,7 @@ from sandbox_operator.resources import (
 )
 
 if TYPE_CHECKING:
-    from sandbox_operator.controller.runtime import Runtime
+    from sandbox_operator.controller.context import ReconcileContext
     from sandbox_operator.controller.store import Key
 
 log = logging.getLogger(__name__)
@@ -55,10 +60,8 @@ __all__ = [
     "reconcile_pool",
     "try_claim_pool_pod",
     "warm_pod_signature",
-    "workspace_claim_of",
 ]
 
-WORKSPACE_VOLUME_KEY = "persistentVolumeClaim"
 # A pool claim no pod uses is kept this long after its creation: it is created before its pod, and
 # that pod may exist without being in the store yet (a lost create response, another operator
 # process during a rollout). Generous against watch lag, short against a leak.
@@ -119,22 +122,7 @@ def warm_pod_signature(pool: SandboxPool, template: SandboxTemplate) -> str:
     return str(pod["metadata"]["annotations"][POD_SIGNATURE_ANNOTATION])
 
 
-def workspace_claim_of(pod: JSON) -> str | None:
-    for volume in pod.get("spec", {}).get("volumes") or []:
-        if WORKSPACE_VOLUME_KEY in volume:
-            return str(volume[WORKSPACE_VOLUME_KEY]["claimName"])
-    return None
-
-
-def _claims_mounted(pod: JSON) -> list[str]:
-    return [
-        str(v[WORKSPACE_VOLUME_KEY]["claimName"])
-        for v in pod.get("spec", {}).get("volumes") or []
-        if WORKSPACE_VOLUME_KEY in v
-    ]
-
-
-async def _delete_unchanged(rt: Runtime, path: str, obj: JSON) -> bool:
+async def _delete_unchanged(rt: ReconcileContext, path: str, obj: JSON) -> bool:
     """DELETE only the version the store holds (uid and resourceVersion preconditions): a pod or
     claim that a sandbox has claimed since then has another resourceVersion and is left alone.
     True when it is deleted or already gone, False when it changed."""
@@ -157,84 +145,108 @@ async def _delete_unchanged(rt: Runtime, path: str, obj: JSON) -> bool:
     return True
 
 
-async def reconcile_pool(rt: Runtime, key: Key) -> None:
+async def reconcile_pool(rt: ReconcileContext, key: Key) -> None:
     body = rt.store.pools.get(key)
     if body is None:
         return
-    namespace, pool_name = key
     pool = SandboxPool.from_body(body)
     template_body = rt.store.templates.get(pool.spec.template)
     template = SandboxTemplate.from_body(template_body) if template_body is not None else None
-    signature = warm_pod_signature(pool, template) if template is not None else None
 
-    pods = [p for p in rt.store.pods_of_pool(key) if (namespace, p["metadata"]["name"]) not in rt.claims_in_flight]
-    # A warm pod whose workspace claim a sandbox already took (a claim interrupted between the claim
-    # and the pod) or that is being deleted can serve no one: replace it. The sweep below never
-    # deletes a claim a sandbox took (it is the sandbox's now).
-    unusable: set[str] = set()
-    for pod in pods:
-        claim_name = workspace_claim_of(pod)
-        claim = rt.store.pvcs.get((namespace, claim_name)) if claim_name else None
-        if claim is not None and (not is_pool_claim(pool_name, claim) or claim["metadata"].get("deletionTimestamp")):
-            unusable.add(str(pod["metadata"]["name"]))
-    plan = plan_pool(pool.spec.size, pods, signature, unusable)
-
+    plan = _plan(rt, key, pool, template)
     if template is not None:
-        for _ in range(plan.to_create):
-            pod, claim = build_warm_pod(pool, template, secrets.token_hex(3))
-            if claim is not None:
-                await rt.client.create(PERSISTENT_VOLUME_CLAIMS.collection(namespace), claim)
-            created = await rt.client.create(PODS.collection(namespace), pod)
-            if created is not None:
-                rt.store.put_pod(created)
+        await _create_warm_pods(rt, key[0], pool, template, plan.to_create)
+    released, conflicted = await _delete_warm_pods(rt, key, plan)
+    now = datetime.now(UTC)
+    swept_cleanly = await _sweep_claims(rt, key, released, now)
+    if conflicted or not swept_cleanly:
+        rt.requeue(("pool", *key), CONFLICT_RETRY_SECONDS)
 
-    retry = False
+    claimed = count_claimed(key[1], rt.store.pods_in(key[0]))
+    reason, message = pool_readiness(pool.spec.size, plan.ready, None if template else pool.spec.template)
+    patch = pool_status_patch(
+        body.get("status") or {},
+        generation=pool.metadata.generation,
+        size=pool.spec.size,
+        ready=plan.ready,
+        claimed=claimed,
+        reason=reason,
+        message=message,
+        now=now,
+    )
+    if patch:
+        updated = await rt.client.patch(SANDBOX_POOLS.path(*key, "status"), {"status": patch})
+        if updated is not None:
+            rt.store.put_pool(updated)
+
+
+def _plan(rt: ReconcileContext, key: Key, pool: SandboxPool, template: SandboxTemplate | None) -> PoolPlan:
+    """The pool's plan over its warm pods (those being claimed right now are not the pool's any more)."""
+    namespace = key[0]
+    pods = [p for p in rt.store.pods_of_pool(key) if not rt.in_flight.is_claiming((namespace, p["metadata"]["name"]))]
+    signature = warm_pod_signature(pool, template) if template is not None else None
+    # A warm pod whose workspace claim a sandbox already took, or that is being deleted, can serve
+    # no one: replace it. The sweep never deletes a claim a sandbox took (it is the sandbox's now).
+    unusable = unusable_pods(key[1], pods, rt.store.pvcs_in(namespace))
+    return plan_pool(pool.spec.size, pods, signature, unusable)
+
+
+async def _create_warm_pods(
+    rt: ReconcileContext, namespace: str, pool: SandboxPool, template: SandboxTemplate, count: int
+) -> None:
+    for _ in range(count):
+        pod, claim = build_warm_pod(pool, template, secrets.token_hex(3))
+        if claim is not None:
+            await rt.client.create(PERSISTENT_VOLUME_CLAIMS.collection(namespace), claim)
+        created = await rt.client.create(PODS.collection(namespace), pod)
+        if created is not None:
+            rt.store.put_pod(created)
+
+
+async def _delete_warm_pods(rt: ReconcileContext, key: Key, plan: PoolPlan) -> tuple[list[str], bool]:
+    """Delete the pods the plan gave up: the workspace claims they released, and whether any could
+    not be deleted because it changed (or is being claimed) meanwhile."""
     released: list[str] = []
+    conflicted = False
     for pod_name in plan.to_delete:
         deleted = await _delete_warm_pod(rt, key, pod_name, pod_name in plan.stale)
         if deleted is None:
-            retry = True
+            conflicted = True
         elif deleted:
             released.append(deleted)
+    return released, conflicted
 
-    now = datetime.now(UTC)
+
+async def _sweep_claims(rt: ReconcileContext, key: Key, released: list[str], now: datetime) -> bool:
+    """Delete the pool's workspace claims no pod uses; False when one changed meanwhile."""
+    namespace, pool_name = key
     # Any pod may mount a pool claim (a warm pod, or one claimed from the pool in the middle of its
     # claim), so all of the namespace's pods count; one pass, O(pods in the store).
-    namespace_pods = [p for (ns, _), p in list(rt.store.pods.items()) if ns == namespace]
     pool_claims = [
-        c
-        for (ns, _), c in list(rt.store.pvcs.items())
-        if ns == namespace and (c["metadata"].get("labels") or {}).get(POOL_LABEL) == pool_name
+        claim
+        for claim in rt.store.pvcs_in(namespace).values()
+        if (claim["metadata"].get("labels") or {}).get(POOL_LABEL) == pool_name
     ]
-    in_use = {claim for p in namespace_pods for claim in _claims_mounted(p)} if pool_claims else set()
+    if not pool_claims:
+        return True
+    in_use = {claim for pod in rt.store.pods_in(namespace) for claim in claims_mounted(pod)}
     sweep = orphaned_claims(pool_name, pool_claims, in_use, now, ORPHAN_CLAIM_GRACE, released)
+    clean = True
     for claim_name in sweep.to_delete:
-        retry = not await _delete_pool_claim(rt, namespace, claim_name) or retry
+        clean = await _delete_pool_claim(rt, namespace, claim_name) and clean
     if sweep.recheck_at is not None:
-        rt.queue.add_after(("pool", namespace, pool_name), max(0.0, (sweep.recheck_at - now).total_seconds()))
-    if retry:
-        rt.queue.add_after(("pool", namespace, pool_name), CONFLICT_RETRY_SECONDS)
-
-    claimed = count_claimed(pool_name, namespace_pods)
-    if template is None:
-        await _write_pool_status(
-            rt, key, body, plan.ready, claimed, "TemplateNotFound", f'SandboxTemplate "{pool.spec.template}" not found'
-        )
-        return
-    message = f"{plan.ready}/{pool.spec.size} warm pods ready"
-    await _write_pool_status(
-        rt, key, body, plan.ready, claimed, "Filled" if plan.ready >= pool.spec.size else "Filling", message
-    )
+        rt.requeue(("pool", *key), max(0.0, (sweep.recheck_at - now).total_seconds()))
+    return clean
 
 
-async def _delete_warm_pod(rt: Runtime, key: Key, pod_name: str, stale: bool) -> str | None:
+async def _delete_warm_pod(rt: ReconcileContext, key: Key, pod_name: str, stale: bool) -> str | None:
     """Delete a warm pod the plan gave up. Returns the workspace claim it releases ("" for none), or
     None when the pod is being claimed or changed since the store saw it: the pool looks again."""
     namespace, pool_name = key
     pod_key = (namespace, pod_name)
     pod = rt.store.pods.get(pod_key)
     # The creates above yield: since the plan, a sandbox may have claimed this pod or be claiming it.
-    if pod_key in rt.claims_in_flight:
+    if rt.in_flight.is_claiming(pod_key):
         return None
     if pod is None or (pod["metadata"].get("labels") or {}).get(POOL_LABEL) != pool_name:
         return ""  # gone, or no longer the pool's
@@ -253,7 +265,7 @@ async def _delete_warm_pod(rt: Runtime, key: Key, pod_name: str, stale: bool) ->
     return workspace_claim_of(pod) or ""
 
 
-async def _delete_pool_claim(rt: Runtime, namespace: str, claim_name: str) -> bool:
+async def _delete_pool_claim(rt: ReconcileContext, namespace: str, claim_name: str) -> bool:
     """Delete a workspace claim of the pool that no pod uses; False when it changed meanwhile."""
     claim = rt.store.pvcs.get((namespace, claim_name))
     if claim is None:
@@ -265,50 +277,7 @@ async def _delete_pool_claim(rt: Runtime, namespace: str, claim_name: str) -> bo
     return True
 
 
-async def _write_pool_status(
-    rt: Runtime, key: Key, body: JSON, ready: int, claimed: int, reason: str, message: str
-) -> None:
-    current = body.get("status") or {}
-    generation = (body.get("metadata") or {}).get("generation")
-    size = int((body.get("spec") or {}).get("size") or 0)
-    is_ready = "True" if ready >= size and reason != "TemplateNotFound" else "False"
-    old = next((c for c in current.get("conditions") or [] if c.get("type") == "Ready"), None)
-    patch: JSON = {}
-    if current.get("ready") != ready:
-        patch["ready"] = ready
-    if current.get("claimed") != claimed:
-        patch["claimed"] = claimed
-    if current.get("observedGeneration") != generation:
-        patch["observedGeneration"] = generation
-    if old is None or (old.get("status"), old.get("reason"), old.get("message")) != (is_ready, reason, message):
-        transition = old.get("lastTransitionTime") if old and old.get("status") == is_ready else None
-        patch["conditions"] = [
-            {
-                "type": "Ready",
-                "status": is_ready,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": transition or format_time(datetime.now(UTC)),
-                "observedGeneration": generation,
-            }
-        ]
-    if not patch:
-        return
-    updated = await rt.client.patch(SANDBOX_POOLS.path(*key, "status"), {"status": patch})
-    if updated is not None:
-        rt.store.put_pool(updated)
-
-
-def _offered_claim(rt: Runtime, namespace: str, pool_name: str, pod: JSON) -> bool:
-    """The warm pod's workspace claim (if it has one) is known and still the pool's to give."""
-    claim_name = workspace_claim_of(pod)
-    if not claim_name:
-        return True
-    claim = rt.store.pvcs.get((namespace, claim_name))
-    return claim is not None and is_pool_claim(pool_name, claim) and not claim["metadata"].get("deletionTimestamp")
-
-
-async def try_claim_pool_pod(rt: Runtime, sandbox: Sandbox, template: SandboxTemplate) -> JSON | None:
+async def try_claim_pool_pod(rt: ReconcileContext, sandbox: Sandbox, template: SandboxTemplate) -> JSON | None:
     """Take a ready warm pod of a matching pool for `sandbox`, or None (then: cold start)."""
     namespace = str(sandbox.metadata.namespace)
     pools = [
@@ -321,22 +290,16 @@ async def try_claim_pool_pod(rt: Runtime, sandbox: Sandbox, template: SandboxTem
     # Only a pod identical to the one this sandbox would get may stand in for it (same image,
     # resources, env, execution timeout, ports...): pod specs cannot change after creation.
     wanted = pod_signature(build_pod(sandbox, template))
+    claims = rt.store.pvcs_in(namespace)
     for pool_name in pools:
-        pool_ns = namespace
-        for pod in rt.store.pods_of_pool((pool_ns, pool_name)):
+        for pod in rt.store.pods_of_pool((namespace, pool_name)):
             pod_key = (namespace, pod["metadata"]["name"])
-            annotations = pod["metadata"].get("annotations") or {}
-            if pod_key in rt.claims_in_flight or annotations.get(POD_SIGNATURE_ANNOTATION) != wanted:
+            if rt.in_flight.is_claiming(pod_key) or not is_offerable(pool_name, pod, wanted, claims):
                 continue
-            if not is_claimable(pod) or not _offered_claim(rt, namespace, pool_name, pod):
-                continue
-            rt.claims_in_flight.add(pod_key)
-            try:
+            with rt.in_flight.claiming(pod_key):
                 claimed = await _claim(rt, sandbox, pod, pool_name)
-            finally:
-                rt.claims_in_flight.discard(pod_key)
             if claimed is not None:
-                rt.queue.add(("pool", pool_ns, pool_name))
+                rt.requeue(("pool", namespace, pool_name))
                 return claimed
     return None
 
@@ -352,7 +315,7 @@ def _claim_metadata(sandbox: Sandbox, pool_name: str, resource_version: str | No
     return metadata
 
 
-async def _claim(rt: Runtime, sandbox: Sandbox, pod: JSON, pool_name: str) -> JSON | None:
+async def _claim(rt: ReconcileContext, sandbox: Sandbox, pod: JSON, pool_name: str) -> JSON | None:
     """Hand a warm pod and its workspace claim to `sandbox`; None when another sandbox was first.
 
     The workspace claim goes first, locked by its resourceVersion (claims rarely change; pods do, with

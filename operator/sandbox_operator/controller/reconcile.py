@@ -1,15 +1,17 @@
 """Reconcile one Sandbox: read the store, ask the pure core, carry out its decision.
 
-All judgement is in lifecycle.decide (phases, deadlines, failures) and resources (what children
-look like). This module only translates: store → Desired/Observed, Decision → API calls, and the
-result → status, Events, metrics and the next wake-up.
+All judgement is in lifecycle (phases, deadlines, failures, a missing template, when a warm pod may
+be claimed) and resources (what children look like). This module only translates: store →
+Desired/Observed, Decision → API calls, and the result → status, Events, metrics and the next
+wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +29,16 @@ from sandbox_operator.api.names import (
     SERVICES,
     SPEC_HASH_ANNOTATION,
 )
+from sandbox_operator.controller.inflight import ChildKind
 from sandbox_operator.controller.pools import try_claim_pool_pod
 from sandbox_operator.kube import JSON
 from sandbox_operator.lifecycle.decide import decide
-from sandbox_operator.lifecycle.observe import desired_from, observed_from
+from sandbox_operator.lifecycle.observe import desired_from, idle_deadline_passed, observed_from, with_activity
+from sandbox_operator.lifecycle.pool import WORKSPACE_VOLUME_KEY, may_claim_warm_pod
 from sandbox_operator.lifecycle.status import format_time, parse_time, progress_write_due, status_patch
+from sandbox_operator.lifecycle.template import has_started, template_missing
 from sandbox_operator.lifecycle.types import (
+    Action,
     CreatePod,
     Decision,
     DeleteNetworkPolicy,
@@ -47,7 +53,6 @@ from sandbox_operator.lifecycle.types import (
     EnsureService,
     EventType,
     Observed,
-    Reason,
     RemoveFinalizer,
     RequeueAfter,
     SetSuspended,
@@ -62,18 +67,16 @@ from sandbox_operator.resources import (
 )
 
 if TYPE_CHECKING:
-    from sandbox_operator.controller.runtime import Runtime
+    from sandbox_operator.controller.context import ReconcileContext
     from sandbox_operator.controller.store import Key
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_KINDS = {Reason.IDLE_TIMEOUT.value: "idle", Reason.MAX_LIFETIME.value: "max_lifetime"}
-
 
 def _use_claim(pod: JSON, claim_name: str) -> None:
     for volume in pod["spec"]["volumes"]:
-        if "persistentVolumeClaim" in volume:
-            volume["persistentVolumeClaim"]["claimName"] = claim_name
+        if WORKSPACE_VOLUME_KEY in volume:
+            volume[WORKSPACE_VOLUME_KEY]["claimName"] = claim_name
 
 
 def _select_pod(pods: list[JSON], expected_name: str, status_pod: str | None) -> tuple[JSON | None, list[JSON]]:
@@ -84,72 +87,49 @@ def _select_pod(pods: list[JSON], expected_name: str, status_pod: str | None) ->
     return chosen, extras
 
 
-async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
+@dataclass(frozen=True)
+class _Children:
+    """The Service and NetworkPolicy the sandbox should have, as built now."""
+
+    service: JSON
+    policy: JSON
+
+
+async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
     body = rt.store.sandboxes.get(key)
     if body is None:
         return
-    namespace, name = key
     sandbox = Sandbox.from_body(body)
     now = datetime.now(UTC)
     status_now: Mapping[str, Any] = body.get("status") or {}
-
-    # Past Creating (e.g. created suspended, never run) counts too: it keeps its template's last
-    # version if the template is deleted, like one that ran.
-    started = status_now.get("startedAt") is not None or status_now.get("phase") not in (None, "Creating")
-    template_body = rt.store.template_for(sandbox.spec.template, started=started)
+    template_body = rt.store.template_for(sandbox.spec.template, started=has_started(status_now))
     if template_body is None:
-        await _report_missing_template(rt, key, sandbox, status_now)
+        await _report_missing_template(rt, key, sandbox, status_now, now)
         return
     template = SandboxTemplate.from_body(template_body)
-    names = child_names(name)
 
-    pods = rt.store.pods_of_sandbox(key)
-    pod, extras = _select_pod(pods, names.pod, status_now.get("podName"))
-    for extra in extras:  # e.g. a pool claim raced a cold create: keep one pod per sandbox
-        log.info("deleting duplicate pod %s/%s of sandbox %s", namespace, extra["metadata"]["name"], name)
-        await rt.client.delete(PODS.path(namespace, extra["metadata"]["name"]), uid=extra["metadata"].get("uid"))
-        rt.store.delete_pod((namespace, extra["metadata"]["name"]))
-    pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((namespace, names.pvc))
-    uid = str(sandbox.metadata.uid)
-    service = build_service(sandbox, template)
-    policy = build_network_policy(sandbox, template, gateway_namespace=rt.config.gateway_namespace)
-    desired = desired_from(sandbox, template)
-    decision = decide(desired, _observe(rt, sandbox, pod, pvc, service, policy), now)
-
-    # The Service and the NetworkPolicy depend on nothing else: written while the pod is.
-    children = [
-        ("service", SERVICES.collection(namespace), names.service, service)
-        if isinstance(action, EnsureService)
-        else ("networkpolicy", NETWORK_POLICIES.collection(namespace), names.network_policy, policy)
-        for action in decision.actions
-        if isinstance(action, EnsureService | EnsureNetworkPolicy)
-    ]
-    children_written = (
-        asyncio.ensure_future(
-            asyncio.gather(*(_ensure_child(rt, kind, path, child, uid, built) for kind, path, child, built in children))
-        )
-        if children
-        else None
+    pod = await _the_pod(rt, key, status_now)
+    pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((key[0], child_names(key[1]).pvc))
+    children = _Children(
+        build_service(sandbox, template),
+        build_network_policy(sandbox, template, gateway_namespace=rt.config.gateway_namespace),
     )
-    try:
-        pod, pvc, pool_source, deleted = await _act(rt, key, body, sandbox, template, decision, pod, pvc)
-    except BaseException:
-        if children_written is not None:
-            await asyncio.gather(children_written, return_exceptions=True)
-        raise
-    if children_written is not None:
-        await children_written
+    desired = desired_from(sandbox, template)
+    observed = await _with_agent_activity(rt, desired, _observe(rt, sandbox, pod, pvc, children), pod, now)
+    decision = decide(desired, observed, now)
+
+    work = _Pass(rt, key, body, sandbox, template, pod, pvc)
+    deleted = await work.carry_out(decision, children)
     if deleted:
         return
-
     decisions = [decision]
-    if pool_source is not None and decision.phase is Phase.CREATING:
+    if work.pool_source is not None and decision.phase is Phase.CREATING:
         # A claimed warm pod is Running already: decide once more on what this pass made, so that
         # the sandbox goes Creating -> Running in one status write instead of two passes.
-        followup = _decide_again(rt, body, desired, decision, status_now, pod, pvc, service, policy, now)
+        followup = _decide_again(rt, body, desired, decision, status_now, work, children, now)
         if followup is not None:
             decisions.append(followup)
-    await _write_status(rt, key, sandbox, decisions, status_now, pod, now, pool_source)
+    await _write_status(rt, key, sandbox, decisions, status_now, work, now)
     for made in decisions:
         for action in made.actions:
             if isinstance(action, EmitEvent) and (action.type is EventType.WARNING or rt.config.normal_events):
@@ -157,95 +137,183 @@ async def reconcile_sandbox(rt: Runtime, key: Key) -> None:
     _schedule(rt, key, decisions[-1], now)
 
 
-async def _act(
-    rt: Runtime,
-    key: Key,
-    body: Mapping[str, Any],
-    sandbox: Sandbox,
-    template: SandboxTemplate,
-    decision: Decision,
-    pod: JSON | None,
-    pvc: JSON | None,
-) -> tuple[JSON | None, JSON | None, str | None, bool]:
-    """Carry out the decision's actions on the pod, the workspace and the Sandbox itself (the
-    Service and NetworkPolicy are the caller's). Returns the pod and claim as they now stand, the
-    pool a warm pod was claimed from, and whether the Sandbox was deleted."""
+async def _the_pod(rt: ReconcileContext, key: Key, status: Mapping[str, Any]) -> JSON | None:
+    """The sandbox's pod; any other pod labelled for it (e.g. a pool claim raced a cold create) is
+    deleted: one pod per sandbox."""
     namespace, name = key
-    names = child_names(name)
-    uid = str(sandbox.metadata.uid)
-    pool_source = None
-    claim_tried = False
-    status = body.get("status") or {}
-    entering = status.get("startedAt") is None and status.get("phase") in (None, "Creating")
-    for action in decision.actions:
-        # Only a first start may take a warm pod; a resume or recreate keeps the sandbox's workspace.
-        first_start = pvc is None and entering
-        wants_pod = decision.has_action(CreatePod) and first_start
-        if isinstance(action, EnsurePVC | CreatePod) and wants_pod and not claim_tried:
+    pod, extras = _select_pod(rt.store.pods_of_sandbox(key), child_names(name).pod, status.get("podName"))
+    for extra in extras:
+        extra_name = extra["metadata"]["name"]
+        log.info("deleting duplicate pod %s/%s of sandbox %s", namespace, extra_name, name)
+        await rt.client.delete(PODS.path(namespace, extra_name), uid=extra["metadata"].get("uid"))
+        rt.store.delete_pod((namespace, extra_name))
+    return pod
+
+
+async def _with_agent_activity(
+    rt: ReconcileContext, desired: Desired, observed: Observed, pod: JSON | None, now: datetime
+) -> Observed:
+    """At the idle deadline the agent itself says whether the sandbox was idle: the status only holds
+    activity as often as the usage collector writes it, which must not decide a suspension."""
+    pod_ip = ((pod or {}).get("status") or {}).get("podIP")
+    if not pod_ip or not idle_deadline_passed(desired, observed, now):
+        return observed
+    return with_activity(observed, await rt.agent_activity(str(pod_ip)))
+
+
+class _Pass:
+    """The actions of one decision carried out on the pod, the workspace and the Sandbox itself, and
+    the pod and workspace as they stand afterwards."""
+
+    def __init__(
+        self,
+        rt: ReconcileContext,
+        key: Key,
+        body: Mapping[str, Any],
+        sandbox: Sandbox,
+        template: SandboxTemplate,
+        pod: JSON | None,
+        pvc: JSON | None,
+    ) -> None:
+        self.rt, self.key, self.body, self.sandbox, self.template = rt, key, body, sandbox, template
+        self.pod, self.pvc = pod, pvc
+        self.names = child_names(key[1])
+        self.uid = str(sandbox.metadata.uid)
+        self.pool_source: str | None = None  # the pool a warm pod was claimed from in this pass
+        self._steps: dict[type[Action], Callable[[Action], Awaitable[bool]]] = {
+            CreatePod: self._create_pod,
+            EnsurePVC: self._ensure_pvc,
+            DeletePod: self._delete_pod,
+            DeletePVC: self._delete_pvc,
+            DeleteService: self._delete_service,
+            DeleteNetworkPolicy: self._delete_network_policy,
+            SetSuspended: self._set_suspended,
+            DeleteObject: self._delete_object,
+            RemoveFinalizer: self._remove_finalizer,
+        }
+
+    async def carry_out(self, decision: Decision, children: _Children) -> bool:
+        """Run the decision; True when the Sandbox itself was deleted. The Service and the
+        NetworkPolicy depend on nothing else: they are written while the pod is."""
+        namespace = self.key[0]
+        ensures: list[tuple[ChildKind, str, str, JSON]] = [
+            ("service", SERVICES.collection(namespace), self.names.service, children.service)
+            if isinstance(action, EnsureService)
+            else ("networkpolicy", NETWORK_POLICIES.collection(namespace), self.names.network_policy, children.policy)
+            for action in decision.actions
+            if isinstance(action, EnsureService | EnsureNetworkPolicy)
+        ]
+        written = (
+            asyncio.ensure_future(
+                asyncio.gather(
+                    *(_ensure_child(self.rt, kind, path, name, self.uid, built) for kind, path, name, built in ensures)
+                )
+            )
+            if ensures
+            else None
+        )
+        try:
+            deleted = await self._run(decision)
+        except BaseException:
+            if written is not None:
+                await asyncio.gather(written, return_exceptions=True)
+            raise
+        if written is not None:
+            await written
+        return deleted
+
+    async def _run(self, decision: Decision) -> bool:
+        status = self.body.get("status") or {}
+        if may_claim_warm_pod(status, has_workspace=self.pvc is not None, creates_pod=decision.has_action(CreatePod)):
             # A warm pod from a pool brings its own workspace claim: try that before creating either.
-            claim_tried = True
-            claimed = await try_claim_pool_pod(rt, sandbox, template)
+            claimed = await try_claim_pool_pod(self.rt, self.sandbox, self.template)
             if claimed is not None:
-                pod, pool_source = claimed, claimed["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION]
-                pvc = rt.store.pvc_of_sandbox(key) or pvc
-        if isinstance(action, CreatePod):
-            if pool_source is not None:
-                continue
-            new_pod = build_pod(sandbox, template)
-            if pvc is not None and pvc["metadata"]["name"] != names.pvc:
-                _use_claim(new_pod, pvc["metadata"]["name"])  # a workspace taken over from a pool pod
-            created = await rt.client.create(PODS.collection(namespace), new_pod)
+                self.pod, self.pool_source = claimed, claimed["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION]
+                self.pvc = self.rt.store.pvc_of_sandbox(self.key) or self.pvc
+        for action in decision.actions:
+            # EnsureService / EnsureNetworkPolicy: carry_out's; EmitEvent: after the status write;
+            # RequeueAfter: the wake-up comes from decision.wake_at.
+            step = self._steps.get(type(action))
+            if step is not None and await step(action):
+                return True
+        return False
+
+    # --- steps: each returns True when the Sandbox is gone and nothing further applies ----------
+
+    async def _create_pod(self, _: Action) -> bool:
+        if self.pool_source is not None:
+            return False
+        new_pod = build_pod(self.sandbox, self.template)
+        if self.pvc is not None and self.pvc["metadata"]["name"] != self.names.pvc:
+            _use_claim(new_pod, self.pvc["metadata"]["name"])  # a workspace taken over from a pool pod
+        created = await self.rt.client.create(PODS.collection(self.key[0]), new_pod)
+        if created is not None:
+            self.pod = self.rt.store.put_pod(created)
+        return False
+
+    async def _ensure_pvc(self, _: Action) -> bool:
+        if self.pvc is not None or self.pool_source is not None:
+            return False
+        claim = build_pvc(self.sandbox, self.template)  # None: the template's workspace is an emptyDir
+        if claim is not None:
+            created = await self.rt.client.create(PERSISTENT_VOLUME_CLAIMS.collection(self.key[0]), claim)
             if created is not None:
-                pod = rt.store.put_pod(created)
-        elif isinstance(action, EnsurePVC):
-            if pvc is not None or pool_source is not None:
-                continue
-            claim = build_pvc(sandbox, template)  # None: the template's workspace is an emptyDir
-            if claim is not None:
-                created = await rt.client.create(PERSISTENT_VOLUME_CLAIMS.collection(namespace), claim)
-                if created is not None:
-                    rt.store.put_pvc(created)
-                    pvc = created
-        elif isinstance(action, DeletePod):
-            if pod is not None:
-                await rt.client.delete(PODS.path(namespace, pod["metadata"]["name"]), uid=pod["metadata"].get("uid"))
-        elif isinstance(action, DeletePVC):
-            await rt.client.delete(PERSISTENT_VOLUME_CLAIMS.path(namespace, names.pvc))
-        elif isinstance(action, DeleteService):
-            await rt.client.delete(SERVICES.path(namespace, names.service))
-            rt.ensured.pop((uid, "service"), None)
-        elif isinstance(action, DeleteNetworkPolicy):
-            await rt.client.delete(NETWORK_POLICIES.path(namespace, names.network_policy))
-            rt.ensured.pop((uid, "networkpolicy"), None)
-        elif isinstance(action, SetSuspended):
-            await rt.client.patch(SANDBOXES.path(namespace, name), {"spec": {"suspended": action.suspended}})
-        elif isinstance(action, DeleteObject):
-            await rt.client.delete(SANDBOXES.path(namespace, name), uid=uid)
-            return pod, pvc, pool_source, True
-        elif isinstance(action, RemoveFinalizer):
-            await _remove_finalizers(rt, key, body)
-        # EnsureService / EnsureNetworkPolicy: the caller's; EmitEvent: after the status write;
-        # RequeueAfter: the wake-up comes from decision.wake_at.
-    return pod, pvc, pool_source, False
+                self.rt.store.put_pvc(created)
+                self.pvc = created
+        return False
+
+    async def _delete_pod(self, _: Action) -> bool:
+        if self.pod is not None:
+            metadata = self.pod["metadata"]
+            await self.rt.client.delete(PODS.path(self.key[0], metadata["name"]), uid=metadata.get("uid"))
+        return False
+
+    async def _delete_pvc(self, _: Action) -> bool:
+        await self.rt.client.delete(PERSISTENT_VOLUME_CLAIMS.path(self.key[0], self.names.pvc))
+        return False
+
+    async def _delete_service(self, _: Action) -> bool:
+        await self.rt.client.delete(SERVICES.path(self.key[0], self.names.service))
+        self.rt.in_flight.forget_child(self.uid, "service")
+        return False
+
+    async def _delete_network_policy(self, _: Action) -> bool:
+        await self.rt.client.delete(NETWORK_POLICIES.path(self.key[0], self.names.network_policy))
+        self.rt.in_flight.forget_child(self.uid, "networkpolicy")
+        return False
+
+    async def _set_suspended(self, action: Action) -> bool:
+        assert isinstance(action, SetSuspended)
+        await self.rt.client.patch(SANDBOXES.path(*self.key), {"spec": {"suspended": action.suspended}})
+        return False
+
+    async def _delete_object(self, _: Action) -> bool:
+        await self.rt.client.delete(SANDBOXES.path(*self.key), uid=self.uid)
+        return True
+
+    async def _remove_finalizer(self, _: Action) -> bool:
+        finalizers = list((self.body.get("metadata") or {}).get("finalizers") or [])
+        if FINALIZER in finalizers:
+            finalizers.remove(FINALIZER)
+            await self.rt.client.patch(SANDBOXES.path(*self.key), {"metadata": {"finalizers": finalizers}})
+        return False
 
 
 def _decide_again(
-    rt: Runtime,
+    rt: ReconcileContext,
     body: Mapping[str, Any],
     desired: Desired,
     decision: Decision,
     status_now: Mapping[str, Any],
-    pod: JSON | None,
-    pvc: JSON | None,
-    service: JSON,
-    policy: JSON,
+    work: _Pass,
+    children: _Children,
     now: datetime,
 ) -> Decision | None:
     """The next decision, as if `decision`'s status had been written and read back; None unless it
     moves the sandbox on with nothing left to do but report (no child to write)."""
     projected = {**status_now, **status_patch(decision, status_now, now)}
     sandbox = Sandbox.from_body({**body, "status": projected})
-    followup = decide(desired, _observe(rt, sandbox, pod, pvc, service, policy), now)
+    followup = decide(desired, _observe(rt, sandbox, work.pod, work.pvc, children), now)
     if followup.phase is None or followup.phase == decision.phase:
         return None
     if any(not isinstance(action, EmitEvent | RequeueAfter) for action in followup.actions):
@@ -254,7 +322,7 @@ def _decide_again(
 
 
 def _observe(
-    rt: Runtime, sandbox: Sandbox, pod: JSON | None, pvc: JSON | None, service: JSON, policy: JSON
+    rt: ReconcileContext, sandbox: Sandbox, pod: JSON | None, pvc: JSON | None, children: _Children
 ) -> Observed:
     namespace, uid = str(sandbox.metadata.namespace), str(sandbox.metadata.uid)
     names = child_names(str(sandbox.metadata.name))
@@ -263,18 +331,22 @@ def _observe(
         pod=pod,
         pvc=pvc,
         # "present" means present and current: a changed spec.network re-applies the policy.
-        service_present=_is_current(rt, "service", (namespace, names.service), uid, service),
-        network_policy_present=_is_current(rt, "networkpolicy", (namespace, names.network_policy), uid, policy),
+        service_present=_is_current(rt, "service", (namespace, names.service), uid, children.service),
+        network_policy_present=_is_current(
+            rt, "networkpolicy", (namespace, names.network_policy), uid, children.policy
+        ),
     )
 
 
-def _is_current(rt: Runtime, kind: str, key: Key, uid: str, built: JSON) -> bool:
+def _is_current(rt: ReconcileContext, kind: ChildKind, key: Key, uid: str, built: JSON) -> bool:
     """The live child (as last watched, or as this process just wrote it) matches `built`."""
     digest = built["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-    return digest in (rt.store.child_hash(kind, key), rt.ensured.get((uid, kind)))
+    return digest in (rt.store.child_hash(kind, key), rt.in_flight.ensured(uid, kind))
 
 
-async def _ensure_child(rt: Runtime, kind: str, collection: str, name: str, uid: str, body: JSON) -> None:
+async def _ensure_child(
+    rt: ReconcileContext, kind: ChildKind, collection: str, name: str, uid: str, body: JSON
+) -> None:
     """Create a Service / NetworkPolicy, or bring an existing one up to `body` with a merge patch
     (lists are replaced whole). A POST first: the common case is a new sandbox, and a POST costs the
     API server less than a server-side apply, which matters in a burst."""
@@ -288,25 +360,24 @@ async def _ensure_child(rt: Runtime, kind: str, collection: str, name: str, uid:
             "spec": body["spec"],
         }
         written = await rt.client.patch(f"{collection}/{name}", patch)
-    rt.ensured[(uid, kind)] = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    rt.in_flight.note_ensured(uid, kind, body["metadata"]["annotations"][SPEC_HASH_ANNOTATION])
     if written is not None:
         rt.store.put_child_hash(kind, written)
 
 
 async def _write_status(
-    rt: Runtime,
+    rt: ReconcileContext,
     key: Key,
     sandbox: Sandbox,
     decisions: list[Decision],
     current: Mapping[str, Any],
-    pod: JSON | None,
+    work: _Pass,
     now: datetime,
-    pool_source: str | None,
 ) -> None:
     """Write the last of `decisions` (each follows from the one before) and record every phase
     change on the way."""
-    namespace, name = key
     decision = decisions[-1]
+    pod = work.pod
     patch = status_patch(decision, current, now)
     pod_ip = (pod or {}).get("status", {}).get("podIP") if decision.phase == Phase.RUNNING else None
     extra = {
@@ -320,38 +391,32 @@ async def _write_status(
             patch[field] = value
     due = progress_write_due(patch, current, parse_time(sandbox.metadata.creation_timestamp), now)
     if due is not None:  # a fast start skips this write; a slow one writes it at `due`
-        rt.queue.add_after(("sandbox", *key), (due - now).total_seconds())
+        rt.requeue(("sandbox", *key), (due - now).total_seconds())
         return
     if not patch:
         return
     previous = current.get("phase")
-    updated = await rt.client.patch(SANDBOXES.path(namespace, name, "status"), {"status": patch})
+    updated = await rt.client.patch(SANDBOXES.path(*key, "status"), {"status": patch})
     if updated is not None:
         rt.store.put_sandbox(updated)
+    from_pool = work.pool_source or ((pod or {}).get("metadata", {}).get("annotations") or {}).get(
+        CLAIMED_FROM_POOL_ANNOTATION
+    )
     for made in decisions:
         if made.phase is not None and str(made.phase) != previous:
-            _record_transition(rt, sandbox, previous, str(made.phase), made.reason, now, pool_source, pod)
+            _record_transition(rt, sandbox, previous, made, now, bool(from_pool))
             previous = str(made.phase)
 
 
 def _record_transition(
-    rt: Runtime,
-    sandbox: Sandbox,
-    previous: str | None,
-    phase: str,
-    reason: str,
-    now: datetime,
-    pool_source: str | None,
-    pod: JSON | None,
+    rt: ReconcileContext, sandbox: Sandbox, previous: str | None, made: Decision, now: datetime, from_pool: bool
 ) -> None:
-    rt.metrics.transitions.labels(previous or "", phase, reason).inc()
-    if reason in TIMEOUT_KINDS:
-        rt.metrics.timeouts.labels(TIMEOUT_KINDS[reason]).inc()
+    phase = str(made.phase)
+    rt.metrics.transitions.labels(previous or "", phase, made.reason).inc()
+    if made.fired_timeout is not None:
+        rt.metrics.timeouts.labels(made.fired_timeout.value).inc()
     created = parse_time(sandbox.metadata.creation_timestamp)
     if phase == Phase.RUNNING and previous in (None, Phase.CREATING) and created is not None:
-        from_pool = pool_source or ((pod or {}).get("metadata", {}).get("annotations") or {}).get(
-            CLAIMED_FROM_POOL_ANNOTATION
-        )
         rt.metrics.time_to_running.labels("pool" if from_pool else "cold").observe(
             max(0.0, (now - created).total_seconds())
         )
@@ -361,54 +426,30 @@ def _record_transition(
         sandbox.metadata.name,
         previous or "-",
         phase,
-        reason,
+        made.reason,
     )
 
 
-def _schedule(rt: Runtime, key: Key, decision: Decision, now: datetime) -> None:
+def _schedule(rt: ReconcileContext, key: Key, decision: Decision, now: datetime) -> None:
     if decision.wake_at is None:
         return
-    delay = max(0.0, (decision.wake_at - now).total_seconds())
-    rt.queue.add_after(("sandbox", *key), delay)
+    rt.requeue(("sandbox", *key), max(0.0, (decision.wake_at - now).total_seconds()))
 
 
-async def _report_missing_template(rt: Runtime, key: Key, sandbox: Sandbox, current: Mapping[str, Any]) -> None:
-    message = f'SandboxTemplate "{sandbox.spec.template}" not found; waiting for it to be created'
-    if current.get("reason") == "TemplateNotFound" and current.get("message") == message:
+async def _report_missing_template(
+    rt: ReconcileContext, key: Key, sandbox: Sandbox, current: Mapping[str, Any], now: datetime
+) -> None:
+    report = template_missing(sandbox.spec.template, current, sandbox.metadata.generation, now)
+    if report is None:
         return
-    if current.get("phase") == Phase.TERMINATED:
-        return  # final: its reason (MaxLifetime, IdleTimeout, ...) stays as it is
-    patch = {
-        "phase": current.get("phase") or Phase.CREATING.value,
-        "reason": "TemplateNotFound",
-        "message": message,
-        "sandboxID": sandbox_id(sandbox),
-        "observedGeneration": sandbox.metadata.generation,
-        "conditions": [
-            {
-                "type": "Ready",
-                "status": "False",
-                "reason": "TemplateNotFound",
-                "message": message,
-                "lastTransitionTime": format_time(datetime.now(UTC)),
-                "observedGeneration": sandbox.metadata.generation,
-            }
-        ],
-    }
-    updated = await rt.client.patch(SANDBOXES.path(*key, "status"), {"status": patch})
+    status = {**report.status, "sandboxID": sandbox_id(sandbox)}
+    updated = await rt.client.patch(SANDBOXES.path(*key, "status"), {"status": status})
     if updated is not None:
         rt.store.put_sandbox(updated)
-    await post_event(rt, sandbox, EventType.WARNING, "TemplateNotFound", message)
+    await post_event(rt, sandbox, report.event.type, report.event.reason, report.event.message)
 
 
-async def _remove_finalizers(rt: Runtime, key: Key, body: Mapping[str, Any]) -> None:
-    finalizers = list((body.get("metadata") or {}).get("finalizers") or [])
-    if FINALIZER in finalizers:
-        finalizers.remove(FINALIZER)
-        await rt.client.patch(SANDBOXES.path(*key), {"metadata": {"finalizers": finalizers}})
-
-
-async def post_event(rt: Runtime, sandbox: Sandbox, event_type: EventType, reason: str, message: str) -> None:
+async def post_event(rt: ReconcileContext, sandbox: Sandbox, event_type: EventType, reason: str, message: str) -> None:
     if event_type is EventType.NORMAL and not rt.config.normal_events:
         return
     namespace = str(sandbox.metadata.namespace)

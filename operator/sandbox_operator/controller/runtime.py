@@ -11,11 +11,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Iterator, Mapping
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 
 from sandbox_operator.api.names import CLAIMED_FROM_POOL_ANNOTATION, POOL_LABEL, SANDBOX_LABEL
+from sandbox_operator.controller.agents import AgentClient
 from sandbox_operator.controller.config import OperatorConfig
-from sandbox_operator.controller.store import Key, Store, key_of
+from sandbox_operator.controller.context import QueueKey
+from sandbox_operator.controller.inflight import ChildKind, InFlight
+from sandbox_operator.controller.store import Store, key_of
 from sandbox_operator.controller.usage import UsageCollector
 from sandbox_operator.controller.workqueue import QueueClosed, WorkQueue
 from sandbox_operator.kube import ApiError, KubeClient
@@ -24,15 +28,13 @@ from sandbox_operator.metrics.usage import UsageExporter
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sandbox", "pool"]
-QueueKey = tuple[Kind, str, str]  # (kind, namespace, name)
-# Children written whole (POST, or a merge patch when outdated) and watched only for their spec digest.
-CHILD_KINDS = ("service", "networkpolicy")
 BACKGROUND_LIMIT = 32  # best-effort writes (Events) in flight at once
 BACKGROUND_DRAIN_S = 2.0  # how long a stopping operator lets them finish
 
 
 class Runtime:
+    """The operator process: it is the ReconcileContext every reconcile runs in."""
+
     def __init__(self, client: KubeClient, config: OperatorConfig) -> None:
         self.client = client
         self.config = config
@@ -44,18 +46,14 @@ class Runtime:
         )
         self._workers: list[asyncio.Task[None]] = []
         self._failures: dict[QueueKey, int] = {}
-        # Pool pods being handed to a sandbox right now: never offered twice.
-        self.claims_in_flight: set[Key] = set()
-        # Spec digest of the Service / NetworkPolicy this process last wrote, per (sandbox uid,
-        # kind): it bridges the moment until the watch brings the written object back, so a
-        # reconcile in between does not apply it twice. A DELETED watch event clears it.
-        self.ensured: dict[tuple[str, str], str] = {}
+        self.in_flight = InFlight()
         self.started = False
         # Best-effort writes a reconcile does not wait for (Events): tracked so that none is
         # garbage-collected mid-flight; at most BACKGROUND_LIMIT of them hold a request slot.
         self._background: set[asyncio.Task[None]] = set()
         self._background_slots = asyncio.Semaphore(BACKGROUND_LIMIT)
-        self.usage = UsageCollector(self)
+        self.agents = AgentClient(config.agent_port)
+        self.usage = UsageCollector(self.store, client, config, lambda key: self.requeue(("sandbox", *key)))
         self.metrics.registry.register(UsageExporter(self.usage.usage, config.metric_metadata_keys))
 
     # --- lifecycle of the runtime ----------------------------------------------------------------
@@ -83,7 +81,17 @@ class Runtime:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.agents.close()
         await self.client.close()
+
+    def requeue(self, key: QueueKey, delay: float = 0.0) -> None:
+        if delay > 0:
+            self.queue.add_after(key, delay)
+        else:
+            self.queue.add(key)
+
+    async def agent_activity(self, pod_ip: str) -> datetime | None:
+        return await self.agents.last_activity(pod_ip)
 
     def spawn(self, write: Coroutine[Any, Any, None]) -> None:
         """Run a best-effort write (it handles its own errors) without holding up the reconcile."""
@@ -109,9 +117,7 @@ class Runtime:
             self.usage.forget(key)
             self.queue.forget(qkey)
             self._failures.pop(qkey, None)
-            uid = str((body.get("metadata") or {}).get("uid"))
-            for kind in CHILD_KINDS:
-                self.ensured.pop((uid, kind), None)
+            self.in_flight.forget_sandbox(str((body.get("metadata") or {}).get("uid")))
             return
         self.store.put_sandbox(body)
         if (body.get("status") or {}).get("phase") != "Running":
@@ -158,7 +164,7 @@ class Runtime:
         if claimed_from:
             self.queue.add(("pool", key[0], claimed_from))
 
-    def on_child_event(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+    def on_child_event(self, kind: ChildKind, event_type: str | None, body: Mapping[str, Any]) -> None:
         """A Service or NetworkPolicy of a sandbox: its digest tells reconcile whether it is current;
         a deletion (by anyone) makes the sandbox re-apply it."""
         key = key_of(body)
@@ -166,7 +172,7 @@ class Runtime:
         if event_type == "DELETED":
             self.store.delete_child_hash(kind, key)
             for owner in meta.get("ownerReferences") or ():
-                self.ensured.pop((str(owner.get("uid")), kind), None)
+                self.in_flight.forget_child(str(owner.get("uid")), kind)
         else:
             self.store.put_child_hash(kind, body)
         sandbox = (meta.get("labels") or {}).get(SANDBOX_LABEL)

@@ -41,6 +41,23 @@ def strip_pod(body: Mapping[str, Any]) -> JSON:
     return stripped
 
 
+class NamespaceView(Mapping[str, "JSON"]):
+    """The objects of one namespace of a (namespace, name)-keyed table, by name; a live view."""
+
+    def __init__(self, table: Mapping[Key, JSON], namespace: str) -> None:
+        self._table = table
+        self._namespace = namespace
+
+    def __getitem__(self, name: str) -> JSON:
+        return self._table[(self._namespace, name)]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for namespace, name in list(self._table) if namespace == self._namespace)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class Store:
     def __init__(self) -> None:
         self.sandboxes: dict[Key, JSON] = {}
@@ -178,6 +195,13 @@ class Store:
         owner = ((old or {}).get("metadata", {}).get("labels") or {}).get(SANDBOX_LABEL)
         if owner and self._pvc_by_sandbox.get((key[0], owner)) == key[1]:
             del self._pvc_by_sandbox[(key[0], owner)]
+
+    def pvcs_in(self, namespace: str) -> NamespaceView:
+        """The workspace claims of one namespace, by name (lookups are O(1))."""
+        return NamespaceView(self.pvcs, namespace)
+
+    def pods_in(self, namespace: str) -> list[JSON]:
+        return [pod for (ns, _), pod in list(self.pods.items()) if ns == namespace]
 
     def pvc_of_sandbox(self, key: Key) -> JSON | None:
         """The workspace claim labelled for this sandbox (its own, or one it took from a pool)."""

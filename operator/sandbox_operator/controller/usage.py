@@ -17,41 +17,45 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import aiohttp
 
 from sandbox_operator.api import Phase, Sandbox, SandboxTemplate, resolve_resources
 from sandbox_operator.api.names import SANDBOXES
+from sandbox_operator.controller.agents import MAX_AGENT_TIMEOUT, AgentClient
+from sandbox_operator.controller.config import OperatorConfig
+from sandbox_operator.controller.store import JSON, Key, Store
+from sandbox_operator.kube import KubeClient
 from sandbox_operator.lifecycle.status import format_time, parse_time
-from sandbox_operator.metrics.usage import AgentSample, Limits, SandboxUsage, parse_agent_metrics
-
-if TYPE_CHECKING:
-    from sandbox_operator.controller.runtime import Runtime
-    from sandbox_operator.controller.store import JSON, Key
+from sandbox_operator.metrics.usage import AgentSample, Limits, SandboxUsage
 
 log = logging.getLogger(__name__)
 
-# Upper bound of one scrape (the interval, if shorter).
-MAX_SCRAPE_TIMEOUT: Final = 3.0
 # A sandbox without a successful scrape for this many intervals shows `sandbox_up 0`, no numbers.
 STALE_AFTER_INTERVALS: Final = 3.0
 
 
 def scrape_timeout(interval: float) -> float:
-    return max(0.1, min(interval, MAX_SCRAPE_TIMEOUT))
+    return max(0.1, min(interval, MAX_AGENT_TIMEOUT))
 
 
 class UsageCollector:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        config = rt.config
+    """``on_activity(key)`` is called after a status write moved the sandbox's lastActivityAt."""
+
+    def __init__(
+        self, store: Store, client: KubeClient, config: OperatorConfig, on_activity: Callable[[Key], None]
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.on_activity = on_activity
         self.interval = config.usage_interval
         self.status_interval = config.usage_status_interval
         self.metadata_keys = config.metric_metadata_keys
-        self.port = config.agent_port
         self.scrape_timeout = scrape_timeout(self.interval)
+        self.agents = AgentClient(config.agent_port, self.scrape_timeout)
         self.usage: dict[Key, SandboxUsage] = {}
         # What each entry's labels and limits were computed from: (sandbox, template) resourceVersion.
         self._entry_sources: dict[Key, tuple[str, str]] = {}
@@ -59,7 +63,6 @@ class UsageCollector:
         # Monotonic time each sandbox's last scrape started: the next round goes oldest first.
         self._attempted: dict[Key, float] = {}
         self._limit = asyncio.Semaphore(config.usage_concurrency)
-        self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -72,8 +75,7 @@ class UsageCollector:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._session is not None:
-            await self._session.close()
+        await self.agents.close()
 
     def forget(self, key: Key) -> None:
         self.usage.pop(key, None)
@@ -92,7 +94,7 @@ class UsageCollector:
 
     def _targets(self) -> dict[Key, JSON]:
         targets = {}
-        for key, body in self.rt.store.sandboxes.items():
+        for key, body in self.store.sandboxes.items():
             status = body.get("status") or {}
             if status.get("phase") == Phase.RUNNING and status.get("podIP"):
                 targets[key] = body
@@ -106,8 +108,6 @@ class UsageCollector:
         for key in list(self._attempted):
             if key not in targets:
                 self._attempted.pop(key, None)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.scrape_timeout))
         # Least recently scraped first: what a cut-short round skipped goes first in the next one.
         order = sorted(targets, key=lambda k: self._attempted.get(k, float("-inf")))
         tasks = [asyncio.create_task(self._scrape(key, targets[key])) for key in order]
@@ -138,7 +138,7 @@ class UsageCollector:
     def _entry(self, key: Key, body: JSON) -> SandboxUsage | None:
         spec = body.get("spec") or {}
         template_name = str(spec.get("template", ""))
-        template_body = self.rt.store.template_for(template_name, started=True)
+        template_body = self.store.template_for(template_name, started=True)
         entry = self.usage.get(key)
         if template_body is None:
             return entry  # keep what is known; limits cannot be resolved without the template
@@ -171,16 +171,12 @@ class UsageCollector:
 
     async def _scrape(self, key: Key, body: JSON) -> None:
         entry = self._entry(key, body)
-        if entry is None or self._session is None:
+        if entry is None:
             return
-        url = f"http://{body['status']['podIP']}:{self.port}/agent/metrics"
         async with self._limit:
             self._attempted[key] = time.monotonic()
             try:
-                async with self._session.get(url) as response:
-                    response.raise_for_status()
-                    text = await response.text()
-                sample = parse_agent_metrics(text)
+                sample = await self.agents.sample(body["status"]["podIP"])
             except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
                 log.debug("usage scrape of %s/%s failed: %s", key[0], key[1], exc)
                 if self.usage.get(key) is entry:
@@ -214,11 +210,11 @@ class UsageCollector:
                 status["lastActivityAt"] = format_time(activity)
         namespace, name = key
         try:
-            updated = await self.rt.client.patch(SANDBOXES.path(namespace, name, "status"), {"status": status})
+            updated = await self.client.patch(SANDBOXES.path(namespace, name, "status"), {"status": status})
         except Exception as exc:
             log.debug("usage status write of %s/%s failed: %s", namespace, name, exc)
             return
         if updated is not None:
-            self.rt.store.put_sandbox(updated)
+            self.store.put_sandbox(updated)
             if "lastActivityAt" in status:
-                self.rt.queue.add(("sandbox", namespace, name))  # the idle deadline moved
+                self.on_activity(key)  # the idle deadline moved

@@ -46,6 +46,7 @@ from sandbox_operator.lifecycle.types import (
     RetryPolicy,
     SetSuspended,
     StatusFields,
+    TimeoutKind,
 )
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "RetryPolicy",
     "SetSuspended",
     "StatusFields",
+    "TimeoutKind",
     "classify_pod_failure",
     "compute_deadlines",
     "deadlines",

@@ -42,6 +42,7 @@ from sandbox_operator.lifecycle.types import (
     RequeueAfter,
     SetSuspended,
     StatusFields,
+    TimeoutKind,
 )
 
 __all__ = ["RETRYABLE_REASONS", "IllegalTransitionError", "classify_pod_failure", "decide"]
@@ -84,6 +85,7 @@ class _Plan:
     last_recreate_at: datetime | None = None
     # False while an Error waits to retry a spec change: the new generation is not acted on yet.
     acknowledge_generation: bool = True
+    fired_timeout: TimeoutKind | None = None
 
 
 def classify_pod_failure(pod: PodObservation) -> tuple[Reason, str] | None:
@@ -196,7 +198,9 @@ class _Reconcile:
 
     def _max_lifetime_plan(self) -> _Plan | None:
         if self._passed(self.deadlines.max_lifetime):
-            return self._terminate(Reason.MAX_LIFETIME, "the sandbox reached its maximum lifetime")
+            plan = self._terminate(Reason.MAX_LIFETIME, "the sandbox reached its maximum lifetime")
+            plan.fired_timeout = TimeoutKind.MAX_LIFETIME
+            return plan
         return None
 
     # --- phases ----------------------------------------------------------------------------------
@@ -267,14 +271,7 @@ class _Reconcile:
                 actions=self._delete_pod(),
             )
         if self._passed(self.deadlines.idle):
-            if self.desired.on_idle is OnIdle.TERMINATE:
-                return self._terminate(Reason.IDLE_TIMEOUT, "the sandbox was idle for too long")
-            return _Plan(
-                Phase.SUSPENDING,
-                Reason.IDLE_TIMEOUT,
-                "the sandbox was idle for too long: suspending",
-                actions=[SetSuspended(True), *self._delete_pod()],
-            )
+            return self._idle_plan()
         pod = self.pod
         if pod is not None and (failure := classify_pod_failure(pod)):
             return _Plan(Phase.ERROR, *failure)
@@ -297,6 +294,19 @@ class _Reconcile:
             actions=self._ensure_children(),
         )
         self._reset_attempts_when_stable(plan)
+        return plan
+
+    def _idle_plan(self) -> _Plan:
+        if self.desired.on_idle is OnIdle.TERMINATE:
+            plan = self._terminate(Reason.IDLE_TIMEOUT, "the sandbox was idle for too long")
+        else:
+            plan = _Plan(
+                Phase.SUSPENDING,
+                Reason.IDLE_TIMEOUT,
+                "the sandbox was idle for too long: suspending",
+                actions=[SetSuspended(True), *self._delete_pod()],
+            )
+        plan.fired_timeout = TimeoutKind.IDLE
         return plan
 
     def _reset_attempts_when_stable(self, plan: _Plan) -> None:
@@ -562,6 +572,7 @@ class _Reconcile:
             actions=tuple(actions),
             status=status,
             wake_at=wake_at,
+            fired_timeout=plan.fired_timeout if phase != current else None,
         )
 
 

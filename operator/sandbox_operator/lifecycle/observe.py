@@ -7,10 +7,11 @@ Pure: the controller fetches the objects, these functions only look at them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sandbox_operator.api import Sandbox, SandboxTemplate, parse_duration, resolve_resources, resolve_timeouts
+from sandbox_operator.api import Phase, Sandbox, SandboxTemplate, parse_duration, resolve_resources, resolve_timeouts
 from sandbox_operator.lifecycle.deadlines import Deadlines, compute_deadlines, expires_at
 from sandbox_operator.lifecycle.status import parse_time
 from sandbox_operator.lifecycle.types import (
@@ -27,10 +28,12 @@ from sandbox_operator.lifecycle.types import (
 __all__ = [
     "deadlines",
     "desired_from",
+    "idle_deadline_passed",
     "observed_from",
     "pod_observation",
     "pvc_observation",
     "sandbox_expires_at",
+    "with_activity",
 ]
 
 
@@ -182,3 +185,29 @@ def deadlines(sandbox: Sandbox, template: SandboxTemplate) -> Deadlines:
 def sandbox_expires_at(sandbox: Sandbox, template: SandboxTemplate) -> datetime | None:
     """When the Sandbox ends if nothing changes (see deadlines.expires_at)."""
     return expires_at(desired_from(sandbox, template), deadlines(sandbox, template))
+
+
+def idle_deadline_passed(desired: Desired, observed: Observed, now: datetime) -> bool:
+    """The idle timeout would fire now on what the status says. Status carries activity only as
+    often as the usage collector writes it, so this is when to ask the agent itself (with_activity)."""
+    if observed.phase is not Phase.RUNNING or observed.deleting:
+        return False
+    idle = compute_deadlines(
+        desired,
+        created_at=observed.created_at,
+        started_at=observed.started_at,
+        last_activity_at=observed.last_activity_at,
+        terminated_at=observed.terminated_at,
+    ).idle
+    return idle is not None and idle <= now
+
+
+def with_activity(observed: Observed, activity: datetime | None) -> Observed:
+    """``observed`` with the agent's own last activity when it is newer than the status's (whole
+    seconds, like every time the status holds)."""
+    if activity is None:
+        return observed
+    mark = activity.replace(microsecond=0)
+    if observed.last_activity_at is not None and mark <= observed.last_activity_at:
+        return observed
+    return replace(observed, last_activity_at=mark)

@@ -1,6 +1,6 @@
-"""Pure rules of SandboxPool: how many warm pods to add or remove, which pod may be claimed, which
-workspace claims the pool has leaked, and whether a warm pod is interchangeable with the pod a given
-Sandbox would get."""
+"""Pure rules of SandboxPool: how many warm pods to add or remove, which pod may be claimed and
+when a sandbox may claim one, which workspace claims the pool has leaked, whether a warm pod is
+interchangeable with the pod a given Sandbox would get, and the pool's status."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ from sandbox_operator.api.names import (
     POD_SIGNATURE_ANNOTATION,
     POOL_LABEL,
     SANDBOX_LABEL,
+    ConditionType,
+    PoolReason,
 )
-from sandbox_operator.lifecycle.status import parse_time
+from sandbox_operator.lifecycle.status import format_time, parse_time
 
+# The volume source of a workspace claim in a pod spec.
+WORKSPACE_VOLUME_KEY = "persistentVolumeClaim"
 # Env vars that name the sandbox itself: they differ between a warm pod and its claimant by design.
 IDENTITY_ENV = frozenset({"SANDBOX_ID"})
 # A pod in one of these phases never runs again (restartPolicy Never): it can serve no one.
@@ -164,7 +168,103 @@ def pod_signature(pod: Mapping[str, Any]) -> str:
     for container in spec.get("containers") or []:
         container["env"] = [e for e in container.get("env") or [] if e.get("name") not in IDENTITY_ENV]
     for volume in spec.get("volumes") or []:
-        if "persistentVolumeClaim" in volume:
-            volume["persistentVolumeClaim"] = {"claimName": ""}
+        if WORKSPACE_VOLUME_KEY in volume:
+            volume[WORKSPACE_VOLUME_KEY] = {"claimName": ""}
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def workspace_claim_of(pod: Mapping[str, Any]) -> str | None:
+    """The workspace claim a pod mounts, if any."""
+    claims = claims_mounted(pod)
+    return claims[0] if claims else None
+
+
+def claims_mounted(pod: Mapping[str, Any]) -> list[str]:
+    return [
+        str(volume[WORKSPACE_VOLUME_KEY]["claimName"])
+        for volume in (pod.get("spec") or {}).get("volumes") or []
+        if WORKSPACE_VOLUME_KEY in volume
+    ]
+
+
+def may_claim_warm_pod(status: Mapping[str, Any], *, has_workspace: bool, creates_pod: bool) -> bool:
+    """Only a first start may take a warm pod (it brings its own, fresh workspace): a resume or a
+    recreate keeps the sandbox's workspace, and a sandbox that already has one keeps it."""
+    entering = status.get("startedAt") is None and status.get("phase") in (None, "Creating")
+    return creates_pod and entering and not has_workspace
+
+
+def offered_claim(pool: str, pod: Mapping[str, Any], claims: Mapping[str, Mapping[str, Any]]) -> bool:
+    """The warm pod's workspace claim (if it has one) is known and still the pool's to give."""
+    claim_name = workspace_claim_of(pod)
+    if not claim_name:
+        return True
+    claim = claims.get(claim_name)
+    return claim is not None and is_pool_claim(pool, claim) and not _deleting(claim)
+
+
+def is_offerable(
+    pool: str, pod: Mapping[str, Any], wanted_signature: str, claims: Mapping[str, Mapping[str, Any]]
+) -> bool:
+    """A warm pod that may stand in for a sandbox whose pod would have ``wanted_signature``: identical
+    spec (pod specs cannot change after creation), Running and Ready, its workspace still the pool's."""
+    annotations = _metadata(pod).get("annotations") or {}
+    if annotations.get(POD_SIGNATURE_ANNOTATION) != wanted_signature:
+        return False
+    return is_claimable(pod) and offered_claim(pool, pod, claims)
+
+
+def unusable_pods(pool: str, pods: Sequence[Mapping[str, Any]], claims: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Warm pods that can serve no one: their workspace claim was taken by a sandbox (a claim
+    interrupted between the claim and the pod) or is being deleted."""
+    unusable: set[str] = set()
+    for pod in pods:
+        claim_name = workspace_claim_of(pod)
+        claim = claims.get(claim_name) if claim_name else None
+        if claim is not None and (not is_pool_claim(pool, claim) or _deleting(claim)):
+            unusable.add(str(pod["metadata"]["name"]))
+    return unusable
+
+
+def pool_readiness(size: int, ready: int, missing_template: str | None = None) -> tuple[PoolReason, str]:
+    """The reason and message of the pool's Ready condition."""
+    if missing_template is not None:
+        return PoolReason.TEMPLATE_NOT_FOUND, f'SandboxTemplate "{missing_template}" not found'
+    reason = PoolReason.FILLED if ready >= size else PoolReason.FILLING
+    return reason, f"{ready}/{size} warm pods ready"
+
+
+def pool_status_patch(
+    current: Mapping[str, Any],
+    *,
+    generation: int | None,
+    size: int,
+    ready: int,
+    claimed: int,
+    reason: PoolReason,
+    message: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The smallest status merge patch for the pool ({} when nothing changed). Ready is True when the
+    pool holds ``size`` ready warm pods of an existing template; lastTransitionTime moves only when
+    Ready's status does."""
+    is_ready = "True" if ready >= size and reason is not PoolReason.TEMPLATE_NOT_FOUND else "False"
+    old = next((c for c in current.get("conditions") or [] if c.get("type") == ConditionType.READY), None)
+    patch: dict[str, Any] = {}
+    for field, value in (("ready", ready), ("claimed", claimed), ("observedGeneration", generation)):
+        if current.get(field) != value:
+            patch[field] = value
+    if old is None or (old.get("status"), old.get("reason"), old.get("message")) != (is_ready, reason, message):
+        transition = old.get("lastTransitionTime") if old and old.get("status") == is_ready else None
+        patch["conditions"] = [
+            {
+                "type": ConditionType.READY.value,
+                "status": is_ready,
+                "reason": reason.value,
+                "message": message,
+                "lastTransitionTime": transition or format_time(now),
+                "observedGeneration": generation,
+            }
+        ]
+    return patch

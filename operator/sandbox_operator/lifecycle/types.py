@@ -44,7 +44,15 @@ __all__ = [
     "RetryPolicy",
     "SetSuspended",
     "StatusFields",
+    "TimeoutKind",
 ]
+
+
+class TimeoutKind(StrEnum):
+    """A timeout that fired (the ``kind`` label of sandbox_operator_timeouts_total)."""
+
+    IDLE = "idle"
+    MAX_LIFETIME = "max_lifetime"
 
 
 class PodPhase(StrEnum):
@@ -298,6 +306,9 @@ class Decision:
     actions: tuple[Action, ...]
     status: StatusFields
     wake_at: datetime | None
+    # The timeout that caused this decision's transition; None for every later step that keeps its
+    # reason (Suspending → Suspended after an idle timeout is not a second timeout).
+    fired_timeout: TimeoutKind | None = None
 
     def has_action(self, kind: type[Action]) -> bool:
         return any(isinstance(action, kind) for action in self.actions)

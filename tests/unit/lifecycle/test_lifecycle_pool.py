@@ -10,16 +10,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox_operator.api.names import CLAIMED_FROM_POOL_ANNOTATION, POD_SIGNATURE_ANNOTATION, POOL_LABEL, SANDBOX_LABEL
+from sandbox_operator.api.names import (
+    CLAIMED_FROM_POOL_ANNOTATION,
+    POD_SIGNATURE_ANNOTATION,
+    POOL_LABEL,
+    SANDBOX_LABEL,
+    PoolReason,
+)
 from sandbox_operator.lifecycle.pool import (
     PoolPlan,
     count_claimed,
     is_claimable,
+    is_offerable,
     is_pool_claim,
     is_stale,
+    may_claim_warm_pod,
     orphaned_claims,
     plan_pool,
     pod_signature,
+    pool_readiness,
+    pool_status_patch,
+    unusable_pods,
 )
 
 SIG = "current"
@@ -338,3 +349,102 @@ def test_the_signature_does_not_change_its_input() -> None:
     before = repr(pod)
     pod_signature(pod)
     assert repr(pod) == before
+
+
+# --- claims: when a sandbox may take a warm pod, and which -----------------------------------------
+
+
+def with_claim(pod: dict[str, Any], claim: str) -> dict[str, Any]:
+    return {**pod, "spec": {"volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}]}}
+
+
+@pytest.mark.parametrize(
+    ("status", "has_workspace", "creates_pod", "may"),
+    [
+        ({}, False, True, True),  # a first start
+        ({"phase": "Creating"}, False, True, True),
+        ({}, True, True, False),  # it has a workspace already (e.g. taken over after an interrupted claim)
+        ({}, False, False, False),  # no pod wanted (created suspended)
+        ({"phase": "Resuming"}, False, True, False),  # a resume keeps the sandbox's workspace
+        ({"phase": "Running"}, False, True, False),  # a recreate too
+        ({"phase": "Creating", "startedAt": "2026-01-01T00:00:00Z"}, False, True, False),  # an Error retry
+    ],
+)
+def test_only_a_first_start_may_claim_a_warm_pod(
+    status: dict[str, Any], has_workspace: bool, creates_pod: bool, may: bool
+) -> None:
+    assert may_claim_warm_pod(status, has_workspace=has_workspace, creates_pod=creates_pod) is may
+
+
+def test_an_offerable_pod_matches_is_ready_and_its_claim_is_the_pools() -> None:
+    claims = {"c1": pvc("c1")}
+    assert is_offerable("warm", with_claim(warm("a"), "c1"), SIG, claims)
+    assert is_offerable("warm", warm("no-claim"), SIG, {})  # an emptyDir workspace
+    assert not is_offerable("warm", with_claim(warm("a"), "c1"), "other-signature", claims)
+    assert not is_offerable("warm", with_claim(warm("a", ready=False), "c1"), SIG, claims)
+    assert not is_offerable("warm", with_claim(warm("a"), "unknown"), SIG, claims)
+    taken = {"c1": pvc("c1", labels={SANDBOX_LABEL: "sb"})}
+    assert not is_offerable("warm", with_claim(warm("a"), "c1"), SIG, taken)
+    assert not is_offerable("warm", with_claim(warm("a"), "c1"), SIG, {"c1": pvc("c1", deleting=True)})
+
+
+def test_pods_whose_claim_was_taken_or_is_going_are_unusable() -> None:
+    pods = [with_claim(warm("ok"), "c-ok"), with_claim(warm("taken"), "c-taken"), with_claim(warm("gone"), "c-gone")]
+    claims = {
+        "c-ok": pvc("c-ok"),
+        "c-taken": pvc("c-taken", labels={SANDBOX_LABEL: "sb"}),
+        "c-gone": pvc("c-gone", deleting=True),
+    }
+    assert unusable_pods("warm", pods, claims) == {"taken", "gone"}
+    assert unusable_pods("warm", [with_claim(warm("unknown"), "c-x")], {}) == set()  # not in the store yet
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def test_readiness_reasons() -> None:
+    assert pool_readiness(3, 3) == (PoolReason.FILLED, "3/3 warm pods ready")
+    assert pool_readiness(3, 1) == (PoolReason.FILLING, "1/3 warm pods ready")
+    assert pool_readiness(3, 3, "base") == (PoolReason.TEMPLATE_NOT_FOUND, 'SandboxTemplate "base" not found')
+
+
+def status(**fields: Any) -> dict[str, Any]:
+    reason, message = pool_readiness(fields.get("size", 2), fields.get("ready", 2), fields.get("missing"))
+    return pool_status_patch(
+        fields.get("current", {}),
+        generation=fields.get("generation", 1),
+        size=fields.get("size", 2),
+        ready=fields.get("ready", 2),
+        claimed=fields.get("claimed", 0),
+        reason=reason,
+        message=message,
+        now=fields.get("now", NOW),
+    )
+
+
+def test_a_full_pool_is_ready() -> None:
+    patch = status()
+    assert (patch["ready"], patch["claimed"], patch["observedGeneration"]) == (2, 0, 1)
+    (ready,) = patch["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Filled")
+    assert ready["lastTransitionTime"] == "2026-01-01T12:00:00Z"
+
+
+def test_a_filling_pool_or_one_without_template_is_not_ready() -> None:
+    assert status(ready=1)["conditions"][0]["status"] == "False"
+    missing = status(missing="base")["conditions"][0]
+    assert (missing["status"], missing["reason"]) == ("False", "TemplateNotFound")
+
+
+def test_nothing_changed_nothing_written() -> None:
+    first = status()
+    assert status(current=first, now=NOW + timedelta(hours=1)) == {}
+
+
+def test_the_transition_time_moves_only_with_the_status() -> None:
+    first = status(ready=1)
+    still_filling = status(current=first, ready=0, now=NOW + timedelta(minutes=1))
+    assert still_filling["ready"] == 0
+    assert still_filling["conditions"][0]["lastTransitionTime"] == "2026-01-01T12:00:00Z"  # False -> False
+    filled = status(current=first, ready=2, now=NOW + timedelta(minutes=2))
+    assert filled["conditions"][0]["lastTransitionTime"] == "2026-01-01T12:02:00Z"  # False -> True
