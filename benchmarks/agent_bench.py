@@ -3,7 +3,7 @@
     python benchmarks/agent_bench.py [--iterations 300]
 
 Starts `python -m sandbox_operator.agent` on loopback, talks to it with `sandbox_url` (no gateway in
-between, so the figures are the agent's share of DESIGN.md §7's gateway → agent targets) and reports
+between, so the figures are the agent's share of docs/design.md §7's gateway → agent targets) and reports
 commands.run("echo hi") and run_code("1+1") p50/p99 plus the agent's RSS idle and after the run.
 """
 

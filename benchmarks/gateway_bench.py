@@ -9,7 +9,7 @@ SandboxTemplates `base` and `code-interpreter` and an API key Secret, runs the o
 (`python -m sandbox_operator run --namespace <ns>`) and the gateway (`python -m sandbox_operator
 gateway`, SANDBOX_GATEWAY_TOKEN_KEY set) as subprocesses, and runs a real agent on each Running
 sandbox pod's IP (kwok gives pods loopback IPs; a pod watch starts the agent at once). Then, with
-api_url and sandbox_url pointing at the gateway, it measures the figures of DESIGN.md §7:
+api_url and sandbox_url pointing at the gateway, it measures the figures of docs/design.md §7:
 
 1. `Sandbox.create` through the gateway, one at a time, cold (no pool; PVC workspace), split into
    stages: POST → Sandbox Running (operator, PVC, scheduler, kwok), → agent listening (this

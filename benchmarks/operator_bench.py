@@ -5,7 +5,7 @@
 
 Starts a fresh local control plane (`hack/cluster up` in a temporary state dir), applies crds/ and
 two SandboxTemplates, runs the operator as a subprocess (`python -m sandbox_operator run`, default
-settings unless told otherwise) and measures the figures of DESIGN.md §7:
+settings unless told otherwise) and measures the figures of docs/design.md §7:
 
 1. cold create → Running, one Sandbox at a time (`--concurrency 1`), PVC workspace (the default),
    plus the same with an emptyDir workspace to show what the claim costs;
@@ -1146,7 +1146,7 @@ async def run(args: argparse.Namespace, kubeconfig: str, state_dir: Path, operat
             op_a.stop()
 
         # Group B: a fresh operator per burst, so its memory is that of `--burst` sandboxes. The
-        # emptyDir burst measures the operator (like DESIGN.md §7's reference operator, which made
+        # emptyDir burst measures the operator (like docs/design.md §7's reference operator, which made
         # pods only); the PVC burst adds kube-controller-manager's host-path provisioner and binder.
         bursts = [("burst_emptydir", "bench-burst-emptydir", "bench-ephemeral"), ("burst", "bench-burst", "bench-base")]
         for key, namespace, template_name in bursts:

@@ -1103,63 +1103,38 @@ class PodWorker(threading.Thread):
     def _write_files(self, path: Path, volume: dict[str, Any]) -> None:
         """configMap, secret, downwardAPI and projected volumes (the service account token among
         them): files written once at start, as the kubelet does (it refreshes tokens; we do not)."""
-        sources = (volume.get("projected") or {}).get("sources") or [
-            {kind: volume[kind]} for kind in ("configMap", "secret", "downwardAPI") if kind in volume
-        ]
         files: dict[str, str] = {}
-        for source in sources:
+        for source in volume_sources(volume):
             if "serviceAccountToken" in source:
                 request = source["serviceAccountToken"]
-                account = (self.pod.get("spec") or {}).get("serviceAccountName") or "default"
-                body = {
-                    "apiVersion": "authentication.k8s.io/v1",
-                    "kind": "TokenRequest",
-                    "spec": {
-                        "audiences": [request["audience"]] if request.get("audience") else None,
-                        "expirationSeconds": int(request.get("expirationSeconds", 3600)),
-                        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.pod_name, "uid": self.uid},
-                    },
-                }
-                code, answer = self.node.api.request(
-                    "POST", f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{account}/token", body
-                )
-                if code != 201:
-                    raise NotReadyYet(f"service account token for {account}: {code} {str(answer)[:200]}")
-                files[request.get("path", "token")] = answer["status"]["token"]
+                files[request.get("path", "token")] = self._service_account_token(request)
             for kind in ("configMap", "secret"):
-                if kind not in source:
-                    continue
-                ref = source[kind]
-                ref_name = ref.get("name") or ref.get("secretName")
-                code, obj = self.node.api.request(
-                    "GET", f"/api/v1/namespaces/{self.namespace}/{kind.lower()}s/{ref_name}"
-                )
-                if code != 200:
-                    if ref.get("optional"):
-                        continue
-                    raise NotReadyYet(f'{kind} "{ref_name}" not found')
-                data = dict(obj.get("data") or {})
-                if kind == "secret":
-                    data = {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()}
-                items = ref.get("items") or [{"key": k, "path": k} for k in data]
-                for item in items:
-                    if item["key"] in data:
-                        files[item["path"]] = data[item["key"]]
+                if kind in source:
+                    files.update(self._object_files(kind, source[kind]))
             if "downwardAPI" in source:
-                for item in source["downwardAPI"].get("items") or []:
-                    if "fieldRef" in item:
-                        files[item["path"]] = field_ref(
-                            self.pod, item["fieldRef"]["fieldPath"], self.ip, self.node.host_ip
-                        )
-        path.mkdir(parents=True, exist_ok=True)
-        path.chmod(0o755)
-        for relative, content in files.items():
-            target = path / relative
-            if path not in target.resolve().parents:
-                raise ConfigError(f"volume file path {relative!r} leaves the volume")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(content)
-            target.chmod(0o644)
+                files.update(downward_api_files(source["downwardAPI"], self.pod, self.ip, self.node.host_ip))
+        write_volume_files(path, files)
+
+    def _service_account_token(self, request: dict[str, Any]) -> str:
+        account = (self.pod.get("spec") or {}).get("serviceAccountName") or "default"
+        body = token_request(request, self.pod_name, self.uid)
+        code, answer = self.node.api.request(
+            "POST", f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{account}/token", body
+        )
+        if code != 201:
+            raise NotReadyYet(f"service account token for {account}: {code} {str(answer)[:200]}")
+        token: str = answer["status"]["token"]
+        return token
+
+    def _object_files(self, kind: str, ref: dict[str, Any]) -> dict[str, str]:
+        """The files a configMap or secret source projects; none for a missing optional one."""
+        ref_name = ref.get("name") or ref.get("secretName")
+        code, obj = self.node.api.request("GET", f"/api/v1/namespaces/{self.namespace}/{kind.lower()}s/{ref_name}")
+        if code != 200:
+            if ref.get("optional"):
+                return {}
+            raise NotReadyYet(f'{kind} "{ref_name}" not found')
+        return object_files(kind, ref, obj)
 
     def _attach(self, image: Path, size: int) -> Path:
         if image not in self.disks:
@@ -1374,6 +1349,59 @@ class PodWorker(threading.Thread):
             self.updates.put(None)  # gone (or replaced): stop what runs
         else:
             log(f"{self.namespace}/{self.pod_name}: status update answered {code}: {str(answer)[:200]}")
+
+
+def volume_sources(volume: dict[str, Any]) -> list[dict[str, Any]]:
+    """A projected volume's sources; a configMap, secret or downwardAPI volume as a single source."""
+    sources: list[dict[str, Any]] = (volume.get("projected") or {}).get("sources") or [
+        {kind: volume[kind]} for kind in ("configMap", "secret", "downwardAPI") if kind in volume
+    ]
+    return sources
+
+
+def token_request(request: dict[str, Any], pod_name: str, uid: str) -> dict[str, Any]:
+    """The TokenRequest for a serviceAccountToken source, bound to the pod as the kubelet binds it."""
+    return {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {
+            "audiences": [request["audience"]] if request.get("audience") else None,
+            "expirationSeconds": int(request.get("expirationSeconds", 3600)),
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod_name, "uid": uid},
+        },
+    }
+
+
+def object_files(kind: str, ref: dict[str, Any], obj: dict[str, Any]) -> dict[str, str]:
+    """path → content for a configMap or secret `obj`: the `items` the source selects (keys the
+    object lacks are skipped), else every key under its own name. Secret values are decoded."""
+    data = dict(obj.get("data") or {})
+    if kind == "secret":
+        data = {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()}
+    items = ref.get("items") or [{"key": k, "path": k} for k in data]
+    return {item["path"]: data[item["key"]] for item in items if item["key"] in data}
+
+
+def downward_api_files(source: dict[str, Any], pod: dict[str, Any], pod_ip: str, host_ip: str) -> dict[str, str]:
+    """path → value for a downwardAPI source's fieldRef items (resourceFieldRef items are ignored)."""
+    return {
+        item["path"]: field_ref(pod, item["fieldRef"]["fieldPath"], pod_ip, host_ip)
+        for item in source.get("items") or []
+        if "fieldRef" in item
+    }
+
+
+def write_volume_files(path: Path, files: dict[str, str]) -> None:
+    """Write `files` (relative path → content) under `path`; a path that leaves it is a ConfigError."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    for relative, content in files.items():
+        target = path / relative
+        if path not in target.resolve().parents:
+            raise ConfigError(f"volume file path {relative!r} leaves the volume")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+        target.chmod(0o644)
 
 
 def apply_fs_group(path: Path, gid: int) -> None:

@@ -29,8 +29,8 @@ from sandbox_operator.agent.sysmetrics import (
     default_cgroup_root,
     memory_limit,
     oom_events_file,
-    oom_kill_count,
     pids_usage,
+    read_oom_kills,
 )
 from testlib import wait_until
 
@@ -48,24 +48,24 @@ def write(root: Path, files: dict[str, str]) -> Path:
 def test_the_oom_kill_counter_and_limit_are_read_from_each_cgroup_layout(tmp_path: Path) -> None:
     v2 = write(tmp_path / "v2", {"cgroup.controllers": "cpu memory pids\n", "memory.events": V2_EVENTS})
     write(v2, {"memory.max": "314572800\n"})
-    assert (oom_kill_count(v2), memory_limit(v2)) == (1, 300 * 1024 * 1024)
+    assert (read_oom_kills(oom_events_file(v2)), memory_limit(v2)) == (1, 300 * 1024 * 1024)
     # v1 as mounted in a container: one directory per controller under the root.
     mounted = write(
         tmp_path / "v1", {"memory/memory.oom_control": V1_OOM_CONTROL, "memory/memory.limit_in_bytes": "1048576\n"}
     )
     assert oom_events_file(mounted) == mounted / "memory" / "memory.oom_control"
-    assert (oom_kill_count(mounted), memory_limit(mounted)) == (4, 1024 * 1024)
+    assert (read_oom_kills(oom_events_file(mounted)), memory_limit(mounted)) == (4, 1024 * 1024)
     # v1 with the root pointing at a memory cgroup directory itself (what the tests do).
     direct = write(
         tmp_path / "direct",
         {"memory.oom_control": V1_OOM_CONTROL, "memory.limit_in_bytes": "9223372036854771712\n"},
     )
-    assert (oom_kill_count(direct), memory_limit(direct)) == (4, None)  # unlimited
+    assert (read_oom_kills(oom_events_file(direct)), memory_limit(direct)) == (4, None)  # unlimited
     # Linux < 4.13 has no oom_kill line; no cgroup at all reads as unknown too.
     old = write(tmp_path / "old", {"memory.oom_control": "oom_kill_disable 0\nunder_oom 0\n"})
     old_limit = write(old, {"memory.limit_in_bytes": "1\n"})
-    assert oom_kill_count(old_limit) is None
-    assert oom_kill_count(tmp_path / "nothing") is None
+    assert read_oom_kills(oom_events_file(old_limit)) is None
+    assert read_oom_kills(oom_events_file(tmp_path / "nothing")) is None
 
 
 def test_pids_usage_and_the_process_limit(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Final
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
 from .connect import ConnectError, JsonObject
 from .filesystem import FilesystemService, make_dirs_as, write_metadata
@@ -297,39 +297,35 @@ class EnvdServer:
     async def upload(self, request: web.Request) -> web.StreamResponse:
         user, raw_path = self._file_request_user(request, "write")
         metadata = parse_metadata_headers(request)
-        written: list[JsonObject] = []
         try:
             if request.content_type == "multipart/form-data":
-                reader = await request.multipart()
-                while True:
-                    part = await reader.next()
-                    if part is None:
-                        break
-                    if not isinstance(part, BodyPartReader) or part.name != "file":
-                        continue
-                    destination = raw_path if raw_path and not written else (part.filename or "")
-                    if not destination:
-                        return json_error(400, "a file part has no destination path (filename or 'path')")
-                    written.append(await self._store(user, destination, _part_chunks(part), metadata))
-                if not written:
-                    return json_error(400, "no 'file' part in the multipart body")
+                written = await self._store_parts(user, raw_path, await request.multipart(), metadata)
+            elif not raw_path:
+                return json_error(400, "the 'path' query parameter is required for octet-stream uploads")
             else:
-                if not raw_path:
-                    return json_error(400, "the 'path' query parameter is required for octet-stream uploads")
-                written.append(await self._store(user, raw_path, _body_chunks(request), metadata))
-        except _UploadTooLarge:
-            return json_error(413, f"upload exceeds the limit of {self.state.config.max_upload_bytes} bytes")
-        except IsADirectoryError as error:
-            return json_error(400, f"path '{error.filename}' is a directory")
-        except PermissionError as error:
-            return json_error(401, f"permission denied: '{error.filename}'")
-        except OSError as error:
-            if error.errno == 28:  # ENOSPC
-                return json_error(507, "not enough disk space available")
-            return json_error(500, f"error writing file: {error}")
-        except zlib.error as error:
-            return json_error(400, f"invalid gzip body: {error}")
+                written = [await self._store(user, raw_path, _body_chunks(request), metadata)]
+        except (_BadUpload, _UploadTooLarge, OSError, zlib.error) as error:
+            return upload_error(error, self.state.config.max_upload_bytes)
         return web.json_response(written)
+
+    async def _store_parts(
+        self, user: UserContext, raw_path: str, reader: MultipartReader, metadata: dict[str, str]
+    ) -> list[JsonObject]:
+        """Store each `file` part: the first at `raw_path` when given, the others at their filename."""
+        written: list[JsonObject] = []
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader) or part.name != "file":
+                continue
+            destination = raw_path if raw_path and not written else (part.filename or "")
+            if not destination:
+                raise _BadUpload("a file part has no destination path (filename or 'path')")
+            written.append(await self._store(user, destination, _part_chunks(part), metadata))
+        if not written:
+            raise _BadUpload("no 'file' part in the multipart body")
+        return written
 
     async def _store(
         self, user: UserContext, raw_path: str, chunks: AsyncIterator[bytes], metadata: dict[str, str]
@@ -573,6 +569,29 @@ class EnvdServer:
 
 class _UploadTooLarge(Exception):
     pass
+
+
+class _BadUpload(Exception):
+    """A multipart body the upload cannot store (400); its message says why."""
+
+
+def upload_error(error: Exception, limit: int) -> web.Response:
+    """The envd response for an upload that failed with `error` (`limit`: the upload cap in bytes)."""
+    if isinstance(error, _BadUpload):
+        return json_error(400, str(error))
+    if isinstance(error, _UploadTooLarge):
+        return json_error(413, f"upload exceeds the limit of {limit} bytes")
+    if isinstance(error, IsADirectoryError):
+        return json_error(400, f"path '{error.filename}' is a directory")
+    if isinstance(error, PermissionError):
+        return json_error(401, f"permission denied: '{error.filename}'")
+    if isinstance(error, OSError):
+        if error.errno == 28:  # ENOSPC
+            return json_error(507, "not enough disk space available")
+        return json_error(500, f"error writing file: {error}")
+    if isinstance(error, zlib.error):
+        return json_error(400, f"invalid gzip body: {error}")
+    raise error
 
 
 def _input_bytes(process_input: JsonObject) -> bytes | None:

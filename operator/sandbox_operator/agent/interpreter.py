@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -199,6 +200,85 @@ def _timestamp(header: Mapping[str, Any]) -> str:
     if isinstance(date, str):
         return date
     return datetime.now().astimezone().isoformat()
+
+
+class Silence(enum.Enum):
+    """What an execution does when no message came within its wait."""
+
+    KEEPALIVE = "keepalive"  # tell the client it is still running
+    INTERRUPT = "interrupt"  # the deadline passed: interrupt the kernel
+    GIVE_UP = "give_up"  # the interrupt was ignored for INTERRUPT_GRACE: restart the kernel
+
+
+def next_wait(now: float, deadline: float | None, timed_out_at: float | None) -> float:
+    """Seconds to wait for the next message: until the next keepalive, the deadline, or (once
+    interrupted) the end of the interrupt's grace, whichever comes first."""
+    if timed_out_at is not None:
+        return min(KEEPALIVE_INTERVAL, max(0.0, timed_out_at + INTERRUPT_GRACE - now))
+    if deadline is not None:
+        return min(KEEPALIVE_INTERVAL, max(0.0, deadline - now))
+    return KEEPALIVE_INTERVAL
+
+
+def on_silence(now: float, deadline: float | None, timed_out_at: float | None) -> Silence:
+    if timed_out_at is not None and now >= timed_out_at + INTERRUPT_GRACE:
+        return Silence.GIVE_UP
+    if timed_out_at is None and deadline is not None and now >= deadline:
+        return Silence.INTERRUPT
+    return Silence.KEEPALIVE
+
+
+def is_idle(message: Mapping[str, Any]) -> bool:
+    """The kernel's idle status, which follows all of a request's output on IOPub."""
+    return bool(message["msg_type"] == "status" and message["content"].get("execution_state") == "idle")
+
+
+def stream_lines(content: Mapping[str, Any], header: Mapping[str, Any], limiter: OutputLimiter) -> list[JsonLine]:
+    """A stdout/stderr chunk as the part the output cap lets through, then the cap's marker."""
+    text, marker = limiter.take_text(content.get("text", ""))
+    stream = "stderr" if content.get("name") == "stderr" else "stdout"
+    stamp = _timestamp(header)
+    return [{"type": stream, "text": part, "timestamp": stamp} for part in (text, marker) if part]
+
+
+def display_lines(content: Mapping[str, Any], is_main_result: bool, limiter: OutputLimiter) -> list[JsonLine]:
+    """A result bundle whole, or the cap's marker in its place."""
+    line = result_line(content.get("data", {}), is_main_result=is_main_result)
+    # A cut image or HTML document is useless: a bundle fits the cap whole or is
+    # replaced by the marker (once per execution, shared with stdout/stderr).
+    keep, cut_marker = limiter.take_whole(result_size(line))
+    if keep:
+        return [line]
+    if cut_marker:
+        return [truncated_result_line(cut_marker.decode(), line["is_main_result"])]
+    return []
+
+
+def message_lines(message: Mapping[str, Any], limiter: OutputLimiter, *, interrupted: bool) -> list[JsonLine]:
+    """The JSON lines for one IOPub message of the running request (none for a status).
+    Once `interrupted` for a timeout, output and the interrupt's own error are dropped."""
+    kind = message["msg_type"]
+    content = message["content"]
+    if kind == "execute_input":
+        return [{"type": "number_of_executions", "execution_count": content.get("execution_count")}]
+    if kind == "stream":
+        return [] if interrupted else stream_lines(content, message["header"], limiter)
+    if kind in ("execute_result", "display_data"):
+        return display_lines(content, kind == "execute_result", limiter)
+    if kind == "error" and not interrupted:  # the KeyboardInterrupt we caused is reported as a timeout
+        return [
+            error_line(
+                content.get("ename", "Error"), content.get("evalue", ""), "\n".join(content.get("traceback", []))
+            )
+        ]
+    return []
+
+
+async def _drop_stale_replies(client: AsyncKernelClient) -> None:
+    """Drop replies left over from earlier requests so they never pile up in memory."""
+    with contextlib.suppress(queue.Empty):
+        while True:
+            await client.get_shell_msg(timeout=0)
 
 
 class KernelExited(Exception):
@@ -683,10 +763,7 @@ class CodeInterpreter:
         """The kernel's messages for one request as JSON lines; marks `execution` when it timed out.
         Raises KernelExited when the kernel process exits."""
         client = kernel.client
-        # Drop replies left over from earlier requests so they never pile up in memory.
-        with contextlib.suppress(queue.Empty):
-            while True:
-                await client.get_shell_msg(timeout=0)
+        await _drop_stale_replies(client)
         limiter = OutputLimiter(self.state.config.max_output_bytes)
         timeout = self.state.config.execution_timeout
         msg_id = client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
@@ -695,66 +772,31 @@ class CodeInterpreter:
         timed_out_at: float | None = None
         try:
             while True:
-                now = time.monotonic()
-                wait = KEEPALIVE_INTERVAL
-                if timed_out_at is not None:
-                    wait = min(wait, max(0.0, timed_out_at + INTERRUPT_GRACE - now))
-                elif deadline is not None:
-                    wait = min(wait, max(0.0, deadline - now))
-                message = await self._next_message(kernel, wait)
+                message = await self._next_message(kernel, next_wait(time.monotonic(), deadline, timed_out_at))
                 if message is None:
                     now = time.monotonic()
-                    if timed_out_at is not None and now >= timed_out_at + INTERRUPT_GRACE:
+                    action = on_silence(now, deadline, timed_out_at)
+                    if action is Silence.GIVE_UP:
                         # The kernel ignored the interrupt (e.g. stuck in C code): state is lost.
                         execution.timed_out = True
                         self._schedule_revive(context, kernel, "it ignored the interrupt after a timeout")
                         yield self._timeout_line(timeout, restarted=True)
                         return
-                    if timed_out_at is None and deadline is not None and now >= deadline:
+                    if action is Silence.INTERRUPT:
                         timed_out_at = now
                         await kernel.manager.interrupt_kernel()
-                        continue
-                    yield {"type": "keepalive"}
+                    else:
+                        yield {"type": "keepalive"}
                     continue
                 if message["parent_header"].get("msg_id") != msg_id:
                     continue
-                kind = message["msg_type"]
-                content = message["content"]
-                if kind == "status":
-                    if content.get("execution_state") == "idle":
-                        if timed_out_at is not None:
-                            execution.timed_out = True
-                            yield self._timeout_line(timeout, restarted=False)
-                        return
-                elif kind == "execute_input":
-                    yield {"type": "number_of_executions", "execution_count": content.get("execution_count")}
-                elif kind == "stream":
+                if is_idle(message):
                     if timed_out_at is not None:
-                        continue
-                    text, marker = limiter.take_text(content.get("text", ""))
-                    stream = "stderr" if content.get("name") == "stderr" else "stdout"
-                    stamp = _timestamp(message["header"])
-                    if text:
-                        yield {"type": stream, "text": text, "timestamp": stamp}
-                    if marker:
-                        yield {"type": stream, "text": marker, "timestamp": stamp}
-                elif kind in ("execute_result", "display_data"):
-                    line = result_line(content.get("data", {}), is_main_result=kind == "execute_result")
-                    # A cut image or HTML document is useless: a bundle fits the cap whole or is
-                    # replaced by the marker (once per execution, shared with stdout/stderr).
-                    keep, cut_marker = limiter.take_whole(result_size(line))
-                    if keep:
-                        yield line
-                    elif cut_marker:
-                        yield truncated_result_line(cut_marker.decode(), line["is_main_result"])
-                elif kind == "error":
-                    if timed_out_at is not None:
-                        continue  # the KeyboardInterrupt we caused; reported as a timeout instead
-                    yield error_line(
-                        content.get("ename", "Error"),
-                        content.get("evalue", ""),
-                        "\n".join(content.get("traceback", [])),
-                    )
+                        execution.timed_out = True
+                        yield self._timeout_line(timeout, restarted=False)
+                    return
+                for line in message_lines(message, limiter, interrupted=timed_out_at is not None):
+                    yield line
         finally:
             context.execution = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
 # The code-interpreter SDK sends X-Access-Token only on /execute, and E2B-Traffic-Access-Token on
-# every 49999 request when the control plane returned `trafficAccessToken` (COMPAT.md §5.1, §9).
+# every 49999 request when the control plane returned `trafficAccessToken` (docs/e2b-protocol.md §5.1, §9).
 # The control plane returns the sandbox's access token as both, so either header authenticates.
 INTERPRETER_TOKEN_HEADERS: Final = ("X-Access-Token", "E2B-Traffic-Access-Token")
 INTERPRETER_TOKEN_REFUSAL: Final = (
@@ -42,6 +43,40 @@ def _failure(error: Exception) -> web.Response:
 
 def _line(payload: dict[str, Any]) -> bytes:
     return (json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _exception_line(error: Exception) -> dict[str, Any]:
+    """The error line for an execution that failed in the agent itself, after the stream began."""
+    return {"type": "error", "name": type(error).__name__, "value": str(error), "traceback": ""}
+
+
+@dataclass(frozen=True)
+class ExecuteRequest:
+    code: str
+    context_id: str | None
+    language: str | None
+    env_vars: dict[str, str] | None
+
+
+def execute_request(body: Mapping[str, Any]) -> ExecuteRequest:
+    """The /execute body, checked; InterpreterError(400) says what is wrong with it."""
+    code = body.get("code")
+    if not isinstance(code, str):
+        raise InterpreterError(400, "'code' must be a string")
+    context_id = body.get("context_id")
+    language = body.get("language")
+    env_vars = body.get("env_vars")
+    if context_id is not None and language is not None:
+        raise InterpreterError(400, "provide either 'context_id' or 'language', not both")
+    if language is not None and not isinstance(language, str):
+        raise InterpreterError(400, "'language' must be a string")
+    if env_vars is not None and (
+        not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values())
+    ):
+        raise InterpreterError(400, "'env_vars' must be a map of strings")
+    if context_id is not None and not isinstance(context_id, str):
+        raise InterpreterError(400, "'context_id' must be a string")
+    return ExecuteRequest(code, context_id, language, env_vars)
 
 
 def is_interpreter_path(path: str) -> bool:
@@ -102,29 +137,13 @@ class InterpreterServer:
     async def execute(self, request: web.Request) -> web.StreamResponse:
         # Authenticated by the middleware of whichever listener serves the route.
         try:
-            body = await self._json_body(request)
-            code = body.get("code")
-            if not isinstance(code, str):
-                raise InterpreterError(400, "'code' must be a string")
-            context_id = body.get("context_id")
-            language = body.get("language")
-            env_vars = body.get("env_vars")
-            if context_id is not None and language is not None:
-                raise InterpreterError(400, "provide either 'context_id' or 'language', not both")
-            if language is not None and not isinstance(language, str):
-                raise InterpreterError(400, "'language' must be a string")
-            if env_vars is not None and (
-                not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values())
-            ):
-                raise InterpreterError(400, "'env_vars' must be a map of strings")
+            execution = execute_request(await self._json_body(request))
             context: KernelContext
-            if context_id is not None:
-                if not isinstance(context_id, str):
-                    raise InterpreterError(400, "'context_id' must be a string")
-                context = self.interpreter.get(context_id)
+            if execution.context_id is not None:
+                context = self.interpreter.get(execution.context_id)
             else:
-                context = await self.interpreter.default_context(language)
-            lines = self.interpreter.execute(context, code, env_vars)
+                context = await self.interpreter.default_context(execution.language)
+            lines = self.interpreter.execute(context, execution.code, execution.env_vars)
             # The first line comes before the status is sent, so a refused execution gets a real error status.
             first = await anext(lines)
         except Exception as error:
@@ -132,35 +151,28 @@ class InterpreterServer:
 
         response = web.StreamResponse(headers={"Content-Type": NDJSON_CONTENT_TYPE})
         await response.prepare(request)
-        client_connected = True
-        try:
-            await response.write(_line(first))
-        except ConnectionResetError:
-            client_connected = False
-            await self.interpreter.interrupt(context)
+        client_connected = await self._send(response, context, first)
         try:
             async for line in lines:
-                if not client_connected:
-                    continue
-                try:
-                    await response.write(_line(line))
-                except ConnectionResetError:
-                    # Nobody reads the result any more: stop the work instead of letting it hold the context.
-                    client_connected = False
-                    await self.interpreter.interrupt(context)
+                if client_connected:
+                    client_connected = await self._send(response, context, line)
         except Exception as error:
             log.exception("execution in context %s failed", context.id)
             if client_connected:
-                failure = {
-                    "type": "error",
-                    "name": type(error).__name__,
-                    "value": str(error),
-                    "traceback": "",
-                }
-                await response.write(_line(failure) + _line({"type": "end_of_execution"}))
+                await response.write(_line(_exception_line(error)) + _line({"type": "end_of_execution"}))
         if client_connected:
             await response.write_eof()
         return response
+
+    async def _send(self, response: web.StreamResponse, context: KernelContext, line: dict[str, Any]) -> bool:
+        """Write one line; False once the client is gone, and the execution is interrupted then."""
+        try:
+            await response.write(_line(line))
+        except ConnectionResetError:
+            # Nobody reads the result any more: stop the work instead of letting it hold the context.
+            await self.interpreter.interrupt(context)
+            return False
+        return True
 
     async def list_contexts(self, request: web.Request) -> web.Response:
         return web.json_response([context.describe() for context in self.interpreter.contexts.values()])

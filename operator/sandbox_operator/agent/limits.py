@@ -5,8 +5,6 @@ from __future__ import annotations
 import bisect
 import errno
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -134,15 +132,6 @@ class ExecutionStats:
             buckets[index] += 1
         if timed_out:
             self.timeouts_total[kind] = self.timeouts_total.get(kind, 0) + 1
-
-    @contextmanager
-    def slot(self, kind: str) -> Iterator[ExecutionSlot]:
-        self.acquire()
-        execution = ExecutionSlot(started=time.monotonic())
-        try:
-            yield execution
-        finally:
-            self.release(kind, time.monotonic() - execution.started, execution.timed_out)
 
 
 @dataclass

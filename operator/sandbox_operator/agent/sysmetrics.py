@@ -124,10 +124,6 @@ def read_oom_kills(events_file: Path) -> int | None:
     return None if text is None else parse_key_values(text).get("oom_kill")
 
 
-def oom_kill_count(root: Path) -> int | None:
-    return read_oom_kills(oom_events_file(root))
-
-
 def memory_limit(root: Path) -> int | None:
     """The cgroup's memory limit in bytes, None when unlimited or unknown."""
     if is_v2(root):

@@ -4,7 +4,7 @@
     python -m sandbox_operator.api.crdgen --check    # exit 1 when crds/ differs from the models
 
 pydantic emits JSON Schema 2020-12; a CRD needs a *structural* OpenAPI v3 schema. ``structural()``
-rewrites one into the other (kopf-notes.md §4): ``$ref`` inlined, ``title`` dropped, ``Optional``
+rewrites one into the other (docs/kopf.md §4): ``$ref`` inlined, ``title`` dropped, ``Optional``
 unwrapped (absent from ``required`` instead of ``null``), ``const`` → one-value ``enum``, numeric
 ``exclusiveMinimum`` → boolean form, ``uniqueItems`` → list-type set, ``default: null`` dropped.
 It refuses to emit a node without a type or a property without a description.
@@ -50,52 +50,75 @@ def _merge(base: JsonSchema, overlay: JsonSchema) -> JsonSchema:
 
 def structural(node: JsonSchema, defs: JsonSchema, path: str = "") -> JsonSchema:
     """Rewrite one pydantic JSON schema node (and its children) into a structural OpenAPI v3 node."""
+    node = _inlined(node, defs, path)
+    out: JsonSchema = {}
+    for key, value in node.items():
+        if not _dropped(key, value):
+            _rewrite_key(out, key, value, defs, path)
+    _infer_type(out, node, path)
+    _require_descriptions(out, path)
+    return _ordered(out)
+
+
+def _inlined(node: JsonSchema, defs: JsonSchema, path: str) -> JsonSchema:
+    """The node with its ``$ref``, single-branch ``allOf`` and ``Optional`` ``anyOf`` folded in."""
     node = dict(node)
     if "$ref" in node:
         name = node.pop("$ref").rsplit("/", 1)[-1]
         node = _merge(defs[name], node)
     if "allOf" in node and len(node["allOf"]) == 1:
-        node = _merge(node.pop("allOf")[0], node)
-        return structural(node, defs, path)
+        return _inlined(_merge(node.pop("allOf")[0], node), defs, path)
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         branches = [branch for branch in node.pop("anyOf") if branch.get("type") != "null"]
         if len(branches) != 1:
             raise SchemaError(f"{path or '<root>'}: unions are not structural: {branches}")
         # The field's own keys (description, default, rules) win over the branch's.
-        node = _merge(branches[0], node)
-        return structural(node, defs, path)
+        return _inlined(_merge(branches[0], node), defs, path)
+    return node
 
-    out: JsonSchema = {}
-    for key, value in node.items():
-        if key in _DROPPED_KEYS or (key == "default" and value is None):
-            continue
-        if key == "additionalProperties" and isinstance(value, bool):
-            continue  # extra="forbid"; the API server refuses unknown fields on its own (strict validation)
-        if key == "const":
-            out["enum"] = [value]
-        elif key == "exclusiveMinimum" and not isinstance(value, bool):
-            out["minimum"], out["exclusiveMinimum"] = value, True
-        elif key == "exclusiveMaximum" and not isinstance(value, bool):
-            out["maximum"], out["exclusiveMaximum"] = value, True
-        elif key == "uniqueItems":
-            out.setdefault("x-kubernetes-list-type", "set")
-        elif key == "properties":
-            out[key] = {name: structural(child, defs, f"{path}.{name}") for name, child in value.items()}
-        elif key in {"items", "additionalProperties"}:
-            out[key] = structural(value, defs, f"{path}[*]")
-        elif key == "anyOf":  # int-or-string: branches are plain types
-            out[key] = [{"type": branch["type"]} for branch in value]
-        else:
-            out[key] = copy.deepcopy(value)
-    if "type" not in out and not out.get("x-kubernetes-int-or-string"):
-        if "enum" in out and all(isinstance(item, str) for item in out["enum"]):
-            out["type"] = "string"
-        else:
-            raise SchemaError(f"{path or '<root>'}: schema node has no type: {node}")
+
+def _dropped(key: str, value: Any) -> bool:
+    """Keys a structural schema has no use for."""
+    if key in _DROPPED_KEYS or (key == "default" and value is None):
+        return True
+    # extra="forbid"; the API server refuses unknown fields on its own (strict validation).
+    return key == "additionalProperties" and isinstance(value, bool)
+
+
+def _rewrite_key(out: JsonSchema, key: str, value: Any, defs: JsonSchema, path: str) -> None:
+    """Put one key of an inlined node into `out`, in its OpenAPI v3 form (children rewritten)."""
+    if key == "const":
+        out["enum"] = [value]
+    elif key == "exclusiveMinimum" and not isinstance(value, bool):
+        out["minimum"], out["exclusiveMinimum"] = value, True
+    elif key == "exclusiveMaximum" and not isinstance(value, bool):
+        out["maximum"], out["exclusiveMaximum"] = value, True
+    elif key == "uniqueItems":
+        out.setdefault("x-kubernetes-list-type", "set")
+    elif key == "properties":
+        out[key] = {name: structural(child, defs, f"{path}.{name}") for name, child in value.items()}
+    elif key in {"items", "additionalProperties"}:
+        out[key] = structural(value, defs, f"{path}[*]")
+    elif key == "anyOf":  # int-or-string: branches are plain types
+        out[key] = [{"type": branch["type"]} for branch in value]
+    else:
+        out[key] = copy.deepcopy(value)
+
+
+def _infer_type(out: JsonSchema, node: JsonSchema, path: str) -> None:
+    """A structural node needs a type: a string-only enum is a string; anything else untyped is refused."""
+    if "type" in out or out.get("x-kubernetes-int-or-string"):
+        return
+    if "enum" in out and all(isinstance(item, str) for item in out["enum"]):
+        out["type"] = "string"
+    else:
+        raise SchemaError(f"{path or '<root>'}: schema node has no type: {node}")
+
+
+def _require_descriptions(out: JsonSchema, path: str) -> None:
     for name, child in out.get("properties", {}).items():
         if not child.get("description"):
             raise SchemaError(f"{path}.{name}: every field needs a description (Field(description=...))")
-    return _ordered(out)
 
 
 # Stable, readable key order in the YAML: what a node is, then how it is checked, then its children.

@@ -107,7 +107,8 @@ CLAIMED_FROM_POOL_ANNOTATION: Final = "sandbox.dev/claimed-from-pool"
 KOPF_ANNOTATION_PREFIX: Final = GROUP
 """Prefix of kopf's own progress annotations: distinct, so another kopf operator never collides."""
 FINALIZER: Final = "sandbox.dev/finalizer"
-"""On Sandboxes: held until the sandbox's pod is gone."""
+"""kopf's finalizer name, distinct from other kopf operators'; no handler needs one, so no object
+carries it (deletion is the API server's, children go by ownerReference garbage collection)."""
 
 # --- agent ports ----------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ class _StatusModel(BaseModel):
 
 
 class Phase(enum.StrEnum):
-    """Lifecycle phase of a Sandbox (DESIGN.md §4)."""
+    """Lifecycle phase of a Sandbox (docs/design.md §4)."""
 
     CREATING = "Creating"
     RUNNING = "Running"
@@ -237,7 +237,7 @@ class NetworkSpec(_Model):
 
 
 class Condition(_StatusModel):
-    """A kstatus-style condition (Ready, Suspended, Expired, ...)."""
+    """A kstatus-style condition: Ready, and for a Sandbox Suspended and Terminated."""
 
     type: str = Field(max_length=316, description="Condition type in CamelCase, e.g. Ready or Suspended.")
     status: ConditionStatus = Field(description="True, False or Unknown.")
@@ -465,7 +465,7 @@ class SandboxStatus(_StatusModel):
     conditions: list[Condition] | None = Field(
         default=None,
         max_length=16,
-        description="Current conditions (Ready, Suspended, Expired, ...), one per type.",
+        description="Current conditions, one per type: Ready, and for a Sandbox Suspended and Terminated.",
         json_schema_extra=_CONDITIONS_EXTRA,
     )
     observed_generation: int | None = Field(

@@ -20,7 +20,6 @@ from sandbox_operator.api.names import (
     CLAIMED_FROM_POOL_ANNOTATION,
     ENVD_PORT,
     EVENTS,
-    FINALIZER,
     MANAGED_BY,
     NETWORK_POLICIES,
     PERSISTENT_VOLUME_CLAIMS,
@@ -53,7 +52,6 @@ from sandbox_operator.lifecycle.types import (
     EnsureService,
     EventType,
     Observed,
-    RemoveFinalizer,
     RequeueAfter,
     SetSuspended,
 )
@@ -189,7 +187,6 @@ class _Pass:
             DeleteNetworkPolicy: self._delete_network_policy,
             SetSuspended: self._set_suspended,
             DeleteObject: self._delete_object,
-            RemoveFinalizer: self._remove_finalizer,
         }
 
     async def carry_out(self, decision: Decision, children: _Children) -> bool:
@@ -290,13 +287,6 @@ class _Pass:
     async def _delete_object(self, _: Action) -> bool:
         await self.rt.client.delete(SANDBOXES.path(*self.key), uid=self.uid)
         return True
-
-    async def _remove_finalizer(self, _: Action) -> bool:
-        finalizers = list((self.body.get("metadata") or {}).get("finalizers") or [])
-        if FINALIZER in finalizers:
-            finalizers.remove(FINALIZER)
-            await self.rt.client.patch(SANDBOXES.path(*self.key), {"metadata": {"finalizers": finalizers}})
-        return False
 
 
 def _decide_again(

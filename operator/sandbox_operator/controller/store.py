@@ -1,7 +1,7 @@
 """The operator's in-memory view of the cluster, fed by kopf's watch streams.
 
 Objects are stripped to what the reconciler reads (no managedFields, no last-applied annotations),
-which keeps memory flat at thousands of sandboxes (DESIGN.md §7: ≤ 150 MB at 1,000).
+which keeps memory flat at thousands of sandboxes (docs/design.md §7: ≤ 150 MB at 1,000).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A small asyncio Kubernetes REST client for the operator's hot path.
 
-Why not `kubernetes.aio`: DESIGN.md §7 measured it at roughly half the throughput and more memory
+Why not `kubernetes.aio`: docs/design.md §7 measured it at roughly half the throughput and more memory
 than a plain aiohttp session for the same creates. The kubernetes package is still used to load
 credentials (kubeconfig or in-cluster), once, at start-up.
 """

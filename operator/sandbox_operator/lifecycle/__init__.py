@@ -8,12 +8,10 @@ from sandbox_operator.lifecycle.decide import (
     decide,
 )
 from sandbox_operator.lifecycle.observe import (
-    deadlines,
     desired_from,
     observed_from,
     pod_observation,
     pvc_observation,
-    sandbox_expires_at,
 )
 from sandbox_operator.lifecycle.status import format_time, merge_conditions, parse_time, status_patch
 from sandbox_operator.lifecycle.transitions import ALLOWED_TRANSITIONS, TERMINAL_PHASES, is_allowed_transition
@@ -41,7 +39,6 @@ from sandbox_operator.lifecycle.types import (
     PvcObservation,
     PvcPhase,
     Reason,
-    RemoveFinalizer,
     RequeueAfter,
     RetryPolicy,
     SetSuspended,
@@ -78,7 +75,6 @@ __all__ = [
     "PvcObservation",
     "PvcPhase",
     "Reason",
-    "RemoveFinalizer",
     "RequeueAfter",
     "RetryPolicy",
     "SetSuspended",
@@ -86,7 +82,6 @@ __all__ = [
     "TimeoutKind",
     "classify_pod_failure",
     "compute_deadlines",
-    "deadlines",
     "decide",
     "desired_from",
     "expires_at",
@@ -97,6 +92,5 @@ __all__ = [
     "parse_time",
     "pod_observation",
     "pvc_observation",
-    "sandbox_expires_at",
     "status_patch",
 ]

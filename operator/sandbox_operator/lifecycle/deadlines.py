@@ -24,14 +24,6 @@ class Deadlines:
     idle: datetime | None
     ttl: datetime | None
 
-    def as_dict(self) -> dict[str, datetime | None]:
-        return {"maxLifetime": self.max_lifetime, "idle": self.idle, "ttl": self.ttl}
-
-    def earliest_after(self, now: datetime) -> datetime | None:
-        """The earliest deadline strictly after ``now``; passed deadlines are the reconciler's job."""
-        future = [moment for moment in (self.max_lifetime, self.idle, self.ttl) if moment and moment > now]
-        return min(future, default=None)
-
 
 def _after(start: datetime | None, duration: timedelta | None, *, zero_is_none: bool = True) -> datetime | None:
     # For timeouts a zero duration means "no limit"; for the TTL it means "right away".

@@ -38,7 +38,6 @@ from sandbox_operator.lifecycle.types import (
     PodPhase,
     PvcPhase,
     Reason,
-    RemoveFinalizer,
     RequeueAfter,
     SetSuspended,
     StatusFields,
@@ -496,8 +495,6 @@ class _Reconcile:
         if observed.network_policy_present:
             actions.append(DeleteNetworkPolicy())
         pod_gone = self.pod is None
-        if pod_gone:
-            actions.append(RemoveFinalizer())
         reason: str = Reason.DELETED
         phase: Phase | None
         if current is Phase.TERMINATED:

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sandbox_operator.api import Phase, Sandbox, SandboxTemplate, parse_duration, resolve_resources, resolve_timeouts
-from sandbox_operator.lifecycle.deadlines import Deadlines, compute_deadlines, expires_at
+from sandbox_operator.lifecycle.deadlines import compute_deadlines
 from sandbox_operator.lifecycle.status import parse_time
 from sandbox_operator.lifecycle.types import (
     ConditionType,
@@ -26,13 +26,11 @@ from sandbox_operator.lifecycle.types import (
 )
 
 __all__ = [
-    "deadlines",
     "desired_from",
     "idle_deadline_passed",
     "observed_from",
     "pod_observation",
     "pvc_observation",
-    "sandbox_expires_at",
     "with_activity",
 ]
 
@@ -168,23 +166,6 @@ def _aware(moment: datetime) -> datetime:
 
 def _aware_or_none(moment: datetime | None) -> datetime | None:
     return parse_time(moment)
-
-
-def deadlines(sandbox: Sandbox, template: SandboxTemplate) -> Deadlines:
-    """maxLifetime, idle and ttl deadlines of a Sandbox as its spec and status stand."""
-    observed = observed_from(sandbox, pod=None, pvc=None)
-    return compute_deadlines(
-        desired_from(sandbox, template),
-        created_at=observed.created_at,
-        started_at=observed.started_at,
-        last_activity_at=observed.last_activity_at,
-        terminated_at=observed.terminated_at,
-    )
-
-
-def sandbox_expires_at(sandbox: Sandbox, template: SandboxTemplate) -> datetime | None:
-    """When the Sandbox ends if nothing changes (see deadlines.expires_at)."""
-    return expires_at(desired_from(sandbox, template), deadlines(sandbox, template))
 
 
 def idle_deadline_passed(desired: Desired, observed: Observed, now: datetime) -> bool:

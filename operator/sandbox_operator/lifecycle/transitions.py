@@ -1,4 +1,4 @@
-"""The allowed phase transitions of a Sandbox, as data (DESIGN.md §4).
+"""The allowed phase transitions of a Sandbox, as data (docs/design.md §4).
 
 ``None`` stands for "(new)": an object the operator has not written a phase to yet.
 """

@@ -39,7 +39,6 @@ __all__ = [
     "PvcObservation",
     "PvcPhase",
     "Reason",
-    "RemoveFinalizer",
     "RequeueAfter",
     "RetryPolicy",
     "SetSuspended",
@@ -159,9 +158,9 @@ class Observed:
 
 
 # --- actions -------------------------------------------------------------------------------------
-# The controller executes them in the order given and stops at the first failure: the order puts the
-# NetworkPolicy before the Pod so that a sandbox never runs without its policy. Creates treat 409
-# AlreadyExists as success, deletes treat 404 as success.
+# The controller executes them in the order given and stops at the first failure, except the Service
+# and the NetworkPolicy: those are written while the pod is (so today a new pod can start before its
+# policy exists). Creates treat 409 AlreadyExists as success, deletes treat 404 as success.
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,11 +209,6 @@ class DeleteObject:
 
 
 @dataclass(frozen=True, slots=True)
-class RemoveFinalizer:
-    """The Sandbox is being deleted and its pod is gone: let the API server finish the deletion."""
-
-
-@dataclass(frozen=True, slots=True)
 class SetSuspended:
     """Patch ``spec.suspended``; the idle timeout records its suspension in the desired state so that
     resuming is the same operation for everyone (spec.suspended=false)."""
@@ -253,13 +247,10 @@ Action = (
     | DeleteService
     | DeleteNetworkPolicy
     | DeleteObject
-    | RemoveFinalizer
     | SetSuspended
     | RequeueAfter
     | EmitEvent
 )
-
-CREATE_ACTIONS: tuple[type[Action], ...] = (CreatePod, EnsurePVC, EnsureService, EnsureNetworkPolicy)
 
 
 # --- result --------------------------------------------------------------------------------------
@@ -312,7 +303,3 @@ class Decision:
 
     def has_action(self, kind: type[Action]) -> bool:
         return any(isinstance(action, kind) for action in self.actions)
-
-    @property
-    def creates_anything(self) -> bool:
-        return any(isinstance(action, CREATE_ACTIONS) for action in self.actions)

@@ -149,6 +149,42 @@ def test_structural_refuses_undescribed_fields_and_unions() -> None:
         structural({"anyOf": [{"type": "string"}, {"type": "integer"}]}, {})
 
 
+def test_structural_inlines_all_of_and_keeps_int_or_string_and_map_values() -> None:
+    defs = {"Limit": {"type": "integer", "exclusiveMaximum": 10, "description": "from the def"}}
+    out = structural(
+        {
+            "type": "object",
+            "properties": {
+                "limit": {"allOf": [{"$ref": "#/$defs/Limit"}], "description": "d"},
+                "size": {
+                    "anyOf": [{"type": "integer"}, {"type": "string", "pattern": "x"}],
+                    "x-kubernetes-int-or-string": True,
+                    "description": "s",
+                },
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}, "description": "l"},
+            },
+        },
+        defs,
+    )
+    assert out["properties"] == {
+        "limit": {"description": "d", "type": "integer", "maximum": 10, "exclusiveMaximum": True},
+        "size": {
+            "description": "s",
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+        },
+        "labels": {"description": "l", "type": "object", "additionalProperties": {"type": "string"}},
+    }
+
+
+def test_structural_refuses_untyped_nodes() -> None:
+    assert structural({"enum": ["a"]}, {}) == {"type": "string", "enum": ["a"]}
+    with pytest.raises(SchemaError, match="<root>: schema node has no type"):
+        structural({"enum": [1, "a"]}, {})
+    with pytest.raises(SchemaError, match=r"\.x: schema node has no type"):
+        structural({"type": "object", "properties": {"x": {"description": "x"}}}, {})
+
+
 def _rules(node: dict[str, Any]) -> list[str]:
     return [rule["message"] for rule in node.get("x-kubernetes-validations", [])]
 

@@ -189,3 +189,57 @@ def test_ip_pool_reuses_a_freed_address_last() -> None:
     first, second = pool.take(), pool.take()
     pool.give_back(first)
     assert pool.take() not in (first, second)  # a fresh one before the freed one
+
+
+def test_volume_sources_of_projected_and_single_source_volumes() -> None:
+    token = {"serviceAccountToken": {"path": "token"}}
+    assert node.volume_sources({"name": "v", "projected": {"sources": [token]}}) == [token]
+    assert node.volume_sources({"name": "v", "secret": {"secretName": "s"}}) == [{"secret": {"secretName": "s"}}]
+    assert node.volume_sources({"name": "v", "downwardAPI": {"items": []}, "configMap": {"name": "c"}}) == [
+        {"configMap": {"name": "c"}},
+        {"downwardAPI": {"items": []}},
+    ]
+
+
+def test_token_request_is_bound_to_the_pod() -> None:
+    body = node.token_request({"audience": "api", "expirationSeconds": "600"}, "p", "u-1")
+    assert body["spec"] == {
+        "audiences": ["api"],
+        "expirationSeconds": 600,
+        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "p", "uid": "u-1"},
+    }
+    assert node.token_request({}, "p", "u-1")["spec"]["audiences"] is None
+    assert node.token_request({}, "p", "u-1")["spec"]["expirationSeconds"] == 3600
+
+
+def test_object_files_select_items_and_decode_secrets() -> None:
+    config_map = {"data": {"a": "1", "b": "2"}}
+    assert node.object_files("configMap", {"name": "c"}, config_map) == {"a": "1", "b": "2"}
+    chosen = {"items": [{"key": "b", "path": "sub/b.txt"}, {"key": "missing", "path": "m"}]}
+    assert node.object_files("configMap", chosen, config_map) == {"sub/b.txt": "2"}
+    assert node.object_files("secret", {"secretName": "s"}, {"data": {"k": "aGk="}}) == {"k": "hi"}
+    assert node.object_files("secret", {}, {}) == {}
+
+
+def test_downward_api_files_read_field_refs() -> None:
+    pod = {"metadata": {"name": "p", "labels": {"app": "x"}}, "spec": {}}
+    source = {
+        "items": [
+            {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+            {"path": "app", "fieldRef": {"fieldPath": "metadata.labels['app']"}},
+            {"path": "cpu", "resourceFieldRef": {"resource": "limits.cpu"}},
+            {"path": "ip", "fieldRef": {"fieldPath": "status.podIP"}},
+        ]
+    }
+    assert node.downward_api_files(source, pod, "10.0.0.2", "10.0.0.1") == {"name": "p", "app": "x", "ip": "10.0.0.2"}
+    assert node.downward_api_files({}, pod, "", "") == {}
+
+
+def test_volume_files_stay_inside_the_volume(tmp_path: Path) -> None:
+    volume = tmp_path / "v"
+    node.write_volume_files(volume, {"a": "1", "sub/b": "2"})
+    assert (volume / "a").read_text() == "1" and (volume / "sub" / "b").read_text() == "2"
+    assert (volume / "a").stat().st_mode & 0o777 == 0o644 and volume.stat().st_mode & 0o777 == 0o755
+    with pytest.raises(node.ConfigError, match="leaves the volume"):
+        node.write_volume_files(volume, {"../escape": "x"})
+    assert not (tmp_path / "escape").exists()

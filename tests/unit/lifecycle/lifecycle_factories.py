@@ -9,9 +9,13 @@ from typing import Any
 from sandbox_operator.api import Phase
 from sandbox_operator.lifecycle import (
     Action,
+    CreatePod,
     Decision,
     Desired,
     EmitEvent,
+    EnsureNetworkPolicy,
+    EnsurePVC,
+    EnsureService,
     Observed,
     PodObservation,
     PodPhase,
@@ -59,6 +63,12 @@ def at(seconds: float = 0, minutes: float = 0) -> datetime:
 def work(decision: Decision) -> list[Action]:
     """The actions that change the cluster (no events, no requeue)."""
     return [action for action in decision.actions if not isinstance(action, EmitEvent | RequeueAfter)]
+
+
+def creates_anything(decision: Decision) -> bool:
+    return any(
+        isinstance(action, CreatePod | EnsurePVC | EnsureService | EnsureNetworkPolicy) for action in decision.actions
+    )
 
 
 def events(decision: Decision) -> list[EmitEvent]:

@@ -14,6 +14,7 @@ from lifecycle_factories import (
     T0,
     at,
     condition,
+    creates_anything,
     desired,
     events,
     fed_back,
@@ -39,7 +40,6 @@ from sandbox_operator.lifecycle import (
     PvcObservation,
     PvcPhase,
     Reason,
-    RemoveFinalizer,
     RetryPolicy,
     SetSuspended,
     decide,
@@ -292,7 +292,7 @@ def test_expires_at_includes_idle_only_when_idle_terminates() -> None:
 def test_pod_failures_are_errors_with_their_reason(failed_pod: object, reason: Reason, phase: Phase) -> None:
     decision = decide(desired(), observed(phase, pod=failed_pod), at(30))
     assert (decision.phase, decision.reason) == (P.ERROR, reason)
-    assert not decision.creates_anything
+    assert not creates_anything(decision)
     assert work(decision) == []  # the failed pod is kept for `kubectl logs`
     (event,) = events(decision)
     assert (event.type, event.reason) == (EventType.WARNING, reason)
@@ -344,7 +344,7 @@ def test_recreation_budget_runs_out_into_error() -> None:
     exhausted = observed(P.RUNNING, pod=None, recreate_attempts=3, last_recreate_at=at(100))
     decision = decide(desired(), exhausted, at(1000))
     assert (decision.phase, decision.reason) == (P.ERROR, Reason.RECREATE_BUDGET_EXHAUSTED)
-    assert not decision.creates_anything
+    assert not creates_anything(decision)
     # …and it stays there, still saying why: the budget is spent.
     again = decide(desired(), fed_back(exhausted, decision), at(2000))
     assert (again.phase, again.reason, work(again)) == (P.ERROR, Reason.RECREATE_BUDGET_EXHAUSTED, [])
@@ -373,7 +373,7 @@ def test_lost_pod_waits_for_a_workspace_being_deleted() -> None:
         at(9),
     )
     assert decision.phase is P.RUNNING
-    assert not decision.creates_anything
+    assert not creates_anything(decision)
 
 
 # --- error and retry ------------------------------------------------------------------------------
@@ -446,12 +446,12 @@ TOO_BIG = "spec.resources.memory 64Gi exceeds the template maximum 8Gi"
 def test_new_sandbox_over_max_creates_nothing_then_errors() -> None:
     first = decide(desired(resources_violation=TOO_BIG), observed(None, pvc=None), T0)
     assert first.phase is P.CREATING
-    assert not first.creates_anything
+    assert not creates_anything(first)
     assert first.wake_at == T0  # the next step follows at once
     second = decide(desired(resources_violation=TOO_BIG), fed_back(observed(None, pvc=None), first), T0)
     assert (second.phase, second.reason) == (P.ERROR, Reason.RESOURCES_EXCEED_TEMPLATE_MAX)
     assert second.message == TOO_BIG
-    assert not second.creates_anything
+    assert not creates_anything(second)
 
 
 def test_error_over_max_recovers_when_it_fits() -> None:
@@ -459,14 +459,14 @@ def test_error_over_max_recovers_when_it_fits() -> None:
     assert decide(desired(resources_violation=TOO_BIG), stuck, at(5)).phase is P.ERROR
     fixed = decide(desired(), stuck, at(5))
     assert fixed.phase is P.CREATING
-    assert fixed.creates_anything
+    assert creates_anything(fixed)
 
 
 def test_resume_over_max_stays_suspended_with_the_reason() -> None:
     decision = decide(desired(resources_violation=TOO_BIG), observed(P.SUSPENDED), at(60))
     assert (decision.phase, decision.reason) == (P.SUSPENDED, Reason.RESOURCES_EXCEED_TEMPLATE_MAX)
     assert TOO_BIG in decision.message
-    assert not decision.creates_anything
+    assert not creates_anything(decision)
     (event,) = events(decision)
     assert event.type is EventType.WARNING
     repeated = decide(
@@ -480,7 +480,7 @@ def test_resume_over_max_stays_suspended_with_the_reason() -> None:
 def test_lost_pod_over_max_is_an_error() -> None:
     decision = decide(desired(resources_violation=TOO_BIG), observed(P.RUNNING, pod=None), at(60))
     assert (decision.phase, decision.reason) == (P.ERROR, Reason.RESOURCES_EXCEED_TEMPLATE_MAX)
-    assert not decision.creates_anything
+    assert not creates_anything(decision)
 
 
 # --- deletion ------------------------------------------------------------------------------------
@@ -490,7 +490,6 @@ def test_deletion_deletes_children_and_waits_for_the_pod() -> None:
     decision = decide(desired(), observed(P.RUNNING, deleting=True), at(60))
     assert (decision.phase, decision.reason) == (P.TERMINATING, Reason.DELETED)
     assert work(decision) == [DeletePod(), DeletePVC(), DeleteService(), DeleteNetworkPolicy()]
-    assert RemoveFinalizer() not in decision.actions
 
 
 def test_deletion_finishes_when_the_pod_is_gone() -> None:
@@ -505,7 +504,7 @@ def test_deletion_finishes_when_the_pod_is_gone() -> None:
     )
     decision = decide(desired(), going, at(61))
     assert decision.phase is P.TERMINATED
-    assert work(decision) == [RemoveFinalizer()]  # unobserved children are left to ownerReference GC
+    assert work(decision) == []  # unobserved children are left to ownerReference GC
 
 
 @pytest.mark.parametrize("phase", [P.SUSPENDING, P.RESUMING])
@@ -522,10 +521,10 @@ def test_deleting_a_never_reconciled_sandbox() -> None:
         T0,
     )
     assert decision.phase is None
-    assert work(decision) == [RemoveFinalizer()]
+    assert work(decision) == []
 
 
 def test_deletion_never_creates() -> None:
     for phase in [None, *Phase]:
         decision = decide(desired(), observed(phase, deleting=True, pod=None, pvc=None), at(1))
-        assert not decision.creates_anything
+        assert not creates_anything(decision)

@@ -12,12 +12,10 @@ from sandbox_operator.api import OnIdle, Phase, Sandbox, SandboxTemplate
 from sandbox_operator.lifecycle import (
     PodPhase,
     PvcPhase,
-    deadlines,
     desired_from,
     observed_from,
     pod_observation,
     pvc_observation,
-    sandbox_expires_at,
 )
 
 
@@ -145,16 +143,3 @@ def test_observed_from_needs_a_creation_timestamp() -> None:
     body = {"metadata": {"name": "x"}, "spec": {"template": "python"}}
     with pytest.raises(ValueError, match="creationTimestamp"):
         observed_from(Sandbox.from_body(body), pod=None, pvc=None)
-
-
-def test_deadlines_helper() -> None:
-    status = {
-        "phase": "Running",
-        "startedAt": "2026-01-01T00:00:05Z",
-        "lastActivityAt": "2026-01-01T00:20:00Z",
-    }
-    found = deadlines(_sandbox(status=status), TEMPLATE).as_dict()
-    assert found == {"maxLifetime": T0 + timedelta(hours=2), "idle": T0 + timedelta(minutes=30), "ttl": None}
-    assert sandbox_expires_at(_sandbox(status=status), TEMPLATE) == T0 + timedelta(hours=2)
-    terminating = _sandbox({"onIdle": "terminate"}, status=status)
-    assert sandbox_expires_at(terminating, TEMPLATE) == T0 + timedelta(minutes=30)

@@ -1,4 +1,4 @@
-"""The transition table, checked pair by pair against DESIGN.md §4."""
+"""The transition table, checked pair by pair against docs/design.md §4."""
 
 from __future__ import annotations
 
