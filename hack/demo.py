@@ -30,11 +30,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # testlib.stop_process
+from sandbox_operator.gateway.e2b import api_key_secret, new_api_key
 
-from sandbox_operator.gateway.e2b import api_key_secret, new_api_key  # noqa: E402
-from testlib import stop_process  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 STATE = Path(os.environ.get("SANDBOX_DEMO_STATE", REPO / ".state" / "demo"))
 NAMESPACE = "demo"
@@ -259,8 +257,14 @@ def main() -> int:
         return 0
     finally:
         stack.close()
+        for process in reversed(processes):  # SIGTERM all, then wait: the gateway and operator stop together
+            process.terminate()
         for process in reversed(processes):
-            stop_process(process, grace=15)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
         if cluster_up and os.environ.get("KEEP") != "1":
             subprocess.run([str(REPO / "hack" / "cluster"), "down", "--state-dir", str(STATE)], check=False)
             print("    after hack/cluster down: " + _leftovers())
