@@ -1,161 +1,83 @@
-"""controller/pools.py against an in-memory API: replacement of stale warm pods, the sweep of leaked
-workspace claims, the claim order (workspace first) and status.claimed."""
+"""controller/pools.py against an in-memory API (fakeapi.FakeApi and a real Runtime): replacement
+of stale warm pods, the sweep of leaked workspace claims, the claim order (workspace first) and
+status.claimed."""
 
 from __future__ import annotations
 
-import copy
-import itertools
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
+from fakeapi import JSON, FakeApi, Harness, format_time, parse_time
 from sandbox_operator.api import Sandbox, SandboxTemplate
-from sandbox_operator.api.names import CLAIMED_FROM_POOL_ANNOTATION, POOL_LABEL, SANDBOX_LABEL
-from sandbox_operator.controller.pools import (
-    ClaimInterruptedError,
-    reconcile_pool,
-    try_claim_pool_pod,
-    workspace_claim_of,
+from sandbox_operator.api.names import (
+    CLAIMED_FROM_POOL_ANNOTATION,
+    PERSISTENT_VOLUME_CLAIMS,
+    PODS,
+    POOL_LABEL,
+    SANDBOX_LABEL,
+    SANDBOX_POOLS,
+    SANDBOX_TEMPLATES,
 )
-from sandbox_operator.controller.runtime import Runtime
-from sandbox_operator.controller.store import Store
-from sandbox_operator.controller.workqueue import WorkQueue
+from sandbox_operator.controller.pools import ClaimInterruptedError, reconcile_pool, try_claim_pool_pod
 from sandbox_operator.kube import ApiError
+from sandbox_operator.lifecycle.pool import workspace_claim_of
 
-JSON = dict[str, Any]
 NS = "team-a"
 POOL_KEY = (NS, "warm")
-TEMPLATE: JSON = {"metadata": {"name": "base", "resourceVersion": "1"}, "spec": {"image": "img:1"}}
+TEMPLATE: JSON = {
+    "apiVersion": "sandbox.dev/v1alpha1",
+    "kind": "SandboxTemplate",
+    "metadata": {"name": "base"},
+    "spec": {"image": "img:1"},
+}
 POOL: JSON = {
     "apiVersion": "sandbox.dev/v1alpha1",
     "kind": "SandboxPool",
-    "metadata": {"name": "warm", "namespace": NS, "uid": "pool-uid", "generation": 1, "resourceVersion": "1"},
+    "metadata": {"name": "warm", "namespace": NS},
     "spec": {"template": "base", "size": 1},
 }
 
 
-def _merge(into: JSON, patch: Mapping[str, Any]) -> None:
-    for key, value in patch.items():
-        if value is None:
-            into.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
+@pytest.fixture
+def harness() -> Harness:
+    """The shared harness with the template and the pool of size 1 created (not yet delivered)."""
+    harness = Harness()
+    harness.api.add(SANDBOX_TEMPLATES, TEMPLATE)
+    harness.api.add(SANDBOX_POOLS, POOL)
+    return harness
 
 
-class FakeApi:
-    """Just enough of the API server: objects by path, resourceVersions, merge patches with the
-    resourceVersion precondition, deletes with uid/resourceVersion preconditions."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, JSON] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.bodies: list[tuple[str, str, Any]] = []
-        self.fail: dict[tuple[str, str], ApiError] = {}
-        self._rv = itertools.count(100)
-
-    def _check_failure(self, method: str, path: str) -> None:
-        self.calls.append((method, path))
-        error = self.fail.get((method, path))
-        if error is not None:
-            raise error
-
-    async def create(self, path: str, body: JSON) -> JSON | None:
-        self._check_failure("POST", path)
-        obj = copy.deepcopy(body)
-        meta = obj["metadata"]
-        meta.setdefault("namespace", NS)
-        meta["uid"] = f"uid-{meta['name']}"
-        meta["resourceVersion"] = str(next(self._rv))
-        meta["creationTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.objects[f"{path}/{meta['name']}"] = obj
-        return copy.deepcopy(obj)
-
-    async def patch(self, path: str, body: JSON, *, merge: bool = True) -> JSON | None:
-        self._check_failure("PATCH", path)
-        self.bodies.append(("PATCH", path, copy.deepcopy(body)))
-        target_path = path.removesuffix("/status")
-        obj = self.objects.get(target_path)
-        if obj is None:
-            return None
-        wanted = (body.get("metadata") or {}).get("resourceVersion")
-        if wanted and wanted != obj["metadata"]["resourceVersion"]:
-            raise ApiError(409, {"reason": "Conflict"}, "PATCH", path)
-        patch = copy.deepcopy(body)
-        patch.get("metadata", {}).pop("resourceVersion", None)
-        _merge(obj, patch)
-        obj["metadata"]["resourceVersion"] = str(next(self._rv))
-        return copy.deepcopy(obj)
-
-    async def request(self, method: str, path: str, body: Any = None, **_: Any) -> Any:
-        assert method == "DELETE", method
-        self._check_failure(method, path)
-        obj = self.objects.get(path)
-        if obj is None:
-            raise ApiError(404, {"reason": "NotFound"}, method, path)
-        for key, value in ((body or {}).get("preconditions") or {}).items():
-            if obj["metadata"].get(key) != value:
-                raise ApiError(409, {"reason": "Conflict"}, method, path)
-        del self.objects[path]
-        return {}
-
-    def set_pod_status(self, name: str, phase: str, ready: bool) -> JSON:
-        pod = self.objects[f"/api/v1/namespaces/{NS}/pods/{name}"]
-        pod["status"] = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
-        pod["metadata"]["resourceVersion"] = str(next(self._rv))
-        return copy.deepcopy(pod)
-
-    def of_kind(self, plural: str) -> dict[str, JSON]:
-        prefix = f"/api/v1/namespaces/{NS}/{plural}/"
-        return {p.removeprefix(prefix): o for p, o in self.objects.items() if p.startswith(prefix)}
+def pods(api: FakeApi) -> dict[str, JSON]:
+    return api.of_kind(PODS, NS)
 
 
-class FakeRuntime:
-    def __init__(self) -> None:
-        self.client = FakeApi()
-        self.store = Store()
-        self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue()
-        self.claims_in_flight: set[tuple[str, str]] = set()
-        self.store.put_template(TEMPLATE)
-        self.store.put_pool(POOL)
-        self.client.objects[f"/apis/sandbox.dev/v1alpha1/namespaces/{NS}/sandboxpools/warm"] = copy.deepcopy(POOL)
-
-    @property
-    def rt(self) -> Runtime:
-        return cast(Runtime, self)
-
-    def sync(self) -> None:
-        """What the watches would deliver: the store mirrors the fake API's pods and claims."""
-        # Copies, as a watch delivers them: the store keeps parts of what it is given.
-        for pod in self.client.of_kind("pods").values():
-            self.store.put_pod(copy.deepcopy(pod))
-        for key in [k for k in self.store.pods if k[1] not in self.client.of_kind("pods")]:
-            self.store.delete_pod(key)
-        for claim in self.client.of_kind("persistentvolumeclaims").values():
-            self.store.put_pvc(copy.deepcopy(claim))
-        for key in [k for k in self.store.pvcs if k[1] not in self.client.of_kind("persistentvolumeclaims")]:
-            self.store.delete_pvc(key)
-
-    def age_claims(self, by: timedelta) -> None:
-        for claim in self.client.of_kind("persistentvolumeclaims").values():
-            created = datetime.strptime(claim["metadata"]["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
-            claim["metadata"]["creationTimestamp"] = (created - by).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.store.pvcs.clear()
-        self.sync()
-
-    def pool_status(self) -> JSON:
-        return dict(self.store.pools[POOL_KEY].get("status") or {})
+def claims(api: FakeApi) -> dict[str, JSON]:
+    return api.of_kind(PERSISTENT_VOLUME_CLAIMS, NS)
 
 
-async def filled(runtime: FakeRuntime) -> str:
+def age_claims(api: FakeApi, by: timedelta) -> None:
+    """Time passes for the claims: their creationTimestamp moves back by `by`."""
+
+    def older(claim: JSON) -> None:
+        created = parse_time(claim["metadata"]["creationTimestamp"])
+        claim["metadata"]["creationTimestamp"] = format_time(created - by)
+
+    for name in claims(api):
+        api.rewrite(PERSISTENT_VOLUME_CLAIMS.path(NS, name), older)
+
+
+def pool_status(api: FakeApi) -> dict[str, Any]:
+    return dict(api.objects[SANDBOX_POOLS.path(NS, "warm")].get("status") or {})
+
+
+async def filled(harness: Harness) -> str:
     """Reconcile an empty pool of size 1 and let its warm pod become ready; the pod's name."""
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    (name,) = runtime.client.of_kind("pods")
-    runtime.client.set_pod_status(name, "Running", True)
-    runtime.sync()
+    await harness.pool_pass(POOL_KEY)
+    (name,) = pods(harness.api)
+    harness.api.set_pod_status(NS, name, "Running", True)
+    harness.deliver()
     return name
 
 
@@ -177,162 +99,158 @@ def template() -> SandboxTemplate:
 # --- replacement ----------------------------------------------------------------------------------
 
 
-async def test_a_pool_fills_with_a_pod_and_its_workspace_claim() -> None:
-    runtime = FakeRuntime()
-    name = await filled(runtime)
-    claim = workspace_claim_of(runtime.client.of_kind("pods")[name])
-    assert claim is not None and set(runtime.client.of_kind("persistentvolumeclaims")) == {claim}
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    assert runtime.pool_status()["ready"] == 1 and runtime.pool_status()["claimed"] == 0
+async def test_a_pool_fills_with_a_pod_and_its_workspace_claim(harness: Harness) -> None:
+    api = harness.api
+    name = await filled(harness)
+    claim = workspace_claim_of(pods(api)[name])
+    assert claim is not None and set(claims(api)) == {claim}
+    assert await harness.pool_pass(POOL_KEY) == [("PATCH", "sandboxpools/status")]
+    assert pool_status(api)["ready"] == 1 and pool_status(api)["claimed"] == 0
+    assert await harness.pool_pass(POOL_KEY) == []  # a full pool costs no write
 
 
 @pytest.mark.parametrize("phase", ["Failed", "Succeeded"])
-async def test_a_finished_warm_pod_and_its_claim_are_replaced(phase: str) -> None:
-    runtime = FakeRuntime()
-    old = await filled(runtime)
-    old_claim = workspace_claim_of(runtime.client.of_kind("pods")[old])
-    runtime.client.set_pod_status(old, phase, False)
-    runtime.sync()
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    pods = runtime.client.of_kind("pods")
-    assert old not in pods and len(pods) == 1
-    (new_pod,) = pods.values()
-    assert set(runtime.client.of_kind("persistentvolumeclaims")) == {workspace_claim_of(new_pod)}
-    assert old_claim not in runtime.client.of_kind("persistentvolumeclaims")
+async def test_a_finished_warm_pod_and_its_claim_are_replaced(harness: Harness, phase: str) -> None:
+    api = harness.api
+    old = await filled(harness)
+    old_claim = workspace_claim_of(pods(api)[old])
+    api.set_pod_status(NS, old, phase, False)
+    await harness.pool_pass(POOL_KEY)
+    assert old not in pods(api) and len(pods(api)) == 1
+    (new_pod,) = pods(api).values()
+    assert set(claims(api)) == {workspace_claim_of(new_pod)}
+    assert old_claim not in claims(api)
 
 
-async def test_a_warm_pod_of_an_older_template_is_replaced() -> None:
-    runtime = FakeRuntime()
-    old = await filled(runtime)
-    runtime.store.put_template({**TEMPLATE, "spec": {"image": "img:2"}})
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    pods = runtime.client.of_kind("pods")
-    assert old not in pods and len(pods) == 1
-    (new_pod,) = pods.values()
+async def test_a_warm_pod_of_an_older_template_is_replaced(harness: Harness) -> None:
+    api = harness.api
+    old = await filled(harness)
+    api.edit(SANDBOX_TEMPLATES.path(None, "base"), {"spec": {"image": "img:2"}})
+    await harness.pool_pass(POOL_KEY)
+    assert old not in pods(api) and len(pods(api)) == 1
+    (new_pod,) = pods(api).values()
     assert new_pod["spec"]["containers"][0]["image"] == "img:2"
-    assert len(runtime.client.of_kind("persistentvolumeclaims")) == 1
+    assert len(claims(api)) == 1
 
 
-async def test_a_pod_that_changed_since_the_store_saw_it_is_not_deleted() -> None:
-    runtime = FakeRuntime()
-    old = await filled(runtime)
-    runtime.client.set_pod_status(old, "Failed", False)
-    runtime.sync()
-    runtime.client.set_pod_status(old, "Failed", False)  # a newer version the store has not seen
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    assert old in runtime.client.of_kind("pods")
-    assert runtime.queue.pending_deadlines == 1  # it looks again soon
+async def test_a_pod_that_changed_since_the_store_saw_it_is_not_deleted(harness: Harness) -> None:
+    api = harness.api
+    old = await filled(harness)
+    api.set_pod_status(NS, old, "Failed", False)
+    harness.deliver()
+    api.set_pod_status(NS, old, "Failed", False)  # a newer version the store has not seen
+    await reconcile_pool(harness.rt, POOL_KEY)
+    assert old in pods(api)
+    assert [(w.verb, w.status) for w in api.written("DELETE", "pods")] == [("DELETE", 409)]
+    assert harness.rt.queue.pending_deadlines == 1  # it looks again soon
 
 
 # --- the sweep of leaked claims -------------------------------------------------------------------
 
 
-async def test_the_claim_of_a_warm_pod_deleted_out_of_band_is_deleted() -> None:
-    runtime = FakeRuntime()
-    old = await filled(runtime)
-    old_claim = workspace_claim_of(runtime.client.of_kind("pods")[old])
-    del runtime.client.objects[f"/api/v1/namespaces/{NS}/pods/{old}"]
-    runtime.age_claims(timedelta(minutes=1))
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    claims = runtime.client.of_kind("persistentvolumeclaims")
-    assert old_claim not in claims
-    (new_pod,) = runtime.client.of_kind("pods").values()
-    assert set(claims) == {workspace_claim_of(new_pod)}
+async def test_the_claim_of_a_warm_pod_deleted_out_of_band_is_deleted(harness: Harness) -> None:
+    api = harness.api
+    old = await filled(harness)
+    old_claim = workspace_claim_of(pods(api)[old])
+    api.remove(PODS.path(NS, old))
+    age_claims(api, timedelta(minutes=1))
+    await harness.pool_pass(POOL_KEY)
+    assert old_claim not in claims(api)
+    (new_pod,) = pods(api).values()
+    assert set(claims(api)) == {workspace_claim_of(new_pod)}
 
 
-async def test_a_young_unused_claim_waits_for_its_grace_period() -> None:
-    runtime = FakeRuntime()
-    old = await filled(runtime)
-    old_claim = workspace_claim_of(runtime.client.of_kind("pods")[old])
-    del runtime.client.objects[f"/api/v1/namespaces/{NS}/pods/{old}"]
-    runtime.sync()
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    assert old_claim in runtime.client.of_kind("persistentvolumeclaims")
-    assert runtime.queue.pending_deadlines == 1
+async def test_a_young_unused_claim_waits_for_its_grace_period(harness: Harness) -> None:
+    api = harness.api
+    old = await filled(harness)
+    old_claim = workspace_claim_of(pods(api)[old])
+    api.remove(PODS.path(NS, old))
+    await harness.pool_pass(POOL_KEY)
+    assert old_claim in claims(api)
+    assert harness.rt.queue.pending_deadlines == 1
 
 
-async def test_a_claim_handed_to_a_sandbox_is_never_swept() -> None:
-    runtime = FakeRuntime()
-    await filled(runtime)
-    claimed = await try_claim_pool_pod(runtime.rt, sandbox(), template())
+async def test_a_claim_handed_to_a_sandbox_is_never_swept(harness: Harness) -> None:
+    api = harness.api
+    await filled(harness)
+    claimed = await try_claim_pool_pod(harness.rt, sandbox(), template())
     assert claimed is not None
     claim = workspace_claim_of(claimed)
     # The sandbox suspends: its pod goes, the workspace stays.
-    del runtime.client.objects[f"/api/v1/namespaces/{NS}/pods/{claimed['metadata']['name']}"]
-    runtime.age_claims(timedelta(minutes=1))
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    assert claim in runtime.client.of_kind("persistentvolumeclaims")
+    api.remove(PODS.path(NS, claimed["metadata"]["name"]))
+    age_claims(api, timedelta(minutes=1))
+    await harness.pool_pass(POOL_KEY)
+    assert claim in claims(api)
 
 
 # --- claims ---------------------------------------------------------------------------------------
 
 
-async def test_a_claim_relabels_the_workspace_first_locked_by_its_resource_version() -> None:
-    runtime = FakeRuntime()
-    name = await filled(runtime)
-    claim = workspace_claim_of(runtime.client.of_kind("pods")[name])
-    runtime.client.bodies.clear()
-    claimed = await try_claim_pool_pod(runtime.rt, sandbox(), template())
+async def test_a_claim_relabels_the_workspace_first_locked_by_its_resource_version(harness: Harness) -> None:
+    api = harness.api
+    name = await filled(harness)
+    claim = workspace_claim_of(pods(api)[name])
+    start = len(api.log)
+    claimed = await try_claim_pool_pod(harness.rt, sandbox(), template())
     assert claimed is not None and claimed["metadata"]["name"] == name
-    (pvc_path, pvc_body), (pod_path, pod_body) = [(p, b) for _, p, b in runtime.client.bodies[:2]]
-    assert pvc_path.endswith(f"/persistentvolumeclaims/{claim}") and pod_path.endswith(f"/pods/{name}")
-    assert "resourceVersion" in pvc_body["metadata"] and "resourceVersion" not in pod_body["metadata"]
-    workspace = runtime.store.pvc_of_sandbox((NS, "sb"))
+    pvc_write, pod_write = api.log[start:]
+    assert (pvc_write.verb, pvc_write.path) == ("PATCH", PERSISTENT_VOLUME_CLAIMS.path(NS, str(claim)))
+    assert (pod_write.verb, pod_write.path) == ("PATCH", PODS.path(NS, name))
+    assert "resourceVersion" in pvc_write.body["metadata"] and "resourceVersion" not in pod_write.body["metadata"]
+    workspace = harness.rt.store.pvc_of_sandbox((NS, "sb"))
     assert workspace is not None and workspace["metadata"]["name"] == claim
     labels = claimed["metadata"]["labels"]
     assert labels[SANDBOX_LABEL] == "sb" and POOL_LABEL not in labels
     assert claimed["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION] == "warm"
 
 
-async def test_a_claim_whose_workspace_changed_is_lost_and_touches_nothing() -> None:
-    runtime = FakeRuntime()
-    name = await filled(runtime)
-    claim = workspace_claim_of(runtime.client.of_kind("pods")[name])
-    runtime.client.objects[f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{claim}"]["metadata"]["resourceVersion"] = (
-        "999"  # another operator process took it first
-    )
-    assert await try_claim_pool_pod(runtime.rt, sandbox(), template()) is None
-    assert not [c for c in runtime.client.calls if c[0] == "PATCH" and "/pods/" in c[1]]
+async def test_a_claim_whose_workspace_changed_is_lost_and_touches_nothing(harness: Harness) -> None:
+    api = harness.api
+    name = await filled(harness)
+    claim = workspace_claim_of(pods(api)[name])
+    # Another operator process took it first: a newer version the store has not seen.
+    api.rewrite(PERSISTENT_VOLUME_CLAIMS.path(NS, str(claim)), lambda _: None)
+    assert await try_claim_pool_pod(harness.rt, sandbox(), template()) is None
+    assert [(w.verb, w.resource, w.status) for w in api.log[-1:]] == [("PATCH", "persistentvolumeclaims", 409)]
+    assert api.written("PATCH", "pods") == []
 
 
-async def test_a_claim_interrupted_at_the_pod_leaves_the_workspace_with_the_sandbox() -> None:
-    runtime = FakeRuntime()
-    name = await filled(runtime)
-    claim = workspace_claim_of(runtime.client.of_kind("pods")[name])
-    pod_path = f"/api/v1/namespaces/{NS}/pods/{name}"
-    runtime.client.fail[("PATCH", pod_path)] = ApiError(500, {"reason": "InternalError"}, "PATCH", pod_path)
+async def test_a_claim_interrupted_at_the_pod_leaves_the_workspace_with_the_sandbox(harness: Harness) -> None:
+    api = harness.api
+    name = await filled(harness)
+    claim = workspace_claim_of(pods(api)[name])
+    pod_path = PODS.path(NS, name)
+    api.fail("PATCH", pod_path, 500)
     with pytest.raises(ApiError):
-        await try_claim_pool_pod(runtime.rt, sandbox(), template())
+        await try_claim_pool_pod(harness.rt, sandbox(), template())
     # The sandbox's retry finds this workspace by its label (and mounts it on a cold pod) ...
-    workspace = runtime.store.pvc_of_sandbox((NS, "sb"))
+    workspace = harness.rt.store.pvc_of_sandbox((NS, "sb"))
     assert workspace is not None and workspace["metadata"]["name"] == claim
     # ... no other sandbox can take the warm pod, and the pool replaces it but keeps the workspace.
-    assert await try_claim_pool_pod(runtime.rt, sandbox("other"), template()) is None
-    del runtime.client.fail[("PATCH", pod_path)]
-    runtime.sync()
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    assert name not in runtime.client.of_kind("pods")
-    assert claim in runtime.client.of_kind("persistentvolumeclaims")
-    assert len(runtime.client.of_kind("pods")) == 1
+    assert await try_claim_pool_pod(harness.rt, sandbox("other"), template()) is None
+    api.heal("PATCH", pod_path)
+    await harness.pool_pass(POOL_KEY)
+    assert name not in pods(api)
+    assert claim in claims(api)
+    assert len(pods(api)) == 1
 
 
-async def test_a_warm_pod_gone_after_its_workspace_was_claimed_fails_the_reconcile() -> None:
-    runtime = FakeRuntime()
-    name = await filled(runtime)
-    del runtime.client.objects[f"/api/v1/namespaces/{NS}/pods/{name}"]  # the store has not seen it yet
+async def test_a_warm_pod_gone_after_its_workspace_was_claimed_fails_the_reconcile(harness: Harness) -> None:
+    api = harness.api
+    name = await filled(harness)
+    api.remove(PODS.path(NS, name))  # the store has not seen it yet
     with pytest.raises(ClaimInterruptedError):
-        await try_claim_pool_pod(runtime.rt, sandbox(), template())
-    assert runtime.store.pvc_of_sandbox((NS, "sb")) is not None
+        await try_claim_pool_pod(harness.rt, sandbox(), template())
+    assert harness.rt.store.pvc_of_sandbox((NS, "sb")) is not None
 
 
-async def test_status_claimed_counts_sandboxes_on_claimed_pods() -> None:
-    runtime = FakeRuntime()
-    await filled(runtime)
-    claimed = await try_claim_pool_pod(runtime.rt, sandbox(), template())
+async def test_status_claimed_counts_sandboxes_on_claimed_pods(harness: Harness) -> None:
+    api = harness.api
+    await filled(harness)
+    claimed = await try_claim_pool_pod(harness.rt, sandbox(), template())
     assert claimed is not None
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    assert runtime.pool_status()["claimed"] == 1
-    del runtime.client.objects[f"/api/v1/namespaces/{NS}/pods/{claimed['metadata']['name']}"]
-    runtime.sync()
-    await reconcile_pool(runtime.rt, POOL_KEY)
-    assert runtime.pool_status()["claimed"] == 0
+    await harness.pool_pass(POOL_KEY)
+    assert pool_status(api)["claimed"] == 1
+    api.remove(PODS.path(NS, claimed["metadata"]["name"]))
+    await harness.pool_pass(POOL_KEY)
+    assert pool_status(api)["claimed"] == 0
