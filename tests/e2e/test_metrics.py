@@ -8,7 +8,6 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -18,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from sandbox_operator.controller.config import OperatorConfig
-from sandbox_operator.controller.runtime import Runtime
 from sandbox_operator.controller.store import Store
 from sandbox_operator.controller.usage import UsageCollector
+from sandbox_operator.kube import KubeClient
 from sandbox_operator.metrics.usage import UsageExporter
 from testlib import (
     Cluster,
@@ -208,8 +207,7 @@ def collector(store: Store, port: int, interval: float, concurrency: int) -> Usa
         agent_port=port,
         metric_metadata_keys=("team",),
     )
-    rt = SimpleNamespace(config=config, store=store, client=_NoClient(), queue=SimpleNamespace(add=lambda key: None))
-    return UsageCollector(cast(Runtime, rt))
+    return UsageCollector(store, cast(KubeClient, _NoClient()), config, lambda key: None)
 
 
 def exported(usage: UsageCollector) -> list[Sample]:

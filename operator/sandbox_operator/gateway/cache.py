@@ -206,6 +206,10 @@ class Cache:
             return None
         return self.sandboxes.get(key)
 
+    def sandbox(self, key: Key) -> JSON | None:
+        """The Sandbox (namespace, name) as the watch last saw it."""
+        return self.sandboxes.get(key)
+
     def in_namespace(self, namespace: str) -> list[JSON]:
         return [body for (ns, _), body in self.sandboxes.items() if ns == namespace]
 

@@ -1,7 +1,8 @@
 """The E2B control-plane API as pure functions: request bodies → Sandbox objects, Sandbox objects →
-E2B JSON, routing of data-plane requests. No I/O here; gateway.server does the talking.
+E2B JSON, what to answer for which Sandbox state, routing and admission of data-plane requests. No I/O
+here; gateway.server does the talking.
 
-Field names follow ../shared/e2b/COMPAT.md §4.3 exactly (they are what the unmodified SDKs parse).
+Field names follow docs/e2b-protocol.md §4.3 exactly (they are what the unmodified SDKs parse).
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import hmac
 import math
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from sandbox_operator.agent import ENVD_COMPATIBLE_VERSION
-from sandbox_operator.api import API_VERSION, Phase, resolve_resources
+from sandbox_operator.agent.signing import tokens_equal, verify_signature
+from sandbox_operator.api import API_VERSION, Phase, parse_duration, resolve_resources
 from sandbox_operator.api.names import (
     API_KEY_LABEL,
     API_KEY_NAMESPACES_ANNOTATION,
     CREATED_BY_ANNOTATION,
+    ENVD_PORT,
 )
 from sandbox_operator.api.v1alpha1 import SandboxSpec, SandboxTemplateSpec
 from sandbox_operator.resources.names import sandbox_id_for
@@ -35,10 +38,31 @@ DEFAULT_TIMEOUT_S = 300  # the SDK's documented server default
 MAX_LIST_LIMIT = 100
 # The SDKs' default template names, served by our templates of the same purpose.
 TEMPLATE_ALIASES = {"code-interpreter-v1": "code-interpreter"}
-# envd endpoints that only the orchestrator may call: never proxied from outside (COMPAT §7).
+# envd endpoints that only the orchestrator may call: never proxied from outside (docs/e2b-protocol.md §7).
 INTERNAL_PATHS = frozenset({"/init", "/freeze", "/unfreeze", "/collapse", "/fsfreeze", "/fsthaw", "/files/compose"})
 RUNNING_PHASES = frozenset({Phase.CREATING, Phase.RUNNING, Phase.RESUMING})
 PAUSED_PHASES = frozenset({Phase.SUSPENDING, Phase.SUSPENDED})
+SETTLED_PHASES = frozenset({Phase.RUNNING, Phase.ERROR, Phase.TERMINATED})  # a start has an outcome
+# Not forwarded in either direction (RFC 9110 §7.6.1), plus what the proxy sets itself.
+HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+# The gateway's own credentials never reach a sandbox.
+STRIPPED_HEADERS = frozenset({"x-api-key", "x-access-token", "e2b-traffic-access-token"})
+NOT_FORWARDED = HOP_HEADERS | STRIPPED_HEADERS
+# Kubernetes statuses passed on as they are; any other is the gateway's upstream failing (502).
+KUBERNETES_STATUSES = frozenset({400, 403, 404, 409, 422, 429})
 
 
 class BadRequest(ValueError):
@@ -122,6 +146,23 @@ def template_name(template_id: Any) -> str:
     return template_id
 
 
+def template_for(wanted: str, available: Container[str]) -> str | None:
+    """The SandboxTemplate serving an E2B template name: exact, else its alias; None when neither exists."""
+    for name in (wanted, TEMPLATE_ALIASES.get(wanted)):
+        if name and name in available:
+            return name
+    return None
+
+
+def sandbox_for_create(payload: Mapping[str, Any], *, namespace: str, templates: Container[str]) -> JSON:
+    """The Sandbox object POST /v2/sandboxes makes; 400 for an unknown template or a bad request."""
+    wanted = template_name(payload.get("templateID"))
+    template = template_for(wanted, templates)
+    if template is None:
+        raise Refused(400, f"template {wanted!r} not found: no SandboxTemplate of that name")
+    return sandbox_from_request(payload, namespace=namespace, template=template)
+
+
 def sandbox_from_request(request: Mapping[str, Any], *, namespace: str, template: str) -> JSON:
     """A Sandbox object for POST /v2/sandboxes (or the v1 POST /sandboxes) in `namespace`."""
     if request.get("autoPause"):
@@ -191,6 +232,35 @@ def lifetime_for_timeout(created: datetime, now: datetime, timeout: int) -> str:
     return f"{math.ceil((now - created).total_seconds()) + timeout}s"
 
 
+def _parse_time(stamp: Any) -> datetime:
+    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+
+
+def extended_timeouts(body: Mapping[str, Any], timeout: int, now: datetime, *, only_longer: bool) -> JSON | None:
+    """spec.timeouts that end the sandbox `timeout` seconds from `now`; None when nothing is to change
+    (`only_longer`, as connect asks, and the sandbox already lives that long)."""
+    lifetime = lifetime_for_timeout(_parse_time(body["metadata"]["creationTimestamp"]), now, timeout)
+    expires = (body.get("status") or {}).get("expiresAt")
+    if only_longer and expires and (_parse_time(expires) - now).total_seconds() >= timeout:
+        return None
+    timeouts: JSON = {"maxLifetime": lifetime}
+    # The CRD refuses an idle timeout longer than maxLifetime: one that no longer fits goes.
+    idle = (body["spec"].get("timeouts") or {}).get("idle")
+    if idle and parse_duration(idle) > parse_duration(lifetime):
+        timeouts["idle"] = "0"
+    return timeouts
+
+
+def generation_of(body: Mapping[str, Any]) -> int:
+    return int((body.get("metadata") or {}).get("generation") or 0)
+
+
+def observed(body: Mapping[str, Any] | None, generation: int) -> bool:
+    """The operator has acted on `generation` of the spec (or the sandbox is gone): a changed timeout is
+    in status.expiresAt from then on."""
+    return body is None or int((body.get("status") or {}).get("observedGeneration") or 0) >= generation
+
+
 # --- responses -------------------------------------------------------------------------------------
 
 
@@ -207,6 +277,65 @@ def state_of(body: Mapping[str, Any]) -> str | None:
     if phase in PAUSED_PHASES:
         return "paused"
     return None
+
+
+def visible(body: Mapping[str, Any] | None) -> bool:
+    """The E2B API shows the sandbox: it exists, has not ended or failed and is not being deleted."""
+    return body is not None and state_of(body) is not None and not (body.get("metadata") or {}).get("deletionTimestamp")
+
+
+def not_found(sandbox_id: str) -> Refused:
+    return Refused(404, f"sandbox {sandbox_id} not found")
+
+
+def require_visible(body: JSON | None, sandbox_id: str) -> JSON:
+    """The sandbox a control-plane call names; 404 when the API does not show it."""
+    if body is None or not visible(body):
+        raise not_found(sandbox_id)
+    return body
+
+
+def ensure_pausable(body: Mapping[str, Any], sandbox_id: str) -> None:
+    if state_of(body) == "paused":
+        raise Refused(409, f"sandbox {sandbox_id} is already paused")
+
+
+def suspended_or_gone(body: Mapping[str, Any] | None) -> bool:
+    """Where a pause ends."""
+    return body is None or (body.get("status") or {}).get("phase") == Phase.SUSPENDED
+
+
+def settled(body: Mapping[str, Any] | None) -> bool:
+    """A start has an outcome: gone, failed, ended, or Running with a pod IP to talk to."""
+    if body is None:
+        return True
+    status = body.get("status") or {}
+    return status.get("phase") in SETTLED_PHASES and (status.get("phase") != Phase.RUNNING or bool(status.get("podIP")))
+
+
+def started(body: JSON | None) -> JSON:
+    """The settled sandbox when it runs; 409 when it was deleted meanwhile, 500 when it failed."""
+    if body is None:
+        raise Refused(409, "the sandbox was deleted while it was starting")
+    status = body["status"]
+    if status["phase"] != Phase.RUNNING:
+        reason = status.get("reason") or status["phase"]
+        raise Refused(500, f"the sandbox failed to start: {reason}: {status.get('message')}")
+    return body
+
+
+def running_pod_ip(body: Mapping[str, Any] | None) -> str | None:
+    """The pod IP of a Running sandbox; None while it has none to serve traffic (or is not Running)."""
+    status = (body or {}).get("status") or {}
+    if status.get("phase") != Phase.RUNNING or not status.get("podIP"):
+        return None
+    return str(status["podIP"])
+
+
+def metrics_pod_ip(body: Mapping[str, Any]) -> str | None:
+    """Where to sample the sandbox's metrics: its pod IP while E2B calls it running (else no metrics)."""
+    pod_ip = (body.get("status") or {}).get("podIP")
+    return str(pod_ip) if pod_ip and state_of(body) == "running" else None
 
 
 def sandbox_response(body: Mapping[str, Any], token: str, domain: str | None) -> JSON:
@@ -290,6 +419,15 @@ def error_body(code: int, message: str) -> JSON:
     return {"code": code, "message": message}
 
 
+def kubernetes_error(status: int, body: Any) -> tuple[int, JSON]:
+    """Kubernetes' answer, in E2B's error shape; invalid specs keep the API server's message."""
+    message = body.get("message") if isinstance(body, dict) else str(body)
+    answered = status if status in KUBERNETES_STATUSES else 502
+    if answered == 422:
+        answered = 400  # the CRD's validation: a bad request as far as E2B clients are concerned
+    return answered, error_body(answered, f"kubernetes: {message}")
+
+
 # --- listing ---------------------------------------------------------------------------------------
 
 
@@ -323,7 +461,7 @@ def parse_list_query(query: Mapping[str, str]) -> ListQuery:
 
 
 def parse_metadata_filter(value: str) -> dict[str, str]:
-    """The SDK URL-quotes each key and value, then url-encodes `k=v&...` (COMPAT §4.2): after the
+    """The SDK URL-quotes each key and value, then url-encodes `k=v&...` (docs/e2b-protocol.md §4.2): after the
     framework's decoding of the query, parse it as a query string and unquote once more."""
     return {unquote(k): unquote(v) for k, v in parse_qsl(value, keep_blank_values=True)}
 
@@ -346,6 +484,21 @@ def page(items: list[JSON], query: ListQuery) -> tuple[list[JSON], str | None]:
     chosen = ordered[: query.limit]
     more = len(ordered) > query.limit
     return chosen, (str(chosen[-1]["sandboxID"]) if more and chosen else None)
+
+
+def list_sandboxes(
+    bodies: Iterable[Mapping[str, Any]], templates: Mapping[str, JSON], query: ListQuery, *, paginated: bool
+) -> tuple[list[JSON], str | None]:
+    """GET /v2/sandboxes (`paginated`) or the v1 GET /sandboxes (everything at once): the listed
+    sandboxes and the next page's token."""
+    items = [
+        sandbox_detail(body, templates.get(body["spec"]["template"]), None)
+        for body in bodies
+        if visible(body) and matches(body, query)
+    ]
+    if not paginated:
+        return sorted(items, key=lambda item: str(item["sandboxID"])), None
+    return page(items, query)
 
 
 # --- data-plane routing ----------------------------------------------------------------------------
@@ -375,3 +528,81 @@ def route_of(headers: Mapping[str, str], host: str) -> Route | str | None:
     if found and 0 < int(found["port"]) < 65536:
         return Route(found["id"], int(found["port"]))
     return None
+
+
+def sandbox_gone_body(sandbox_id: str) -> JSON:
+    """The 502 the E2B proxy answers for a sandbox it cannot reach (the SDK reads it as not found)."""
+    return {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502}
+
+
+def port_not_open_body(route: Route) -> JSON:
+    return {
+        "sandboxId": route.sandbox_id,
+        "port": route.port,
+        "code": 502,
+        "message": "The sandbox is running but port is not open",
+    }
+
+
+def proxy_refusal(
+    route: Route,
+    *,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+    token: str,
+    now: float,
+) -> tuple[int, str] | None:
+    """None when a data-plane request may pass to the sandbox; else the status and why not."""
+    if route.port == ENVD_PORT and path in INTERNAL_PATHS:
+        return 403, f"{path} is internal to the sandbox"
+    refused = _token_refusal(route, method=method, path=path, headers=headers, query=query, token=token, now=now)
+    return None if refused is None else (401, refused)
+
+
+def _token_refusal(
+    route: Route,
+    *,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+    token: str,
+    now: float,
+) -> str | None:
+    """None when the request may pass; else why not. /health is open (the SDK probes it without a
+    token); /files may carry a signature instead (signed download/upload URLs)."""
+    given = headers.get("X-Access-Token") or headers.get("E2B-Traffic-Access-Token")
+    if tokens_equal(given, token):
+        return None
+    if route.port == ENVD_PORT and path == "/health":
+        return None
+    if route.port == ENVD_PORT and path == "/files" and query.get("signature"):
+        refused = verify_signature(
+            signature=query.get("signature"),
+            expiration=query.get("signature_expiration"),
+            path=query.get("path", ""),
+            operation="read" if method == "GET" else "write",
+            username=query.get("username", ""),
+            access_token=token,
+            now=now,
+        )
+        return None if refused is None else f"file URL refused: {refused}"
+    return "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)"
+
+
+def forwarded_headers(headers: Mapping[str, str], content_length: int | None) -> dict[str, str]:
+    """The headers a proxied request carries to the sandbox: the client's, less hop-by-hop ones and the
+    gateway's credentials."""
+    forwarded = {k: v for k, v in headers.items() if k.lower() not in NOT_FORWARDED}
+    if content_length is not None:
+        forwarded["Content-Length"] = str(content_length)
+    # Only what the client accepts (else the HTTP client would offer gzip on its behalf).
+    forwarded["Accept-Encoding"] = headers.get("Accept-Encoding", "identity")
+    return forwarded
+
+
+def returned_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The sandbox's response headers the client gets (repeated ones stay repeated)."""
+    return [(name, value) for name, value in headers.items() if name.lower() not in HOP_HEADERS]

@@ -2,7 +2,7 @@
 
 A request that names a sandbox (E2b-Sandbox-Id/-Port headers, or a Host of `{port}-{id}.{domain}`)
 is proxied, streaming both ways, to the sandbox pod's IP (from the Sandbox's status: Services get
-no endpoints for some pod networks, DESIGN.md §6). Everything else is the control plane, which turns
+no endpoints for some pod networks, docs/design.md §6). Everything else is the control plane, which turns
 E2B calls into Sandbox objects and waits on the watch for them to converge.
 
 Auth: control-plane calls carry `X-API-KEY`; each key is a Secret in the gateway's namespace and
@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,12 +25,11 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from sandbox_operator.agent.signing import tokens_equal, verify_signature
-from sandbox_operator.api import Phase, parse_duration
 from sandbox_operator.api.names import ENVD_PORT, SANDBOXES
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.cache import Cache
 from sandbox_operator.gateway.http import json_response, read_payload
+from sandbox_operator.gateway.session import SessionOps
 from sandbox_operator.gateway.session import routes as session_routes
 from sandbox_operator.kube import ApiError, KubeClient
 
@@ -39,25 +38,9 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Not forwarded in either direction (RFC 9110 §7.6.1), plus what the proxy sets itself.
-HOP_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-# The gateway's own credentials never reach a sandbox.
-STRIPPED_HEADERS = frozenset({"x-api-key", "x-access-token", "e2b-traffic-access-token"})
-NOT_FORWARDED = HOP_HEADERS | STRIPPED_HEADERS
+V1_LIST_PATH = "/sandboxes"  # the v1 list: everything at once, no pagination
 CONNECT_RETRY_S = 3.0  # how long a refused connection to a Running sandbox is retried
+CONNECT_RETRY_MAX_DELAY_S = 0.25
 HEALTH_POLL_MAX_DELAY_S = 0.05  # an agent starting up is polled often: create latency waits on it
 
 
@@ -96,11 +79,11 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._dispatch], client_max_size=self.config.max_body_bytes)
-        routes = [
+        routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v2/sandboxes", self.create),
             ("POST", "/sandboxes", self.create),
             ("GET", "/v2/sandboxes", self.list),
-            ("GET", "/sandboxes", self.list),
+            ("GET", V1_LIST_PATH, self.list),
             ("GET", "/sandboxes/{id}", self.get_info),
             ("DELETE", "/sandboxes/{id}", self.kill),
             ("POST", "/sandboxes/{id}/timeout", self.set_timeout),
@@ -111,12 +94,26 @@ class Gateway:
             ("GET", "/sandboxes/{id}/metrics", self.metrics),
             ("GET", "/health", self.health),
         ]
-        routes += session_routes(self)
+        routes += session_routes(self.session_ops())
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
+
+    def session_ops(self) -> SessionOps:
+        """The operations the session API may use: its handlers get these, not the gateway."""
+        return SessionOps(
+            namespace_of=self.namespace_of,
+            sandbox=self.cache.sandbox,
+            templates=self._templates,
+            token_of=self.token_of,
+            create_sandbox=self.create_sandbox,
+            set_suspended=self.set_suspended,
+            delete_sandbox=self.delete_sandbox,
+            until_serving=self.until_serving,
+            upstream=self.upstream,
+        )
 
     async def _on_startup(self, _: web.Application) -> None:
         self.cache.start()
@@ -151,7 +148,7 @@ class Gateway:
         except e2b.BadRequest as exc:
             response = json_response(400, e2b.error_body(400, str(exc)))
         except ApiError as exc:
-            response = _api_error(exc)
+            response = json_response(*e2b.kubernetes_error(exc.status, exc.body))
         except TimeoutError:
             response = json_response(504, e2b.error_body(504, "timed out waiting for the sandbox"))
         self.requests.labels(kind, str(response.status)).inc()
@@ -170,10 +167,10 @@ class Gateway:
     def _sandbox(self, request: web.Request) -> tuple[str, JSON]:
         namespace = self.namespace_of(request)
         sandbox_id = request.match_info["id"]
-        body = self.cache.find(sandbox_id, namespace)
-        if body is None or e2b.state_of(body) is None or body["metadata"].get("deletionTimestamp"):
-            raise e2b.Refused(404, f"sandbox {sandbox_id} not found")
-        return namespace, body
+        return namespace, e2b.require_visible(self.cache.find(sandbox_id, namespace), sandbox_id)
+
+    def _templates(self) -> Mapping[str, JSON]:
+        return self.cache.templates
 
     def token_of(self, body: JSON) -> str:
         uid = str(body["metadata"]["uid"])
@@ -187,13 +184,6 @@ class Gateway:
     def upstream(self) -> aiohttp.ClientSession:
         assert self._upstream is not None, "the gateway application has not started"
         return self._upstream
-
-    def template_named(self, wanted: str) -> str | None:
-        """The SandboxTemplate serving an E2B template name (exact, else its alias)."""
-        for name in (wanted, e2b.TEMPLATE_ALIASES.get(wanted)):
-            if name and self.cache.template(name) is not None:
-                return name
-        return None
 
     # Operations shared by the E2B API and the session API.
 
@@ -225,23 +215,9 @@ class Gateway:
             raise
 
     async def _until_serving(self, key: tuple[str, str], within: float) -> JSON:
-        def settled(body: JSON | None) -> bool:
-            if body is None:
-                return True
-            status = body.get("status") or {}
-            return status.get("phase") in (Phase.RUNNING, Phase.ERROR, Phase.TERMINATED) and (
-                status.get("phase") != Phase.RUNNING or bool(status.get("podIP"))
-            )
-
         deadline = time.monotonic() + within
-        body = await self.cache.wait_for(key, settled, within)
-        if body is None:
-            raise e2b.Refused(409, "the sandbox was deleted while it was starting")
-        status = body["status"]
-        if status["phase"] != Phase.RUNNING:
-            reason = status.get("reason") or status["phase"]
-            raise e2b.Refused(500, f"the sandbox failed to start: {reason}: {status.get('message')}")
-        await self._agent_healthy(status["podIP"], deadline)
+        body = e2b.started(await self.cache.wait_for(key, e2b.settled, within))
+        await self._agent_healthy(body["status"]["podIP"], deadline)
         return body
 
     async def _agent_healthy(self, pod_ip: str, deadline: float) -> None:
@@ -258,6 +234,20 @@ class Gateway:
             await asyncio.sleep(delay)  # the agent is starting: poll its health with backoff
             delay = min(delay * 2, HEALTH_POLL_MAX_DELAY_S)
 
+    async def _extend(self, namespace: str, body: JSON, seconds: int, *, only_longer: bool) -> None:
+        timeouts = e2b.extended_timeouts(body, seconds, datetime.now(UTC), only_longer=only_longer)
+        if timeouts is None:
+            return
+        name = body["metadata"]["name"]
+        patched = await self.client.patch(SANDBOXES.path(namespace, name), {"spec": {"timeouts": timeouts}})
+        if patched is None:
+            return
+        self.cache.observe(patched)
+        # In effect once the operator has seen it (status.expiresAt moved): get_info right after
+        # must show the new end.
+        generation = e2b.generation_of(patched)
+        await self.cache.wait_for((namespace, name), lambda b: e2b.observed(b, generation), self.config.create_timeout)
+
     # E2B control-plane handlers.
 
     async def health(self, request: web.Request) -> web.StreamResponse:
@@ -266,27 +256,20 @@ class Gateway:
     async def create(self, request: web.Request) -> web.StreamResponse:
         namespace = self.namespace_of(request)
         payload = await read_payload(request)
-        wanted = e2b.template_name(payload.get("templateID"))
-        template = self.template_named(wanted)
-        if template is None:
-            raise e2b.Refused(400, f"template {wanted!r} not found: no SandboxTemplate of that name")
-        manifest = e2b.sandbox_from_request(payload, namespace=namespace, template=template)
+        manifest = e2b.sandbox_for_create(payload, namespace=namespace, templates=self.cache.templates)
         await self.create_sandbox(namespace, manifest)
         body = await self.until_serving((namespace, manifest["metadata"]["name"]), delete_on_failure=True)
         return json_response(201, e2b.sandbox_response(body, self.token_of(body), self.config.domain))
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         namespace = self.namespace_of(request)
-        query = e2b.parse_list_query(request.query)
-        items = [
-            e2b.sandbox_detail(body, self.cache.template(body["spec"]["template"]), None)
-            for body in self.cache.in_namespace(namespace)
-            if e2b.matches(body, query) and not body["metadata"].get("deletionTimestamp")
-        ]
-        if request.path == "/sandboxes":  # v1: no pagination
-            return json_response(200, sorted(items, key=lambda item: str(item["sandboxID"])))
-        chosen, next_token = e2b.page(items, query)
-        response = json_response(200, chosen)
+        items, next_token = e2b.list_sandboxes(
+            self.cache.in_namespace(namespace),
+            self.cache.templates,
+            e2b.parse_list_query(request.query),
+            paginated=request.path != V1_LIST_PATH,
+        )
+        response = json_response(200, items)
         if next_token:
             response.headers["x-next-token"] = next_token
         return response
@@ -299,61 +282,28 @@ class Gateway:
     async def kill(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
         if not await self.delete_sandbox(namespace, body["metadata"]["name"], wait=False, uid=body["metadata"]["uid"]):
-            raise e2b.Refused(404, f"sandbox {request.match_info['id']} not found")
+            raise e2b.not_found(request.match_info["id"])
         return web.Response(status=204)
 
     async def set_timeout(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
         payload = await read_payload(request)
-        timeout = e2b.seconds(payload.get("timeout"), "timeout")
-        await self._extend(namespace, body, timeout, only_longer=False)
+        await self._extend(namespace, body, e2b.seconds(payload.get("timeout"), "timeout"), only_longer=False)
         return web.Response(status=204)
-
-    async def _extend(self, namespace: str, body: JSON, seconds: int, *, only_longer: bool) -> None:
-        created = datetime.fromisoformat(str(body["metadata"]["creationTimestamp"]).replace("Z", "+00:00"))
-        lifetime = e2b.lifetime_for_timeout(created, datetime.now(UTC), seconds)
-        expires = (body.get("status") or {}).get("expiresAt")
-        if only_longer and expires:
-            current_end = datetime.fromisoformat(str(expires).replace("Z", "+00:00"))
-            if (current_end - datetime.now(UTC)).total_seconds() >= seconds:
-                return
-        timeouts: JSON = {"maxLifetime": lifetime}
-        # The CRD refuses an idle timeout longer than maxLifetime: one that no longer fits goes.
-        idle = (body["spec"].get("timeouts") or {}).get("idle")
-        if idle and parse_duration(idle) > parse_duration(lifetime):
-            timeouts["idle"] = "0"
-        name = body["metadata"]["name"]
-        patched = await self.client.patch(SANDBOXES.path(namespace, name), {"spec": {"timeouts": timeouts}})
-        if patched is None:
-            return
-        self.cache.observe(patched)
-        # In effect once the operator has seen it (status.expiresAt moved): get_info right after
-        # must show the new end.
-        generation = int(patched["metadata"].get("generation") or 0)
-        await self.cache.wait_for(
-            (namespace, name),
-            lambda b: b is None or int((b.get("status") or {}).get("observedGeneration") or 0) >= generation,
-            self.config.create_timeout,
-        )
 
     async def pause(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
-        if e2b.state_of(body) == "paused":
-            raise e2b.Refused(409, f"sandbox {request.match_info['id']} is already paused")
+        e2b.ensure_pausable(body, request.match_info["id"])
         name = body["metadata"]["name"]
         await self.set_suspended(namespace, name, True)
-        await self.cache.wait_for(
-            (namespace, name),
-            lambda b: b is None or (b.get("status") or {}).get("phase") == Phase.SUSPENDED,
-            self.config.create_timeout,
-        )
+        await self.cache.wait_for((namespace, name), e2b.suspended_or_gone, self.config.create_timeout)
         return web.Response(status=204)
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
         payload = await read_payload(request)
         name = body["metadata"]["name"]
-        resumed = e2b.state_of(body) == "paused"
+        resumed = e2b.state_of(body) == "paused"  # E2B answers a resume with 201
         if resumed:
             await self.set_suspended(namespace, name, False)
         if payload.get("timeout") is not None:
@@ -364,8 +314,8 @@ class Gateway:
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         _, body = self._sandbox(request)
-        pod_ip = (body.get("status") or {}).get("podIP")
-        if not pod_ip or e2b.state_of(body) != "running":
+        pod_ip = e2b.metrics_pod_ip(body)
+        if pod_ip is None:
             return json_response(200, [])
         try:
             async with self.upstream().get(
@@ -380,51 +330,59 @@ class Gateway:
 
     async def proxy(self, request: web.Request, route: e2b.Route) -> web.StreamResponse:
         body = self.cache.find(route.sandbox_id)
-        status = (body or {}).get("status") or {}
-        if body is None or status.get("phase") != Phase.RUNNING or not status.get("podIP"):
-            return json_response(
-                502, {"sandboxId": route.sandbox_id, "message": "The sandbox was not found", "code": 502}
-            )
-        if route.port == ENVD_PORT and request.path in e2b.INTERNAL_PATHS:
-            return json_response(403, e2b.error_body(403, f"{request.path} is internal to the sandbox"))
-        refusal = self._check_token(request, route, self.token_of(body))
-        if refusal:
-            return json_response(401, e2b.error_body(401, refusal))
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
-        if request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
-        # Only what the client accepts (else aiohttp would offer gzip on its behalf).
-        headers["Accept-Encoding"] = request.headers.get("Accept-Encoding", "identity")
+        pod_ip = e2b.running_pod_ip(body)
+        if body is None or pod_ip is None:
+            return json_response(502, e2b.sandbox_gone_body(route.sandbox_id))
+        refusal = e2b.proxy_refusal(
+            route,
+            method=request.method,
+            path=request.path,
+            headers=request.headers,
+            query=request.query,
+            token=self.token_of(body),
+            now=time.time(),
+        )
+        if refusal is not None:
+            return json_response(refusal[0], e2b.error_body(*refusal))
+        upstream = await self._open_upstream(request, route, pod_ip)
+        if isinstance(upstream, web.Response):
+            return upstream
+        return await self._relay(request, upstream)
+
+    async def _open_upstream(
+        self, request: web.Request, route: e2b.Route, pod_ip: str
+    ) -> aiohttp.ClientResponse | web.Response:
+        """The sandbox's response headers; or the gateway's answer when the sandbox cannot be reached."""
+        headers = e2b.forwarded_headers(request.headers, request.content_length)
         data = request.content if request.body_exists else None
         deadline = time.monotonic() + CONNECT_RETRY_S
         delay = 0.02
         while True:
-            url = f"http://{status['podIP']}:{route.port}{request.rel_url}"
+            url = f"http://{pod_ip}:{route.port}{request.rel_url}"
             try:
-                upstream = await self.upstream().request(
+                return await self.upstream().request(
                     request.method, url, headers=headers, data=data, allow_redirects=False
                 )
-                break
             except aiohttp.ClientConnectorError:
                 # Refused before a byte was sent: the agent of a just (re)started pod is still coming
                 # up. Retrying is safe, also for a request with a body (none of it was read yet).
                 if time.monotonic() + delay > deadline:
-                    return _port_not_open(route)
+                    return json_response(502, e2b.port_not_open_body(route))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
-                body = self.cache.find(route.sandbox_id)
-                status = (body or {}).get("status") or {}
-                if body is None or status.get("phase") != Phase.RUNNING or not status.get("podIP"):
-                    return json_response(
-                        502, {"sandboxId": route.sandbox_id, "code": 502, "message": "The sandbox was not found"}
-                    )
+                delay = min(delay * 2, CONNECT_RETRY_MAX_DELAY_S)
+                retried = e2b.running_pod_ip(self.cache.find(route.sandbox_id))
+                if retried is None:
+                    return json_response(502, e2b.sandbox_gone_body(route.sandbox_id))
+                pod_ip = retried
             except (aiohttp.ClientConnectionError, OSError):
-                return _port_not_open(route)
+                return json_response(502, e2b.port_not_open_body(route))
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """The sandbox's response, streamed to the client as it comes."""
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in HOP_HEADERS:
-                    response.headers.add(name, value)
+            for name, value in e2b.returned_headers(upstream.headers):
+                response.headers.add(name, value)
             if upstream.headers.get("Content-Length") is not None:
                 response.content_length = int(upstream.headers["Content-Length"])
             await response.prepare(request)
@@ -438,45 +396,3 @@ class Gateway:
             return response
         finally:
             upstream.release()
-
-    def _check_token(self, request: web.Request, route: e2b.Route, token: str) -> str | None:
-        """None when the request may pass; else why not. /health is open (the SDK probes it
-        without a token); /files may carry a signature instead (signed download/upload URLs)."""
-        given = request.headers.get("X-Access-Token") or request.headers.get("E2B-Traffic-Access-Token")
-        if tokens_equal(given, token):
-            return None
-        if route.port == ENVD_PORT and request.path == "/health":
-            return None
-        if route.port == ENVD_PORT and request.path == "/files" and request.query.get("signature"):
-            refused = verify_signature(
-                signature=request.query.get("signature"),
-                expiration=request.query.get("signature_expiration"),
-                path=request.query.get("path", ""),
-                operation="read" if request.method == "GET" else "write",
-                username=request.query.get("username", ""),
-                access_token=token,
-                now=time.time(),
-            )
-            return None if refused is None else f"file URL refused: {refused}"
-        return "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)"
-
-
-def _port_not_open(route: e2b.Route) -> web.Response:
-    return json_response(
-        502,
-        {
-            "sandboxId": route.sandbox_id,
-            "port": route.port,
-            "code": 502,
-            "message": "The sandbox is running but port is not open",
-        },
-    )
-
-
-def _api_error(exc: ApiError) -> web.Response:
-    """Kubernetes' answer, in E2B's error shape; invalid specs keep the API server's message."""
-    message = exc.body.get("message") if isinstance(exc.body, dict) else str(exc.body)
-    status = exc.status if exc.status in (400, 403, 404, 409, 422, 429) else 502
-    if status == 422:
-        status = 400  # the CRD's validation: a bad request as far as E2B clients are concerned
-    return json_response(status, e2b.error_body(status, f"kubernetes: {message}"))

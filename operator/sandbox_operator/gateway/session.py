@@ -14,43 +14,56 @@ idempotent by name:
 
 Commands and code run through the sandbox's agent (envd Process.Start, the interpreter's /execute),
 so they obey the sandbox's execution timeout and output cap like SDK calls do.
+
+The handlers only translate: the decisions are session_logic's (pure), and what they need of the
+gateway comes as SessionOps, built by the gateway.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import aiohttp
 from aiohttp import web
 
-from sandbox_operator.agent.connect import FLAG_END_STREAM, STREAM_CONTENT_TYPE, EnvelopeDecoder, encode_envelope
-from sandbox_operator.api import Phase
-from sandbox_operator.api.names import ENVD_PORT, INTERPRETER_PORT, SESSION_LABEL
+from sandbox_operator.api.names import ENVD_PORT, INTERPRETER_PORT
 from sandbox_operator.gateway import e2b
+from sandbox_operator.gateway import session_logic as logic
 from sandbox_operator.gateway.http import json_response, read_payload
 from sandbox_operator.kube import ApiError
 
-if TYPE_CHECKING:
-    from sandbox_operator.gateway.server import Gateway
-
 JSON = dict[str, Any]
-
-SESSION_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-MAX_OUTPUT_BYTES = 4 << 20  # a command's stdout/stderr returned inline
-
-
-def session_name(session_id: str) -> str:
-    if not SESSION_ID.match(session_id):
-        raise e2b.Refused(
-            400, "a session id is 1-40 lowercase letters, digits and '-', starting and ending with a letter or digit"
-        )
-    return f"session-{session_id}"
+Key = tuple[str, str]  # (namespace, name) of a Sandbox
+Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
 
 
-def routes(gateway: Gateway) -> list[tuple[str, str, Any]]:
-    api = SessionApi(gateway)
+class DeleteSandbox(Protocol):
+    def __call__(self, namespace: str, name: str, *, wait: bool) -> Awaitable[bool]: ...
+
+
+class UntilServing(Protocol):
+    def __call__(self, key: Key, *, delete_on_failure: bool) -> Awaitable[JSON]: ...
+
+
+@dataclass(frozen=True)
+class SessionOps:
+    """What the session API needs of the gateway, and nothing else (the gateway builds it)."""
+
+    namespace_of: Callable[[web.Request], str]  # the API key's namespace; 401 without a known key
+    sandbox: Callable[[Key], JSON | None]  # the Sandbox as the watch last saw it
+    templates: Callable[[], Mapping[str, JSON]]  # SandboxTemplates by name
+    token_of: Callable[[JSON], str]  # the sandbox's access token
+    create_sandbox: Callable[[str, JSON], Awaitable[None]]
+    set_suspended: Callable[[str, str, bool], Awaitable[None]]
+    delete_sandbox: DeleteSandbox
+    until_serving: UntilServing
+    upstream: Callable[[], aiohttp.ClientSession]  # the HTTP client to sandbox agents
+
+
+def routes(ops: SessionOps) -> list[Route]:
+    api = SessionApi(ops)
     base = "/api/v1/session/{session}/sandbox"
     return [
         ("PUT", base, api.ensure),
@@ -63,155 +76,86 @@ def routes(gateway: Gateway) -> list[tuple[str, str, Any]]:
     ]
 
 
-class SessionApi:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+def _session_id(request: web.Request) -> str:
+    return request.match_info["session"]
 
-    def _key(self, request: web.Request) -> tuple[str, str]:
-        namespace = self.gw.namespace_of(request)
-        return namespace, session_name(request.match_info["session"])
+
+class SessionApi:
+    def __init__(self, ops: SessionOps) -> None:
+        self.ops = ops
+
+    def _key(self, request: web.Request) -> Key:
+        namespace = self.ops.namespace_of(request)
+        return namespace, logic.session_name(_session_id(request))
 
     def _describe(self, request: web.Request, body: JSON) -> JSON:
-        template = self.gw.cache.template(body["spec"]["template"])
-        detail = e2b.sandbox_detail(body, template, self.gw.token_of(body))
-        return {"sessionID": request.match_info["session"], "phase": (body.get("status") or {}).get("phase"), **detail}
+        template = self.ops.templates().get(body["spec"]["template"])
+        return logic.describe(_session_id(request), body, template, self.ops.token_of(body))
 
-    def _serving(self, key: tuple[str, str]) -> JSON:
-        body = self.gw.cache.sandboxes.get(key)
-        if body is None or body["metadata"].get("deletionTimestamp") or e2b.state_of(body) is None:
-            raise e2b.Refused(404, f"session {key[1].removeprefix('session-')} has no sandbox: PUT it first")
-        status = body.get("status") or {}
-        if status.get("phase") != Phase.RUNNING or not status.get("podIP"):
-            raise e2b.Refused(
-                409, f"the session's sandbox is {status.get('phase') or 'starting'}, not Running: PUT it to resume"
-            )
-        return body
+    def _serving(self, request: web.Request) -> JSON:
+        return logic.serving_sandbox(self.ops.sandbox(self._key(request)), _session_id(request))
 
     async def ensure(self, request: web.Request) -> web.StreamResponse:
-        namespace, name = self._key(request)
+        namespace, name = key = self._key(request)
         payload = await read_payload(request)
-        existing = self.gw.cache.sandboxes.get((namespace, name))
+        step = logic.ensure_step(self.ops.sandbox(key))
         created = False
-        if existing is None or e2b.state_of(existing) is None:
-            if existing is not None:  # ended or failed: make room for a new one
-                await self.gw.delete_sandbox(namespace, name, wait=True)
-            template = self.gw.template_named(e2b.template_name(payload.get("template") or "base"))
-            if template is None:
-                raise e2b.Refused(400, f"template {payload.get('template') or 'base'!r} not found")
-            manifest = e2b.sandbox_from_request(
-                {
-                    "timeout": payload.get("timeout"),
-                    "metadata": payload.get("metadata"),
-                    "envVars": payload.get("envVars"),
-                },
-                namespace=namespace,
-                template=template,
+        if step is logic.Ensure.REPLACE:  # ended or failed: make room for a new one
+            await self.ops.delete_sandbox(namespace, name, wait=True)
+        if step in (logic.Ensure.CREATE, logic.Ensure.REPLACE):
+            manifest = logic.session_manifest(
+                payload, namespace=namespace, session_id=_session_id(request), templates=self.ops.templates()
             )
-            manifest["metadata"]["name"] = name
-            manifest["metadata"]["labels"] = {SESSION_LABEL: request.match_info["session"]}
-            try:
-                await self.gw.create_sandbox(namespace, manifest)
-                created = True
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise  # 409: a concurrent PUT of the same session created it; serve that one
-        elif e2b.state_of(existing) == "paused":
-            await self.gw.set_suspended(namespace, name, False)
-        body = await self.gw.until_serving((namespace, name), delete_on_failure=created)
+            created = await self._create(namespace, manifest)
+        elif step is logic.Ensure.RESUME:
+            await self.ops.set_suspended(namespace, name, False)
+        body = await self.ops.until_serving(key, delete_on_failure=created)
         return json_response(201 if created else 200, self._describe(request, body))
 
+    async def _create(self, namespace: str, manifest: JSON) -> bool:
+        """Whether this call created the sandbox (False: a concurrent PUT of the session did)."""
+        try:
+            await self.ops.create_sandbox(namespace, manifest)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            return False  # 409: the other PUT's sandbox is served
+        return True
+
     async def get(self, request: web.Request) -> web.StreamResponse:
-        namespace, name = self._key(request)
-        body = self.gw.cache.sandboxes.get((namespace, name))
-        if body is None or e2b.state_of(body) is None:
-            raise e2b.Refused(404, f"session {request.match_info['session']} has no sandbox")
+        body = logic.session_sandbox(self.ops.sandbox(self._key(request)), _session_id(request))
         return json_response(200, self._describe(request, body))
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
         namespace, name = self._key(request)
-        if not await self.gw.delete_sandbox(namespace, name, wait=False):
-            raise e2b.Refused(404, f"session {request.match_info['session']} has no sandbox")
+        if not await self.ops.delete_sandbox(namespace, name, wait=False):
+            raise e2b.Refused(404, f"session {_session_id(request)} has no sandbox")
         return web.Response(status=204)
 
     async def commands(self, request: web.Request) -> web.StreamResponse:
-        body = self._serving(self._key(request))
-        payload = await read_payload(request)
-        cmd = payload.get("cmd")
-        if not isinstance(cmd, str) or not cmd:
-            raise e2b.Refused(400, "'cmd' must be a non-empty string (run by bash -l -c)")
-        envs = e2b.string_map(payload.get("envs"), "envs")
-        process: JSON = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": envs}
-        if payload.get("cwd") is not None:
-            process["cwd"] = str(payload["cwd"])
-        timeout = e2b.seconds(payload.get("timeout"), "timeout", 60)
-        headers = {"Content-Type": STREAM_CONTENT_TYPE, "Connect-Protocol-Version": "1"}
-        if timeout:
-            headers["Connect-Timeout-Ms"] = str(timeout * 1000)
-        stdout, stderr = bytearray(), bytearray()
-        end: JSON = {}
-        decoder = EnvelopeDecoder(max_length=MAX_OUTPUT_BYTES * 2)
+        body = self._serving(request)
+        data, headers = logic.command_request(await read_payload(request))
+        output = logic.CommandOutput()
         url = f"http://{body['status']['podIP']}:{ENVD_PORT}/process.Process/Start"
-        async with self.gw.upstream().post(
-            url, data=encode_envelope(json.dumps({"process": process}).encode()), headers=headers
-        ) as response:
+        async with self.ops.upstream().post(url, data=data, headers=headers) as response:
             if response.status != 200:
-                raise e2b.Refused(502, f"the agent answered {response.status}: {await response.text()}")
+                raise logic.command_failure(response.status, await response.text())
             async for chunk in response.content.iter_any():
-                for flags, message in decoder.feed(chunk):
-                    parsed = json.loads(message)
-                    if flags & FLAG_END_STREAM:
-                        if parsed.get("error"):
-                            error = parsed["error"]
-                            raise e2b.Refused(
-                                504 if error.get("code") == "deadline_exceeded" else 502,
-                                f"{error.get('code')}: {error.get('message')}",
-                            )
-                        continue
-                    event = parsed.get("event") or {}
-                    for stream, sink in (("stdout", stdout), ("stderr", stderr)):
-                        data = (event.get("data") or {}).get(stream)
-                        if data and len(sink) < MAX_OUTPUT_BYTES:
-                            sink.extend(base64.b64decode(data)[: MAX_OUTPUT_BYTES - len(sink)])
-                    if "end" in event:
-                        end = event["end"]
-        return json_response(
-            200,
-            {
-                "exitCode": int(end.get("exitCode") or 0),
-                "stdout": stdout.decode(errors="replace"),
-                "stderr": stderr.decode(errors="replace"),
-                "error": end.get("error"),
-            },
-        )
+                output.feed(chunk)
+        return json_response(200, output.result())
 
     async def code(self, request: web.Request) -> web.StreamResponse:
-        body = self._serving(self._key(request))
-        payload = await read_payload(request)
-        if not isinstance(payload.get("code"), str):
-            raise e2b.Refused(400, "'code' must be a string")
-        execute: JSON = {"code": payload["code"]}
-        if payload.get("language") is not None:
-            execute["language"] = payload["language"]
-        result: JSON = {"results": [], "stdout": "", "stderr": "", "error": None, "executionCount": None}
+        body = self._serving(request)
+        execute = logic.execute_request(await read_payload(request))
+        output = logic.CodeOutput()
         url = f"http://{body['status']['podIP']}:{INTERPRETER_PORT}/execute"
-        token = self.gw.token_of(body)
-        async with self.gw.upstream().post(url, json=execute, headers={"X-Access-Token": token}) as response:
+        headers = {"X-Access-Token": self.ops.token_of(body)}
+        async with self.ops.upstream().post(url, json=execute, headers=headers) as response:
             if response.status != 200:
-                raise e2b.Refused(response.status if response.status < 500 else 502, await response.text())
+                raise logic.execute_failure(response.status, await response.text())
             async for raw in response.content:
-                if not raw.strip():
-                    continue
-                line = json.loads(raw)
-                kind = line.get("type")
-                if kind in ("stdout", "stderr"):
-                    result[kind] += line.get("text", "")
-                elif kind == "result":
-                    result["results"].append({k: v for k, v in line.items() if k != "type"})
-                elif kind == "error":
-                    result["error"] = {k: line.get(k) for k in ("name", "value", "traceback")}
-                elif kind == "number_of_executions":
-                    result["executionCount"] = line.get("execution_count")
-        return json_response(200, result)
+                output.feed(raw)
+        return json_response(200, output.result())
 
     async def read_file(self, request: web.Request) -> web.StreamResponse:
         return await self._files(request, "GET")
@@ -220,18 +164,15 @@ class SessionApi:
         return await self._files(request, "POST")
 
     async def _files(self, request: web.Request, method: str) -> web.StreamResponse:
-        body = self._serving(self._key(request))
-        path = request.query.get("path")
-        if not path:
-            raise e2b.Refused(400, "the 'path' query parameter is required")
+        body = self._serving(request)
+        path = logic.file_path(request.query)
         url = f"http://{body['status']['podIP']}:{ENVD_PORT}/files"
         data = await request.read() if method == "POST" else None
-        headers = {"Accept-Encoding": request.headers.get("Accept-Encoding", "identity")}
-        if method == "POST":
-            headers["Content-Type"] = "application/octet-stream"
-        async with self.gw.upstream().request(
+        headers = logic.file_request_headers(method, request.headers.get("Accept-Encoding", "identity"))
+        async with self.ops.upstream().request(
             method, url, params={"path": path}, data=data, headers=headers
         ) as response:
             content = await response.read()
-            kept = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "content-encoding")}
-            return web.Response(status=response.status, body=content, headers=kept)
+            return web.Response(
+                status=response.status, body=content, headers=logic.file_response_headers(response.headers)
+            )

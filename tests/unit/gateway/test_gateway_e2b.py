@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlencode, urlparse
 from urllib.parse import quote as url_quote
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
+from sandbox_operator.agent.signing import compute_signature
 from sandbox_operator.api import Sandbox
+from sandbox_operator.api.names import ENVD_PORT
 from sandbox_operator.gateway import e2b
 
 UID = "0b5a9d1e-3f3c-4b0e-9d8e-1f2a3b4c5d6e"
@@ -234,3 +237,244 @@ def test_api_key_command_prints_an_applicable_secret(capsys: pytest.CaptureFixtu
     assert secret["metadata"]["namespace"] == "gw" and secret["stringData"] == {"key": key}
     assert secret["metadata"]["annotations"] == {"sandbox.dev/namespace": "team-a"}
     assert secret["metadata"]["labels"] == {"sandbox.dev/api-key": "true"}
+
+
+# --- decisions the control-plane handlers take -----------------------------------------------------
+
+
+def gone(body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-12-01T10:01:00Z"}}
+
+
+@pytest.mark.parametrize(
+    ("wanted", "available", "chosen"),
+    [
+        ("base", {"base"}, "base"),
+        ("code-interpreter-v1", {"code-interpreter"}, "code-interpreter"),
+        ("code-interpreter-v1", {"code-interpreter-v1", "code-interpreter"}, "code-interpreter-v1"),
+        ("missing", {"base"}, None),
+    ],
+)
+def test_template_for_prefers_the_exact_name_then_the_alias(wanted: str, available: set[str], chosen: str) -> None:
+    assert e2b.template_for(wanted, available) == chosen
+
+
+def test_create_resolves_the_template_or_refuses_with_400() -> None:
+    body = e2b.sandbox_for_create({"templateID": "code-interpreter-v1"}, namespace="n", templates={"code-interpreter"})
+    assert body["spec"]["template"] == "code-interpreter" and body["metadata"]["namespace"] == "n"
+    with pytest.raises(e2b.Refused, match="template 'nope' not found") as refused:
+        e2b.sandbox_for_create({"templateID": "nope"}, namespace="n", templates={"base"})
+    assert refused.value.status == 400
+    with pytest.raises(e2b.BadRequest, match="templateID"):
+        e2b.sandbox_for_create({}, namespace="n", templates={"base"})
+
+
+@pytest.mark.parametrize(
+    ("body", "shown"),
+    [(None, False), (cr(), True), (cr("Suspended"), True), (cr("Terminated"), False), (gone(cr()), False)],
+)
+def test_the_api_shows_live_sandboxes_only(body: dict[str, Any] | None, shown: bool) -> None:
+    assert e2b.visible(body) is shown
+    if shown:
+        assert e2b.require_visible(body, "sid") is body
+    else:
+        with pytest.raises(e2b.Refused, match="sandbox sid not found") as refused:
+            e2b.require_visible(body, "sid")
+        assert refused.value.status == 404
+
+
+def with_status(phase: str, **status: Any) -> dict[str, Any]:
+    return {**cr(), "status": {"phase": phase, **status}}
+
+
+@pytest.mark.parametrize(
+    ("body", "settled"),
+    [
+        (None, True),
+        (with_status("Creating"), False),
+        (with_status("Running"), False),  # no pod IP yet: nothing to talk to
+        (with_status("Running", podIP="10.0.0.7"), True),
+        (with_status("Error"), True),
+        (with_status("Terminated"), True),
+        (with_status("Suspended"), False),
+    ],
+)
+def test_a_start_settles_on_running_with_an_ip_or_an_end(body: dict[str, Any] | None, settled: bool) -> None:
+    assert e2b.settled(body) is settled
+
+
+def test_a_settled_start_is_served_or_refused() -> None:
+    running = with_status("Running", podIP="10.0.0.7")
+    assert e2b.started(running) is running
+    with pytest.raises(e2b.Refused, match="deleted while it was starting") as deleted:
+        e2b.started(None)
+    assert deleted.value.status == 409
+    with pytest.raises(e2b.Refused, match="failed to start: ImageError: no such image") as failed:
+        e2b.started(with_status("Error", reason="ImageError", message="no such image"))
+    assert failed.value.status == 500
+    with pytest.raises(e2b.Refused, match="failed to start: Terminated: None"):
+        e2b.started(with_status("Terminated"))
+
+
+NOW = datetime(2026, 12, 1, 10, 1, 30, tzinfo=UTC)  # 90 s after cr()'s creation, 210 s before its end
+
+
+def test_extending_counts_the_lifetime_from_creation() -> None:
+    assert e2b.extended_timeouts(cr(), 60, NOW, only_longer=False) == {"maxLifetime": "150s"}
+    # set_timeout may shorten; connect only lengthens.
+    assert e2b.extended_timeouts(cr(), 60, NOW, only_longer=True) is None
+    assert e2b.extended_timeouts(cr(), 600, NOW, only_longer=True) == {"maxLifetime": "690s"}
+    assert e2b.extended_timeouts(cr("Creating") | {"status": {}}, 60, NOW, only_longer=True) == {"maxLifetime": "150s"}
+
+
+def test_extending_drops_an_idle_timeout_that_no_longer_fits() -> None:
+    assert e2b.extended_timeouts(cr(timeouts={"idle": "10m"}), 60, NOW, only_longer=False) == {
+        "maxLifetime": "150s",
+        "idle": "0",
+    }
+    assert e2b.extended_timeouts(cr(timeouts={"idle": "1m"}), 60, NOW, only_longer=False) == {"maxLifetime": "150s"}
+
+
+def test_a_change_is_observed_once_the_operator_caught_up() -> None:
+    patched = {"metadata": {"generation": 3}}
+    generation = e2b.generation_of(patched)
+    assert generation == 3 and e2b.generation_of({"metadata": {}}) == 0
+    assert e2b.observed(None, generation)
+    assert not e2b.observed(with_status("Running", observedGeneration=2), generation)
+    assert e2b.observed(with_status("Running", observedGeneration=3), generation)
+
+
+def test_pausing_refuses_a_paused_sandbox_and_ends_at_suspended() -> None:
+    e2b.ensure_pausable(cr(), "sid")
+    with pytest.raises(e2b.Refused, match="sandbox sid is already paused") as refused:
+        e2b.ensure_pausable(cr("Suspending"), "sid")
+    assert refused.value.status == 409
+    assert e2b.suspended_or_gone(None) and e2b.suspended_or_gone(cr("Suspended"))
+    assert not e2b.suspended_or_gone(cr("Suspending"))
+
+
+@pytest.mark.parametrize(
+    ("body", "proxied", "metrics"),
+    [
+        (with_status("Running", podIP="10.0.0.7"), "10.0.0.7", "10.0.0.7"),
+        (with_status("Creating", podIP="10.0.0.7"), None, "10.0.0.7"),  # E2B calls it running already
+        (with_status("Running"), None, None),
+        (with_status("Suspended", podIP="10.0.0.7"), None, None),
+    ],
+)
+def test_traffic_needs_running_metrics_need_an_e2b_running_state(
+    body: dict[str, Any], proxied: str | None, metrics: str | None
+) -> None:
+    assert e2b.running_pod_ip(body) == proxied
+    assert e2b.metrics_pod_ip(body) == metrics
+
+
+def test_running_pod_ip_of_no_sandbox_is_none() -> None:
+    assert e2b.running_pod_ip(None) is None
+
+
+def test_listing_skips_ended_and_deleted_sandboxes_and_pages_v2_only() -> None:
+    def named(name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "metadata": {**body["metadata"], "name": name}}
+
+    bodies = [named(f"s{i}", cr()) for i in range(3)] + [named("ended", cr("Error")), named("going", gone(cr()))]
+    query = e2b.parse_list_query({"limit": "2"})
+    everything, token = e2b.list_sandboxes(bodies, {"base": TEMPLATE}, query, paginated=False)
+    ids = [item["sandboxID"] for item in everything]
+    assert len(ids) == 3 and ids == sorted(ids) and token is None
+    assert everything[0]["cpuCount"] == 2  # sized from the template
+    first, token = e2b.list_sandboxes(bodies, {}, query, paginated=True)
+    assert [item["sandboxID"] for item in first] == ids[:2] and token == ids[1]
+    assert "envdAccessToken" not in first[0]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "answered", "message"),
+    [
+        (422, {"message": "spec.timeouts: invalid"}, 400, "kubernetes: spec.timeouts: invalid"),
+        (409, {"message": "exists"}, 409, "kubernetes: exists"),
+        (403, {"message": "forbidden"}, 403, "kubernetes: forbidden"),
+        (500, {"message": "etcd"}, 502, "kubernetes: etcd"),
+        (503, "unavailable", 502, "kubernetes: unavailable"),
+    ],
+)
+def test_kubernetes_errors_in_e2b_shape(status: int, body: Any, answered: int, message: str) -> None:
+    assert e2b.kubernetes_error(status, body) == (answered, {"code": answered, "message": message})
+
+
+# --- admission of data-plane requests --------------------------------------------------------------
+
+ENVD = e2b.Route("sid", ENVD_PORT)
+
+
+def admit(route: e2b.Route = ENVD, *, method: str = "GET", path: str = "/process", **given: Any) -> Any:
+    return e2b.proxy_refusal(
+        route,
+        method=method,
+        path=path,
+        headers=given.get("headers", {}),
+        query=given.get("query", {}),
+        token="tok",
+        now=1000.0,
+    )
+
+
+def test_the_access_token_admits_a_request_in_either_header() -> None:
+    assert admit(headers={"X-Access-Token": "tok"}) is None
+    assert admit(headers={"E2B-Traffic-Access-Token": "tok"}) is None
+    assert admit(e2b.Route("sid", 8080), headers={"X-Access-Token": "tok"}) is None
+    assert admit(headers={"X-Access-Token": "wrong"}) == (
+        401,
+        "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)",
+    )
+
+
+def test_internal_envd_paths_are_never_proxied_even_with_a_token() -> None:
+    assert admit(path="/init", headers={"X-Access-Token": "tok"}) == (403, "/init is internal to the sandbox")
+    assert admit(e2b.Route("sid", 8080), path="/init", headers={"X-Access-Token": "tok"}) is None
+
+
+def test_health_is_open_on_envd_only() -> None:
+    assert admit(path="/health") is None
+    assert admit(e2b.Route("sid", 8080), path="/health") is not None
+
+
+def test_signed_file_urls_stand_in_for_the_token() -> None:
+    def signed(operation: Literal["read", "write"], expiration: int) -> dict[str, str]:
+        signature = compute_signature("/a.txt", operation, "user", "tok", expiration)
+        return {"path": "/a.txt", "username": "user", "signature": signature, "signature_expiration": str(expiration)}
+
+    assert admit(path="/files", query=signed("read", 2000)) is None
+    assert admit(method="POST", path="/files", query=signed("write", 2000)) is None
+    refused = admit(method="POST", path="/files", query=signed("read", 2000))
+    assert refused is not None and refused[0] == 401 and refused[1].startswith("file URL refused: ")
+    assert admit(path="/files", query=signed("read", 999)) == (401, "file URL refused: signature has expired")
+
+
+def test_forwarded_headers_drop_hop_by_hop_ones_and_the_gateways_credentials() -> None:
+    given = CIMultiDict(
+        {
+            "X-Access-Token": "tok",
+            "X-API-KEY": "key",
+            "Connection": "keep-alive",
+            "Host": "49983-sid.example.com",
+            "Content-Length": "5",
+            "Content-Type": "text/plain",
+        }
+    )
+    assert e2b.forwarded_headers(given, 5) == {
+        "Content-Type": "text/plain",
+        "Content-Length": "5",
+        "Accept-Encoding": "identity",  # nothing the client did not ask for
+    }
+    assert e2b.forwarded_headers(CIMultiDict({"Accept-Encoding": "gzip"}), None) == {"Accept-Encoding": "gzip"}
+
+
+def test_returned_headers_keep_repeated_ones() -> None:
+    upstream = CIMultiDict([("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Transfer-Encoding", "chunked")])
+    assert e2b.returned_headers(upstream) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+
+
+def test_proxy_error_bodies_name_the_sandbox() -> None:
+    assert e2b.sandbox_gone_body("sid") == {"sandboxId": "sid", "message": "The sandbox was not found", "code": 502}
+    assert e2b.port_not_open_body(e2b.Route("sid", 8080))["port"] == 8080
