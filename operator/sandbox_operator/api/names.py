@@ -14,6 +14,9 @@ from typing import Final
 
 __all__ = [
     "AGENT_PORTS",
+    "AGENT_TOKEN_ENV",
+    "AGENT_TOKEN_HEADER",
+    "AGENT_TOKEN_ID_ANNOTATION",
     "API_KEY_LABEL",
     "API_KEY_NAMESPACES_ANNOTATION",
     "API_VERSION",
@@ -37,6 +40,7 @@ __all__ = [
     "PODS",
     "POD_SIGNATURE_ANNOTATION",
     "POOL_LABEL",
+    "RESERVED_ENV_PREFIX",
     "SANDBOXES",
     "SANDBOX_ID_LABEL",
     "SANDBOX_LABEL",
@@ -45,6 +49,7 @@ __all__ = [
     "SECRETS",
     "SERVICES",
     "SESSION_LABEL",
+    "SIGNED_PATH_HEADER",
     "SPEC_HASH_ANNOTATION",
     "TEMPLATE_LABEL",
     "VERSION",
@@ -104,11 +109,25 @@ POD_SIGNATURE_ANNOTATION: Final = "sandbox.dev/pod-signature"
 """On a warm pod: a digest of its spec, to match it with the pod a Sandbox would get."""
 CLAIMED_FROM_POOL_ANNOTATION: Final = "sandbox.dev/claimed-from-pool"
 """On a pod (and claim) a Sandbox took from a pool: the pool's name, for its whole life."""
+AGENT_TOKEN_ID_ANNOTATION: Final = "sandbox.dev/agent-token-id"
+"""On a sandbox pod: the id its agent's access token derives from (resources.tokens)."""
 KOPF_ANNOTATION_PREFIX: Final = GROUP
 """Prefix of kopf's own progress annotations: distinct, so another kopf operator never collides."""
 FINALIZER: Final = "sandbox.dev/finalizer"
 """kopf's finalizer name, distinct from other kopf operators'; no handler needs one, so no object
 carries it (deletion is the API server's, children go by ownerReference garbage collection)."""
+
+# --- headers and environment of the agent -------------------------------------------------------
+
+AGENT_TOKEN_HEADER: Final = "X-Access-Token"
+"""The header the agent reads its access token from (E2B's envd header)."""
+SIGNED_PATH_HEADER: Final = "X-Sandbox-Signed-Path"
+"""Set by the gateway (never by a client) on a /files request it admitted by a signed URL: the one
+path the request may read or write."""
+AGENT_TOKEN_ENV: Final = "SANDBOX_ACCESS_TOKEN"
+"""The agent's access token in its environment (never passed on to the processes it starts)."""
+RESERVED_ENV_PREFIX: Final = "SANDBOX_"
+"""Environment names the operator owns: a tenant's env may not set any of them."""
 
 # --- agent ports ----------------------------------------------------------------------------------
 
