@@ -204,6 +204,10 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Proc:
     return Proc(name, process, log_path)
 
 
+# One key for the operator and the gateway: agents' access tokens derive from it on both sides.
+TOKEN_KEY = secrets.token_hex(16)
+
+
 def start_operator(kubeconfig: str, namespace: str) -> Proc:
     metrics_port, liveness_port = free_port(), free_port()
     operator = spawn(
@@ -224,7 +228,7 @@ def start_operator(kubeconfig: str, namespace: str) -> Proc:
             "--liveness-port",
             str(liveness_port),
         ],
-        {**os.environ, "KUBECONFIG": kubeconfig},
+        {**os.environ, "KUBECONFIG": kubeconfig, "SANDBOX_GATEWAY_TOKEN_KEY": TOKEN_KEY},
     )
 
     def live() -> bool:
@@ -285,7 +289,7 @@ def start_gateway(kubeconfig: str, namespace: str, profile: bool) -> Gateway:
             "--create-timeout",
             "60",
         ],
-        {**os.environ, "KUBECONFIG": kubeconfig, "SANDBOX_GATEWAY_TOKEN_KEY": secrets.token_hex(16)},
+        {**os.environ, "KUBECONFIG": kubeconfig, "SANDBOX_GATEWAY_TOKEN_KEY": TOKEN_KEY},
     )
     gateway = Gateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", profile_path)
 

@@ -76,7 +76,8 @@ def main() -> int:
         out = run(str(REPO / "hack" / "cluster"), "up", "--state-dir", str(STATE), "--node", "containers")
         cluster_up = True
         kubeconfig = out.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
-        env = {**os.environ, "KUBECONFIG": kubeconfig}
+        # One token key for the operator and the gateway: agents' access tokens derive from it.
+        env = {**os.environ, "KUBECONFIG": kubeconfig, "SANDBOX_GATEWAY_TOKEN_KEY": os.urandom(24).hex()}
         print(f"    ready in {time.monotonic() - started:.1f}s; KUBECONFIG={kubeconfig}")
 
         def kubectl(*args: str, input: str | None = None) -> str:
@@ -160,7 +161,7 @@ def main() -> int:
                 ],
                 stdout=gateway_log,
                 stderr=subprocess.STDOUT,
-                env={**env, "SANDBOX_GATEWAY_TOKEN_KEY": os.urandom(24).hex()},
+                env=env,
             )
         )
         wait_for("the gateway's /health", lambda: _http_ok(f"{gateway_url}/health"))

@@ -417,9 +417,11 @@ class AgentlessRuntime(Runtime):
         super().__init__(client, config)
         self.agent_last_activity: dict[str, datetime] = {}  # pod IP -> what its agent reports
         self.agents_asked: list[str] = []  # pod IPs, in the order they were asked
+        self.tokens_presented: list[str | None] = []  # the access token of each ask
 
-    async def agent_activity(self, pod_ip: str) -> datetime | None:
+    async def agent_activity(self, pod_ip: str, token: str | None) -> datetime | None:
         self.agents_asked.append(pod_ip)
+        self.tokens_presented.append(token)
         return self.agent_last_activity.get(pod_ip)
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sandbox_operator.keys import TOKEN_KEY_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -55,6 +57,9 @@ def kubectl_binary() -> str:
     return found
 
 
+TEST_TOKEN_KEY = "sandbox-operator-tests-token-key"  # >= 16 bytes, like a real key
+
+
 @dataclass
 class Cluster:
     """A running Kubernetes API server the tests talk to."""
@@ -64,7 +69,9 @@ class Cluster:
     node: str = "kwok"  # the local node kind: kwok (simulated pods) or containers (pods really run)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": self.kubeconfig}
+        # One token key for every operator and gateway the tests start: agents' access tokens derive
+        # from it on both sides.
+        return {**os.environ, "KUBECONFIG": self.kubeconfig, TOKEN_KEY_ENV: TEST_TOKEN_KEY}
 
     def kubectl(
         self,

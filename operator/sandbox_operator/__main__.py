@@ -7,7 +7,8 @@ import logging
 import sys
 
 from sandbox_operator import __version__
-from sandbox_operator.api.names import ENVD_PORT
+from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, ENVD_PORT
+from sandbox_operator.keys import TOKEN_KEY_ENV, read_token_key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="minimum seconds between status.usage writes per sandbox",
     )
     run.add_argument("--agent-port", type=int, default=ENVD_PORT, help="the agent's envd port in sandbox pods")
+    run.add_argument(
+        "--egress-cluster-cidr",
+        dest="egress_cluster_cidrs",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="the cluster's pod/service/node range that egress 'allow' excludes (repeat; default: every "
+        "private range, " + ", ".join(DEFAULT_CLUSTER_CIDRS) + ")",
+    )
+    run.add_argument(
+        "--token-key-file",
+        default=None,
+        help="file with the key agent access tokens derive from, the gateway's (else $SANDBOX_GATEWAY_TOKEN_KEY)",
+    )
     run.add_argument(
         "--metric-metadata-key",
         action="append",
@@ -124,7 +139,15 @@ def main(argv: list[str] | None = None) -> None:
             usage_status_interval=args.usage_status_interval,
             agent_port=args.agent_port,
             metric_metadata_keys=tuple(args.metric_metadata_keys),
+            agent_token_key=read_token_key(args.token_key_file),
+            egress_cluster_cidrs=tuple(args.egress_cluster_cidrs) or DEFAULT_CLUSTER_CIDRS,
         )
+        if config.agent_token_key is None:
+            logging.getLogger("sandbox_operator").warning(
+                "no --token-key-file or %s: sandbox agents start without an access token; anything that "
+                "reaches a pod's IP can drive its agent (development only)",
+                TOKEN_KEY_ENV,
+            )
         sys.exit(run_operator(config))
     if args.command == "api-key":
         import json

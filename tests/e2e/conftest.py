@@ -104,7 +104,7 @@ def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytes
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**cluster.env(), "SANDBOX_GATEWAY_TOKEN_KEY": "k" * 32},
+            env=cluster.env(),  # the token key the operator has too (agent tokens)
         )
     handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, other_key, process, log)
 

@@ -187,6 +187,18 @@ BAD_SANDBOXES: list[tuple[str, dict[str, Any], str, str]] = [
         "Duplicate value: 8080",
     ),
     (
+        "env-reserved-for-the-agent",
+        _sandbox({"template": "base", "env": {"SANDBOX_MAX_OUTPUT_BYTES": "0"}}),
+        "spec.env",
+        "env names starting with SANDBOX_ or LD_ are reserved",
+    ),
+    (
+        "env-loader-variable",
+        _sandbox({"template": "base", "env": {"LD_PRELOAD": "/tmp/x.so"}}),
+        "spec.env",
+        "env names starting with SANDBOX_ or LD_ are reserved",
+    ),
+    (
         "env-name-starts-with-digit",
         _sandbox({"template": "base", "env": {"1BAD": "x"}}),
         "spec.env",

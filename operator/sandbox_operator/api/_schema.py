@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, GetJsonSchemaHandle
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from .names import RESERVED_ENV_PREFIXES
 from .quantity import DURATION_HINT, DURATION_PATTERN, is_duration, parse_quantity
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Port",
     "Quantity",
     "ResourceName",
+    "TenantEnvMap",
     "cel",
     "cel_duration",
     "cel_is_duration",
@@ -220,6 +222,28 @@ EnvMap = Annotated[
     ),
 ]
 """Environment variables: C-identifier names, values up to 32 KiB, at most 256 entries."""
+
+RESERVED_ENV_MESSAGE = "env names starting with SANDBOX_ or LD_ are reserved for the operator and the loader"
+
+
+TenantEnvMap = Annotated[
+    EnvMap,
+    # Admission only (CEL): an object stored before the rule still parses, and the pod builder drops
+    # reserved names whatever the object says.
+    CelRules(
+        (
+            cel(
+                "self.all(name, "
+                + " && ".join(f"!name.startsWith({_cel_string(p)})" for p in RESERVED_ENV_PREFIXES)
+                + ")",
+                RESERVED_ENV_MESSAGE,
+                reason="FieldValueForbidden",
+            ),
+        )
+    ),
+]
+"""A Sandbox's own environment variables: EnvMap without the reserved names (a template, written by
+the cluster's operators, may set them)."""
 
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 LABEL_KEY_MAX = 63

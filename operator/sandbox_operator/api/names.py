@@ -17,12 +17,14 @@ __all__ = [
     "AGENT_TOKEN_ENV",
     "AGENT_TOKEN_HEADER",
     "AGENT_TOKEN_ID_ANNOTATION",
+    "ALWAYS_DENIED_CIDRS",
     "API_KEY_LABEL",
     "API_KEY_NAMESPACES_ANNOTATION",
     "API_VERSION",
     "CLAIMED_FROM_POOL_ANNOTATION",
     "COMPONENT_LABEL",
     "CREATED_BY_ANNOTATION",
+    "DEFAULT_CLUSTER_CIDRS",
     "EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION",
     "ENVD_PORT",
     "EVENTS",
@@ -40,7 +42,7 @@ __all__ = [
     "PODS",
     "POD_SIGNATURE_ANNOTATION",
     "POOL_LABEL",
-    "RESERVED_ENV_PREFIX",
+    "RESERVED_ENV_PREFIXES",
     "SANDBOXES",
     "SANDBOX_ID_LABEL",
     "SANDBOX_LABEL",
@@ -126,8 +128,18 @@ SIGNED_PATH_HEADER: Final = "X-Sandbox-Signed-Path"
 path the request may read or write."""
 AGENT_TOKEN_ENV: Final = "SANDBOX_ACCESS_TOKEN"
 """The agent's access token in its environment (never passed on to the processes it starts)."""
-RESERVED_ENV_PREFIX: Final = "SANDBOX_"
-"""Environment names the operator owns: a tenant's env may not set any of them."""
+RESERVED_ENV_PREFIXES: Final = ("SANDBOX_", "LD_")
+"""Environment names a Sandbox's own env may not set: the agent's settings (the operator's) and the
+dynamic loader's variables (a preloaded library would run in the agent too)."""
+
+# --- egress ---------------------------------------------------------------------------------------
+
+ALWAYS_DENIED_CIDRS: Final = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
+"""Never reachable from a sandbox, whatever its egress: link-local (cloud metadata, which hands out
+node credentials) and AWS's IPv6 metadata endpoint."""
+DEFAULT_CLUSTER_CIDRS: Final = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fd00::/8")
+"""The cluster's own networks that `allow` egress keeps sandboxes off unless --egress-cluster-cidr
+says otherwise: pod and service ranges are not discoverable through the API, so every private range."""
 
 # --- agent ports ----------------------------------------------------------------------------------
 

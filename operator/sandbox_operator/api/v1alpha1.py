@@ -25,6 +25,7 @@ from ._schema import (
     Port,
     Quantity,
     ResourceName,
+    TenantEnvMap,
     cel,
     cel_duration,
     cel_is_duration,
@@ -388,8 +389,12 @@ class SandboxSpec(_Model):
         default=False,
         description="Desired state: true suspends the sandbox (pod deleted, workspace kept), false runs it.",
     )
-    env: EnvMap | None = Field(
-        default=None, description="Environment variables added to (and overriding) the template's env."
+    env: TenantEnvMap | None = Field(
+        default=None,
+        description=(
+            "Environment variables added to (and overriding) the template's env; names starting with "
+            "SANDBOX_ or LD_ are reserved."
+        ),
     )
     metadata: LabelMap | None = Field(
         default=None,
@@ -439,6 +444,14 @@ class SandboxStatus(_StatusModel):
         default=None,
         max_length=512,
         description="Address of the sandbox's agent (envd) as the gateway reaches it.",
+    )
+    agent_token_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "Id of the current pod's agent access token; the token derives from it and a key only the "
+            "operator and the gateway hold (the id alone grants nothing)."
+        ),
     )
     started_at: datetime | None = Field(default=None, description="When the sandbox first became Running.")
     last_activity_at: datetime | None = Field(

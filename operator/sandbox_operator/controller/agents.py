@@ -8,6 +8,7 @@ from typing import Final
 
 import aiohttp
 
+from sandbox_operator.api.names import AGENT_TOKEN_HEADER
 from sandbox_operator.metrics.usage import AgentSample, parse_agent_metrics
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,23 @@ class AgentClient:
         if self._session is not None:
             await self._session.close()
 
-    async def sample(self, pod_ip: str) -> AgentSample:
-        """One scrape of the agent's /agent/metrics; raises aiohttp.ClientError, TimeoutError,
-        OSError or ValueError when the agent does not answer with its metrics."""
-        async with self._client().get(f"http://{pod_ip}:{self.port}/agent/metrics") as response:
+    async def sample(self, pod_ip: str, token: str | None) -> AgentSample:
+        """One scrape of the agent's /agent/metrics (with its access token); raises
+        aiohttp.ClientError, TimeoutError, OSError or ValueError when the agent does not answer with
+        its metrics."""
+        headers = {AGENT_TOKEN_HEADER: token} if token else None
+        async with self._client().get(f"http://{pod_ip}:{self.port}/agent/metrics", headers=headers) as response:
             response.raise_for_status()
             raw = await response.content.read(MAX_METRICS_BYTES + 1)
         if len(raw) > MAX_METRICS_BYTES:
             raise ValueError(f"the agent's metrics exceed {MAX_METRICS_BYTES} bytes")
         return parse_agent_metrics(raw.decode(errors="replace"))
 
-    async def last_activity(self, pod_ip: str) -> datetime | None:
+    async def last_activity(self, pod_ip: str, token: str | None) -> datetime | None:
         """When the agent last saw activity (now, while a command or execution runs); None when the
         agent does not answer or reports none."""
         try:
-            sample = await self.sample(pod_ip)
+            sample = await self.sample(pod_ip, token)
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             log.debug("activity check of %s failed: %s", pod_ip, exc)
             return None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sandbox_operator.api.names import ENVD_PORT
+from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, ENVD_PORT
+from sandbox_operator.resources.tokens import agent_token
 
 
 @dataclass(frozen=True)
@@ -26,3 +27,14 @@ class OperatorConfig:
     agent_port: int = ENVD_PORT
     # spec.metadata keys that become metric labels (metadata_<key>); bounded on purpose.
     metric_metadata_keys: tuple[str, ...] = ()
+    # The key agent access tokens derive from, shared with the gateway (resources.tokens); None
+    # starts agents without a token (development only: any pod on the network could drive them).
+    agent_token_key: bytes | None = None
+    # The cluster's own networks (pods, Services, nodes) that `allow` egress keeps sandboxes off.
+    egress_cluster_cidrs: tuple[str, ...] = DEFAULT_CLUSTER_CIDRS
+
+    def agent_token(self, token_id: str | None) -> str | None:
+        """The access token of the agent whose pod has ``token_id``; None when there is none."""
+        if self.agent_token_key is None or not token_id:
+            return None
+        return agent_token(self.agent_token_key, token_id)

@@ -43,5 +43,6 @@ class ReconcileContext(Protocol):
     def spawn(self, write: Coroutine[Any, Any, None]) -> None:
         """Run a best-effort write (it handles its own errors) without holding up the reconcile."""
 
-    async def agent_activity(self, pod_ip: str) -> datetime | None:
-        """The sandbox agent's last activity, asked now; None when it does not answer."""
+    async def agent_activity(self, pod_ip: str, token: str | None) -> datetime | None:
+        """The sandbox agent's last activity, asked now (with its access token); None when it does
+        not answer."""

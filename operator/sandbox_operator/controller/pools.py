@@ -47,6 +47,7 @@ from sandbox_operator.resources import (
     owner_reference,
     sandbox_id,
 )
+from sandbox_operator.resources.tokens import AgentToken, issue_agent_token
 
 if TYPE_CHECKING:
     from sandbox_operator.controller.context import ReconcileContext
@@ -86,8 +87,11 @@ def _pool_owner(pool: SandboxPool) -> dict[str, Any]:
     }
 
 
-def build_warm_pod(pool: SandboxPool, template: SandboxTemplate, suffix: str) -> tuple[JSON, JSON | None]:
-    """A warm pod (and its workspace claim) for the pool: a sandbox pod of template defaults."""
+def build_warm_pod(
+    pool: SandboxPool, template: SandboxTemplate, suffix: str, token: AgentToken | None = None
+) -> tuple[JSON, JSON | None]:
+    """A warm pod (and its workspace claim) for the pool: a sandbox pod of template defaults. Its
+    agent token stays with it when a sandbox claims it (the token id is on the pod)."""
     name = f"{pool.metadata.name}-{suffix}"
     stand_in = Sandbox.from_body(
         {
@@ -101,7 +105,7 @@ def build_warm_pod(pool: SandboxPool, template: SandboxTemplate, suffix: str) ->
             "spec": {"template": pool.spec.template},
         }
     )
-    pod = build_pod(stand_in, template)
+    pod = build_pod(stand_in, template, token)
     claim = build_pvc(stand_in, template)
     for child in (pod, claim):
         if child is None:
@@ -112,7 +116,7 @@ def build_warm_pod(pool: SandboxPool, template: SandboxTemplate, suffix: str) ->
         labels[POOL_LABEL] = str(pool.metadata.name)
         child["metadata"]["ownerReferences"] = [_pool_owner(pool)]
     # The pod's env names the stand-in; the real identity arrives with the claim (labels, status).
-    pod["metadata"]["annotations"] = {POD_SIGNATURE_ANNOTATION: pod_signature(pod)}
+    pod["metadata"].setdefault("annotations", {})[POD_SIGNATURE_ANNOTATION] = pod_signature(pod)
     return pod, claim
 
 
@@ -195,7 +199,8 @@ async def _create_warm_pods(
     rt: ReconcileContext, namespace: str, pool: SandboxPool, template: SandboxTemplate, count: int
 ) -> None:
     for _ in range(count):
-        pod, claim = build_warm_pod(pool, template, secrets.token_hex(3))
+        token = issue_agent_token(rt.config.agent_token_key) if rt.config.agent_token_key else None
+        pod, claim = build_warm_pod(pool, template, secrets.token_hex(3), token)
         if claim is not None:
             await rt.client.create(PERSISTENT_VOLUME_CLAIMS.collection(namespace), claim)
         created = await rt.client.create(PODS.collection(namespace), pod)

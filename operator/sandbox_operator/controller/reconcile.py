@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox_operator.api import API_VERSION, Phase, Sandbox, SandboxTemplate
 from sandbox_operator.api.names import (
+    AGENT_TOKEN_ID_ANNOTATION,
     CLAIMED_FROM_POOL_ANNOTATION,
     ENVD_PORT,
     EVENTS,
@@ -63,6 +64,7 @@ from sandbox_operator.resources import (
     child_names,
     sandbox_id,
 )
+from sandbox_operator.resources.tokens import issue_agent_token
 
 if TYPE_CHECKING:
     from sandbox_operator.controller.context import ReconcileContext
@@ -110,7 +112,12 @@ async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
     pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((key[0], child_names(key[1]).pvc))
     children = _Children(
         build_service(sandbox, template),
-        build_network_policy(sandbox, template, gateway_namespace=rt.config.gateway_namespace),
+        build_network_policy(
+            sandbox,
+            template,
+            gateway_namespace=rt.config.gateway_namespace,
+            cluster_cidrs=rt.config.egress_cluster_cidrs,
+        ),
     )
     desired = desired_from(sandbox, template)
     observed = await _with_agent_activity(rt, desired, _observe(rt, sandbox, pod, pvc, children), pod, now)
@@ -156,7 +163,8 @@ async def _with_agent_activity(
     pod_ip = ((pod or {}).get("status") or {}).get("podIP")
     if not pod_ip or not idle_deadline_passed(desired, observed, now):
         return observed
-    return with_activity(observed, await rt.agent_activity(str(pod_ip)))
+    token_id = (((pod or {}).get("metadata") or {}).get("annotations") or {}).get(AGENT_TOKEN_ID_ANNOTATION)
+    return with_activity(observed, await rt.agent_activity(str(pod_ip), rt.config.agent_token(token_id)))
 
 
 class _Pass:
@@ -240,7 +248,8 @@ class _Pass:
     async def _create_pod(self, _: Action) -> bool:
         if self.pool_source is not None:
             return False
-        new_pod = build_pod(self.sandbox, self.template)
+        key = self.rt.config.agent_token_key
+        new_pod = build_pod(self.sandbox, self.template, issue_agent_token(key) if key else None)
         if self.pvc is not None and self.pvc["metadata"]["name"] != self.names.pvc:
             _use_claim(new_pod, self.pvc["metadata"]["name"])  # a workspace taken over from a pool pod
         created = await self.rt.client.create(PODS.collection(self.key[0]), new_pod)
@@ -370,9 +379,11 @@ async def _write_status(
     pod = work.pod
     patch = status_patch(decision, current, now)
     pod_ip = (pod or {}).get("status", {}).get("podIP") if decision.phase == Phase.RUNNING else None
+    pod_annotations = ((pod or {}).get("metadata") or {}).get("annotations") or {}
     extra = {
         "sandboxID": sandbox_id(sandbox),
         "podName": pod["metadata"]["name"] if pod is not None else None,
+        "agentTokenId": pod_annotations.get(AGENT_TOKEN_ID_ANNOTATION),
         "podIP": pod_ip,
         "endpoint": f"{pod_ip}:{ENVD_PORT}" if pod_ip else None,
     }
@@ -389,9 +400,7 @@ async def _write_status(
     updated = await rt.client.patch(SANDBOXES.path(*key, "status"), {"status": patch})
     if updated is not None:
         rt.store.put_sandbox(updated)
-    from_pool = work.pool_source or ((pod or {}).get("metadata", {}).get("annotations") or {}).get(
-        CLAIMED_FROM_POOL_ANNOTATION
-    )
+    from_pool = work.pool_source or pod_annotations.get(CLAIMED_FROM_POOL_ANNOTATION)
     for made in decisions:
         if made.phase is not None and str(made.phase) != previous:
             _record_transition(rt, sandbox, previous, made, now, bool(from_pool))

@@ -90,8 +90,8 @@ class Runtime:
         else:
             self.queue.add(key)
 
-    async def agent_activity(self, pod_ip: str) -> datetime | None:
-        return await self.agents.last_activity(pod_ip)
+    async def agent_activity(self, pod_ip: str, token: str | None) -> datetime | None:
+        return await self.agents.last_activity(pod_ip, token)
 
     def spawn(self, write: Coroutine[Any, Any, None]) -> None:
         """Run a best-effort write (it handles its own errors) without holding up the reconcile."""

@@ -56,6 +56,7 @@ class UsageCollector:
         self.metadata_keys = config.metric_metadata_keys
         self.scrape_timeout = scrape_timeout(self.interval)
         self.agents = AgentClient(config.agent_port, self.scrape_timeout)
+        self.agent_token = config.agent_token
         self.usage: dict[Key, SandboxUsage] = {}
         # What each entry's labels and limits were computed from: (sandbox, template) resourceVersion.
         self._entry_sources: dict[Key, tuple[str, str]] = {}
@@ -176,7 +177,8 @@ class UsageCollector:
         async with self._limit:
             self._attempted[key] = time.monotonic()
             try:
-                sample = await self.agents.sample(body["status"]["podIP"])
+                status = body["status"]
+                sample = await self.agents.sample(status["podIP"], self.agent_token(status.get("agentTokenId")))
             except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
                 log.debug("usage scrape of %s/%s failed: %s", key[0], key[1], exc)
                 if self.usage.get(key) is entry:

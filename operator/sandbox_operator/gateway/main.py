@@ -5,33 +5,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import secrets
 import signal
-from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import start_http_server
 
 from sandbox_operator import eventloop
 from sandbox_operator.gateway.server import Gateway, GatewayConfig
+from sandbox_operator.keys import TOKEN_KEY_ENV, read_token_key
 from sandbox_operator.kube import Credentials, KubeClient
 
 log = logging.getLogger(__name__)
 
-TOKEN_KEY_ENV = "SANDBOX_GATEWAY_TOKEN_KEY"
-
 
 def load_token_key(path: str | None) -> bytes:
-    """The key sandbox access tokens derive from: a file (a mounted Secret), the env, or — for a
-    single gateway in development — a random one (tokens then change when the gateway restarts)."""
-    if path:
-        key = Path(path).read_bytes().strip()
-        if len(key) < 16:
-            raise SystemExit(f"{path}: the token key must be at least 16 bytes")
+    """The key sandbox access tokens derive from (keys.read_token_key), or — for a single gateway in
+    development — a random one (tokens then change when the gateway restarts, and agents started
+    with the operator's key refuse the gateway)."""
+    key = read_token_key(path)
+    if key is not None:
         return key
-    if os.environ.get(TOKEN_KEY_ENV):
-        return os.environ[TOKEN_KEY_ENV].encode()
     log.warning(
         "no --token-key-file or %s: using a random token key; sandbox access tokens will not "
         "survive a gateway restart, and replicas will not agree on them",

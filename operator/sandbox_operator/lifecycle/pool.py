@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sandbox_operator.api.names import (
+    AGENT_TOKEN_ENV,
     CLAIMED_FROM_POOL_ANNOTATION,
     POD_SIGNATURE_ANNOTATION,
     POOL_LABEL,
@@ -24,7 +25,7 @@ from sandbox_operator.lifecycle.status import format_time, parse_time
 # The volume source of a workspace claim in a pod spec.
 WORKSPACE_VOLUME_KEY = "persistentVolumeClaim"
 # Env vars that name the sandbox itself: they differ between a warm pod and its claimant by design.
-IDENTITY_ENV = frozenset({"SANDBOX_ID"})
+IDENTITY_ENV = frozenset({"SANDBOX_ID", AGENT_TOKEN_ENV})
 # A pod in one of these phases never runs again (restartPolicy Never): it can serve no one.
 FINISHED_PHASES = frozenset({"Failed", "Succeeded"})
 

@@ -8,7 +8,9 @@ so garbage collection removes it with the Sandbox. See docs/lifecycle.md for the
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from sandbox_operator.api import (
@@ -22,18 +24,23 @@ from sandbox_operator.api import (
 )
 from sandbox_operator.api.names import (
     AGENT_PORTS,
+    AGENT_TOKEN_ENV,
+    AGENT_TOKEN_ID_ANNOTATION,
+    ALWAYS_DENIED_CIDRS,
     COMPONENT_LABEL,
+    DEFAULT_CLUSTER_CIDRS,
     EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION,
     ENVD_PORT,
     GATEWAY_COMPONENT,
     INTERPRETER_PORT,
     OPERATOR_COMPONENT,
+    RESERVED_ENV_PREFIXES,
     SPEC_HASH_ANNOTATION,
 )
 from sandbox_operator.resources.names import child_names, sandbox_id_for, sandbox_labels, selector_labels
+from sandbox_operator.resources.tokens import AgentToken
 
 __all__ = [
-    "CLOUD_METADATA_CIDRS",
     "CONTAINER_NAME",
     "ResourcesExceedMaxError",
     "build_network_policy",
@@ -58,8 +65,9 @@ LIVENESS_FAILURE_THRESHOLD = 3
 # The agent listens ~1 s after start; a slow node (gVisor, CPU contention) must not fail a start. Not a
 # startupProbe: that would hold back the readiness probe, i.e. Running, by up to a period.
 LIVENESS_INITIAL_DELAY_SECONDS = 10
-# Cloud metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): they hand out node credentials.
-CLOUD_METADATA_CIDRS = ("169.254.169.254/32", "fd00:ec2::254/128")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def spec_hash(body: dict[str, Any]) -> str:
@@ -136,23 +144,30 @@ def _effective_resources(sandbox: Sandbox, template: SandboxTemplate) -> Resolve
     return resolved
 
 
-def _env(sandbox: Sandbox, template: SandboxTemplate, workdir: str) -> list[dict[str, str]]:
+def _env(sandbox: Sandbox, template: SandboxTemplate, workdir: str, token: AgentToken | None) -> list[dict[str, str]]:
     execution = resolve_timeouts(sandbox.spec, template.spec).execution
-    merged = {**(template.spec.env or {}), **(sandbox.spec.env or {})}
+    # The Sandbox's own env may not set the agent's settings or the loader's variables (the CRD
+    # refuses them at admission; an object stored before that rule is filtered here). The
+    # template's env, written by the cluster's operators, may tune the agent.
+    tenant = {k: v for k, v in (sandbox.spec.env or {}).items() if not k.startswith(RESERVED_ENV_PREFIXES)}
+    merged = {**(template.spec.env or {}), **tenant}
     reserved = {
         "SANDBOX_ID": sandbox_id(sandbox),
         "SANDBOX_EXECUTION_TIMEOUT": str(execution),  # seconds; 0 = no limit
         "SANDBOX_WORKDIR": workdir,
     }
+    if token is not None:
+        reserved[AGENT_TOKEN_ENV] = token.value
     # The operator's variables win: a user cannot pose as another sandbox.
-    for key in reserved:
+    for key in (*reserved, AGENT_TOKEN_ENV):
         merged.pop(key, None)
     return [{"name": key, "value": value} for key, value in {**merged, **reserved}.items()]
 
 
-def build_pod(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
-    """The sandbox Pod. Raises ResourcesExceedMaxError above the template maximum (the lifecycle
-    never asks for such a pod; this keeps a bug from creating one)."""
+def build_pod(sandbox: Sandbox, template: SandboxTemplate, token: AgentToken | None = None) -> dict[str, Any]:
+    """The sandbox Pod, with its agent's access token when given (resources.tokens). Raises
+    ResourcesExceedMaxError above the template maximum (the lifecycle never asks for such a pod;
+    this keeps a bug from creating one)."""
     resources = _effective_resources(sandbox, template)
     spec, template_spec = sandbox.spec, template.spec
     names = child_names(sandbox.metadata.name or "")
@@ -164,7 +179,7 @@ def build_pod(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image or template_spec.image,
-        "env": _env(sandbox, template, workdir),
+        "env": _env(sandbox, template, workdir, token),
         "ports": [
             {"name": port_name, "containerPort": port, "protocol": "TCP"}
             for port_name, port in _all_ports(sandbox, template)
@@ -236,7 +251,10 @@ def build_pod(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]:
     }
     if template_spec.runtime_class_name:
         pod_spec["runtimeClassName"] = template_spec.runtime_class_name
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": _metadata(sandbox, names.pod), "spec": pod_spec}
+    metadata = _metadata(sandbox, names.pod)
+    if token is not None:
+        metadata["annotations"] = {AGENT_TOKEN_ID_ANNOTATION: token.id}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
 def build_pvc(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any] | None:
@@ -303,12 +321,27 @@ def _dns_rule(dns_namespace: str, dns_pod_labels: dict[str, str]) -> dict[str, A
     }
 
 
-def _anywhere_but_metadata() -> list[dict[str, Any]]:
-    ipv4_metadata, ipv6_metadata = CLOUD_METADATA_CIDRS
-    return [
-        {"ipBlock": {"cidr": "0.0.0.0/0", "except": [ipv4_metadata]}},
-        {"ipBlock": {"cidr": "::/0", "except": [ipv6_metadata]}},
-    ]
+def _networks(cidrs: Iterable[str]) -> list[IPNetwork]:
+    return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+
+
+def _excepting(target: IPNetwork, denied: list[IPNetwork]) -> dict[str, Any] | None:
+    """An ipBlock for ``target`` with every denied range inside it excepted (an ipBlock's exceptions
+    must lie within its CIDR); None when the target is wholly denied."""
+    if any(target.version == net.version and target.subnet_of(net) for net in denied):  # type: ignore[arg-type]
+        return None
+    within = [net for net in denied if net.version == target.version and net.subnet_of(target)]  # type: ignore[arg-type]
+    # A range inside another excepted one adds nothing (fd00:ec2::254/128 inside fd00::/8).
+    inside = sorted({str(net) for net in within if not any(net != other and net.subnet_of(other) for other in within)})  # type: ignore[arg-type]
+    block: dict[str, Any] = {"cidr": str(target)}
+    if inside:
+        block["except"] = inside
+    return {"ipBlock": block}
+
+
+def _anywhere_but(denied: list[IPNetwork]) -> list[dict[str, Any]]:
+    everywhere = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    return [block for target in everywhere if (block := _excepting(target, denied)) is not None]
 
 
 def build_network_policy(
@@ -318,14 +351,17 @@ def build_network_policy(
     gateway_namespace: str,
     dns_namespace: str = "kube-system",
     dns_pod_labels: dict[str, str] | None = None,
+    cluster_cidrs: Iterable[str] = DEFAULT_CLUSTER_CIDRS,
 ) -> dict[str, Any]:
     """Ingress only from the gateway; egress per spec.network (always DNS and the gateway).
 
     - deny: DNS (to the cluster DNS pods) and the gateway only.
-    - allow: anywhere except the cloud metadata endpoints, plus DNS and the gateway.
-    - allowList: CIDR entries as ipBlocks (all ports); ``host:port`` entries open that port to any
-      address except the metadata endpoints, because NetworkPolicy cannot match host names. The
-      hosts are listed in an annotation so that an FQDN-aware policy or egress proxy can enforce them.
+    - allow: anywhere except link-local and metadata ranges (ALWAYS_DENIED_CIDRS) and the cluster's
+      own networks (``cluster_cidrs``), plus DNS and the gateway.
+    - allowList: CIDR entries as ipBlocks (all ports) with the link-local and metadata ranges inside
+      them excepted (an entry wholly inside one is dropped); ``host:port`` entries open that port to
+      any address ``allow`` reaches, because NetworkPolicy cannot match host names. The hosts are
+      listed in an annotation so that an FQDN-aware policy or egress proxy can enforce them.
     """
     name, _, _ = _identity(sandbox)
     gateway_peer = {
@@ -350,18 +386,21 @@ def build_network_policy(
     ]
     network = sandbox.spec.network
     metadata = _metadata(sandbox, child_names(name).network_policy)
+    always_denied = _networks(ALWAYS_DENIED_CIDRS)
+    internet = _anywhere_but([*always_denied, *_networks(cluster_cidrs)])
     if network.egress is EgressMode.ALLOW:
-        egress.append({"to": _anywhere_but_metadata()})
+        egress.append({"to": internet})
     elif network.egress is EgressMode.ALLOW_LIST:
-        cidrs = [target for target in network.egress_allow or () if "/" in target]
-        if cidrs:
-            egress.append({"to": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]})
+        targets = _networks(target for target in network.egress_allow or () if "/" in target)
+        blocks = [block for target in targets if (block := _excepting(target, always_denied)) is not None]
+        if blocks:
+            egress.append({"to": blocks})
         hosts = egress_hosts(sandbox)
         ports = sorted({int(host.rsplit(":", 1)[1]) for host in hosts})
         if ports:
             egress.append(
                 {
-                    "to": _anywhere_but_metadata(),
+                    "to": internet,
                     "ports": [{"protocol": "TCP", "port": port} for port in ports],
                 }
             )

@@ -13,8 +13,9 @@ import base64
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
-__all__ = ["agent_token", "new_token_id"]
+__all__ = ["AgentToken", "agent_token", "issue_agent_token", "new_token_id"]
 
 _DOMAIN = b"sandbox-agent-token/v1\x00"  # keeps these apart from anything else derived from the same key
 
@@ -26,3 +27,17 @@ def new_token_id() -> str:
 def agent_token(key: bytes, token_id: str) -> str:
     digest = hmac.new(key, _DOMAIN + token_id.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentToken:
+    """A pod's agent token and the id it derives from."""
+
+    id: str
+    value: str
+
+
+def issue_agent_token(key: bytes) -> AgentToken:
+    """A fresh token for a new pod."""
+    token_id = new_token_id()
+    return AgentToken(token_id, agent_token(key, token_id))

@@ -18,6 +18,7 @@ from sandbox_operator.resources import (
     sandbox_id_for,
     spec_hash,
 )
+from sandbox_operator.resources.tokens import AgentToken, agent_token, issue_agent_token
 
 SANDBOX_ID = sandbox_id_for("team-a", "demo", UID)
 LABELS = {
@@ -117,6 +118,33 @@ def test_pod_env() -> None:
         "SANDBOX_EXECUTION_TIMEOUT": "120",
         "SANDBOX_WORKDIR": "/home/user",
     }
+
+
+def test_a_sandboxs_env_cannot_set_the_agents_settings_or_the_loaders() -> None:
+    # Stored before the CRD refused them (the admission rule): dropped when the pod is built.
+    tenant = {"SANDBOX_MAX_OUTPUT_BYTES": "0", "SANDBOX_ACCESS_TOKEN": "mine", "LD_PRELOAD": "/x.so", "OK": "1"}
+    env = _env(build_pod(sandbox(env=tenant), template(env={"SANDBOX_MAX_OUTPUT_BYTES": "1048576"})))
+    assert env["OK"] == "1"
+    assert env["SANDBOX_MAX_OUTPUT_BYTES"] == "1048576"  # the template (the cluster's operators) may tune the agent
+    assert "LD_PRELOAD" not in env and "SANDBOX_ACCESS_TOKEN" not in env
+
+
+def test_the_agent_token_is_in_the_pods_env_and_its_id_on_the_pod() -> None:
+    token = AgentToken("id-1", "secret-1")
+    pod = build_pod(sandbox(env={"X": "1"}), template(env={"SANDBOX_ACCESS_TOKEN": "template's"}), token)
+    assert _env(pod)["SANDBOX_ACCESS_TOKEN"] == "secret-1"
+    assert pod["metadata"]["annotations"] == {"sandbox.dev/agent-token-id": "id-1"}
+    assert "annotations" not in build_pod(sandbox(), template())["metadata"]
+    assert "SANDBOX_ACCESS_TOKEN" not in _env(build_pod(sandbox(), template()))
+
+
+def test_agent_tokens_derive_from_the_key_and_the_id() -> None:
+    key = b"k" * 32
+    first, second = issue_agent_token(key), issue_agent_token(key)
+    assert first.id != second.id and first.value != second.value  # a new pod, a new token
+    assert agent_token(key, first.id) == first.value  # the gateway derives what the operator issued
+    assert agent_token(b"other-key-of-32-bytes-----------", first.id) != first.value
+    assert first.id not in first.value
 
 
 def test_pod_uses_the_sandbox_id_from_status() -> None:
@@ -275,9 +303,15 @@ DNS = {
     ],
     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
 }
+# Anywhere but link-local (cloud metadata) and the cluster's own networks (by default every private range).
 ANYWHERE = [
-    {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}},
-    {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}},
+    {
+        "ipBlock": {
+            "cidr": "0.0.0.0/0",
+            "except": ["10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"],
+        }
+    },
+    {"ipBlock": {"cidr": "::/0", "except": ["fd00::/8", "fe80::/10"]}},
 ]
 
 
@@ -329,7 +363,13 @@ def test_egress_allow_list() -> None:
     assert policy["spec"]["egress"] == [
         DNS,
         {"to": [GATEWAY]},
-        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"ipBlock": {"cidr": "fd00::/8"}}]},
+        # Asked for explicitly, a private range is reachable; the AWS IPv6 metadata endpoint inside it is not.
+        {
+            "to": [
+                {"ipBlock": {"cidr": "10.0.0.0/8"}},
+                {"ipBlock": {"cidr": "fd00::/8", "except": ["fd00:ec2::254/128"]}},
+            ]
+        },
         {"to": ANYWHERE, "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}]},
     ]
     annotations = dict(policy["metadata"]["annotations"])
@@ -337,6 +377,38 @@ def test_egress_allow_list() -> None:
     assert annotations == {
         "sandbox.dev/egress-hosts-not-enforced": "pypi.org:443,files.example.com:8443,mirror.example.com:443"
     }
+
+
+@pytest.mark.parametrize(
+    ("asked", "reachable"),
+    [
+        (["169.254.169.254/32"], None),  # the metadata endpoint itself: dropped
+        (["169.254.0.0/16"], None),
+        (["fe80::1/128"], None),
+        (["0.0.0.0/0"], [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}}]),
+        (["::/0"], [{"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128", "fe80::/10"]}}]),
+        (["169.0.0.0/8"], [{"ipBlock": {"cidr": "169.0.0.0/8", "except": ["169.254.0.0/16"]}}]),
+        (["203.0.113.0/24"], [{"ipBlock": {"cidr": "203.0.113.0/24"}}]),
+    ],
+)
+def test_an_allow_list_never_opens_link_local_or_metadata(asked: list[str], reachable: list[Any] | None) -> None:
+    egress = _policy(egress="allowList", egressAllow=asked)["spec"]["egress"]
+    assert egress[:2] == [DNS, {"to": [GATEWAY]}]
+    assert (egress[2]["to"] if len(egress) > 2 else None) == reachable
+
+
+def test_allow_keeps_off_the_cluster_ranges_the_operator_names() -> None:
+    policy = build_network_policy(
+        sandbox(network={"egress": "allow"}),
+        template(),
+        gateway_namespace="sandbox-system",
+        cluster_cidrs=("10.96.0.0/12", "10.244.0.0/16", "fd12::/64"),
+    )
+    assert policy["spec"]["egress"][2]["to"] == [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16", "10.96.0.0/12", "169.254.0.0/16"]}},
+        {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128", "fd12::/64", "fe80::/10"]}},
+    ]
+    _validated(client.V1NetworkPolicy, policy)
 
 
 def test_spec_hash_follows_the_network_spec() -> None:
