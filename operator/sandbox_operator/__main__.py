@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--create-timeout", type=float, default=120.0, help="seconds a create or resume waits for the sandbox to serve"
     )
+    gateway.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds from a request's first byte to its last header"
+    )
+    gateway.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds a request body may stall before the client gets 408"
+    )
+    gateway.add_argument(
+        "--keepalive-timeout", type=float, default=30.0, help="seconds an idle connection stays open between requests"
+    )
+    gateway.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=256,
+        help="open connections per client IP (more get 429; 0 = no cap; behind a proxy all share its IP)",
+    )
     key = sub.add_parser("api-key", help="print a new gateway API key as a Secret manifest (kubectl apply -f -)")
     key.add_argument("--grants", required=True, help="the namespace whose sandboxes the key may use")
     key.add_argument("--keys-namespace", default="sandbox-system", help="the gateway's namespace (--keys-namespace)")
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"E2B_API_KEY={api_key}", file=sys.stderr)
         return
     if args.command == "gateway":
+        from sandbox_operator.gateway.listener import ListenerLimits
         from sandbox_operator.gateway.main import run_gateway
 
         sys.exit(
@@ -175,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
                 domain=args.domain,
                 token_key_file=args.token_key_file,
                 create_timeout=args.create_timeout,
+                body_timeout=args.body_timeout,
+                limits=ListenerLimits(
+                    header_timeout=args.header_timeout,
+                    keepalive_timeout=args.keepalive_timeout,
+                    max_connections_per_ip=args.max_connections_per_ip,
+                ),
             )
         )
 

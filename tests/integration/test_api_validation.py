@@ -324,6 +324,48 @@ BAD_TEMPLATES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.imagePullPolicy",
         'Unsupported value: "Sometimes"',
     ),
+    (
+        "image-allow-list-empty",
+        {"image": "i", "imagePolicy": {"mode": "AllowList"}},
+        "spec.imagePolicy.allow",
+        "imagePolicy mode AllowList needs at least one allow entry",
+    ),
+    (
+        "image-allow-without-allow-list",
+        {"image": "i", "imagePolicy": {"allow": ["ghcr.io/x/"]}},
+        "spec.imagePolicy.allow",
+        "imagePolicy.allow is only used when mode is AllowList",
+    ),
+    (
+        "image-allow-entry-with-space",
+        {"image": "i", "imagePolicy": {"mode": "AllowList", "allow": ["ghcr.io/x y"]}},
+        "spec.imagePolicy.allow[0]",
+        "each allow entry must be an image reference",
+    ),
+    (
+        "unknown-image-policy-mode",
+        {"image": "i", "imagePolicy": {"mode": "Sometimes"}},
+        "spec.imagePolicy.mode",
+        'Unsupported value: "Sometimes"',
+    ),
+    (
+        "allowed-namespaces-empty",
+        {"image": "i", "allowedNamespaces": []},
+        "spec.allowedNamespaces",
+        "should have at least 1 items",
+    ),
+    (
+        "allowed-namespace-not-a-name",
+        {"image": "i", "allowedNamespaces": ["Team_A"]},
+        "spec.allowedNamespaces[0]",
+        "must be a namespace name",
+    ),
+    (
+        "lifetime-limit-zero",
+        {"image": "i", "timeouts": {"maxLifetimeLimit": "0"}},
+        "spec.timeouts.maxLifetimeLimit",
+        "timeouts.maxLifetimeLimit must be longer than 0",
+    ),
 ]
 
 
@@ -393,6 +435,7 @@ def test_minimal_template_comes_back_with_defaults(cluster: Cluster, apply_crds:
         spec = cluster.get_json("sandboxtemplate", name)["spec"]
         assert spec == {
             "image": "python:3.12",
+            "imagePolicy": {"mode": "Template"},  # only the template's own image, unless it says otherwise
             "resources": {"default": {"cpu": "1", "memory": "512Mi", "disk": "1Gi"}},
             "timeouts": {"idle": "30m", "maxLifetime": "1h", "execution": "5m"},
             "persistence": {"enabled": True, "mountPath": "/home/user"},

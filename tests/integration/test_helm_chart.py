@@ -132,7 +132,8 @@ def test_values_reach_the_operator_flags() -> None:
     assert "--normal-events=off" in args and "--metric-metadata-key=team" in args
     (monitor,) = find(docs, "ServiceMonitor")
     assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["metrics", "gateway-metrics"]
-    # Both Services are selected; each endpoint names a port only one of them has.
+    # The metrics Services are selected; each endpoint names a port only one of them has. The public
+    # gateway Service carries no metrics port.
     (component,) = monitor["spec"]["selector"]["matchExpressions"]
     assert component["key"] == "app.kubernetes.io/component"
     assert sorted(component["values"]) == ["gateway", "operator"]
@@ -141,7 +142,8 @@ def test_values_reach_the_operator_flags() -> None:
     }
     assert services == {
         "sbx-sandbox-operator-metrics": ["metrics"],
-        "sbx-sandbox-operator-gateway": ["http", "gateway-metrics"],
+        "sbx-sandbox-operator-gateway": ["http"],
+        "sbx-sandbox-operator-gateway-metrics": ["gateway-metrics"],
     }
     assert find(docs, "SandboxTemplate") == []
 
@@ -172,6 +174,10 @@ def test_defaults_render_a_hardened_gateway() -> None:
         "--keys-namespace=sandbox-system",
         "--token-key-file=/etc/sandbox-gateway/token-key",
         "--create-timeout=120",
+        "--header-timeout=10",
+        "--body-timeout=30",
+        "--keepalive-timeout=30",
+        "--max-connections-per-ip=256",
         "--log-level=INFO",
     ]
     assert container["securityContext"] == {
@@ -193,13 +199,16 @@ def test_defaults_render_a_hardened_gateway() -> None:
     assert secret["metadata"]["name"] == f"{GATEWAY}-token-key"
     assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(secret["data"]["token-key"]).decode())
 
-    (service,) = find(docs, "Service", "gateway")
-    assert service["spec"]["type"] == "ClusterIP"
-    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
-    assert [(port["name"], port["port"], port["targetPort"]) for port in service["spec"]["ports"]] == [
-        ("http", 80, "http"),
-        ("gateway-metrics", 9091, "metrics"),
-    ]
+    services = {doc["metadata"]["name"]: doc["spec"] for doc in find(docs, "Service", "gateway")}
+    assert set(services) == {GATEWAY, f"{GATEWAY}-metrics"}
+    for service in services.values():
+        assert service["selector"]["app.kubernetes.io/component"] == "gateway"
+        assert service["type"] == "ClusterIP"
+    # The public Service: the API and the proxy only. Metrics: a Service of their own.
+    ports = [(port["name"], port["port"], port["targetPort"]) for port in services[GATEWAY]["ports"]]
+    assert ports == [("http", 80, "http")]
+    ports = [(port["name"], port["port"], port["targetPort"]) for port in services[f"{GATEWAY}-metrics"]["ports"]]
+    assert ports == [("gateway-metrics", 9091, "metrics")]
     assert find(docs, "Ingress") == []
 
     # Its own account, bound to exactly what it calls (see test_chart_rbac_is_enough_for_the_gateway).
@@ -226,7 +235,12 @@ def test_gateway_disabled_renders_no_gateway_objects() -> None:
         if "gateway" in doc["metadata"]["name"]
         or (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"
     ]
-    assert gateway == []
+    # Only the token key stays: the operator derives the agents' access tokens from it (its name is
+    # kept from before, so that an upgrade reuses the key a cluster already has).
+    assert gateway == ["Secret/sbx-sandbox-operator-gateway-token-key"], gateway
+    (operator,) = find(docs, "Deployment", "operator")
+    (volume,) = operator["spec"]["template"]["spec"]["volumes"]
+    assert volume["secret"]["secretName"] == "sbx-sandbox-operator-gateway-token-key"
     (monitor,) = find(docs, "ServiceMonitor")
     assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["metrics"]
     assert len(find(docs, "Deployment", "operator")) == 1
@@ -252,6 +266,10 @@ def test_gateway_ingress_and_overrides_render() -> None:
         "gateway.service.type=LoadBalancer",
         "--set",
         "gateway.createTimeout=30",
+        "--set",
+        "gateway.clientLimits.maxConnectionsPerIP=0",
+        "--set",
+        "gateway.metricsPort=0",
     )
     (ingress,) = find(docs, "Ingress")
     hosts = ["api.sbx.example.com", "*.sbx.example.com"]
@@ -267,13 +285,16 @@ def test_gateway_ingress_and_overrides_render() -> None:
     assert deployment["spec"]["replicas"] == 3
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert "--domain=sbx.example.com" in container["args"] and "--create-timeout=30" in container["args"]
+    assert "--max-connections-per-ip=0" in container["args"] and "--metrics-port=0" in container["args"]
+    assert [port["name"] for port in container["ports"]] == ["http"]
     assert container["image"] == "ghcr.io/sandbox-operator/sandbox-operator:9.9.9"
     operator = find(docs, "Deployment", "operator")[0]["spec"]["template"]["spec"]["containers"][0]
     assert operator["image"] == "ghcr.io/sandbox-operator/sandbox-operator:0.1.0"
     # The user's Secret is mounted and none is generated.
     assert deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "my-key"
     assert find(docs, "Secret") == []
-    assert find(docs, "Service", "gateway")[0]["spec"]["type"] == "LoadBalancer"
+    (service,) = find(docs, "Service", "gateway")  # without a metrics port, no metrics Service
+    assert service["spec"]["type"] == "LoadBalancer" and [port["name"] for port in service["spec"]["ports"]] == ["http"]
 
     # The Ingress needs the domain the SDK derives both host names from.
     refused = helm(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -212,6 +213,48 @@ def test_resources_over_template_max_error_and_nothing_created(cluster: Cluster,
     assert body["status"]["reason"] == "ResourcesExceedTemplateMax"
     assert "cpu" in body["status"]["message"]
     assert children(cluster, namespace, "big") == {"pods": [], "pvc": [], "services": [], "networkpolicies": []}
+
+
+def test_template_policies_refuse_images_and_namespaces_and_cap_lifetimes(cluster: Cluster, namespace: str) -> None:
+    template = f"policy-{namespace[-6:]}"
+    elsewhere = f"op-elsewhere-{secrets.token_hex(3)}"
+    cluster.apply(f"""
+apiVersion: sandbox.dev/v1alpha1
+kind: SandboxTemplate
+metadata: {{name: {template}}}
+spec:
+  image: ghcr.io/sandbox-operator/sandbox-base:dev
+  imagePolicy: {{mode: AllowList, allow: [ghcr.io/sandbox-operator/]}}
+  allowedNamespaces: [{namespace}]
+  resources: {{default: {{cpu: 250m, memory: 256Mi, disk: 1Gi}}}}
+  timeouts: {{maxLifetimeLimit: 2h}}
+""")
+    cluster.kubectl("create", "namespace", elsewhere)
+    try:
+        cluster.apply(sandbox_manifest("miner", template=template, image="docker.io/evil/miner:1"), namespace)
+        cluster.apply(
+            sandbox_manifest("forever", template=template, timeouts={"maxLifetime": "0", "idle": "0"}), namespace
+        )
+        cluster.apply(sandbox_manifest("stranger", template=template), elsewhere)
+
+        refused = wait_phase(cluster, namespace, "miner", "Error")
+        assert refused["status"]["reason"] == "ImageNotAllowed"
+        assert "docker.io/evil/miner:1" in refused["status"]["message"]
+        assert children(cluster, namespace, "miner") == {"pods": [], "pvc": [], "services": [], "networkpolicies": []}
+
+        # maxLifetime 0 ("no limit") gets the template's cap.
+        running = wait_phase(cluster, namespace, "forever", "Running")
+        created = datetime.fromisoformat(running["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+        expires = datetime.fromisoformat(running["status"]["expiresAt"].replace("Z", "+00:00"))
+        assert expires - created == timedelta(hours=2)
+
+        stranger = wait_phase(cluster, elsewhere, "stranger", "Error")
+        assert stranger["status"]["reason"] == "TemplateNotAllowed"
+        assert namespace not in stranger["status"]["message"]  # other tenants' namespaces are not told
+        assert children(cluster, elsewhere, "stranger")["pods"] == []
+    finally:
+        cluster.kubectl("delete", "namespace", elsewhere, "--wait=false", "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "sandboxtemplate", template, "--ignore-not-found", check=False)
 
 
 def test_unknown_template_reports_it(cluster: Cluster, namespace: str) -> None:

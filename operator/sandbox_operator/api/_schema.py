@@ -26,7 +26,9 @@ __all__ = [
     "Duration",
     "EgressTarget",
     "EnvMap",
+    "ImagePattern",
     "LabelMap",
+    "NamespaceName",
     "Port",
     "Quantity",
     "ResourceName",
@@ -186,6 +188,35 @@ ResourceName = Annotated[
     CelRules((cel(f"self.matches({_cel_string(DNS_SUBDOMAIN_PATTERN)})", DNS_SUBDOMAIN_MESSAGE),)),
 ]
 """The name of another Kubernetes object (a SandboxTemplate, a StorageClass, a RuntimeClass)."""
+
+NAMESPACE_NAME_MESSAGE = "must be a namespace name: a DNS label of lowercase letters, digits and '-'"
+
+NamespaceName = Annotated[
+    str,
+    Field(min_length=1, max_length=63),
+    _checker(_matches(DNS_LABEL_PATTERN), NAMESPACE_NAME_MESSAGE),
+    CelRules((cel(f"self.matches({_cel_string(DNS_LABEL_PATTERN)})", NAMESPACE_NAME_MESSAGE),)),
+]
+"""The name of a namespace (a DNS label)."""
+
+# Image references are ASCII without spaces; '*' and '?' are the pattern's wildcards.
+IMAGE_PATTERN_PATTERN = r"^[A-Za-z0-9._:/@*?-]+$"
+IMAGE_PATTERN_MESSAGE = (
+    "each allow entry must be an image reference, a prefix ending in '/' or a glob with '*' and '?' "
+    "(letters, digits and . _ : / @ - * ? only)"
+)
+
+ImagePattern = Annotated[
+    str,
+    Field(min_length=1, max_length=512),
+    _checker(_matches(IMAGE_PATTERN_PATTERN), IMAGE_PATTERN_MESSAGE),
+    CelRules(
+        (cel(f"self.matches({_cel_string(IMAGE_PATTERN_PATTERN)})", IMAGE_PATTERN_MESSAGE, reason="FieldValueInvalid"),)
+    ),
+]
+"""An entry of a template's image allow-list: ``registry.example.com/team/`` (a prefix: ends in
+``/``), ``docker.io/library/python:3.*`` (a glob; ``*`` and ``?`` never match ``/``) or an exact
+reference."""
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 

@@ -185,6 +185,10 @@ class Reason(enum.StrEnum):
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"
     RECREATE_BUDGET_EXHAUSTED = "RecreateBudgetExhausted"
     RESOURCES_EXCEED_TEMPLATE_MAX = "ResourcesExceedTemplateMax"
+    IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+    """spec.image is neither the template's image nor allowed by its imagePolicy: no pod is made."""
+    TEMPLATE_NOT_ALLOWED = "TemplateNotAllowed"
+    """The template's allowedNamespaces do not include the Sandbox's namespace: nothing is made."""
     WORKSPACE_LOST = "WorkspaceLost"
     # Error → Creating
     RETRYING = "Retrying"

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from .quantity import parse_bytes, parse_duration, parse_millicores
 from .v1alpha1 import SandboxSpec, SandboxTemplateSpec
 
-__all__ = ["ResolvedResources", "ResolvedTimeouts", "ResourceLimitViolation", "resolve_resources", "resolve_timeouts"]
+__all__ = [
+    "ResolvedResources",
+    "ResolvedTimeouts",
+    "ResourceLimitViolation",
+    "capped_lifetime",
+    "resolve_resources",
+    "resolve_timeouts",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +94,23 @@ def resolve_resources(spec: SandboxSpec, template: SandboxTemplateSpec) -> Resol
     )
 
 
+def capped_lifetime(seconds: int, template: SandboxTemplateSpec) -> int:
+    """A maxLifetime in seconds within the template's maxLifetimeLimit: clamped, not refused, as E2B
+    clients expect; 0 (no limit) becomes the limit."""
+    limit = template.timeouts.max_lifetime_limit
+    if limit is None:
+        return seconds
+    cap = parse_duration(limit)
+    return cap if seconds == 0 or seconds > cap else seconds
+
+
 def resolve_timeouts(spec: SandboxSpec, template: SandboxTemplateSpec) -> ResolvedTimeouts:
-    """Spec timeouts over the template's timeouts, in seconds."""
+    """Spec timeouts over the template's timeouts, in seconds; maxLifetime within the template's cap."""
     own = spec.timeouts
     fallback = template.timeouts
+    lifetime = parse_duration((own.max_lifetime if own else None) or fallback.max_lifetime)
     return ResolvedTimeouts(
         idle=parse_duration((own.idle if own else None) or fallback.idle),
-        max_lifetime=parse_duration((own.max_lifetime if own else None) or fallback.max_lifetime),
+        max_lifetime=capped_lifetime(lifetime, template),
         execution=parse_duration((own.execution if own else None) or fallback.execution),
     )

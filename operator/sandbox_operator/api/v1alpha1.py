@@ -21,7 +21,9 @@ from ._schema import (
     Duration,
     EgressTarget,
     EnvMap,
+    ImagePattern,
     LabelMap,
+    NamespaceName,
     Port,
     Quantity,
     ResourceName,
@@ -91,6 +93,14 @@ class ConditionStatus(enum.StrEnum):
     TRUE = "True"
     FALSE = "False"
     UNKNOWN = "Unknown"
+
+
+class ImagePolicyMode(enum.StrEnum):
+    """Which images a template's sandboxes may run (spec.image)."""
+
+    TEMPLATE = "Template"
+    ALLOW_LIST = "AllowList"
+    ANY = "Any"
 
 
 class ImagePullPolicy(enum.StrEnum):
@@ -592,18 +602,92 @@ class TemplateResources(_Model):
         return self
 
 
-class TemplateTimeouts(_Model):
-    """Timeouts a sandbox gets when its spec does not set them."""
+_LIFETIME_LIMIT_MESSAGE = "timeouts.maxLifetimeLimit must be longer than 0 (leave it unset for no cap)"
 
-    model_config = ConfigDict(json_schema_extra=with_rules(*_duration_rules("timeouts")))
+
+class TemplateTimeouts(_Model):
+    """Timeouts a sandbox gets when its spec does not set them, and the cap on its lifetime."""
+
+    model_config = ConfigDict(
+        json_schema_extra=with_rules(
+            *_duration_rules("timeouts"),
+            cel(
+                f"!has(self.maxLifetimeLimit) || !{cel_is_duration('self.maxLifetimeLimit')} || "
+                f"{cel_duration('self.maxLifetimeLimit')} > duration('0s')",
+                _LIFETIME_LIMIT_MESSAGE,
+                field_path=".maxLifetimeLimit",
+                reason="FieldValueInvalid",
+            ),
+        )
+    )
 
     idle: Duration = Field(default="30m", description=_IDLE_DESCRIPTION)
     max_lifetime: Duration = Field(default="1h", description=_LIFETIME_DESCRIPTION)
     execution: Duration = Field(default="5m", description=_EXECUTION_DESCRIPTION)
+    max_lifetime_limit: Duration | None = Field(
+        default=None,
+        description=(
+            "Longest maxLifetime any sandbox of this template gets, e.g. 24h: a longer one, or 0 (no limit), "
+            "is clamped to it (so is the template's own maxLifetime). Unset: no cap."
+        ),
+    )
 
     @model_validator(mode="after")
     def _within_lifetime(self) -> Self:
         _check_within_lifetime(self.idle, self.execution, self.max_lifetime, "timeouts")
+        if self.max_lifetime_limit is not None and parse_duration(self.max_lifetime_limit) == 0:
+            raise ValueError(_LIFETIME_LIMIT_MESSAGE)
+        return self
+
+
+class ImagePolicy(_Model):
+    """Which images a Sandbox of the template may ask for in spec.image. The operator enforces it (the
+    API server cannot: the template is another object): a refused image gets no pod."""
+
+    model_config = ConfigDict(
+        json_schema_extra=with_rules(
+            cel(
+                "self.mode == 'AllowList' || !has(self.allow) || size(self.allow) == 0",
+                "imagePolicy.allow is only used when mode is AllowList",
+                field_path=".allow",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "self.mode != 'AllowList' || (has(self.allow) && size(self.allow) > 0)",
+                "imagePolicy mode AllowList needs at least one allow entry",
+                field_path=".allow",
+                reason="FieldValueRequired",
+            ),
+        )
+    )
+
+    mode: ImagePolicyMode = Field(
+        default=ImagePolicyMode.TEMPLATE,
+        description=(
+            "Template: only the template's image; AllowList: the template's image or one matching an allow "
+            "entry; Any: any image (only for templates every tenant may run anything with)."
+        ),
+    )
+    allow: list[ImagePattern] | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "Images allowed with mode AllowList: a prefix ending in '/' (registry.example.com/team/ allows "
+            "everything below it), a glob whose * and ? never match '/' (docker.io/library/python:3.*), or "
+            "an exact reference. Matched against spec.image as written (python:3.12 is not "
+            "docker.io/library/python:3.12)."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    @model_validator(mode="after")
+    def _allow_consistent(self) -> Self:
+        if self.mode is not ImagePolicyMode.ALLOW_LIST and self.allow:
+            raise ValueError("imagePolicy.allow is only used when mode is AllowList")
+        if self.mode is ImagePolicyMode.ALLOW_LIST and not self.allow:
+            raise ValueError("imagePolicy mode AllowList needs at least one allow entry")
+        if self.allow and len(set(self.allow)) != len(self.allow):
+            raise ValueError("imagePolicy.allow entries must not repeat")
         return self
 
 
@@ -650,6 +734,21 @@ class SandboxTemplateSpec(_Model):
     )
     image_pull_policy: ImagePullPolicy | None = Field(
         default=None, description="Always, IfNotPresent or Never; unset follows the Kubernetes default."
+    )
+    image_policy: ImagePolicy = Field(
+        default_factory=ImagePolicy,
+        description="Which images a Sandbox may ask for in spec.image; by default only this template's image.",
+        json_schema_extra={"default": {"mode": "Template"}},
+    )
+    allowed_namespaces: list[NamespaceName] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description=(
+            "Namespaces whose Sandboxes may use this template; a Sandbox elsewhere goes to Error "
+            "(TemplateNotAllowed). Unset: every namespace."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     command: list[Annotated[str, Field(max_length=4096)]] | None = Field(
         default=None,
@@ -708,6 +807,8 @@ class SandboxTemplateSpec(_Model):
     def _ports_free(self) -> Self:
         if self.ports and set(self.ports) & set(AGENT_PORTS):
             raise ValueError(f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent")
+        if self.allowed_namespaces and len(set(self.allowed_namespaces)) != len(self.allowed_namespaces):
+            raise ValueError("allowedNamespaces must not repeat")
         return self
 
 

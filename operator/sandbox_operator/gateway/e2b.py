@@ -10,23 +10,37 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import math
 import re
 import secrets
+import string
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from pydantic import ValidationError
+
 from sandbox_operator.agent import ENVD_COMPATIBLE_VERSION
 from sandbox_operator.agent.signing import tokens_equal, verify_signature
-from sandbox_operator.api import API_VERSION, Phase, parse_duration, resolve_resources
+from sandbox_operator.api import (
+    API_VERSION,
+    Phase,
+    capped_lifetime,
+    namespace_allowed,
+    parse_duration,
+    resolve_resources,
+)
 from sandbox_operator.api.names import (
+    AGENT_PORTS,
+    AGENT_TOKEN_HEADER,
     API_KEY_LABEL,
     API_KEY_NAMESPACES_ANNOTATION,
     CREATED_BY_ANNOTATION,
     ENVD_PORT,
+    SIGNED_PATH_HEADER,
 )
 from sandbox_operator.api.v1alpha1 import SandboxSpec, SandboxTemplateSpec
 from sandbox_operator.resources.names import sandbox_id_for
@@ -35,6 +49,9 @@ JSON = dict[str, Any]
 
 CLIENT_ID = "sandbox-operator"
 DEFAULT_TIMEOUT_S = 300  # the SDK's documented server default
+# The longest timeout accepted anywhere (sandbox lifetime, command deadline): 30 days fits the CRD's
+# duration grammar (at most 9 digits of seconds) and Connect-Timeout-Ms (at most 10 digits of ms).
+MAX_TIMEOUT_S = 30 * 24 * 3600
 MAX_LIST_LIMIT = 100
 # The SDKs' default template names, served by our templates of the same purpose.
 TEMPLATE_ALIASES = {"code-interpreter-v1": "code-interpreter"}
@@ -58,8 +75,11 @@ HOP_HEADERS = frozenset(
         "content-length",
     }
 )
-# The gateway's own credentials never reach a sandbox.
-STRIPPED_HEADERS = frozenset({"x-api-key", "x-access-token", "e2b-traffic-access-token"})
+# The client's credentials never reach a sandbox (the agent gets its own token), nor does a client's
+# claim to a signed path (only the gateway sets that header).
+STRIPPED_HEADERS = frozenset(
+    {"x-api-key", AGENT_TOKEN_HEADER.lower(), "e2b-traffic-access-token", SIGNED_PATH_HEADER.lower()}
+)
 NOT_FORWARDED = HOP_HEADERS | STRIPPED_HEADERS
 # Kubernetes statuses passed on as they are; any other is the gateway's upstream failing (502).
 KUBERNETES_STATUSES = frozenset({400, 403, 404, 409, 422, 429})
@@ -122,11 +142,38 @@ def api_key_secret(name: str, key: str, *, keys_namespace: str, grants: str) -> 
 # --- create ----------------------------------------------------------------------------------------
 
 
+def parse_json_object(raw: bytes) -> JSON:
+    """A request body as a JSON object; BadRequest for anything else, including nesting too deep for
+    the parser (RecursionError) and numbers too long to convert."""
+    if not raw.strip():
+        return {}
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BadRequest("the request body must be JSON (UTF-8, not nested too deeply)") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return payload
+
+
+def text(value: Any, field: str) -> str:
+    """A string field that reaches a process, a path or the API server: no NUL bytes (every one of
+    them refuses those, some with an error that is not the client's to read)."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a string")
+    if "\x00" in value:
+        raise BadRequest(f"{field} must not contain NUL bytes")
+    return value
+
+
 def string_map(value: Any, field: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise BadRequest(f"{field} must be an object of string values")
+    for key, item in value.items():
+        text(key, f"{field} keys")
+        text(item, f"{field}[{key!r}]")
     return dict(value)
 
 
@@ -135,8 +182,8 @@ def seconds(value: Any, field: str, default: int | None = None) -> int:
         if default is None:
             raise BadRequest(f"{field} is required")
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{field} must be a non-negative integer number of seconds")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMEOUT_S:
+        raise BadRequest(f"{field} must be an integer number of seconds from 0 to {MAX_TIMEOUT_S}")
     return value
 
 
@@ -154,20 +201,43 @@ def template_for(wanted: str, available: Container[str]) -> str | None:
     return None
 
 
-def sandbox_for_create(payload: Mapping[str, Any], *, namespace: str, templates: Container[str]) -> JSON:
-    """The Sandbox object POST /v2/sandboxes makes; 400 for an unknown template or a bad request."""
+def usable_template(name: str, body: Mapping[str, Any], namespace: str) -> SandboxTemplateSpec:
+    """The spec of template `name` (its object as the cache holds it), for a client whose API key
+    grants `namespace`; 403 when the template's allowedNamespaces leave that namespace out (the
+    operator would put the sandbox in Error, TemplateNotAllowed: say so before creating it)."""
+    try:
+        template = SandboxTemplateSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        raise Refused(500, f"SandboxTemplate {name!r} cannot be read by this gateway version") from None
+    if not namespace_allowed(namespace, template):
+        raise Refused(403, f"template {name!r} may not be used in namespace {namespace!r} (its allowedNamespaces)")
+    return template
+
+
+def sandbox_for_create(
+    payload: Mapping[str, Any], *, namespace: str, templates: Mapping[str, Mapping[str, Any]]
+) -> JSON:
+    """The Sandbox object POST /v2/sandboxes makes from `templates` (name -> SandboxTemplate object);
+    400 for an unknown template or a bad request, 403 for a template the namespace may not use."""
     wanted = template_name(payload.get("templateID"))
-    template = template_for(wanted, templates)
-    if template is None:
+    name = template_for(wanted, templates)
+    if name is None:
         raise Refused(400, f"template {wanted!r} not found: no SandboxTemplate of that name")
-    return sandbox_from_request(payload, namespace=namespace, template=template)
+    template = usable_template(name, templates[name], namespace)
+    return sandbox_from_request(payload, namespace=namespace, template=name, template_spec=template)
 
 
-def sandbox_from_request(request: Mapping[str, Any], *, namespace: str, template: str) -> JSON:
-    """A Sandbox object for POST /v2/sandboxes (or the v1 POST /sandboxes) in `namespace`."""
+def sandbox_from_request(
+    request: Mapping[str, Any], *, namespace: str, template: str, template_spec: SandboxTemplateSpec | None = None
+) -> JSON:
+    """A Sandbox object for POST /v2/sandboxes (or the v1 POST /sandboxes) in `namespace`. With the
+    template's spec, the timeout is clamped to its maxLifetimeLimit as the operator would (0, "never
+    ending", gets the limit), so the spec says the lifetime the sandbox really has."""
     if request.get("autoPause"):
         raise BadRequest("autoPause is not supported: a sandbox ends at its timeout (pause it explicitly)")
     timeout = seconds(request.get("timeout"), "timeout", DEFAULT_TIMEOUT_S)
+    if template_spec is not None:
+        timeout = capped_lifetime(timeout, template_spec)
     spec: JSON = {
         "template": template,
         # E2B's timeout is the sandbox's whole life from now; there is no idle clock.
@@ -196,8 +266,8 @@ def _network_from_request(request: Mapping[str, Any]) -> JSON:
     allow_internet = request.get("allow_internet_access")
     if network is not None and not isinstance(network, Mapping):
         raise BadRequest("network must be an object")
-    allow_out = list((network or {}).get("allowOut") or [])
-    deny_out = list((network or {}).get("denyOut") or [])
+    allow_out = _string_list(network, "allowOut")
+    deny_out = _string_list(network, "denyOut")
     unsupported = sorted(set(network or {}) - {"allowOut", "denyOut"})
     if unsupported:
         raise BadRequest(f"network.{unsupported[0]} is not supported (allowOut and denyOut are)")
@@ -214,6 +284,13 @@ def _network_from_request(request: Mapping[str, Any]) -> JSON:
     if allow_internet is True:
         return {"egress": "allow"}
     return {}
+
+
+def _string_list(network: Mapping[str, Any] | None, field: str) -> list[str]:
+    value = (network or {}).get(field) or []
+    if not isinstance(value, list) or not all(isinstance(entry, str) for entry in value):
+        raise BadRequest(f"network.{field} must be a list of strings")
+    return value
 
 
 def _allow_entry(entry: Any) -> str:
@@ -399,20 +476,29 @@ def sandbox_detail(body: Mapping[str, Any], template: Mapping[str, Any] | None, 
     return detail
 
 
-def metric_from_agent(sample: Mapping[str, Any]) -> JSON:
-    """A `SandboxMetric` from the agent's envd GET /metrics JSON."""
-    timestamp = int(sample.get("ts") or datetime.now(UTC).timestamp())
-    return {
-        "timestamp": datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "timestampUnix": timestamp,
-        "cpuCount": int(sample.get("cpu_count") or 1),
-        "cpuUsedPct": float(sample.get("cpu_used_pct") or 0.0),
-        "memUsed": int(sample.get("mem_used") or 0),
-        "memTotal": int(sample.get("mem_total") or 0),
-        "memCache": int(sample.get("mem_cache") or 0),
-        "diskUsed": int(sample.get("disk_used") or 0),
-        "diskTotal": int(sample.get("disk_total") or 0),
-    }
+def metric_from_agent(sample: Any) -> JSON:
+    """A `SandboxMetric` from the agent's envd GET /metrics JSON. The agent runs in the tenant's
+    sandbox, so its answer is input like any other: ValueError when it is not a metrics sample."""
+    if not isinstance(sample, Mapping):
+        raise ValueError("the agent's metrics are not a JSON object")
+    try:
+        timestamp = int(sample.get("ts") or datetime.now(UTC).timestamp())
+        cpu_used = float(sample.get("cpu_used_pct") or 0.0)
+        if not math.isfinite(cpu_used):  # NaN would make the answer invalid JSON
+            raise ValueError("the agent's cpu_used_pct is not a finite number")
+        return {
+            "timestamp": datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "timestampUnix": timestamp,
+            "cpuCount": int(sample.get("cpu_count") or 1),
+            "cpuUsedPct": cpu_used,
+            "memUsed": int(sample.get("mem_used") or 0),
+            "memTotal": int(sample.get("mem_total") or 0),
+            "memCache": int(sample.get("mem_cache") or 0),
+            "diskUsed": int(sample.get("disk_used") or 0),
+            "diskTotal": int(sample.get("disk_total") or 0),
+        }
+    except (TypeError, ValueError, OverflowError, OSError) as exc:  # "soon" or a list for a number, a year past 9999
+        raise ValueError(f"the agent's metrics are malformed: {exc}") from None
 
 
 def error_body(code: int, message: str) -> JSON:
@@ -544,7 +630,49 @@ def port_not_open_body(route: Route) -> JSON:
     }
 
 
-def proxy_refusal(
+def proxy_path(raw_path: str) -> str:
+    """The path a proxied request is checked by and forwarded with (the request's raw path): percent
+    escapes of unreserved characters decoded (others upper-cased, the same octets), repeated slashes
+    collapsed, dot segments removed (RFC 3986 §5.2.4). The HTTP client and the agent's router do the
+    same to a path, so checking the path as sent let `/./init`, `/a/../init` or `/%69nit` through."""
+    path = _PERCENT_ESCAPE.sub(_unreserved, raw_path.partition("#")[0])  # a fragment is never sent
+    segments = _SLASHES.sub("/", "/" + path).split("/")
+    kept: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    if segments[-1] in (".", ".."):
+        kept.append("")  # /a/b/.. is /a/, a directory
+    return "/" + "/".join(kept)
+
+
+_PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_SLASHES = re.compile(r"/{2,}")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def _unreserved(escape: re.Match[str]) -> str:
+    char = chr(int(escape[1], 16))
+    return char if char in _UNRESERVED else "%" + escape[1].upper()
+
+
+def internal_path(path: str) -> bool:
+    """An envd endpoint only the orchestrator may call, also when spelled with escapes a server may
+    decode before routing (`/files%2Fcompose`)."""
+    return path in INTERNAL_PATHS or proxy_path(unquote(path)) in INTERNAL_PATHS
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A data-plane request that may pass to the sandbox."""
+
+    signed_path: str | None = None  # admitted by a signed /files URL: the one path it may read or write
+
+
+def proxy_admission(
     route: Route,
     *,
     method: str,
@@ -553,56 +681,82 @@ def proxy_refusal(
     query: Mapping[str, str],
     token: str,
     now: float,
-) -> tuple[int, str] | None:
-    """None when a data-plane request may pass to the sandbox; else the status and why not."""
-    if route.port == ENVD_PORT and path in INTERNAL_PATHS:
-        return 403, f"{path} is internal to the sandbox"
-    refused = _token_refusal(route, method=method, path=path, headers=headers, query=query, token=token, now=now)
-    return None if refused is None else (401, refused)
-
-
-def _token_refusal(
-    route: Route,
-    *,
-    method: str,
-    path: str,
-    headers: Mapping[str, str],
-    query: Mapping[str, str],
-    token: str,
-    now: float,
-) -> str | None:
-    """None when the request may pass; else why not. /health is open (the SDK probes it without a
+) -> Admission:
+    """Whether and how a data-plane request (`path` as `proxy_path` made it) may pass; Refused when not
+    (403 internal, 401 without a valid token or signature). /health is open (the SDK probes it without a
     token); /files may carry a signature instead (signed download/upload URLs)."""
+    if route.port == ENVD_PORT and internal_path(path):
+        raise Refused(403, f"{path} is internal to the sandbox")
     given = headers.get("X-Access-Token") or headers.get("E2B-Traffic-Access-Token")
-    if tokens_equal(given, token):
-        return None
-    if route.port == ENVD_PORT and path == "/health":
-        return None
+    if tokens_equal(given, token) or (route.port == ENVD_PORT and path == "/health"):
+        return Admission()
     if route.port == ENVD_PORT and path == "/files" and query.get("signature"):
+        signed = query.get("path", "")
         refused = verify_signature(
             signature=query.get("signature"),
             expiration=query.get("signature_expiration"),
-            path=query.get("path", ""),
+            path=signed,
             operation="read" if method == "GET" else "write",
             username=query.get("username", ""),
             access_token=token,
             now=now,
         )
-        return None if refused is None else f"file URL refused: {refused}"
-    return "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)"
+        if refused is not None:
+            raise Refused(401, f"file URL refused: {refused}")
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in signed):
+            raise Refused(400, "a signed file path must not contain control characters")  # no header carries them
+        return Admission(signed_path=signed)
+    raise Refused(401, "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)")
 
 
-def forwarded_headers(headers: Mapping[str, str], content_length: int | None) -> dict[str, str]:
-    """The headers a proxied request carries to the sandbox: the client's, less hop-by-hop ones and the
-    gateway's credentials."""
+def declared_port(port: int, body: Mapping[str, Any], template: Mapping[str, Any] | None) -> bool:
+    """The proxy passes traffic to the agent's ports and to those the template (spec.ports) or the
+    sandbox (spec.network.ports) declare: the ports its NetworkPolicy admits (resources.builders),
+    so that a cluster not enforcing NetworkPolicy does not expose every listening socket either."""
+    if port in AGENT_PORTS:
+        return True
+    template_ports = ((template or {}).get("spec") or {}).get("ports") or ()
+    sandbox_ports = (((body.get("spec") or {}).get("network")) or {}).get("ports") or ()
+    return port in template_ports or port in sandbox_ports
+
+
+def forwarded_headers(
+    headers: Mapping[str, str],
+    content_length: int | None,
+    *,
+    port: int,
+    agent_headers: Mapping[str, str],
+    admission: Admission,
+) -> dict[str, str]:
+    """The headers a proxied request carries to the sandbox: the client's, less hop-by-hop ones, the
+    gateway's credentials and any X-Sandbox-Signed-Path of its own; to the agent's ports, the agent's
+    token (`agent_headers`: the client's token was checked and stripped) and, for a request admitted by
+    a signed URL, the one path it may touch. A user port's server is the tenant's and gets neither."""
     forwarded = {k: v for k, v in headers.items() if k.lower() not in NOT_FORWARDED}
     if content_length is not None:
         forwarded["Content-Length"] = str(content_length)
     # Only what the client accepts (else the HTTP client would offer gzip on its behalf).
     forwarded["Accept-Encoding"] = headers.get("Accept-Encoding", "identity")
+    if port in AGENT_PORTS:
+        forwarded.update(agent_headers)
+        if admission.signed_path is not None:
+            forwarded[SIGNED_PATH_HEADER] = admission.signed_path
     return forwarded
 
 
+def host_only_cookie(set_cookie: str) -> str:
+    """A sandbox's Set-Cookie without its Domain attribute. With one, a cookie set by
+    `{port}-{id}.<domain>` would reach `api.<domain>` and every other sandbox under the domain (session
+    fixation, cookie tossing); without, it stays on the sandbox's own host."""
+    pair, *attributes = set_cookie.split(";")
+    kept = [attribute for attribute in attributes if attribute.split("=", 1)[0].strip().lower() != "domain"]
+    return ";".join([pair, *kept])
+
+
 def returned_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The sandbox's response headers the client gets (repeated ones stay repeated)."""
-    return [(name, value) for name, value in headers.items() if name.lower() not in HOP_HEADERS]
+    """The sandbox's response headers the client gets (repeated ones stay repeated; cookies host-only)."""
+    return [
+        (name, host_only_cookie(value) if name.lower() == "set-cookie" else value)
+        for name, value in headers.items()
+        if name.lower() not in HOP_HEADERS
+    ]

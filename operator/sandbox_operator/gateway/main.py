@@ -8,10 +8,10 @@ import logging
 import secrets
 import signal
 
-from aiohttp import web
 from prometheus_client import start_http_server
 
 from sandbox_operator import eventloop
+from sandbox_operator.gateway.listener import ListenerLimits, guarded_runner, listen
 from sandbox_operator.gateway.server import Gateway, GatewayConfig
 from sandbox_operator.keys import TOKEN_KEY_ENV, read_token_key
 from sandbox_operator.kube import Credentials, KubeClient
@@ -41,19 +41,23 @@ async def serve(
     port: int,
     metrics_port: int,
     config: GatewayConfig,
+    limits: ListenerLimits,
     stop: asyncio.Event | None = None,
 ) -> None:
+    if metrics_port == port:
+        raise SystemExit("--metrics-port must differ from --port: metrics are not for the public listener")
     credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
     client = KubeClient(credentials, reload=functools.partial(Credentials.load, kubeconfig))
     gateway = Gateway(client, config)
     if metrics_port:
+        # Its own port (and, in the chart, its own Service): the public listener serves no /metrics.
         start_http_server(metrics_port, addr=host, registry=gateway.registry)
-    runner = web.AppRunner(gateway.app(), access_log=None, handler_cancellation=True)
+    runner, guard = guarded_runner(gateway.app(), limits)
     await runner.setup()
+    server: asyncio.Server | None = None
     try:
         await gateway.cache.synced(within=60)
-        site = web.TCPSite(runner, host, port, backlog=1024)
-        await site.start()
+        server = await listen(runner, guard, host, port)
         log.info(
             "gateway serving the E2B API and sandbox traffic on %s:%d (API keys from secrets in %s)",
             host,
@@ -66,6 +70,8 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        if server is not None:
+            server.close()  # no new connections; runner.cleanup() ends the open ones
         await runner.cleanup()
         await client.close()
 
@@ -80,12 +86,17 @@ def run_gateway(
     domain: str | None,
     token_key_file: str | None,
     create_timeout: float,
+    body_timeout: float,
+    limits: ListenerLimits,
 ) -> int:
     config = GatewayConfig(
         token_key=load_token_key(token_key_file),
         keys_namespace=keys_namespace,
         domain=domain,
         create_timeout=create_timeout,
+        body_timeout=body_timeout,
     )
-    eventloop.run(serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config))
+    eventloop.run(
+        serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config, limits=limits)
+    )
     return 0

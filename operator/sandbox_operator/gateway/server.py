@@ -24,14 +24,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from yarl import URL
 
-from sandbox_operator.api.names import ENVD_PORT, SANDBOXES
+from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, SANDBOXES
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.cache import Cache
-from sandbox_operator.gateway.http import json_response, read_payload
+from sandbox_operator.gateway.http import MAX_JSON_BYTES, agent_json, json_response, read_payload
 from sandbox_operator.gateway.session import SessionOps
 from sandbox_operator.gateway.session import routes as session_routes
 from sandbox_operator.kube import ApiError, KubeClient
+from sandbox_operator.resources.tokens import agent_token
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,50 @@ class GatewayConfig:
     keys_namespace: str = "sandbox-system"
     domain: str | None = None
     create_timeout: float = 120.0
-    max_body_bytes: int = 1 << 30  # uploads stream through; this bounds one request
+    body_timeout: float = 30.0  # seconds a request body may make no progress before the client gets 408
+    max_body_bytes: int = 1 << 30  # one streamed session upload (JSON bodies: http.MAX_JSON_BYTES)
+
+
+class BodyTimeout(Exception):
+    """A request body stopped arriving (GatewayConfig.body_timeout)."""
+
+
+class BodyWatch:
+    """Fails a request body that makes no progress for `timeout` seconds: whoever waits on it (a handler's
+    read, the proxy's upload) gets BodyTimeout. Without it a create whose body never comes holds its
+    handler and connection for ever. (An upload the sandbox stops taking counts too: stuck either way.)"""
+
+    def __init__(self, content: aiohttp.StreamReader, timeout: float) -> None:
+        self.content = content
+        self.timeout = timeout
+        self.fired = False
+        self._seen = content.total_bytes
+        self._since = time.monotonic()
+        self._handle = asyncio.get_running_loop().call_later(timeout / 4, self._check)
+
+    @classmethod
+    def of(cls, request: web.Request, timeout: float) -> BodyWatch | None:
+        """A watch on the request's body; None when it has none still to come."""
+        if not request.body_exists or request.content.is_eof():
+            return None
+        return cls(request.content, timeout)
+
+    def _check(self) -> None:
+        if self.content.is_eof():
+            return
+        now = time.monotonic()
+        if self.content.total_bytes != self._seen:
+            self._seen, self._since = self.content.total_bytes, now
+        elif now - self._since >= self.timeout:
+            self.fired = True
+            self.content.set_exception(BodyTimeout())
+            return
+        self._handle = asyncio.get_running_loop().call_later(self.timeout / 4, self._check)
+
+    def stop(self) -> bool:
+        """Stop watching; whether the body timed out."""
+        self._handle.cancel()
+        return self.fired
 
 
 class Gateway:
@@ -74,11 +119,13 @@ class Gateway:
         )
         self._upstream: aiohttp.ClientSession | None = None
         self._tokens: dict[str, str] = {}  # sandbox uid -> access token
+        self._agent_tokens: dict[str, str] = {}  # status.agentTokenId -> agent token
 
     # --- application -----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._dispatch], client_max_size=self.config.max_body_bytes)
+        # No handler reads a body whole but through read_payload (MAX_JSON_BYTES); uploads stream.
+        app = web.Application(middlewares=[self._dispatch], client_max_size=MAX_JSON_BYTES)
         routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v2/sandboxes", self.create),
             ("POST", "/sandboxes", self.create),
@@ -113,6 +160,8 @@ class Gateway:
             delete_sandbox=self.delete_sandbox,
             until_serving=self.until_serving,
             upstream=self.upstream,
+            agent_headers=self.agent_headers,
+            max_upload_bytes=self.config.max_body_bytes,
         )
 
     async def _on_startup(self, _: web.Application) -> None:
@@ -133,6 +182,7 @@ class Gateway:
         started = time.perf_counter()
         route = e2b.route_of(request.headers, request.host)
         kind = "control" if route is None else "proxy"
+        watch = BodyWatch.of(request, self.config.body_timeout)
         try:
             if isinstance(route, str):
                 response: web.StreamResponse = json_response(400, e2b.error_body(400, route))
@@ -151,6 +201,14 @@ class Gateway:
             response = json_response(*e2b.kubernetes_error(exc.status, exc.body))
         except TimeoutError:
             response = json_response(504, e2b.error_body(504, "timed out waiting for the sandbox"))
+        except BodyTimeout:
+            response = web.Response()  # answered below
+        if watch is not None and watch.stop() and not response.prepared:
+            # Whatever failed (a handler's read, the proxy's upload), the client's body is why.
+            response = json_response(
+                408, e2b.error_body(408, f"the request body stopped arriving for {watch.timeout:g} s")
+            )
+            response.force_close()
         self.requests.labels(kind, str(response.status)).inc()
         self.latency.labels(kind).observe(time.perf_counter() - started)
         return response
@@ -180,6 +238,19 @@ class Gateway:
                 self._tokens.clear()
             token = self._tokens[uid] = e2b.access_token(self.config.token_key, body)
         return token
+
+    def agent_headers(self, body: JSON) -> dict[str, str]:
+        """What every call to the sandbox's agent carries: the pod's agent token (derived from the token
+        key and status.agentTokenId); nothing for a pod started without one."""
+        token_id = (body.get("status") or {}).get("agentTokenId")
+        if not token_id:
+            return {}
+        token = self._agent_tokens.get(token_id)
+        if token is None:  # an HMAC per proxied request is measurable: computed once per pod
+            if len(self._agent_tokens) > 100_000:
+                self._agent_tokens.clear()
+            token = self._agent_tokens[token_id] = agent_token(self.config.token_key, str(token_id))
+        return {AGENT_TOKEN_HEADER: token}
 
     def upstream(self) -> aiohttp.ClientSession:
         assert self._upstream is not None, "the gateway application has not started"
@@ -319,46 +390,59 @@ class Gateway:
             return json_response(200, [])
         try:
             async with self.upstream().get(
-                f"http://{pod_ip}:{ENVD_PORT}/metrics", timeout=aiohttp.ClientTimeout(total=5)
+                f"http://{pod_ip}:{ENVD_PORT}/metrics",
+                headers=self.agent_headers(body),
+                timeout=aiohttp.ClientTimeout(total=5),
             ) as response:
-                sample = await response.json()
+                metric = e2b.metric_from_agent(await agent_json(response))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            return json_response(200, [])
-        return json_response(200, [e2b.metric_from_agent(sample)])
+            return json_response(200, [])  # the agent is down or answers nonsense: no sample
+        return json_response(200, [metric])
 
     # --- data plane ------------------------------------------------------------------------------
 
     async def proxy(self, request: web.Request, route: e2b.Route) -> web.StreamResponse:
         body = self.cache.find(route.sandbox_id)
-        pod_ip = e2b.running_pod_ip(body)
-        if body is None or pod_ip is None:
+        if body is None or e2b.running_pod_ip(body) is None:
             return json_response(502, e2b.sandbox_gone_body(route.sandbox_id))
-        refusal = e2b.proxy_refusal(
+        # Checked as it is forwarded: the normalised path, never what the client spelled.
+        path = e2b.proxy_path(request.rel_url.raw_path)
+        admission = e2b.proxy_admission(
             route,
             method=request.method,
-            path=request.path,
+            path=path,
             headers=request.headers,
             query=request.query,
             token=self.token_of(body),
             now=time.time(),
         )
-        if refusal is not None:
-            return json_response(refusal[0], e2b.error_body(*refusal))
-        upstream = await self._open_upstream(request, route, pod_ip)
+        if not e2b.declared_port(route.port, body, self.cache.template(body["spec"]["template"])):
+            return json_response(502, e2b.port_not_open_body(route))
+        upstream = await self._open_upstream(request, route, body, path, admission)
         if isinstance(upstream, web.Response):
             return upstream
         return await self._relay(request, upstream)
 
     async def _open_upstream(
-        self, request: web.Request, route: e2b.Route, pod_ip: str
+        self, request: web.Request, route: e2b.Route, body: JSON, path: str, admission: e2b.Admission
     ) -> aiohttp.ClientResponse | web.Response:
         """The sandbox's response headers; or the gateway's answer when the sandbox cannot be reached."""
-        headers = e2b.forwarded_headers(request.headers, request.content_length)
         data = request.content if request.body_exists else None
+        query = request.rel_url.raw_query_string
+        target = f"{path}?{query}" if query else path
         deadline = time.monotonic() + CONNECT_RETRY_S
         delay = 0.02
         while True:
-            url = f"http://{pod_ip}:{route.port}{request.rel_url}"
+            headers = e2b.forwarded_headers(
+                request.headers,
+                request.content_length,
+                port=route.port,
+                agent_headers=self.agent_headers(body),
+                admission=admission,
+            )
+            origin = URL.build(scheme="http", host=str(body["status"]["podIP"]), port=route.port)
+            # Encoded: the path goes as it was checked, the HTTP client does not normalise it again.
+            url = URL(f"{origin}{target}", encoded=True)
             try:
                 return await self.upstream().request(
                     request.method, url, headers=headers, data=data, allow_redirects=False
@@ -370,10 +454,10 @@ class Gateway:
                     return json_response(502, e2b.port_not_open_body(route))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, CONNECT_RETRY_MAX_DELAY_S)
-                retried = e2b.running_pod_ip(self.cache.find(route.sandbox_id))
-                if retried is None:
+                retried = self.cache.find(route.sandbox_id)  # a recreated pod: a new IP and agent token
+                if retried is None or e2b.running_pod_ip(retried) is None:
                     return json_response(502, e2b.sandbox_gone_body(route.sandbox_id))
-                pod_ip = retried
+                body = retried
             except (aiohttp.ClientConnectionError, OSError):
                 return json_response(502, e2b.port_not_open_body(route))
 

@@ -21,7 +21,7 @@ gateway comes as SessionOps, built by the gateway.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from aiohttp import web
 from sandbox_operator.api.names import ENVD_PORT, INTERPRETER_PORT
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway import session_logic as logic
-from sandbox_operator.gateway.http import json_response, read_payload
+from sandbox_operator.gateway.http import READ_CHUNK_BYTES, TooLarge, agent_text, json_response, read_payload, too_large
 from sandbox_operator.kube import ApiError
 
 JSON = dict[str, Any]
@@ -60,6 +60,9 @@ class SessionOps:
     delete_sandbox: DeleteSandbox
     until_serving: UntilServing
     upstream: Callable[[], aiohttp.ClientSession]  # the HTTP client to sandbox agents
+    # The headers every call to the sandbox's agent carries: its access token (none for a pod without one).
+    agent_headers: Callable[[JSON], dict[str, str]]
+    max_upload_bytes: int = 1 << 30  # one file upload (it streams: this is not held in memory)
 
 
 def routes(ops: SessionOps) -> list[Route]:
@@ -100,12 +103,13 @@ class SessionApi:
         payload = await read_payload(request)
         step = logic.ensure_step(self.ops.sandbox(key))
         created = False
-        if step is logic.Ensure.REPLACE:  # ended or failed: make room for a new one
-            await self.ops.delete_sandbox(namespace, name, wait=True)
         if step in (logic.Ensure.CREATE, logic.Ensure.REPLACE):
+            # Validated before anything changes: a bad request leaves an ended sandbox as it was.
             manifest = logic.session_manifest(
                 payload, namespace=namespace, session_id=_session_id(request), templates=self.ops.templates()
             )
+            if step is logic.Ensure.REPLACE:  # ended or failed: make room for a new one
+                await self.ops.delete_sandbox(namespace, name, wait=True)
             created = await self._create(namespace, manifest)
         elif step is logic.Ensure.RESUME:
             await self.ops.set_suspended(namespace, name, False)
@@ -137,11 +141,16 @@ class SessionApi:
         data, headers = logic.command_request(await read_payload(request))
         output = logic.CommandOutput()
         url = f"http://{body['status']['podIP']}:{ENVD_PORT}/process.Process/Start"
-        async with self.ops.upstream().post(url, data=data, headers=headers) as response:
-            if response.status != 200:
-                raise logic.command_failure(response.status, await response.text())
-            async for chunk in response.content.iter_any():
-                output.feed(chunk)
+        headers.update(self.ops.agent_headers(body))
+        try:
+            async with self.ops.upstream().post(url, data=data, headers=headers) as response:
+                if response.status != 200:
+                    raise logic.command_failure(response.status, await agent_text(response))
+                # Bounded chunks: the decoder, not a read buffer, decides how long a message may be.
+                async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+                    output.feed(chunk)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _agent_unreachable(exc) from None
         return json_response(200, output.result())
 
     async def code(self, request: web.Request) -> web.StreamResponse:
@@ -149,12 +158,16 @@ class SessionApi:
         execute = logic.execute_request(await read_payload(request))
         output = logic.CodeOutput()
         url = f"http://{body['status']['podIP']}:{INTERPRETER_PORT}/execute"
-        headers = {"X-Access-Token": self.ops.token_of(body)}
-        async with self.ops.upstream().post(url, json=execute, headers=headers) as response:
-            if response.status != 200:
-                raise logic.execute_failure(response.status, await response.text())
-            async for raw in response.content:
-                output.feed(raw)
+        headers = {"X-Access-Token": self.ops.token_of(body), **self.ops.agent_headers(body)}
+        try:
+            async with self.ops.upstream().post(url, json=execute, headers=headers) as response:
+                if response.status != 200:
+                    raise logic.execute_failure(response.status, await agent_text(response))
+                # Not `async for line in content`: a line past aiohttp's read limit would raise there.
+                async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+                    output.feed(chunk)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _agent_unreachable(exc) from None
         return json_response(200, output.result())
 
     async def read_file(self, request: web.Request) -> web.StreamResponse:
@@ -164,15 +177,57 @@ class SessionApi:
         return await self._files(request, "POST")
 
     async def _files(self, request: web.Request, method: str) -> web.StreamResponse:
+        """A download or an upload, streamed both ways as the data-plane proxy does: no file is held."""
         body = self._serving(request)
         path = logic.file_path(request.query)
         url = f"http://{body['status']['podIP']}:{ENVD_PORT}/files"
-        data = await request.read() if method == "POST" else None
+        limit = self.ops.max_upload_bytes
+        data: AsyncIterator[bytes] | None = None
+        if method == "POST":
+            if request.content_length is not None and request.content_length > limit:
+                raise too_large(limit, "an upload")  # before a byte of it is read
+            data = _upload_chunks(request, limit)
         headers = logic.file_request_headers(method, request.headers.get("Accept-Encoding", "identity"))
-        async with self.ops.upstream().request(
-            method, url, params={"path": path}, data=data, headers=headers
-        ) as response:
-            content = await response.read()
-            return web.Response(
-                status=response.status, body=content, headers=logic.file_response_headers(response.headers)
-            )
+        headers.update(self.ops.agent_headers(body))
+        try:
+            async with self.ops.upstream().request(
+                method, url, params={"path": path}, data=data, headers=headers
+            ) as upstream:
+                if upstream.status >= 500:
+                    raise logic.command_failure(upstream.status, await agent_text(upstream))
+                return await _relay(request, upstream)
+        except TooLarge:
+            raise too_large(limit, "an upload") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc.__cause__, TooLarge) or isinstance(exc.__context__, TooLarge):
+                raise too_large(limit, "an upload") from None
+            raise _agent_unreachable(exc) from None
+
+
+def _agent_unreachable(exc: BaseException) -> e2b.Refused:
+    return e2b.Refused(502, f"the sandbox's agent could not be reached: {type(exc).__name__}: {exc}")
+
+
+async def _upload_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body in bounded chunks; TooLarge past `limit` (a chunked body says its size late)."""
+    size = 0
+    async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        yield chunk
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The agent's answer to a file call, streamed to the client chunk by chunk."""
+    response = web.StreamResponse(status=upstream.status, headers=logic.file_response_headers(upstream.headers))
+    if upstream.content_length is not None:  # bodies pass undecoded: the agent's length is the length
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_chunked(READ_CHUNK_BYTES):
+            await response.write(chunk)
+        await response.write_eof()
+    except (aiohttp.ClientError, ConnectionResetError):
+        pass  # the client or the agent went away mid-file: nothing more can be said to either
+    return response

@@ -12,7 +12,14 @@ import re
 from collections.abc import Container, Mapping
 from typing import Any
 
-from sandbox_operator.agent.connect import FLAG_END_STREAM, STREAM_CONTENT_TYPE, EnvelopeDecoder, encode_envelope
+from sandbox_operator.agent.connect import (
+    FLAG_END_STREAM,
+    HTTP_STATUS_BY_CODE,
+    STREAM_CONTENT_TYPE,
+    ConnectError,
+    EnvelopeDecoder,
+    encode_envelope,
+)
 from sandbox_operator.api import Phase
 from sandbox_operator.api.names import SESSION_LABEL
 from sandbox_operator.gateway import e2b
@@ -22,8 +29,22 @@ JSON = dict[str, Any]
 SESSION_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 SESSION_PREFIX = "session-"  # a session's Sandbox is `session-<id>`
 DEFAULT_TEMPLATE = "base"
-MAX_OUTPUT_BYTES = 4 << 20  # a command's stdout/stderr returned inline
+# What a command or a code cell returns inline, per stream (stdout, stderr, and a cell's results):
+# past it the stream is cut, ends in TRUNCATED_MARKER and is named in the result's "truncated".
+MAX_OUTPUT_BYTES = 4 << 20
+TRUNCATED_MARKER = "\n[output truncated: over {limit} bytes]\n"
+# One message of the agent's stream (a Process.Start envelope, an /execute line): one that is longer
+# is not parsed (a line is dropped and "messages" named in "truncated"; an envelope is a 502).
+MAX_MESSAGE_BYTES = 2 * MAX_OUTPUT_BYTES
+MAX_PATH_BYTES = 4096  # PATH_MAX: a longer path fails in the sandbox anyway
 COMMAND_TIMEOUT_S = 60  # a command's default execution timeout
+# Connect errors that are about the request (a bad cwd, a missing path): the client's to fix, passed
+# on with their status; any other error of the agent is the gateway's upstream failing (502).
+CLIENT_ERROR_CODES = frozenset(
+    {"invalid_argument", "failed_precondition", "out_of_range", "not_found", "already_exists", "permission_denied"}
+)
+# HTTP statuses of an agent refusing a request the gateway built from the client's fields.
+CLIENT_ERROR_STATUSES = frozenset({400, 404, 409, 413, 422})
 # Response headers of the agent's /files that a file download keeps.
 FILE_HEADERS = frozenset({"content-type", "content-encoding"})
 
@@ -107,10 +128,11 @@ def command_request(payload: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
     cmd = payload.get("cmd")
     if not isinstance(cmd, str) or not cmd:
         raise e2b.Refused(400, "'cmd' must be a non-empty string (run by bash -l -c)")
+    e2b.text(cmd, "cmd")
     envs = e2b.string_map(payload.get("envs"), "envs")
     process: JSON = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": envs}
     if payload.get("cwd") is not None:
-        process["cwd"] = str(payload["cwd"])
+        process["cwd"] = _path(payload["cwd"], "cwd")
     timeout = e2b.seconds(payload.get("timeout"), "timeout", COMMAND_TIMEOUT_S)
     headers = {"Content-Type": STREAM_CONTENT_TYPE, "Connect-Protocol-Version": "1"}
     if timeout:  # 0: no deadline
@@ -119,50 +141,135 @@ def command_request(payload: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
 
 
 def command_failure(status: int, text: str) -> e2b.Refused:
-    """The agent refused the command (it did not start)."""
-    return e2b.Refused(502, f"the agent answered {status}: {text}")
+    """The agent refused a call (the command did not start, the cell did not run): its refusals of
+    what the client sent pass on, anything else (its token, its failures) is a bad gateway."""
+    return e2b.Refused(status if status in CLIENT_ERROR_STATUSES else 502, f"the agent answered {status}: {text}")
+
+
+def _malformed(what: str) -> e2b.Refused:
+    # The agent runs in the tenant's sandbox: a stream it garbles is its failure, not the gateway's.
+    return e2b.Refused(502, f"the agent's {what} is malformed")
+
+
+def _object(raw: bytes, what: str) -> Mapping[str, Any]:
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _malformed(what) from None
+    if not isinstance(parsed, Mapping):
+        raise _malformed(what)
+    return parsed
+
+
+class _Capped:
+    """One output stream, kept up to MAX_OUTPUT_BYTES: parts joined once (linear, however many)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        room = MAX_OUTPUT_BYTES - self.size
+        if len(data) > room:
+            self.truncated = True
+            data = data[:room]
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+
+    def text(self) -> str:
+        joined = b"".join(self.parts).decode(errors="replace")
+        return joined + TRUNCATED_MARKER.format(limit=MAX_OUTPUT_BYTES) if self.truncated else joined
+
+
+def _with_truncated(result: JSON, streams: Mapping[str, _Capped | bool]) -> JSON:
+    cut = [name for name, stream in streams.items() if (stream.truncated if isinstance(stream, _Capped) else stream)]
+    if cut:  # only then: an untruncated result keeps its shape
+        result["truncated"] = cut
+    return result
 
 
 class CommandOutput:
     """The Process.Start stream, folded into the command's result: output (capped), exit code, error."""
 
     def __init__(self) -> None:
-        self.stdout, self.stderr = bytearray(), bytearray()
-        self.end: JSON = {}
-        self._decoder = EnvelopeDecoder(max_length=MAX_OUTPUT_BYTES * 2)
+        self._out, self._err = _Capped(), _Capped()
+        self.end: Mapping[str, Any] = {}
+        self._decoder = EnvelopeDecoder(max_length=MAX_MESSAGE_BYTES)
+
+    @property
+    def stdout(self) -> bytes:
+        return b"".join(self._out.parts)
+
+    @property
+    def stderr(self) -> bytes:
+        return b"".join(self._err.parts)
 
     def feed(self, chunk: bytes) -> None:
-        """Take the next bytes of the stream; Refused when it ends with an error."""
-        for flags, message in self._decoder.feed(chunk):
-            parsed = json.loads(message)
+        """Take the next bytes of the stream; Refused when it ends with an error or is malformed."""
+        try:
+            envelopes = self._decoder.feed(chunk)
+        except ConnectError as exc:  # an envelope over MAX_MESSAGE_BYTES, or compressed
+            raise e2b.Refused(502, f"the agent's output stream is malformed: {exc.message}") from None
+        for flags, message in envelopes:
+            parsed = _object(message, "output stream")
             if flags & FLAG_END_STREAM:
                 _raise_stream_error(parsed)
             else:
-                self._event(parsed.get("event") or {})
+                event = parsed.get("event") or {}
+                if not isinstance(event, Mapping):
+                    raise _malformed("output stream")
+                self._event(event)
 
     def _event(self, event: Mapping[str, Any]) -> None:
-        for stream, sink in (("stdout", self.stdout), ("stderr", self.stderr)):
-            data = (event.get("data") or {}).get(stream)
-            if data and len(sink) < MAX_OUTPUT_BYTES:
-                sink.extend(base64.b64decode(data)[: MAX_OUTPUT_BYTES - len(sink)])
+        data = event.get("data") or {}
+        if not isinstance(data, Mapping):
+            raise _malformed("output stream")
+        for stream, sink in (("stdout", self._out), ("stderr", self._err)):
+            chunk = data.get(stream)
+            if not chunk:
+                continue
+            if sink.size >= MAX_OUTPUT_BYTES:  # full: not even decoded
+                sink.truncated = True
+                continue
+            try:
+                sink.add(base64.b64decode(chunk))
+            except (TypeError, ValueError):
+                raise _malformed("output stream") from None
         if "end" in event:
-            self.end = event["end"]
+            end = event["end"]
+            if not isinstance(end, Mapping):
+                raise _malformed("output stream")
+            self.end = end
 
     def result(self) -> JSON:
-        return {
-            "exitCode": int(self.end.get("exitCode") or 0),
-            "stdout": self.stdout.decode(errors="replace"),
-            "stderr": self.stderr.decode(errors="replace"),
+        exit_code = self.end.get("exitCode") or 0
+        if isinstance(exit_code, bool) or not isinstance(exit_code, int):
+            raise _malformed("exit code")
+        result: JSON = {
+            "exitCode": exit_code,
+            "stdout": self._out.text(),
+            "stderr": self._err.text(),
             "error": self.end.get("error"),
         }
+        return _with_truncated(result, {"stdout": self._out, "stderr": self._err})
 
 
 def _raise_stream_error(end_stream: Mapping[str, Any]) -> None:
     error = end_stream.get("error")
-    if error:
-        raise e2b.Refused(
-            504 if error.get("code") == "deadline_exceeded" else 502, f"{error.get('code')}: {error.get('message')}"
-        )
+    if not error:
+        return
+    if not isinstance(error, Mapping):
+        raise _malformed("output stream")
+    code, message = str(error.get("code")), str(error.get("message"))[:4096]
+    if code == "deadline_exceeded":
+        status = 504
+    elif code in CLIENT_ERROR_CODES:  # e.g. a cwd that does not exist: the client's to fix
+        status = HTTP_STATUS_BY_CODE[code]
+    else:
+        status = 502
+    raise e2b.Refused(status, f"{code}: {message}")
 
 
 # --- code: the interpreter's /execute --------------------------------------------------------------
@@ -174,59 +281,111 @@ def execute_request(payload: Mapping[str, Any]) -> JSON:
         raise e2b.Refused(400, "'code' must be a string")
     execute: JSON = {"code": payload["code"]}
     if payload.get("language") is not None:
-        execute["language"] = payload["language"]
+        execute["language"] = e2b.text(payload["language"], "language")
     return execute
 
 
 def execute_failure(status: int, text: str) -> e2b.Refused:
     """The interpreter refused the cell: its client errors pass on, anything else is a bad gateway."""
-    return e2b.Refused(status if status < 500 else 502, text)
+    return e2b.Refused(status if status in CLIENT_ERROR_STATUSES else 502, text)
 
 
 class CodeOutput:
-    """The /execute lines, folded into the cell's result."""
+    """The /execute lines, folded into the cell's result. Fed any chunks of the stream (not lines: a
+    line may be longer than any read buffer); each stream is capped, and so is one line."""
 
     def __init__(self) -> None:
-        self.stdout = self.stderr = ""
-        self.results: list[JSON] = []
+        self._out, self._err = _Capped(), _Capped()
+        self._results: list[JSON] = []
+        self._results_size = 0
+        self._results_cut = False
+        self._dropped = False  # a line over MAX_MESSAGE_BYTES was dropped (what it was is unknown)
         self.error: JSON | None = None
         self.execution_count: Any = None
+        self._line = bytearray()  # the line being received
+        self._skipping = False  # the line being received is over MAX_MESSAGE_BYTES: dropped
 
-    def feed(self, raw: bytes) -> None:
-        """Take one line of the stream (blank lines are keep-alives)."""
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes of the stream; complete lines are folded in (blank ones are keep-alives)."""
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                self._take(chunk[start:])
+                return
+            self._take(chunk[start:end])
+            if not self._skipping:
+                self._line_done(bytes(self._line))
+            self._line.clear()
+            self._skipping = False
+            start = end + 1
+
+    def _take(self, part: bytes) -> None:
+        if self._skipping or not part:
+            return
+        if len(self._line) + len(part) > MAX_MESSAGE_BYTES:
+            self._skipping = self._dropped = True
+            self._line.clear()
+            return
+        self._line += part
+
+    def _line_done(self, raw: bytes) -> None:
         if not raw.strip():
             return
-        line = json.loads(raw)
+        line = _object(raw, "/execute stream")
         kind = line.get("type")
-        if kind == "stdout":
-            self.stdout += line.get("text", "")
-        elif kind == "stderr":
-            self.stderr += line.get("text", "")
+        if kind in ("stdout", "stderr"):
+            text = line.get("text", "")
+            if not isinstance(text, str):
+                raise _malformed("/execute stream")
+            (self._out if kind == "stdout" else self._err).add(text.encode(errors="replace"))
         elif kind == "result":
-            self.results.append({k: v for k, v in line.items() if k != "type"})
+            if self._results_size + len(raw) > MAX_OUTPUT_BYTES:
+                self._results_cut = True
+            else:
+                self._results_size += len(raw)
+                self._results.append({k: v for k, v in line.items() if k != "type"})
         elif kind == "error":
             self.error = {k: line.get(k) for k in ("name", "value", "traceback")}
         elif kind == "number_of_executions":
             self.execution_count = line.get("execution_count")
 
+    @property
+    def stdout(self) -> str:
+        return self._out.text()
+
     def result(self) -> JSON:
-        return {
-            "results": self.results,
-            "stdout": self.stdout,
-            "stderr": self.stderr,
+        """The cell's result; a last line without its newline counts."""
+        if self._line and not self._skipping:
+            self._line_done(bytes(self._line))
+        self._line.clear()
+        result: JSON = {
+            "results": self._results,
+            "stdout": self._out.text(),
+            "stderr": self._err.text(),
             "error": self.error,
             "executionCount": self.execution_count,
         }
+        cut: dict[str, _Capped | bool] = {"stdout": self._out, "stderr": self._err}
+        cut.update(results=self._results_cut, messages=self._dropped)
+        return _with_truncated(result, cut)
 
 
 # --- files: envd /files ----------------------------------------------------------------------------
+
+
+def _path(value: Any, field: str) -> str:
+    path = e2b.text(value, field)
+    if len(path.encode(errors="replace")) > MAX_PATH_BYTES:
+        raise e2b.BadRequest(f"{field} may be at most {MAX_PATH_BYTES} bytes")
+    return path
 
 
 def file_path(query: Mapping[str, str]) -> str:
     path = query.get("path")
     if not path:
         raise e2b.Refused(400, "the 'path' query parameter is required")
-    return path
+    return _path(path, "path")
 
 
 def file_request_headers(method: str, accept_encoding: str) -> dict[str, str]:

@@ -59,6 +59,11 @@ _FATAL_WAITING_REASONS: dict[str, Reason] = {
 }
 _PULL_WAITING_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull"})
 _SUSPEND_REASONS = frozenset({Reason.SUSPEND_REQUESTED, Reason.IDLE_TIMEOUT})
+# What the template refuses about a spec (Desired's *_violation fields): no child is made while one
+# holds, and it is not a failure, so fixing it (spec or template) retries without spending an attempt.
+_REFUSAL_REASONS = frozenset(
+    {Reason.TEMPLATE_NOT_ALLOWED, Reason.IMAGE_NOT_ALLOWED, Reason.RESOURCES_EXCEED_TEMPLATE_MAX}
+)
 
 
 class IllegalTransitionError(RuntimeError):
@@ -110,6 +115,19 @@ def classify_pod_failure(pod: PodObservation) -> tuple[Reason, str] | None:
     return None
 
 
+def _refusal(desired: Desired) -> tuple[Reason, str] | None:
+    """What the template refuses about the spec, as (reason, message): the namespace first (nothing
+    of the template applies there), then the image, then the resources."""
+    for reason, message in (
+        (Reason.TEMPLATE_NOT_ALLOWED, desired.namespace_violation),
+        (Reason.IMAGE_NOT_ALLOWED, desired.image_violation),
+        (Reason.RESOURCES_EXCEED_TEMPLATE_MAX, desired.resources_violation),
+    ):
+        if message:
+            return reason, message
+    return None
+
+
 def _pod_ready(pod: PodObservation | None) -> bool:
     return pod is not None and pod.ready and not pod.deleting and pod.phase is PodPhase.RUNNING
 
@@ -134,6 +152,7 @@ class _Reconcile:
         self.stamp = now.replace(microsecond=0)
         self.pod = observed.pod
         self.deadlines = self._deadlines(observed.started_at, observed.terminated_at)
+        self.refusal = _refusal(desired)
 
     def _deadlines(self, started_at: datetime | None, terminated_at: datetime | None) -> Deadlines:
         return compute_deadlines(
@@ -157,8 +176,8 @@ class _Reconcile:
     def _ensure_children(self) -> list[Action]:
         """Children the running sandbox needs and that are not known to exist (NetworkPolicy first)."""
         actions: list[Action] = []
-        if self.desired.resources_violation:
-            return actions  # an over-max spec creates nothing at all until it is fixed
+        if self.refusal:
+            return actions  # a spec the template refuses creates nothing at all until it is fixed
         if self.observed.network_policy_present is not True:
             actions.append(EnsureNetworkPolicy())
         if self.desired.persistent_workspace and self.observed.pvc is None:
@@ -183,14 +202,9 @@ class _Reconcile:
         pvc = self.observed.pvc
         return self.desired.persistent_workspace and pvc is not None and pvc.phase is PvcPhase.LOST
 
-    def _resources_error(self) -> _Plan:
-        # A pod started before the spec changed does not match the spec any more: it goes too.
-        return _Plan(
-            Phase.ERROR,
-            Reason.RESOURCES_EXCEED_TEMPLATE_MAX,
-            self.desired.resources_violation or "spec.resources exceed the template maximum",
-            actions=self._delete_pod(),
-        )
+    def _refused_error(self, refusal: tuple[Reason, str]) -> _Plan:
+        # A pod started before the spec (or the template) changed does not match it any more: it goes too.
+        return _Plan(Phase.ERROR, *refusal, actions=self._delete_pod())
 
     def _terminate(self, reason: Reason, message: str) -> _Plan:
         return _Plan(Phase.TERMINATING, reason, message, actions=self._delete_pod())
@@ -232,8 +246,8 @@ class _Reconcile:
             return _Plan(Phase.ERROR, *failure)
         if self._workspace_lost():
             return _Plan(Phase.ERROR, Reason.WORKSPACE_LOST, "the workspace PVC lost its volume")
-        if self.desired.resources_violation:
-            return self._resources_error()
+        if self.refusal:
+            return self._refused_error(self.refusal)
         if self.desired.suspended:
             # Declared suspended before it ever ran: nothing starts. Its workspace and Service are
             # set up all the same, so that the resume is like any other.
@@ -328,8 +342,8 @@ class _Reconcile:
 
     def _recreate_lost_pod(self) -> _Plan:
         attempts, budget = self.observed.recreate_attempts, self.desired.retry.budget
-        if self.desired.resources_violation:
-            return self._resources_error()
+        if self.refusal:
+            return self._refused_error(self.refusal)
         if attempts >= budget:
             return _Plan(
                 Phase.ERROR,
@@ -374,12 +388,12 @@ class _Reconcile:
         )
         if self.desired.suspended:
             return suspended
-        if self.desired.resources_violation:
+        if self.refusal:
             # Suspended → Error is not in the table, and the workspace is safe here: stay and say why.
-            message = f"cannot resume: {self.desired.resources_violation}"
-            plan = _Plan(Phase.SUSPENDED, Reason.RESOURCES_EXCEED_TEMPLATE_MAX, message)
-            if self.observed.reason != Reason.RESOURCES_EXCEED_TEMPLATE_MAX:
-                plan.events.append(EmitEvent(EventType.WARNING, Reason.RESOURCES_EXCEED_TEMPLATE_MAX, message))
+            reason, message = self.refusal[0], f"cannot resume: {self.refusal[1]}"
+            plan = _Plan(Phase.SUSPENDED, reason, message)
+            if self.observed.reason != reason:
+                plan.events.append(EmitEvent(EventType.WARNING, reason, message))
             return plan
         if self._pod_blockers():
             return suspended  # a leftover pod is deleted first; the resume follows when it is gone
@@ -396,8 +410,8 @@ class _Reconcile:
             return _Plan(Phase.ERROR, *failure)
         if self._workspace_lost():
             return _Plan(Phase.ERROR, Reason.WORKSPACE_LOST, "the workspace PVC lost its volume")
-        if self.desired.resources_violation:
-            return self._resources_error()
+        if self.refusal:
+            return self._refused_error(self.refusal)
         if pod is None:
             if blocker := self._pod_blockers():
                 return _Plan(Phase.RESUMING, *blocker)
@@ -426,15 +440,16 @@ class _Reconcile:
             return plan
         observed = self.observed
         stay = _Plan(Phase.ERROR, observed.reason or Reason.POD_FAILED, observed.message or "the sandbox failed")
-        if self.desired.resources_violation:
-            return self._resources_error()
+        if self.refusal:
+            return self._refused_error(self.refusal)
         generation, acted_on = self.desired.generation, observed.observed_generation
         spec_changed = generation is not None and acted_on is not None and generation != acted_on
         attempts = observed.recreate_attempts
         if spec_changed:
             retry_reason, next_attempts, backoff = Reason.SPEC_CHANGED, 0, None
-        elif observed.reason == Reason.RESOURCES_EXCEED_TEMPLATE_MAX:
-            # The template maximum was raised: not a failure, so it costs no attempt.
+        elif observed.reason in _REFUSAL_REASONS:
+            # The template now allows the spec (maximum raised, image or namespace allowed): not a
+            # failure, so it costs no attempt.
             retry_reason, next_attempts, backoff = Reason.SPEC_CHANGED, attempts, None
         elif observed.reason in RETRYABLE_REASONS and attempts < self.desired.retry.budget:
             retry_reason, next_attempts, backoff = Reason.RETRYING, attempts + 1, self._backoff_until()

@@ -11,7 +11,16 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sandbox_operator.api import Phase, Sandbox, SandboxTemplate, parse_duration, resolve_resources, resolve_timeouts
+from sandbox_operator.api import (
+    Phase,
+    Sandbox,
+    SandboxTemplate,
+    image_violation,
+    namespace_violation,
+    parse_duration,
+    resolve_resources,
+    resolve_timeouts,
+)
 from sandbox_operator.lifecycle.deadlines import compute_deadlines
 from sandbox_operator.lifecycle.status import parse_time
 from sandbox_operator.lifecycle.types import (
@@ -98,7 +107,7 @@ def _seconds(value: int) -> timedelta | None:
 
 
 def desired_from(sandbox: Sandbox, template: SandboxTemplate, retry: RetryPolicy | None = None) -> Desired:
-    """Desired state from the spec, with the template's defaults and limits applied."""
+    """Desired state from the spec, with the template's defaults, limits and policies applied."""
     spec, template_spec = sandbox.spec, template.spec
     timeouts = resolve_timeouts(spec, template_spec)
     resources = resolve_resources(spec, template_spec)
@@ -111,6 +120,10 @@ def desired_from(sandbox: Sandbox, template: SandboxTemplate, retry: RetryPolicy
         ttl_after_terminated=None if ttl is None else timedelta(seconds=parse_duration(ttl)),
         persistent_workspace=template_spec.persistence.enabled,
         resources_violation=resources.violation_message,
+        image_violation=image_violation(spec, template_spec),
+        namespace_violation=namespace_violation(
+            sandbox.metadata.namespace or "", template.metadata.name or spec.template, template_spec
+        ),
         retry=retry or RetryPolicy(),
         generation=sandbox.metadata.generation,
     )

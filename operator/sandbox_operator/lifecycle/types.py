@@ -127,6 +127,11 @@ class Desired:
     # Set when spec.resources exceed the template maximum (api.resolve_resources): a human
     # message naming the field. No pod is ever created while this is set.
     resources_violation: str | None = None
+    # Set when the template's imagePolicy refuses the sandbox's image (api.image_violation), and when
+    # its allowedNamespaces leave out the sandbox's namespace (api.namespace_violation): no child is
+    # made while either is set, like resources_violation.
+    image_violation: str | None = None
+    namespace_violation: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # metadata.generation: a spec change lets an Error sandbox try again with a fresh budget.
     generation: int | None = None

@@ -2,6 +2,7 @@
 
 from sandbox_operator.resources.builders import (
     CONTAINER_NAME,
+    ImageNotAllowedError,
     ResourcesExceedMaxError,
     build_network_policy,
     build_pod,
@@ -23,6 +24,7 @@ from sandbox_operator.resources.names import (
 __all__ = [
     "CONTAINER_NAME",
     "ChildNames",
+    "ImageNotAllowedError",
     "ResourcesExceedMaxError",
     "build_network_policy",
     "build_pod",

@@ -19,6 +19,8 @@ from sandbox_operator.api import (
     ResolvedResources,
     Sandbox,
     SandboxTemplate,
+    image_of,
+    image_violation,
     resolve_resources,
     resolve_timeouts,
 )
@@ -42,6 +44,7 @@ from sandbox_operator.resources.tokens import AgentToken
 
 __all__ = [
     "CONTAINER_NAME",
+    "ImageNotAllowedError",
     "ResourcesExceedMaxError",
     "build_network_policy",
     "build_pod",
@@ -88,6 +91,17 @@ class ResourcesExceedMaxError(ValueError):
     def __init__(self, refused: ResolvedResources) -> None:
         super().__init__(refused.violation_message)
         self.refused = refused
+
+
+class ImageNotAllowedError(ValueError):
+    """build_pod was asked for a pod whose image the template's imagePolicy refuses."""
+
+
+def _allowed_image(sandbox: Sandbox, template: SandboxTemplate) -> str:
+    refused = image_violation(sandbox.spec, template.spec)
+    if refused is not None:
+        raise ImageNotAllowedError(refused)
+    return image_of(sandbox.spec, template.spec)
 
 
 def _identity(sandbox: Sandbox) -> tuple[str, str, str]:
@@ -166,10 +180,11 @@ def _env(sandbox: Sandbox, template: SandboxTemplate, workdir: str, token: Agent
 
 def build_pod(sandbox: Sandbox, template: SandboxTemplate, token: AgentToken | None = None) -> dict[str, Any]:
     """The sandbox Pod, with its agent's access token when given (resources.tokens). Raises
-    ResourcesExceedMaxError above the template maximum (the lifecycle never asks for such a pod;
-    this keeps a bug from creating one)."""
+    ResourcesExceedMaxError above the template maximum and ImageNotAllowedError for an image its
+    imagePolicy refuses (the lifecycle never asks for such a pod; this keeps a bug from creating one)."""
     resources = _effective_resources(sandbox, template)
-    spec, template_spec = sandbox.spec, template.spec
+    image = _allowed_image(sandbox, template)
+    template_spec = template.spec
     names = child_names(sandbox.metadata.name or "")
     security, persistence = template_spec.security, template_spec.persistence
     read_only_root = security.read_only_root_filesystem
@@ -178,7 +193,7 @@ def build_pod(sandbox: Sandbox, template: SandboxTemplate, token: AgentToken | N
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": spec.image or template_spec.image,
+        "image": image,
         "env": _env(sandbox, template, workdir, token),
         "ports": [
             {"name": port_name, "containerPort": port, "protocol": "TCP"}

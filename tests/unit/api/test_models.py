@@ -217,6 +217,14 @@ def test_template_defaults_fill_in() -> None:
         ({"ports": [49999]}, "reserved for the sandbox agent"),
         ({"timeouts": {"idle": "2h"}}, "timeouts.idle must not be longer"),
         ({"persistence": {"mountPath": "home/user"}}, "should match pattern"),
+        ({"imagePolicy": {"mode": "AllowList"}}, "AllowList needs at least one allow entry"),
+        ({"imagePolicy": {"allow": ["ghcr.io/x/"]}}, "allow is only used when mode is AllowList"),
+        ({"imagePolicy": {"mode": "AllowList", "allow": ["a b"]}}, "each allow entry must be an image reference"),
+        ({"imagePolicy": {"mode": "Sometimes"}}, "Input should be 'Template', 'AllowList' or 'Any'"),
+        ({"allowedNamespaces": []}, "at least 1 item"),
+        ({"allowedNamespaces": ["Team_A"]}, "must be a namespace name"),
+        ({"allowedNamespaces": ["a", "a"]}, "allowedNamespaces must not repeat"),
+        ({"timeouts": {"maxLifetimeLimit": "0"}}, "maxLifetimeLimit must be longer than 0"),
     ],
 )
 def test_python_refuses_bad_templates(patch: dict[str, Any], message: str) -> None:

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from sandbox_operator.agent.signing import compute_signature
-from sandbox_operator.api import Sandbox
-from sandbox_operator.api.names import ENVD_PORT
+from sandbox_operator.api import Sandbox, SandboxTemplate
+from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, INTERPRETER_PORT, SIGNED_PATH_HEADER
 from sandbox_operator.gateway import e2b
+from sandbox_operator.lifecycle import Observed, decide, desired_from, status_patch
 
 UID = "0b5a9d1e-3f3c-4b0e-9d8e-1f2a3b4c5d6e"
 TEMPLATE = {
@@ -259,14 +260,56 @@ def test_template_for_prefers_the_exact_name_then_the_alias(wanted: str, availab
     assert e2b.template_for(wanted, available) == chosen
 
 
+def _templates(*names: str, **spec: Any) -> dict[str, dict[str, Any]]:
+    """The gateway cache's templates: name -> object."""
+    return {name: {"metadata": {"name": name}, "spec": {"image": "i", **spec}} for name in names}
+
+
 def test_create_resolves_the_template_or_refuses_with_400() -> None:
-    body = e2b.sandbox_for_create({"templateID": "code-interpreter-v1"}, namespace="n", templates={"code-interpreter"})
+    body = e2b.sandbox_for_create(
+        {"templateID": "code-interpreter-v1"}, namespace="n", templates=_templates("code-interpreter")
+    )
     assert body["spec"]["template"] == "code-interpreter" and body["metadata"]["namespace"] == "n"
     with pytest.raises(e2b.Refused, match="template 'nope' not found") as refused:
-        e2b.sandbox_for_create({"templateID": "nope"}, namespace="n", templates={"base"})
+        e2b.sandbox_for_create({"templateID": "nope"}, namespace="n", templates=_templates("base"))
     assert refused.value.status == 400
     with pytest.raises(e2b.BadRequest, match="templateID"):
-        e2b.sandbox_for_create({}, namespace="n", templates={"base"})
+        e2b.sandbox_for_create({}, namespace="n", templates=_templates("base"))
+
+
+def test_create_refuses_a_template_the_keys_namespace_may_not_use() -> None:
+    templates = _templates("gpu", allowedNamespaces=["ml"])
+    assert e2b.sandbox_for_create({"templateID": "gpu"}, namespace="ml", templates=templates)
+    with pytest.raises(e2b.Refused, match="template 'gpu' may not be used in namespace 'team-a'") as refused:
+        e2b.sandbox_for_create({"templateID": "gpu"}, namespace="team-a", templates=templates)
+    assert refused.value.status == 403
+    assert "ml" not in str(refused.value).replace("'gpu'", "")  # other tenants' namespaces are not told
+
+
+@pytest.mark.parametrize(("timeout", "lifetime"), [(0, "86400s"), (90000, "86400s"), (120, "120s"), (None, "300s")])
+def test_create_clamps_the_timeout_to_the_templates_cap(timeout: int | None, lifetime: str) -> None:
+    templates = _templates("base", timeouts={"maxLifetimeLimit": "24h"})
+    payload: dict[str, Any] = {"templateID": "base"} if timeout is None else {"templateID": "base", "timeout": timeout}
+    body = e2b.sandbox_for_create(payload, namespace="n", templates=templates)
+    assert body["spec"]["timeouts"] == {"maxLifetime": lifetime, "idle": "0"}
+
+
+def test_create_with_timeout_0_and_no_cap_never_ends() -> None:
+    body = e2b.sandbox_for_create({"templateID": "base", "timeout": 0}, namespace="n", templates=_templates("base"))
+    assert body["spec"]["timeouts"]["maxLifetime"] == "0s"
+
+
+def test_create_with_timeout_0_reports_the_real_end() -> None:
+    # timeout 0 on a capped template: the status the operator writes for the created object ends it at
+    # the cap, and that is the endAt get_info and list report (not a never-ending sandbox's distant one).
+    templates = _templates("base", timeouts={"maxLifetimeLimit": "1h"})
+    manifest = e2b.sandbox_for_create({"templateID": "base", "timeout": 0}, namespace="n", templates=templates)
+    manifest["metadata"].update({"uid": UID, "creationTimestamp": "2026-12-01T10:00:00Z"})
+    created = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    wanted = desired_from(Sandbox.from_body(manifest), SandboxTemplate.from_body(templates["base"]))
+    status = status_patch(decide(wanted, Observed(created_at=created), created), {}, created)
+    assert status["expiresAt"] == "2026-12-01T11:00:00Z"
+    assert e2b.sandbox_detail({**manifest, "status": status}, templates["base"], None)["endAt"] == status["expiresAt"]
 
 
 @pytest.mark.parametrize(
@@ -408,21 +451,25 @@ ENVD = e2b.Route("sid", ENVD_PORT)
 
 
 def admit(route: e2b.Route = ENVD, *, method: str = "GET", path: str = "/process", **given: Any) -> Any:
-    return e2b.proxy_refusal(
-        route,
-        method=method,
-        path=path,
-        headers=given.get("headers", {}),
-        query=given.get("query", {}),
-        token="tok",
-        now=1000.0,
-    )
+    """The admission, or the refusal as (status, message)."""
+    try:
+        return e2b.proxy_admission(
+            route,
+            method=method,
+            path=path,
+            headers=given.get("headers", {}),
+            query=given.get("query", {}),
+            token="tok",
+            now=1000.0,
+        )
+    except e2b.Refused as refused:
+        return refused.status, str(refused)
 
 
 def test_the_access_token_admits_a_request_in_either_header() -> None:
-    assert admit(headers={"X-Access-Token": "tok"}) is None
-    assert admit(headers={"E2B-Traffic-Access-Token": "tok"}) is None
-    assert admit(e2b.Route("sid", 8080), headers={"X-Access-Token": "tok"}) is None
+    assert admit(headers={"X-Access-Token": "tok"}) == e2b.Admission()
+    assert admit(headers={"E2B-Traffic-Access-Token": "tok"}) == e2b.Admission()
+    assert admit(e2b.Route("sid", 8080), headers={"X-Access-Token": "tok"}) == e2b.Admission()
     assert admit(headers={"X-Access-Token": "wrong"}) == (
         401,
         "missing or invalid access token (X-Access-Token or E2B-Traffic-Access-Token)",
@@ -431,24 +478,95 @@ def test_the_access_token_admits_a_request_in_either_header() -> None:
 
 def test_internal_envd_paths_are_never_proxied_even_with_a_token() -> None:
     assert admit(path="/init", headers={"X-Access-Token": "tok"}) == (403, "/init is internal to the sandbox")
-    assert admit(e2b.Route("sid", 8080), path="/init", headers={"X-Access-Token": "tok"}) is None
+    assert admit(e2b.Route("sid", 8080), path="/init", headers={"X-Access-Token": "tok"}) == e2b.Admission()
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ("/init", "/init"),
+        ("/./init", "/init"),
+        ("/a/../init", "/init"),
+        ("//init", "/init"),
+        ("///a//b/", "/a/b/"),
+        ("/%2e/init", "/init"),
+        ("/%2E%2e/init", "/init"),
+        ("/.%2e/init", "/init"),
+        ("/a/b/%2E%2E/%2e%2E/init", "/init"),
+        ("/../../init", "/init"),
+        ("/%69nit", "/init"),
+        ("/files/%63ompose", "/files/compose"),
+        ("/a/b/..", "/a/"),
+        ("/a/.", "/a/"),
+        ("/..", "/"),
+        ("", "/"),
+        ("/init#x", "/init"),
+        # Reserved and other characters stay escaped (one spelling: upper-case hex).
+        ("/files%2fcompose", "/files%2Fcompose"),
+        ("/a%20b/%7e", "/a%20b/~"),
+        ("/a/..%2Finit", "/a/..%2Finit"),
+        ("/%00", "/%00"),
+    ],
+)
+def test_proxied_paths_are_normalised_as_the_client_and_the_agent_would(raw: str, path: str) -> None:
+    assert e2b.proxy_path(raw) == path
+
+
+@given(st.text(alphabet="/.%2eEfF0a~", max_size=24))
+def test_normalised_paths_are_fixed_points_without_dot_segments(raw: str) -> None:
+    path = e2b.proxy_path(raw)
+    assert path.startswith("/") and "//" not in path
+    assert not {".", ".."} & set(path.split("/"))
+    assert e2b.proxy_path(path) == path
+
+
+@pytest.mark.parametrize(
+    "raw", ["/./init", "/a/../init", "//init", "/%2e/init", "/%69nit", "/files%2Fcompose", "/a/..%2Finit", "//freeze"]
+)
+def test_internal_paths_are_refused_however_they_are_spelled(raw: str) -> None:
+    refused = admit(path=e2b.proxy_path(raw), method="POST", headers={"X-Access-Token": "tok"})
+    assert refused[0] == 403
 
 
 def test_health_is_open_on_envd_only() -> None:
-    assert admit(path="/health") is None
-    assert admit(e2b.Route("sid", 8080), path="/health") is not None
+    assert admit(path="/health") == e2b.Admission()
+    assert admit(e2b.Route("sid", 8080), path="/health") != e2b.Admission()
 
 
-def test_signed_file_urls_stand_in_for_the_token() -> None:
-    def signed(operation: Literal["read", "write"], expiration: int) -> dict[str, str]:
-        signature = compute_signature("/a.txt", operation, "user", "tok", expiration)
-        return {"path": "/a.txt", "username": "user", "signature": signature, "signature_expiration": str(expiration)}
+def signed(operation: Literal["read", "write"], expiration: int, path: str = "/a.txt") -> dict[str, str]:
+    signature = compute_signature(path, operation, "user", "tok", expiration)
+    return {"path": path, "username": "user", "signature": signature, "signature_expiration": str(expiration)}
 
-    assert admit(path="/files", query=signed("read", 2000)) is None
-    assert admit(method="POST", path="/files", query=signed("write", 2000)) is None
+
+def test_signed_file_urls_stand_in_for_the_token_for_their_path_only() -> None:
+    assert admit(path="/files", query=signed("read", 2000)) == e2b.Admission(signed_path="/a.txt")
+    assert admit(method="POST", path="/files", query=signed("write", 2000)) == e2b.Admission(signed_path="/a.txt")
     refused = admit(method="POST", path="/files", query=signed("read", 2000))
-    assert refused is not None and refused[0] == 401 and refused[1].startswith("file URL refused: ")
+    assert refused[0] == 401 and refused[1].startswith("file URL refused: ")
     assert admit(path="/files", query=signed("read", 999)) == (401, "file URL refused: signature has expired")
+    # With the token, the request is the token's (any path), signature or not.
+    assert admit(path="/files", query=signed("read", 2000), headers={"X-Access-Token": "tok"}) == e2b.Admission()
+    # A path no header can carry is refused, though signed.
+    assert admit(path="/files", query=signed("read", 2000, "/a\nb"))[0] == 400
+
+
+def test_only_the_agents_ports_and_declared_ones_are_proxied() -> None:
+    body = {"spec": {"template": "web", "network": {"ports": [9000]}}}
+    template = {"spec": {"ports": [8080]}}
+    assert all(e2b.declared_port(port, body, template) for port in (ENVD_PORT, INTERPRETER_PORT, 8080, 9000))
+    assert not any(e2b.declared_port(port, body, template) for port in (22, 8081, 2375))
+    assert e2b.declared_port(9000, body, None) and not e2b.declared_port(8080, body, None)  # template gone
+    assert not e2b.declared_port(8080, {"spec": {}}, {"spec": {}})
+
+
+def forwarded(headers: dict[str, str], port: int = ENVD_PORT, admission: e2b.Admission | None = None) -> dict[str, str]:
+    return e2b.forwarded_headers(
+        CIMultiDict(headers),
+        None,
+        port=port,
+        agent_headers={AGENT_TOKEN_HEADER: "agent-tok"},
+        admission=admission or e2b.Admission(),
+    )
 
 
 def test_forwarded_headers_drop_hop_by_hop_ones_and_the_gateways_credentials() -> None:
@@ -462,17 +580,50 @@ def test_forwarded_headers_drop_hop_by_hop_ones_and_the_gateways_credentials() -
             "Content-Type": "text/plain",
         }
     )
-    assert e2b.forwarded_headers(given, 5) == {
+    assert e2b.forwarded_headers(given, 5, port=8080, agent_headers={}, admission=e2b.Admission()) == {
         "Content-Type": "text/plain",
         "Content-Length": "5",
         "Accept-Encoding": "identity",  # nothing the client did not ask for
     }
-    assert e2b.forwarded_headers(CIMultiDict({"Accept-Encoding": "gzip"}), None) == {"Accept-Encoding": "gzip"}
+    assert forwarded({"Accept-Encoding": "gzip"}, port=8080) == {"Accept-Encoding": "gzip"}
+
+
+def test_the_agent_gets_its_own_token_and_a_user_port_none() -> None:
+    client = {"X-Access-Token": "client-tok", "E2B-Traffic-Access-Token": "client-tok"}
+    for port in (ENVD_PORT, INTERPRETER_PORT):
+        assert forwarded(client, port) == {AGENT_TOKEN_HEADER: "agent-tok", "Accept-Encoding": "identity"}
+    assert forwarded(client, 8080) == {"Accept-Encoding": "identity"}  # a tenant's server never sees it
+    # A pod without a token (started before tokens): nothing in its place.
+    assert e2b.forwarded_headers(
+        CIMultiDict(client), None, port=ENVD_PORT, agent_headers={}, admission=e2b.Admission()
+    ) == {"Accept-Encoding": "identity"}
+
+
+def test_the_signed_path_is_the_gateways_to_set() -> None:
+    claimed = {SIGNED_PATH_HEADER: "/etc/shadow", SIGNED_PATH_HEADER.lower(): "/x"}
+    assert SIGNED_PATH_HEADER not in forwarded(claimed)  # a client's claim never passes
+    assert forwarded(claimed, admission=e2b.Admission(signed_path="/a.txt"))[SIGNED_PATH_HEADER] == "/a.txt"
+    assert SIGNED_PATH_HEADER not in forwarded({}, 8080, e2b.Admission(signed_path="/a.txt"))
 
 
 def test_returned_headers_keep_repeated_ones() -> None:
     upstream = CIMultiDict([("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Transfer-Encoding", "chunked")])
     assert e2b.returned_headers(upstream) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+
+
+@pytest.mark.parametrize(
+    ("cookie", "host_only"),
+    [
+        ("a=1; Domain=example.com; Path=/", "a=1; Path=/"),
+        ("a=1; domain=.example.com", "a=1"),
+        ("a=1;DOMAIN = example.com;Secure", "a=1;Secure"),
+        ("a=1; Path=/; Domain=8080-sid.example.com; HttpOnly", "a=1; Path=/; HttpOnly"),
+        ("a=1; Path=/domain=x", "a=1; Path=/domain=x"),
+        ("domain=1; Path=/", "domain=1; Path=/"),  # a cookie named domain keeps its name
+    ],
+)
+def test_cookies_from_a_sandbox_are_host_only(cookie: str, host_only: str) -> None:
+    assert e2b.returned_headers(CIMultiDict([("Set-Cookie", cookie)])) == [("Set-Cookie", host_only)]
 
 
 def test_proxy_error_bodies_name_the_sandbox() -> None:

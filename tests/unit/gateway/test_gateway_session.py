@@ -197,9 +197,11 @@ def test_a_stream_ending_in_an_error_is_refused(code: str, status: int) -> None:
     assert refused.value.status == status
 
 
-def test_an_agent_refusing_the_command_is_a_bad_gateway() -> None:
-    refused = session_logic.command_failure(400, "bad")
-    assert refused.status == 502 and str(refused) == "the agent answered 400: bad"
+@pytest.mark.parametrize(("status", "answered"), [(400, 400), (404, 404), (401, 502), (415, 502), (500, 502)])
+def test_an_agent_refusing_the_command_passes_on_refusals_of_the_request_only(status: int, answered: int) -> None:
+    # A 400 is about what the client sent (the gateway only forwards it); its token or failures are not.
+    refused = session_logic.command_failure(status, "bad")
+    assert refused.status == answered and str(refused) == f"the agent answered {status}: bad"
 
 
 # --- code ------------------------------------------------------------------------------------------
@@ -303,6 +305,7 @@ class FakeGateway:
             delete_sandbox=delete_sandbox,
             until_serving=until_serving,
             upstream=upstream,
+            agent_headers=lambda body: {"X-Access-Token": "agent-tok"},
         )
 
 

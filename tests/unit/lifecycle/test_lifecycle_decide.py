@@ -483,6 +483,71 @@ def test_lost_pod_over_max_is_an_error() -> None:
     assert not creates_anything(decision)
 
 
+# --- what the template refuses: the image, the namespace ----------------------------------------
+
+BAD_IMAGE = "spec.image evil/miner:1 is not allowed by the template's imagePolicy (Template: only ...)"
+NOT_HERE = "SandboxTemplate gpu may not be used in namespace team-c (see its allowedNamespaces)"
+REFUSALS = [
+    pytest.param({"image_violation": BAD_IMAGE}, Reason.IMAGE_NOT_ALLOWED, BAD_IMAGE, id="image"),
+    pytest.param({"namespace_violation": NOT_HERE}, Reason.TEMPLATE_NOT_ALLOWED, NOT_HERE, id="namespace"),
+]
+
+
+@pytest.mark.parametrize(("refused", "reason", "message"), REFUSALS)
+def test_a_refused_sandbox_never_gets_a_pod_and_errors(refused: dict[str, str], reason: Reason, message: str) -> None:
+    first = decide(desired(**refused), observed(None, pvc=None, service_present=None, network_policy_present=None), T0)
+    assert first.phase is P.CREATING
+    assert not creates_anything(first)
+    new = observed(None, pvc=None, service_present=None, network_policy_present=None)
+    second = decide(desired(**refused), fed_back(new, first), T0)
+    assert (second.phase, second.reason, second.message) == (P.ERROR, reason, message)
+    assert not creates_anything(second)
+    (event,) = events(second)
+    assert (event.type, event.reason) == (EventType.WARNING, reason)
+    stays = decide(desired(**refused), fed_back(fed_back(new, first), second), at(5))
+    assert (stays.phase, stays.reason) == (P.ERROR, reason)
+    assert not creates_anything(stays)
+
+
+@pytest.mark.parametrize(("refused", "reason", "message"), REFUSALS)
+def test_a_refused_sandbox_recovers_free_when_allowed(refused: dict[str, str], reason: Reason, message: str) -> None:
+    stuck = observed(P.ERROR, reason=reason, message=message, pod=None, recreate_attempts=2)
+    fixed = decide(desired(), stuck, at(5))
+    assert (fixed.phase, fixed.reason) == (P.CREATING, Reason.SPEC_CHANGED)
+    assert work(fixed) == [CreatePod()]
+    assert fixed.status.recreate_attempts == 2  # not a failure: no attempt spent
+
+
+@pytest.mark.parametrize(("refused", "reason", "message"), REFUSALS)
+def test_a_refused_resume_stays_suspended(refused: dict[str, str], reason: Reason, message: str) -> None:
+    decision = decide(desired(**refused), observed(P.SUSPENDED), at(60))
+    assert (decision.phase, decision.reason) == (P.SUSPENDED, reason)
+    assert decision.message == f"cannot resume: {message}"
+    assert not creates_anything(decision)
+
+
+@pytest.mark.parametrize(("refused", "reason", "message"), REFUSALS)
+def test_a_refused_lost_pod_is_not_recreated(refused: dict[str, str], reason: Reason, message: str) -> None:
+    decision = decide(desired(**refused), observed(P.RUNNING, pod=None), at(60))
+    assert (decision.phase, decision.reason) == (P.ERROR, reason)
+    assert not creates_anything(decision)
+
+
+def test_a_pod_made_before_the_refusal_goes() -> None:
+    # E.g. a retry in Creating when the template's policy was tightened: the pod does not match it.
+    decision = decide(desired(image_violation=BAD_IMAGE), observed(P.CREATING, pod=PENDING_POD), at(5))
+    assert (decision.phase, decision.reason) == (P.ERROR, Reason.IMAGE_NOT_ALLOWED)
+    assert work(decision) == [DeletePod()]
+
+
+def test_the_namespace_is_reported_before_the_image_and_the_resources() -> None:
+    everything = desired(namespace_violation=NOT_HERE, image_violation=BAD_IMAGE, resources_violation=TOO_BIG)
+    decision = decide(everything, observed(P.CREATING, pod=None), at(5))
+    assert decision.reason == Reason.TEMPLATE_NOT_ALLOWED
+    decision = decide(desired(image_violation=BAD_IMAGE, resources_violation=TOO_BIG), observed(P.CREATING), at(5))
+    assert decision.reason == Reason.IMAGE_NOT_ALLOWED
+
+
 # --- deletion ------------------------------------------------------------------------------------
 
 

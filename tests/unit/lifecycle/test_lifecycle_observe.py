@@ -105,6 +105,31 @@ def test_desired_from_reports_resources_over_max() -> None:
     assert wanted.resources_violation == "spec.resources.memory 4Gi exceeds the template maximum 1Gi"
 
 
+def test_desired_from_reports_an_image_the_template_refuses() -> None:
+    assert desired_from(_sandbox(), TEMPLATE).image_violation is None
+    assert desired_from(_sandbox({"image": "agent:1"}), TEMPLATE).image_violation is None
+    refused = desired_from(_sandbox({"image": "evil/miner:1"}), TEMPLATE).image_violation
+    assert refused is not None and refused.startswith("spec.image evil/miner:1 is not allowed")
+
+
+def test_desired_from_reports_a_namespace_the_template_leaves_out() -> None:
+    only = TEMPLATE.model_copy(update={"spec": TEMPLATE.spec.model_copy(update={"allowed_namespaces": ["ml"]})})
+    assert desired_from(_sandbox(namespace="ml"), only).namespace_violation is None
+    refused = desired_from(_sandbox(namespace="team"), only).namespace_violation
+    assert refused == "SandboxTemplate python may not be used in namespace team (see its allowedNamespaces)"
+    assert desired_from(_sandbox(namespace="team"), TEMPLATE).namespace_violation is None
+
+
+def test_desired_from_clamps_the_lifetime_to_the_template_cap() -> None:
+    capped = SandboxTemplate.from_body(
+        {"metadata": {"name": "python"}, "spec": {"image": "agent:1", "timeouts": {"maxLifetimeLimit": "24h"}}}
+    )
+    for asked in ("0", "48h"):  # 0 is "no limit": the cap all the same
+        wanted = desired_from(_sandbox({"timeouts": {"maxLifetime": asked, "idle": "0"}}), capped)
+        assert wanted.max_lifetime == timedelta(hours=24)
+    assert desired_from(_sandbox({"timeouts": {"maxLifetime": "2h"}}), capped).max_lifetime == timedelta(hours=2)
+
+
 def test_observed_from_reads_status_and_children() -> None:
     status = {
         "phase": "Running",

@@ -71,6 +71,8 @@ desireds = st.builds(
     ttl_after_terminated=durations,
     persistent_workspace=st.booleans(),
     resources_violation=st.sampled_from([None, "spec.resources.cpu 64 exceeds the template maximum 4"]),
+    image_violation=st.sampled_from([None, None, "spec.image x is not allowed by the template's imagePolicy"]),
+    namespace_violation=st.sampled_from([None, None, "SandboxTemplate t may not be used in namespace n"]),
     retry=retry_policies,
     generation=st.sampled_from([None, 1, 2, 3]),
 )
@@ -91,6 +93,11 @@ observeds = st.builds(
     service_present=presence,
     network_policy_present=presence,
 )
+
+
+def _refused(desired: Desired) -> bool:
+    """The template refuses the spec: nothing may be created."""
+    return any((desired.resources_violation, desired.image_violation, desired.namespace_violation))
 
 
 def _check_requeue(decision: Decision, now: datetime) -> None:
@@ -150,7 +157,7 @@ def test_any_sequence_only_takes_allowed_transitions(steps: list[World]) -> None
         desired = step.desired
         decision = decide(desired, current, now)
         assert is_allowed_transition(current.phase, decision.phase), (current.phase, decision.phase)
-        if current.phase in NO_CREATE_PHASES or desired.resources_violation or current.deleting:
+        if current.phase in NO_CREATE_PHASES or _refused(desired) or current.deleting:
             assert not creates_anything(decision)
         _check_requeue(decision, now)
 
@@ -175,7 +182,7 @@ def test_decide_is_deterministic(desired: Desired, observed: Observed, now: date
 @given(desireds, observeds, moments)
 def test_no_creation_when_ending_or_over_the_maximum(desired: Desired, observed: Observed, now: datetime) -> None:
     decision = decide(desired, observed, now)
-    if observed.phase in NO_CREATE_PHASES or desired.resources_violation is not None or observed.deleting:
+    if observed.phase in NO_CREATE_PHASES or _refused(desired) or observed.deleting:
         assert not creates_anything(decision)
     if decision.phase in NO_CREATE_PHASES:
         assert not creates_anything(decision)

@@ -9,6 +9,7 @@ from kubernetes import client
 from resources_factories import UID, sandbox, template
 
 from sandbox_operator.resources import (
+    ImageNotAllowedError,
     ResourcesExceedMaxError,
     build_network_policy,
     build_pod,
@@ -191,7 +192,21 @@ def test_pod_image_command_and_pull_policy() -> None:
         ["--serve"],
     )
     assert container["imagePullPolicy"] == "IfNotPresent"
-    assert _container(build_pod(sandbox(image="my/image:2"), template()))["image"] == "my/image:2"
+    anything = template(imagePolicy={"mode": "Any"})
+    assert _container(build_pod(sandbox(image="my/image:2"), anything))["image"] == "my/image:2"
+
+
+def test_pod_with_an_image_the_template_refuses_is_never_built() -> None:
+    # The lifecycle never asks for such a pod; the builder refuses all the same (last line of defence).
+    with pytest.raises(ImageNotAllowedError, match=r"spec\.image evil/miner:1 is not allowed .*Template"):
+        build_pod(sandbox(image="evil/miner:1"), template())
+    listed = template(imagePolicy={"mode": "AllowList", "allow": ["registry.example.com/team/"]})
+    with pytest.raises(ImageNotAllowedError, match=r"registry\.example\.com/team/"):
+        build_pod(sandbox(image="registry.example.com/other/x:1"), listed)
+    allowed = build_pod(sandbox(image="registry.example.com/team/py:3"), listed)
+    assert _container(allowed)["image"] == "registry.example.com/team/py:3"
+    same = build_pod(sandbox(image="ghcr.io/example/agent:1"), template())  # the template's own image
+    assert _container(same)["image"] == "ghcr.io/example/agent:1"
 
 
 def test_pod_mounts_the_workspace_claim() -> None:
