@@ -54,6 +54,7 @@ __all__ = [
     "SIGNED_PATH_HEADER",
     "SPEC_HASH_ANNOTATION",
     "TEMPLATE_LABEL",
+    "TOKEN_EPOCH_ANNOTATION",
     "VERSION",
     "ApiResource",
     "ConditionType",
@@ -113,6 +114,9 @@ CLAIMED_FROM_POOL_ANNOTATION: Final = "sandbox.dev/claimed-from-pool"
 """On a pod (and claim) a Sandbox took from a pool: the pool's name, for its whole life."""
 AGENT_TOKEN_ID_ANNOTATION: Final = "sandbox.dev/agent-token-id"
 """On a sandbox pod: the id its agent's access token derives from (resources.tokens)."""
+TOKEN_EPOCH_ANNOTATION: Final = "sandbox.dev/token-epoch"
+"""On a Sandbox, set by its owner: any new value revokes the access tokens the gateway handed out
+for it (clients get the new one from connect)."""
 KOPF_ANNOTATION_PREFIX: Final = GROUP
 """Prefix of kopf's own progress annotations: distinct, so another kopf operator never collides."""
 FINALIZER: Final = "sandbox.dev/finalizer"

@@ -41,6 +41,7 @@ from sandbox_operator.api.names import (
     CREATED_BY_ANNOTATION,
     ENVD_PORT,
     SIGNED_PATH_HEADER,
+    TOKEN_EPOCH_ANNOTATION,
 )
 from sandbox_operator.api.v1alpha1 import SandboxSpec, SandboxTemplateSpec
 from sandbox_operator.resources.names import sandbox_id_for
@@ -108,9 +109,12 @@ def sandbox_id_of(body: Mapping[str, Any]) -> str:
 
 def access_token(key: bytes, body: Mapping[str, Any]) -> str:
     """The sandbox's envd access token: derived from the gateway key and the object's identity, so
-    the gateway can check it without storing it, and a re-created sandbox gets a new one."""
+    the gateway can check it without storing it. It lives as long as the object (a re-created
+    sandbox gets a new one), and changing the object's token-epoch annotation revokes it."""
     meta = body.get("metadata") or {}
-    digest = hmac.new(key, f"{meta['namespace']}/{meta['name']}/{meta['uid']}".encode(), hashlib.sha256).digest()
+    epoch = (meta.get("annotations") or {}).get(TOKEN_EPOCH_ANNOTATION)
+    identity = f"{meta['namespace']}/{meta['name']}/{meta['uid']}" + (f"/{epoch}" if epoch else "")
+    digest = hmac.new(key, identity.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
-from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, SANDBOXES
+from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, SANDBOXES, TOKEN_EPOCH_ANNOTATION
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.cache import Cache
 from sandbox_operator.gateway.http import MAX_JSON_BYTES, agent_json, json_response, read_payload
@@ -118,7 +118,7 @@ class Gateway:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
         )
         self._upstream: aiohttp.ClientSession | None = None
-        self._tokens: dict[str, str] = {}  # sandbox uid -> access token
+        self._tokens: dict[tuple[str, str], str] = {}  # (sandbox uid, token epoch) -> access token
         self._agent_tokens: dict[str, str] = {}  # status.agentTokenId -> agent token
 
     # --- application -----------------------------------------------------------------------------
@@ -231,12 +231,13 @@ class Gateway:
         return self.cache.templates
 
     def token_of(self, body: JSON) -> str:
-        uid = str(body["metadata"]["uid"])
-        token = self._tokens.get(uid)
-        if token is None:  # an HMAC per proxied request is measurable: computed once per sandbox
+        metadata = body["metadata"]
+        cache_key = (str(metadata["uid"]), str((metadata.get("annotations") or {}).get(TOKEN_EPOCH_ANNOTATION, "")))
+        token = self._tokens.get(cache_key)
+        if token is None:  # an HMAC per proxied request is measurable: computed once per sandbox and epoch
             if len(self._tokens) > 100_000:
                 self._tokens.clear()
-            token = self._tokens[uid] = e2b.access_token(self.config.token_key, body)
+            token = self._tokens[cache_key] = e2b.access_token(self.config.token_key, body)
         return token
 
     def agent_headers(self, body: JSON) -> dict[str, str]:

@@ -110,6 +110,15 @@ def test_sandbox_id_is_the_operators_and_tokens_are_per_object() -> None:
     assert token != e2b.access_token(b"k" * 32, recreated)
 
 
+def test_a_new_token_epoch_revokes_the_access_token() -> None:
+    body = cr()
+    token = e2b.access_token(b"k" * 32, body)
+    rotated = {**body, "metadata": {**body["metadata"], "annotations": {"sandbox.dev/token-epoch": "2"}}}
+    assert e2b.access_token(b"k" * 32, rotated) != token
+    again = {**body, "metadata": {**body["metadata"], "annotations": {"sandbox.dev/token-epoch": "3"}}}
+    assert e2b.access_token(b"k" * 32, again) not in (token, e2b.access_token(b"k" * 32, rotated))
+
+
 def test_detail_has_every_required_field_and_the_effective_sizes() -> None:
     detail = e2b.sandbox_detail(cr(metadata={"team": "a"}), TEMPLATE, "tok")
     for field in (
