@@ -205,6 +205,7 @@ class PoolReason(enum.StrEnum):
     FILLED = "Filled"
     FILLING = "Filling"
     TEMPLATE_NOT_FOUND = "TemplateNotFound"
+    TEMPLATE_NOT_ALLOWED = "TemplateNotAllowed"  # the template's allowedNamespaces exclude the pool's
 
 
 class ConditionType(enum.StrEnum):

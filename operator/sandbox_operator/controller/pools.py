@@ -26,6 +26,7 @@ from sandbox_operator.api.names import (
     SANDBOX_LABEL,
     SANDBOX_POOLS,
 )
+from sandbox_operator.api.policy import namespace_violation
 from sandbox_operator.kube import JSON, ApiError
 from sandbox_operator.lifecycle.pool import (
     PoolPlan,
@@ -156,10 +157,13 @@ async def reconcile_pool(rt: ReconcileContext, key: Key) -> None:
     pool = SandboxPool.from_body(body)
     template_body = rt.store.templates.get(pool.spec.template)
     template = SandboxTemplate.from_body(template_body) if template_body is not None else None
+    # A pool in a namespace the template excludes keeps no warm pods: no sandbox there may claim one.
+    refused = namespace_violation(key[0], pool.spec.template, template.spec) if template is not None else None
+    usable = template if refused is None else None
 
-    plan = _plan(rt, key, pool, template)
-    if template is not None:
-        await _create_warm_pods(rt, key[0], pool, template, plan.to_create)
+    plan = _plan(rt, key, pool, usable, pool.spec.size if refused is None else 0)
+    if usable is not None:
+        await _create_warm_pods(rt, key[0], pool, usable, plan.to_create)
     released, conflicted = await _delete_warm_pods(rt, key, plan)
     now = datetime.now(UTC)
     swept_cleanly = await _sweep_claims(rt, key, released, now)
@@ -167,7 +171,7 @@ async def reconcile_pool(rt: ReconcileContext, key: Key) -> None:
         rt.requeue(("pool", *key), CONFLICT_RETRY_SECONDS)
 
     claimed = count_claimed(key[1], rt.store.pods_in(key[0]))
-    reason, message = pool_readiness(pool.spec.size, plan.ready, None if template else pool.spec.template)
+    reason, message = pool_readiness(pool.spec.size, plan.ready, None if template else pool.spec.template, refused)
     patch = pool_status_patch(
         body.get("status") or {},
         generation=pool.metadata.generation,
@@ -184,7 +188,7 @@ async def reconcile_pool(rt: ReconcileContext, key: Key) -> None:
             rt.store.put_pool(updated)
 
 
-def _plan(rt: ReconcileContext, key: Key, pool: SandboxPool, template: SandboxTemplate | None) -> PoolPlan:
+def _plan(rt: ReconcileContext, key: Key, pool: SandboxPool, template: SandboxTemplate | None, size: int) -> PoolPlan:
     """The pool's plan over its warm pods (those being claimed right now are not the pool's any more)."""
     namespace = key[0]
     pods = [p for p in rt.store.pods_of_pool(key) if not rt.in_flight.is_claiming((namespace, p["metadata"]["name"]))]
@@ -192,7 +196,7 @@ def _plan(rt: ReconcileContext, key: Key, pool: SandboxPool, template: SandboxTe
     # A warm pod whose workspace claim a sandbox already took, or that is being deleted, can serve
     # no one: replace it. The sweep never deletes a claim a sandbox took (it is the sandbox's now).
     unusable = unusable_pods(key[1], pods, rt.store.pvcs_in(namespace))
-    return plan_pool(pool.spec.size, pods, signature, unusable)
+    return plan_pool(size, pods, signature, unusable)
 
 
 async def _create_warm_pods(

@@ -228,10 +228,15 @@ def unusable_pods(pool: str, pods: Sequence[Mapping[str, Any]], claims: Mapping[
     return unusable
 
 
-def pool_readiness(size: int, ready: int, missing_template: str | None = None) -> tuple[PoolReason, str]:
-    """The reason and message of the pool's Ready condition."""
+def pool_readiness(
+    size: int, ready: int, missing_template: str | None = None, refused: str | None = None
+) -> tuple[PoolReason, str]:
+    """The reason and message of the pool's Ready condition; ``refused`` says why the pool's
+    namespace may not use its template (api.policy.namespace_violation)."""
     if missing_template is not None:
         return PoolReason.TEMPLATE_NOT_FOUND, f'SandboxTemplate "{missing_template}" not found'
+    if refused is not None:
+        return PoolReason.TEMPLATE_NOT_ALLOWED, refused
     reason = PoolReason.FILLED if ready >= size else PoolReason.FILLING
     return reason, f"{ready}/{size} warm pods ready"
 
@@ -250,7 +255,8 @@ def pool_status_patch(
     """The smallest status merge patch for the pool ({} when nothing changed). Ready is True when the
     pool holds ``size`` ready warm pods of an existing template; lastTransitionTime moves only when
     Ready's status does."""
-    is_ready = "True" if ready >= size and reason is not PoolReason.TEMPLATE_NOT_FOUND else "False"
+    usable = reason not in (PoolReason.TEMPLATE_NOT_FOUND, PoolReason.TEMPLATE_NOT_ALLOWED)
+    is_ready = "True" if ready >= size and usable else "False"
     old = next((c for c in current.get("conditions") or [] if c.get("type") == ConditionType.READY), None)
     patch: dict[str, Any] = {}
     for field, value in (("ready", ready), ("claimed", claimed), ("observedGeneration", generation)):

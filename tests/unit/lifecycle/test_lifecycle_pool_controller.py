@@ -254,3 +254,19 @@ async def test_status_claimed_counts_sandboxes_on_claimed_pods(harness: Harness)
     api.remove(PODS.path(NS, claimed["metadata"]["name"]))
     await harness.pool_pass(POOL_KEY)
     assert pool_status(api)["claimed"] == 0
+
+
+# --- a template the pool's namespace may not use --------------------------------------------------
+
+
+async def test_a_pool_keeps_no_warm_pods_of_a_template_its_namespace_may_not_use(harness: Harness) -> None:
+    api = harness.api
+    await filled(harness)
+    assert len(pods(api)) == 1
+    api.edit(SANDBOX_TEMPLATES.path(None, "base"), {"spec": {"allowedNamespaces": ["team-b"]}})
+    await harness.pool_pass(POOL_KEY)
+    assert pods(api) == {}  # the warm pod goes: no sandbox here could claim it
+    (ready,) = pool_status(api)["conditions"]
+    assert (ready["status"], ready["reason"]) == ("False", "TemplateNotAllowed")
+    await harness.pool_pass(POOL_KEY)
+    assert pods(api) == {}  # and none is made again
