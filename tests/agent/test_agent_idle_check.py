@@ -120,10 +120,10 @@ async def test_an_agent_that_does_not_answer_leaves_the_status_the_last_word(age
 async def test_the_agent_client_reads_the_agents_activity(agent: AgentProcess) -> None:
     client, not_metrics = AgentClient(agent.envd_port), AgentClient(agent.interpreter_port)
     try:
-        activity = await client.last_activity(AGENT_IP)
+        activity = await client.last_activity(AGENT_IP, None)
         assert activity is not None and time.time() - 3600 < activity.timestamp() <= time.time() + 1
         # Not an agent's metrics (the interpreter port has no /agent/metrics): no activity, no error.
-        assert await not_metrics.last_activity(AGENT_IP) is None
+        assert await not_metrics.last_activity(AGENT_IP, None) is None
     finally:
         await client.close()
         await not_metrics.close()

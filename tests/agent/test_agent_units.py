@@ -130,9 +130,13 @@ def test_malformed_json_is_an_invalid_argument() -> None:
 
 def test_timeout_header_parsing() -> None:
     assert parse_timeout_ms("60000") == 60.0
+    assert parse_timeout_ms("9999999999") == 9999999.999
     assert parse_timeout_ms(None) is None
-    assert parse_timeout_ms("-5") is None
-    assert parse_timeout_ms("12345678901") is None
+    # Malformed or longer than Connect's 10 digits (>= 1e10 ms): invalid_argument, not ignored.
+    for bad in ("-5", "12345678901", "1e10", "", "1.5", "٣"):
+        with pytest.raises(ConnectError) as error:
+            parse_timeout_ms(bad)
+        assert error.value.code == "invalid_argument", bad
 
 
 # -- proto3 JSON ---------------------------------------------------------------------------------

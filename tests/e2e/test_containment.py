@@ -6,7 +6,6 @@ Each test ends with the sandbox usable again (or proves it never stopped being u
 from __future__ import annotations
 
 import json
-import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -169,14 +168,14 @@ print(found, len(refused) > 0)
 
 
 def test_user_code_cannot_read_the_access_token(cluster: Cluster, namespace: str, operator: object) -> None:
-    token = secrets.token_hex(16)
-    cluster.apply(
-        (CODE_INTERPRETER_TEMPLATE % "tokened").replace(
-            "  timeouts:", f"  env: {{SANDBOX_ACCESS_TOKEN: {token}}}\n  timeouts:"
-        )
-    )
+    cluster.apply(CODE_INTERPRETER_TEMPLATE % "tokened")
     cluster.apply(sandbox_manifest("tok", template="tokened"), namespace)
-    ip = wait_phase(cluster, namespace, "tok", "Running", timeout=120)["status"]["podIP"]
+    status_now = wait_phase(cluster, namespace, "tok", "Running", timeout=120)["status"]
+    ip = status_now["podIP"]
+    # The operator gave the pod its own token (derived from the key the gateway holds too).
+    pod = cluster.get_json("pod", status_now["podName"], "-n", namespace)
+    (token,) = [e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "SANDBOX_ACCESS_TOKEN"]
+    assert pod["metadata"]["annotations"]["sandbox.dev/agent-token-id"] == status_now["agentTokenId"]
 
     def execute(code: str, access_token: str | None) -> tuple[int, str]:
         headers = {"Content-Type": "application/json", **({"X-Access-Token": access_token} if access_token else {})}

@@ -9,15 +9,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox_operator.api.names import ENVD_PORT, INTERPRETER_PORT
+from sandbox_operator.api.names import AGENT_TOKEN_ENV, ENVD_PORT, INTERPRETER_PORT
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_EXECUTIONS = 64
 DEFAULT_MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
 DEFAULT_MAX_RPC_BODY_BYTES = 8 * 1024 * 1024
+# Slow clients (docs/agent.md, "Limits"): seconds from a request's first byte to the end of its
+# headers; an idle connection (none begun since it opened or since the last response; longer than the
+# gateway's 60 s client pool, so the gateway closes first); a body read whole, or a pause in a
+# streamed one.
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+DEFAULT_BODY_TIMEOUT = 60.0
 
-# Never handed to user processes or kernels: they would let sandboxed code mint signed URLs.
-SECRET_ENV_VARS = frozenset({"SANDBOX_ACCESS_TOKEN"})
+# Never handed to user processes or kernels, whichever layer (the agent's environment, /init's
+# envVars, a request's envs) would set them: they would let sandboxed code call the agent and mint
+# signed URLs.
+SECRET_ENV_VARS = frozenset({AGENT_TOKEN_ENV})
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less SECRET_ENV_VARS: the last step of every environment the agent hands to a child."""
+    return {key: value for key, value in env.items() if key not in SECRET_ENV_VARS}
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,9 @@ class AgentConfig:
     max_rpc_body_bytes: int = DEFAULT_MAX_RPC_BODY_BYTES
     prewarm_kernel: bool = False
     enable_interpreter: bool = True
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
 
 def default_workdir(env: Mapping[str, str]) -> Path:
@@ -114,6 +131,24 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         default=_env_int(env, "SANDBOX_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
     )
     parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=_env_float(env, "SANDBOX_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
+        help="seconds from a request's first byte to the end of its headers; 0 = no limit",
+    )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=_env_float(env, "SANDBOX_KEEPALIVE_TIMEOUT", DEFAULT_KEEPALIVE_TIMEOUT),
+        help="seconds an idle connection is kept (also the wait for a first request)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=_env_float(env, "SANDBOX_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT),
+        help="seconds a body read whole may take, and a streamed body may pause; 0 = no limit",
+    )
+    parser.add_argument(
         "--prewarm-kernel",
         action=argparse.BooleanOptionalAction,
         default=_env_bool(env, "SANDBOX_PREWARM_KERNEL", False),
@@ -121,7 +156,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     )
     args = parser.parse_args(argv)
     workdir: Path = args.workdir if args.workdir is not None else default_workdir(env)
-    token = env.get("SANDBOX_ACCESS_TOKEN") or None
+    token = env.get(AGENT_TOKEN_ENV) or None
     return AgentConfig(
         host=args.host,
         envd_port=args.envd_port,
@@ -134,4 +169,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         max_concurrent_executions=max(0, args.max_concurrent_executions),
         max_upload_bytes=max(0, args.max_upload_bytes),
         prewarm_kernel=args.prewarm_kernel,
+        header_timeout=max(0.0, args.header_timeout),
+        keepalive_timeout=args.keepalive_timeout if args.keepalive_timeout > 0 else DEFAULT_KEEPALIVE_TIMEOUT,
+        body_timeout=max(0.0, args.body_timeout),
     )

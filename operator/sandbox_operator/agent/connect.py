@@ -7,6 +7,8 @@ plain dicts keeps the hot path free of protobuf reflection (see docs/agent.md).
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any, Final
@@ -39,6 +41,16 @@ HTTP_STATUS_BY_CODE: Final[Mapping[str, int]] = {
 }
 
 JsonObject = dict[str, Any]
+
+# Deeper JSON is refused before it is parsed: Python's decoder recurses per level and a body nested
+# 100k deep would end in RecursionError. Every message the agent takes is a few levels deep.
+MAX_JSON_DEPTH: Final = 64
+# A JSON string (skipped whole: brackets inside it do not nest) or one bracket.
+_JSON_NESTING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+# Connect-Timeout-Ms: "at most 10 digits" (the Connect protocol); longer is a protocol error.
+MAX_TIMEOUT_DIGITS: Final = 10
+# Keepalive-Ping-Interval (seconds) above this is refused: a day without a keepalive is no keepalive.
+MAX_KEEPALIVE_SECONDS: Final = 86_400.0
 
 
 class ConnectError(Exception):
@@ -113,9 +125,40 @@ class EnvelopeDecoder:
         return len(self._buffer)
 
 
+class JsonTooDeep(ValueError):
+    """A JSON document nested deeper than the limit (refused before parsing)."""
+
+
+def json_depth_exceeds(payload: bytes, max_depth: int) -> bool:
+    """True when `payload` nests arrays/objects deeper than `max_depth` (brackets in strings do not
+    count). Linear, without recursion; malformed input may count high, and fails to parse anyway."""
+    if payload.count(b"[") + payload.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    for match in _JSON_NESTING.finditer(payload):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def loads_json(payload: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with the nesting checked first; ValueError (JsonTooDeep) for anything it refuses."""
+    if json_depth_exceeds(payload, max_depth):
+        raise JsonTooDeep(f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(payload)
+    except RecursionError as error:  # cannot happen below the depth limit; never a 500 if it does
+        raise JsonTooDeep("JSON nested too deep") from error
+
+
 def decode_json_message(payload: bytes) -> JsonObject:
     try:
-        message = json.loads(payload) if payload else {}
+        message = loads_json(payload) if payload else {}
     except ValueError as error:
         raise ConnectError("invalid_argument", f"request is not valid JSON: {error}") from error
     if not isinstance(message, dict):
@@ -124,13 +167,33 @@ def decode_json_message(payload: bytes) -> JsonObject:
 
 
 def parse_timeout_ms(header: str | None) -> float | None:
-    """Connect-Timeout-Ms (up to 10 digits) → seconds; None when absent or malformed."""
-    if not header:
+    """Connect-Timeout-Ms (1 to 10 digits) → seconds; None when absent. Anything else (a sign, more
+    digits, a float) is invalid_argument, as connect-go answers it."""
+    if header is None:
         return None
-    header = header.strip()
-    if not header.isdigit() or len(header) > 10:
-        return None
-    return int(header) / 1000.0
+    value = header.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > MAX_TIMEOUT_DIGITS:
+        raise ConnectError(
+            "invalid_argument", f"Connect-Timeout-Ms must be 1 to {MAX_TIMEOUT_DIGITS} digits, got {header[:32]!r}"
+        )
+    return int(value) / 1000.0
+
+
+def parse_keepalive_seconds(header: str | None, default: float) -> float:
+    """Keepalive-Ping-Interval (seconds, envd's header) → seconds; `default` when absent, empty or not
+    positive; invalid_argument when it is not a finite number up to MAX_KEEPALIVE_SECONDS."""
+    if header is None or not header.strip():
+        return default
+    try:
+        value = float(header)
+    except ValueError as error:
+        message = f"Keepalive-Ping-Interval must be a number, got {header[:32]!r}"
+        raise ConnectError("invalid_argument", message) from error
+    if not math.isfinite(value) or value > MAX_KEEPALIVE_SECONDS:
+        raise ConnectError(
+            "invalid_argument", f"Keepalive-Ping-Interval must be at most {MAX_KEEPALIVE_SECONDS:g} seconds"
+        )
+    return value if value > 0 else default
 
 
 def is_json_content_type(content_type: str, expected: str) -> bool:

@@ -4,23 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from aiohttp import BodyPartReader, MultipartReader, web
 
-from .connect import ConnectError, JsonObject
+from sandbox_operator.api.names import AGENT_TOKEN_HEADER, SIGNED_PATH_HEADER
+
+from .connect import ConnectError, JsonObject, loads_json, parse_keepalive_seconds
 from .filesystem import FilesystemService, make_dirs_as, write_metadata
+from .guard import (
+    HEALTH_PATH,
+    BodyTimeout,
+    BodyTooLarge,
+    body_timeout_response,
+    canonical_path,
+    canonical_redirect,
+    is_open_route,
+    limits_of,
+    read_body,
+    read_chunk,
+    within,
+)
 from .interpreter_http import interpreter_token_ok, is_interpreter_path, refuse_unauthenticated
 from .limits import ExecutionStats, exhaustion_message
 from .process import SIGNALS_BY_NAME, ManagedProcess, ProcessManager, set_window_size
 from .protojson import (
+    UINT32_MAX,
     bool_field,
     decode_bytes,
     enum_field,
@@ -35,7 +54,7 @@ from .protojson import (
 from .rpc import client_stream, server_stream, unary, unimplemented
 from .signing import Operation, tokens_equal, verify_signature
 from .sysmetrics import PROMETHEUS_CONTENT_TYPE, ResourceSampler, envd_metrics, prometheus_text
-from .users import SandboxState, UserContext, UserError, username_from_basic_auth
+from .users import PathError, SandboxState, UserContext, UserError, check_path_text, username_from_basic_auth
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +63,38 @@ FILE_CHUNK: Final = 256 * 1024
 METADATA_HEADER_PREFIX: Final = "x-metadata-"
 MAX_METADATA_BYTES: Final = 4096
 MAX_METADATA_KEY_BYTES: Final = 246
-# Paths any caller may use; /files checks the token or a signature itself. The operator scrapes
-# /agent/metrics (usage numbers only) without knowing each sandbox's token; the sandbox
-# NetworkPolicy admits only the gateway and the operator to this port.
-PUBLIC_PATHS: Final = frozenset({"/health", "/agent/metrics"})
-SELF_AUTHENTICATED_PATHS: Final = frozenset({"/files"})
+FILES_PATH: Final = "/files"
+# /files checks the token or a signature itself (signed URLs carry no token).
+FILES_METHODS: Final = frozenset({"GET", "POST"})
 # Monitoring requests are not user activity.
-INACTIVE_PATHS: Final = frozenset({"/health", "/metrics", "/agent/metrics"})
+INACTIVE_PATHS: Final = frozenset({HEALTH_PATH, "/metrics", "/agent/metrics"})
+TOKEN_REFUSAL: Final = f"missing or invalid access token ({AGENT_TOKEN_HEADER})"
 
 
 def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"code": status, "message": message}, status=status)
+
+
+def env_var_refusal(env: Mapping[str, Any]) -> str | None:
+    """Why `env` cannot be a process environment (execve takes no NUL, names no '='), or None."""
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            return "environment variables must be strings"
+        if not key or "=" in key or "\x00" in key:
+            return f"invalid environment variable name {key[:64]!r}"
+        if "\x00" in value:
+            return f"the value of {key[:64]!r} contains a NUL byte"
+    return None
+
+
+@dataclass(frozen=True)
+class FileAccess:
+    """Who a /files request acts as, the path it names, and whether it may touch that path only."""
+
+    user: UserContext
+    raw_path: str
+    # Admitted by a signature (here, or at the gateway: SIGNED_PATH_HEADER): exactly `raw_path`, one file.
+    signed: bool
 
 
 def is_rpc_path(path: str) -> bool:
@@ -62,12 +102,11 @@ def is_rpc_path(path: str) -> bool:
 
 
 def keepalive_interval(request: web.Request) -> float:
-    raw = request.headers.get("Keepalive-Ping-Interval", "")
+    """Keepalive-Ping-Interval; rpc.check_headers has refused a malformed one before the stream began."""
     try:
-        value = float(raw)
-    except ValueError:
+        return parse_keepalive_seconds(request.headers.get("Keepalive-Ping-Interval"), DEFAULT_KEEPALIVE_SECONDS)
+    except ConnectError:
         return DEFAULT_KEEPALIVE_SECONDS
-    return value if value > 0 else DEFAULT_KEEPALIVE_SECONDS
 
 
 def parse_metadata_headers(request: web.Request) -> dict[str, str]:
@@ -159,33 +198,44 @@ class EnvdServer:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        path = request.path
+        # Every decision below is taken on the canonical path: /./init and /a/../init are /init.
+        path = canonical_path(request.path)
+        refusal = self._refusal(request.method, path, request.headers)
+        if refusal is not None:
+            return refusal
         if path not in INACTIVE_PATHS:
-            self.stats.touch()
-        token = self.state.access_token
-        if is_interpreter_path(path):
-            # With sandbox_url the code-interpreter requests arrive here too, with its headers.
-            if not interpreter_token_ok(request.headers, token):
-                return refuse_unauthenticated()
-            return await handler(request)
-        if (
-            token
-            and path not in PUBLIC_PATHS
-            and path not in SELF_AUTHENTICATED_PATHS
-            and not tokens_equal(request.headers.get("X-Access-Token"), token)
-        ):
-            message = "missing or invalid access token (X-Access-Token)"
-            if is_rpc_path(path):
-                return web.json_response({"code": "unauthenticated", "message": message}, status=401)
-            return json_error(401, message)
+            self.stats.touch()  # only an admitted request is activity
+        if path != request.path:
+            return canonical_redirect(request, path)
         try:
             return await handler(request)
+        except BodyTimeout:
+            return await body_timeout_response(request, "deadline_exceeded" if is_rpc_path(path) else 408)
+        except BodyTooLarge:
+            return json_error(413, f"request body exceeds {limits_of(request).max_body_bytes} bytes")
         except (OSError, RuntimeError) as error:
             # A worker thread for file I/O that cannot start under the pids limit: say so (429), not 500.
             exhausted = exhaustion_message(error, "serve the request")
             if exhausted is None:
                 raise
             return json_error(429, exhausted)
+
+    def _refusal(self, method: str, path: str, headers: Mapping[str, str]) -> web.Response | None:
+        """401 for a request without the access token (when one is set), else None. Open: GET /health.
+        /files (GET, POST) decides itself: a signed URL carries a signature instead of the token."""
+        token = self.state.access_token
+        if is_open_route(method, path):
+            return None
+        if is_interpreter_path(path):
+            # With sandbox_url the code-interpreter requests arrive here too, with its headers.
+            return None if interpreter_token_ok(headers, token) else refuse_unauthenticated()
+        if path == FILES_PATH and method in FILES_METHODS:
+            return None
+        if not token or tokens_equal(headers.get(AGENT_TOKEN_HEADER), token):
+            return None
+        if is_rpc_path(path):
+            return web.json_response({"code": "unauthenticated", "message": TOKEN_REFUSAL}, status=401)
+        return json_error(401, TOKEN_REFUSAL)
 
     # -- plain HTTP ----------------------------------------------------------------------------
 
@@ -208,19 +258,14 @@ class EnvdServer:
 
     async def init(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-        except ValueError:
-            return json_error(400, "request body must be JSON")
+            body = loads_json(await read_body(request))
+        except ValueError as error:
+            return json_error(400, f"request body must be JSON: {error}")
         if not isinstance(body, dict):
             return json_error(400, "request body must be a JSON object")
-        env_vars = body.get("envVars")
-        if env_vars is not None:
-            if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
-                return json_error(400, "envVars must be a map of strings")
-            self.state.env_vars.update(env_vars)
-        token = body.get("accessToken")
-        if isinstance(token, str) and token:
-            self.state.access_token = token
+        refusal = _init_refusal(body)
+        if refusal is not None:
+            return json_error(400, refusal)
         user = body.get("defaultUser")
         if isinstance(user, str) and user:
             try:
@@ -228,16 +273,35 @@ class EnvdServer:
             except UserError as error:
                 return json_error(400, str(error))
             self.state.default_user = user
+        env_vars = body.get("envVars")
+        if env_vars:
+            self.state.env_vars.update(env_vars)
+        token = body.get("accessToken")
+        if isinstance(token, str) and token:
+            self.state.access_token = token
         workdir = body.get("defaultWorkdir")
         if isinstance(workdir, str) and workdir:
             self.state.default_workdir = Path(workdir)
         return web.Response(status=204)
 
-    def _file_request_user(self, request: web.Request, operation: Operation) -> tuple[UserContext, str]:
+    def _file_access(self, request: web.Request, operation: Operation) -> FileAccess:
+        """Who the request acts as and what it may touch; 401 without the token or a valid signature.
+
+        SIGNED_PATH_HEADER is the gateway's word that it admitted a signed URL for that path; it is
+        taken only together with the agent's token (which only the gateway and the operator hold)."""
         path = request.query.get("path", "")
         username = request.query.get("username") or ""
         token = self.state.access_token
-        if token and not tokens_equal(request.headers.get("X-Access-Token"), token):
+        has_token = bool(token) and tokens_equal(request.headers.get(AGENT_TOKEN_HEADER), token or "")
+        signed_path = request.headers.get(SIGNED_PATH_HEADER)
+        signed = False
+        if signed_path is not None:
+            if not has_token:
+                raise _http_error(401, f"{SIGNED_PATH_HEADER} is only taken with the agent's access token")
+            if path and path != signed_path:
+                raise _http_error(400, "the 'path' query parameter is not the signed path")
+            path, signed = signed_path, True
+        elif token and not has_token:
             refusal = verify_signature(
                 signature=request.query.get("signature"),
                 expiration=request.query.get("signature_expiration"),
@@ -248,21 +312,21 @@ class EnvdServer:
                 now=time.time(),
             )
             if refusal is not None:
-                raise web.HTTPUnauthorized(
-                    text=json.dumps({"code": 401, "message": refusal}), content_type="application/json"
-                )
+                raise _http_error(401, refusal)
+            signed = True
         try:
-            return self.state.user(username or None), path
+            check_path_text(path)
+            return FileAccess(self.state.user(username or None), path, signed)
+        except PathError as error:
+            raise _http_error(400, str(error)) from error
         except UserError as error:
-            raise web.HTTPUnauthorized(
-                text=json.dumps({"code": 401, "message": str(error)}), content_type="application/json"
-            ) from error
+            raise _http_error(400 if error.status == 400 else 401, str(error)) from error
 
     async def download(self, request: web.Request) -> web.StreamResponse:
-        user, raw_path = self._file_request_user(request, "read")
-        if not raw_path:
+        access = self._file_access(request, "read")
+        if not access.raw_path:
             return json_error(400, "missing 'path' query parameter")
-        path = user.resolve(raw_path)
+        path = access.user.resolve(access.raw_path)
         loop = asyncio.get_running_loop()
         try:
             handle: IO[bytes] = await loop.run_in_executor(None, _open_regular_file, path)
@@ -270,8 +334,14 @@ class EnvdServer:
             return json_error(404, f"path '{path}' does not exist")
         except IsADirectoryError:
             return json_error(400, f"path '{path}' is a directory")
+        except _NotRegularFile:
+            return json_error(400, f"path '{path}' is not a regular file")
         except PermissionError:
             return json_error(401, f"permission denied: '{path}'")
+        except OSError as error:
+            if error.errno not in CLIENT_ERRNOS:
+                raise
+            return json_error(400, f"cannot read '{path}': {error.strerror}")
         try:
             size = os.fstat(handle.fileno()).st_size
             gzip_body = accepts_gzip(request.headers.get("Accept-Encoding", ""))
@@ -295,42 +365,69 @@ class EnvdServer:
             await loop.run_in_executor(None, handle.close)
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
-        user, raw_path = self._file_request_user(request, "write")
+        access = self._file_access(request, "write")
         metadata = parse_metadata_headers(request)
+        user, raw_path = access.user, access.raw_path
+        idle = limits_of(request).body_timeout
         try:
             if request.content_type == "multipart/form-data":
-                written = await self._store_parts(user, raw_path, await request.multipart(), metadata)
+                reader = await request.multipart()
+                if access.signed:
+                    written = [await self._store_signed_part(user, raw_path, reader, metadata, idle)]
+                else:
+                    written = await self._store_parts(user, raw_path, reader, metadata, idle)
             elif not raw_path:
                 return json_error(400, "the 'path' query parameter is required for octet-stream uploads")
             else:
-                written = [await self._store(user, raw_path, _body_chunks(request), metadata)]
-        except (_BadUpload, _UploadTooLarge, OSError, zlib.error) as error:
+                written = [await self._store(user, user.resolve(raw_path), _body_chunks(request, idle), metadata)]
+        except BodyTimeout:
+            return await body_timeout_response(request)
+        except (_BadUpload, _UploadTooLarge, OSError, zlib.error, PathError) as error:
             return upload_error(error, self.state.config.max_upload_bytes)
         return web.json_response(written)
 
+    async def _store_signed_part(
+        self, user: UserContext, raw_path: str, reader: MultipartReader, metadata: dict[str, str], idle: float
+    ) -> JsonObject:
+        """A signed upload: one `file` part, written to exactly the signed path (its filename is not
+        looked at); any other part is refused (400)."""
+        if not raw_path:
+            raise _BadUpload("a signed upload needs the signed 'path'")
+        part = await within(reader.next(), idle)
+        if not isinstance(part, BodyPartReader) or part.name != "file":
+            raise _BadUpload("a signed upload takes exactly one part, named 'file'")
+        info = await self._store(user, user.resolve(raw_path), _part_chunks(part, idle), metadata)
+        if await within(reader.next(), idle) is not None:
+            raise _BadUpload(f"a signed upload takes exactly one file part (it wrote only {raw_path!r})")
+        return info
+
     async def _store_parts(
-        self, user: UserContext, raw_path: str, reader: MultipartReader, metadata: dict[str, str]
+        self, user: UserContext, raw_path: str, reader: MultipartReader, metadata: dict[str, str], idle: float
     ) -> list[JsonObject]:
-        """Store each `file` part: the first at `raw_path` when given, the others at their filename."""
+        """Store each `file` part (other parts are skipped, as envd does): the one part at `raw_path`
+        when given, else each at its filename, which must stay inside the user's home."""
         written: list[JsonObject] = []
+        destinations: set[Path] = set()
         while True:
-            part = await reader.next()
+            part = await within(reader.next(), idle)
             if part is None:
                 break
             if not isinstance(part, BodyPartReader) or part.name != "file":
                 continue
-            destination = raw_path if raw_path and not written else (part.filename or "")
-            if not destination:
-                raise _BadUpload("a file part has no destination path (filename or 'path')")
-            written.append(await self._store(user, destination, _part_chunks(part), metadata))
+            if raw_path and written:
+                raise _BadUpload("with a 'path' query parameter an upload takes one file part")
+            destination = user.resolve(raw_path) if raw_path else part_destination(user, part.filename)
+            if destination in destinations:
+                raise _BadUpload(f"two file parts name the same path '{destination}'")
+            destinations.add(destination)
+            written.append(await self._store(user, destination, _part_chunks(part, idle), metadata))
         if not written:
             raise _BadUpload("no 'file' part in the multipart body")
         return written
 
     async def _store(
-        self, user: UserContext, raw_path: str, chunks: AsyncIterator[bytes], metadata: dict[str, str]
+        self, user: UserContext, path: Path, chunks: AsyncIterator[bytes], metadata: dict[str, str]
     ) -> JsonObject:
-        path = user.resolve(raw_path)
         loop = asyncio.get_running_loop()
         limit = self.state.config.max_upload_bytes
         handle: IO[bytes] = await loop.run_in_executor(None, _open_for_write, path, user)
@@ -360,13 +457,17 @@ class EnvdServer:
         try:
             return self.state.user(username_from_basic_auth(request.headers.get("Authorization")))
         except UserError as error:
-            raise ConnectError("permission_denied" if error.status == 403 else "unauthenticated", str(error)) from error
+            code = {400: "invalid_argument", 403: "permission_denied"}.get(error.status, "unauthenticated")
+            raise ConnectError(code, str(error)) from error
 
     def _path(self, request: web.Request, message: JsonObject, name: str = "path") -> Path:
         raw = string_field(message, name)
         if not raw:
             raise ConnectError("invalid_argument", f"field {name!r} must not be empty")
-        return self._user(request).resolve(raw)
+        try:
+            return self._user(request).resolve(raw)
+        except PathError as error:
+            raise ConnectError("invalid_argument", f"field {name!r}: {error}") from error
 
     def _process(self, message: JsonObject) -> ManagedProcess:
         kind, value = selector(message)
@@ -385,15 +486,19 @@ class EnvdServer:
         pty_size: tuple[int, int] | None = None
         if isinstance(pty, dict):
             size = message_field(pty, "size")
-            pty_size = (uint_field(size, "cols", 80), uint_field(size, "rows", 24))
+            pty_size = (_window_field(size, "cols", 80), _window_field(size, "rows", 24))
         tag = field(message, "tag")
         stdin = field(message, "stdin")
         cwd = field(config, "cwd")
+        envs = string_map_field(config, "envs")
+        refusal = env_var_refusal(envs)
+        if refusal is not None:
+            raise ConnectError("invalid_argument", refusal)
         managed, queue = await self.processes.start(
             user=self._user(request),
             cmd=string_field(config, "cmd"),
             args=string_list_field(config, "args"),
-            envs=string_map_field(config, "envs"),
+            envs=envs,
             cwd=cwd if isinstance(cwd, str) and cwd else None,
             tag=tag if isinstance(tag, str) else None,
             pty_size=pty_size,
@@ -499,7 +604,7 @@ class EnvdServer:
             if managed.master_fd is None:
                 raise ConnectError("invalid_argument", "the process has no PTY to resize")
             size = message_field(pty, "size")
-            set_window_size(managed.master_fd, uint_field(size, "cols", 80), uint_field(size, "rows", 24))
+            set_window_size(managed.master_fd, _window_field(size, "cols", 80), _window_field(size, "rows", 24))
         return {}
 
     async def close_stdin(self, request: web.Request, message: JsonObject) -> JsonObject:
@@ -520,7 +625,8 @@ class EnvdServer:
         return await self.filesystem.move(source, destination, self._user(request))
 
     async def list_dir(self, request: web.Request, message: JsonObject) -> JsonObject:
-        return await self.filesystem.list_dir(self._path(request, message), uint_field(message, "depth", 1))
+        depth = uint_field(message, "depth", 1, maximum=UINT32_MAX)
+        return await self.filesystem.list_dir(self._path(request, message), depth)
 
     async def remove(self, request: web.Request, message: JsonObject) -> JsonObject:
         return await self.filesystem.remove(self._path(request, message))
@@ -571,13 +677,74 @@ class _UploadTooLarge(Exception):
     pass
 
 
+class _NotRegularFile(OSError):
+    """A download of a FIFO, socket or device: not a file (reading a FIFO would wait forever)."""
+
+
+# OS errors that say the request named an impossible path (a file as a directory, a symlink loop):
+# 400, not 500.
+CLIENT_ERRNOS: Final = frozenset({errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL})
+MAX_WINDOW_CELLS: Final = 0xFFFF  # TIOCSWINSZ takes unsigned shorts
+
+
+def _window_field(size: JsonObject, name: str, default: int) -> int:
+    return uint_field(size, name, default, maximum=MAX_WINDOW_CELLS)
+
+
+def _http_error(status: int, message: str) -> web.HTTPException:
+    """An HTTP error with the E2B body ({"code": int, "message"}) to raise from a /files helper."""
+    body = json.dumps({"code": status, "message": message})
+    if status == 400:
+        return web.HTTPBadRequest(text=body, content_type="application/json")
+    return web.HTTPUnauthorized(text=body, content_type="application/json")
+
+
+def _init_refusal(body: JsonObject) -> str | None:
+    """Why /init cannot take `body`, or None: nothing is applied unless all of it is valid."""
+    env_vars = body.get("envVars")
+    if env_vars is not None:
+        if not isinstance(env_vars, dict):
+            return "envVars must be a map of strings"
+        refusal = env_var_refusal(env_vars)
+        if refusal is not None:
+            return f"envVars: {refusal}"
+    for name in ("accessToken", "defaultUser", "defaultWorkdir"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"{name} must be a string"
+    workdir = body.get("defaultWorkdir")
+    if isinstance(workdir, str):
+        try:
+            check_path_text(workdir, "defaultWorkdir")
+        except PathError as error:
+            return str(error)
+    return None
+
+
+def part_destination(user: UserContext, filename: str | None) -> Path:
+    """Where a multipart file part without a 'path' goes: its filename, relative to the user's home,
+    which it may not leave (an absolute name outside it, or one that climbs out with `..` or through a
+    symlink, is refused: _BadUpload, 400)."""
+    if not filename:
+        raise _BadUpload("a file part has no destination path (filename or 'path')")
+    home = user.home
+    destination = user.resolve(filename)  # normalised: `..` applied
+    if home not in destination.parents:
+        raise _BadUpload(f"the part filename {filename[:256]!r} leaves the target directory '{home}'")
+    real_home = Path(os.path.realpath(home))
+    real_parent = Path(os.path.realpath(destination.parent))
+    if real_parent != real_home and real_home not in real_parent.parents:
+        raise _BadUpload(f"the part filename {filename[:256]!r} leaves the target directory '{home}' (symlink)")
+    return destination
+
+
 class _BadUpload(Exception):
     """A multipart body the upload cannot store (400); its message says why."""
 
 
 def upload_error(error: Exception, limit: int) -> web.Response:
     """The envd response for an upload that failed with `error` (`limit`: the upload cap in bytes)."""
-    if isinstance(error, _BadUpload):
+    if isinstance(error, _BadUpload | PathError):
         return json_error(400, str(error))
     if isinstance(error, _UploadTooLarge):
         return json_error(413, f"upload exceeds the limit of {limit} bytes")
@@ -586,8 +753,10 @@ def upload_error(error: Exception, limit: int) -> web.Response:
     if isinstance(error, PermissionError):
         return json_error(401, f"permission denied: '{error.filename}'")
     if isinstance(error, OSError):
-        if error.errno == 28:  # ENOSPC
+        if error.errno == errno.ENOSPC:
             return json_error(507, "not enough disk space available")
+        if error.errno in CLIENT_ERRNOS:
+            return json_error(400, f"cannot write '{error.filename}': {error.strerror}")
         return json_error(500, f"error writing file: {error}")
     if isinstance(error, zlib.error):
         return json_error(400, f"invalid gzip body: {error}")
@@ -602,8 +771,20 @@ def _input_bytes(process_input: JsonObject) -> bytes | None:
 
 
 def _open_regular_file(path: Path) -> IO[bytes]:
-    # open() refuses directories with IsADirectoryError.
-    return open(path, "rb")
+    """The file for reading; IsADirectoryError for a directory, _NotRegularFile for a FIFO, socket or
+    device (opened non-blocking, so a FIFO without a writer cannot hold the thread)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise _NotRegularFile(22, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _open_for_write(path: Path, user: UserContext) -> IO[bytes]:
@@ -617,15 +798,20 @@ def _open_for_write(path: Path, user: UserContext) -> IO[bytes]:
     return handle
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+async def _part_chunks(part: BodyPartReader, idle: float) -> AsyncIterator[bytes]:
+    """A part's bytes; BodyTimeout when the client pauses longer than `idle` s."""
     while True:
-        chunk = await part.read_chunk(FILE_CHUNK)
+        chunk = await within(part.read_chunk(FILE_CHUNK), idle)
         if not chunk:
             return
         yield chunk
 
 
-async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    # aiohttp already undoes Content-Encoding: gzip on request bodies.
-    async for chunk in request.content.iter_chunked(FILE_CHUNK):
+async def _body_chunks(request: web.Request, idle: float) -> AsyncIterator[bytes]:
+    """The body's bytes; BodyTimeout when the client pauses longer than `idle` s. aiohttp already
+    undoes Content-Encoding: gzip on request bodies."""
+    while True:
+        chunk = await read_chunk(request.content, idle, FILE_CHUNK)
+        if not chunk:
+            return
         yield chunk

@@ -124,6 +124,8 @@ def os_error_to_connect(error: OSError, path: Path) -> ConnectError:
         return ConnectError("permission_denied", f"permission denied: '{path}'")
     if isinstance(error, NotADirectoryError):
         return ConnectError("invalid_argument", f"path '{path}' is not a directory")
+    if error.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL):
+        return ConnectError("invalid_argument", f"{error.strerror or error} ('{path}')")
     if error.errno == errno.ENOSPC:
         return ConnectError("resource_exhausted", "not enough disk space available")
     return ConnectError("internal", f"{error.strerror or error} ('{path}')")
@@ -197,6 +199,8 @@ class FilesystemService:
                 entries: list[JsonObject] = []
                 self._collect(path, max(depth, 1), entries)
                 return {"entries": entries}
+            except RecursionError as error:  # a tree nested ~1000 deep listed with a depth as large
+                raise ConnectError("invalid_argument", "the tree is too deep to list; pass a smaller depth") from error
             except OSError as error:
                 raise os_error_to_connect(error, path) from error
 

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .config import SECRET_ENV_VARS
+from .config import without_secrets
 from .kernelwatch import (
     OUT_OF_MEMORY_MESSAGE,
     PROCESS_LIMIT_MESSAGE,
@@ -393,12 +393,12 @@ class CodeInterpreter:
         )
 
     def _kernel_env(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if key not in SECRET_ENV_VARS}
+        env = dict(os.environ)
         user = self.state.user(None)
         env.update(HOME=str(user.home), USER=user.name, LOGNAME=user.name)
         env.pop("MPLBACKEND", None)  # let ipykernel pick the inline backend so figures come back as PNG
         env.update(self.state.env_vars)
-        return env
+        return without_secrets(env)  # last: no layer may hand the kernel the token
 
     def _oom_kills(self) -> int | None:
         return read_oom_kills(self._oom_file)

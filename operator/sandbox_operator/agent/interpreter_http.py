@@ -10,10 +10,23 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from sandbox_operator.api.names import AGENT_TOKEN_HEADER
+
+from .config import without_secrets
+from .connect import loads_json
+from .guard import (
+    BodyTimeout,
+    BodyTooLarge,
+    body_timeout_response,
+    canonical_path,
+    canonical_redirect,
+    is_open_route,
+    read_body,
+)
 from .interpreter import CodeInterpreter, InterpreterError, KernelContext
 from .limits import ExecutionStats
 from .signing import tokens_equal
-from .users import SandboxState
+from .users import PathError, SandboxState
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +34,7 @@ NDJSON_CONTENT_TYPE = "application/x-ndjson"
 # The code-interpreter SDK sends X-Access-Token only on /execute, and E2B-Traffic-Access-Token on
 # every 49999 request when the control plane returned `trafficAccessToken` (docs/e2b-protocol.md §5.1, §9).
 # The control plane returns the sandbox's access token as both, so either header authenticates.
-INTERPRETER_TOKEN_HEADERS: Final = ("X-Access-Token", "E2B-Traffic-Access-Token")
+INTERPRETER_TOKEN_HEADERS: Final = (AGENT_TOKEN_HEADER, "E2B-Traffic-Access-Token")
 INTERPRETER_TOKEN_REFUSAL: Final = (
     "missing or invalid access token (E2B-Traffic-Access-Token or X-Access-Token): "
     "the code interpreter needs the sandbox's access token"
@@ -37,6 +50,10 @@ def _failure(error: Exception) -> web.Response:
     else → a JSON 500 rather than aiohttp's text/plain one (the SDK cannot parse that)."""
     if isinstance(error, InterpreterError):
         return _error(error.status, error.message)
+    if isinstance(error, PathError):
+        return _error(400, str(error))
+    if isinstance(error, BodyTimeout):
+        raise error  # the middleware answers it (408, and the connection is closed)
     log.error("code interpreter request failed", exc_info=error)
     return _error(500, f"internal error: {type(error).__name__}: {error}")
 
@@ -76,7 +93,8 @@ def execute_request(body: Mapping[str, Any]) -> ExecuteRequest:
         raise InterpreterError(400, "'env_vars' must be a map of strings")
     if context_id is not None and not isinstance(context_id, str):
         raise InterpreterError(400, "'context_id' must be a string")
-    return ExecuteRequest(code, context_id, language, env_vars)
+    # The kernel's os.environ gets these: never the agent's token, whatever the caller sends.
+    return ExecuteRequest(code, context_id, language, None if env_vars is None else without_secrets(env_vars))
 
 
 def is_interpreter_path(path: str) -> bool:
@@ -113,22 +131,31 @@ class InterpreterServer:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path == "/health":
+        """Every route needs the token but GET /health, decided on the canonical path."""
+        path = canonical_path(request.path)
+        if not is_open_route(request.method, path):
+            if not interpreter_token_ok(request.headers, self.state.access_token):
+                return refuse_unauthenticated()
+            self.stats.touch()  # only an admitted request is activity
+        if path != request.path:
+            return canonical_redirect(request, path)
+        try:
             return await handler(request)
-        self.stats.touch()
-        if not interpreter_token_ok(request.headers, self.state.access_token):
-            return refuse_unauthenticated()
-        return await handler(request)
+        except BodyTimeout:
+            return await body_timeout_response(request)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response("OK")
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        """The JSON object of the body: read within the body timeout, capped, depth checked before
+        parsing; InterpreterError (400, 413) when it is none, BodyTimeout when it did not arrive."""
         try:
-            body = await request.json() if request.can_read_body else {}
+            raw = await read_body(request) if request.can_read_body else b""
+            body = loads_json(raw) if raw else {}
         except ValueError as error:
             raise InterpreterError(400, f"request body is not valid JSON: {error}") from error
-        except web.HTTPRequestEntityTooLarge as error:
+        except BodyTooLarge as error:
             raise InterpreterError(413, "request body is too large") from error
         if not isinstance(body, dict):
             raise InterpreterError(400, "request body must be a JSON object")

@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from .config import SECRET_ENV_VARS
+from .config import without_secrets
 from .connect import ConnectError, JsonObject
 from .limits import ConcurrencyLimitError, ExecutionStats, OutputLimiter, exhaustion_message
 from .protojson import encode_bytes
 from .sysmetrics import default_cgroup_root, oom_events_file, read_oom_kills
-from .users import SandboxState, UserContext
+from .users import PathError, SandboxState, UserContext
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class ProcessManager:
         self.state = state
         self.stats = stats
         self.processes: dict[int, ManagedProcess] = {}
-        self._base_env = {key: value for key, value in os.environ.items() if key not in SECRET_ENV_VARS}
+        self._base_env = without_secrets(os.environ)
         self._tasks: set[asyncio.Task[None]] = set()
         # pid of an ended command → nothing; ordered oldest first (see MAX_LEFTOVER_SESSIONS).
         self._leftovers: dict[int, None] = {}
@@ -287,7 +287,7 @@ class ProcessManager:
         env.update(HOME=str(user.home), USER=user.name, LOGNAME=user.name, PWD=cwd)
         env.update(self.state.env_vars)
         env.update(extra)
-        return env
+        return without_secrets(env)
 
     def find(self, kind: str, value: int | str) -> ManagedProcess:
         if kind == "pid":
@@ -352,9 +352,14 @@ class ProcessManager:
     ) -> tuple[ManagedProcess, asyncio.Queue[JsonObject]]:
         if not cmd:
             raise ConnectError("invalid_argument", "process.cmd must not be empty")
-        workdir = user.resolve(cwd) if cwd else (user.home if user.switch else self.state.workdir)
+        try:
+            workdir = user.resolve(cwd) if cwd else (user.home if user.switch else self.state.workdir)
+        except PathError as error:
+            raise ConnectError("invalid_argument", f"cwd: {error}") from error
         if not workdir.is_dir():
             raise ConnectError("invalid_argument", f"cwd '{workdir}' does not exist or is not a directory")
+        if "\x00" in cmd or any("\x00" in arg for arg in args):
+            raise ConnectError("invalid_argument", "process.cmd and process.args must not contain a NUL byte")
         kind = "pty" if pty_size else "command"
         try:
             self.stats.acquire()
@@ -393,7 +398,7 @@ class ProcessManager:
                     stderr=subprocess.PIPE,
                     **spawn,
                 )
-        except (OSError, subprocess.SubprocessError) as error:
+        except (OSError, subprocess.SubprocessError, ValueError) as error:  # ValueError: bad env or args
             if master_fd is not None:
                 os.close(master_fd)
             self.stats.release(kind, 0.0, timed_out=False)

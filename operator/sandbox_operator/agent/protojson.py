@@ -12,6 +12,8 @@ from typing import Any
 from .connect import ConnectError
 
 _CAMEL_BOUNDARY = re.compile(r"_([a-z])")
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
 
 
 def camel(name: str) -> str:
@@ -53,20 +55,23 @@ def bool_field(message: Mapping[str, Any], name: str, default: bool = False) -> 
     return value
 
 
-def uint_field(message: Mapping[str, Any], name: str, default: int = 0) -> int:
-    """uint32/int64 fields: JSON numbers or decimal strings."""
+def uint_field(message: Mapping[str, Any], name: str, default: int = 0, maximum: int = UINT64_MAX) -> int:
+    """uint32/int64 fields: JSON numbers or decimal strings, at most `maximum` (invalid_argument above:
+    a huge number is bad input, not an overflow deeper down)."""
     value = field(message, name, default)
     if value is None:
         return default
     if isinstance(value, bool):
         raise ConnectError("invalid_argument", f"field {name!r} must be an integer")
     if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError as error:
-            raise ConnectError("invalid_argument", f"field {name!r} must be an integer") from error
+        text = value.strip()
+        if not text.isascii() or not text.isdigit() or len(text) > len(str(maximum)):
+            raise ConnectError("invalid_argument", f"field {name!r} must be an integer up to {maximum}")
+        value = int(text)
     if not isinstance(value, int) or value < 0:
         raise ConnectError("invalid_argument", f"field {name!r} must be a non-negative integer")
+    if value > maximum:
+        raise ConnectError("invalid_argument", f"field {name!r} must be at most {maximum}")
     return value
 
 
@@ -136,7 +141,7 @@ def selector(message: Mapping[str, Any]) -> tuple[str, int | str]:
     """ProcessSelector oneof → ("pid", n) or ("tag", s)."""
     process = message_field(message, "process")
     if "pid" in process:
-        return "pid", uint_field(process, "pid")
+        return "pid", uint_field(process, "pid", maximum=UINT32_MAX)
     if "tag" in process:
         return "tag", string_field(process, "tag")
     raise ConnectError("invalid_argument", "process selector needs a pid or a tag")

@@ -22,8 +22,10 @@ from .connect import (
     encode_message_envelope,
     is_json_content_type,
     parse_envelope_header,
+    parse_keepalive_seconds,
     parse_timeout_ms,
 )
+from .guard import BodyTooLarge, limits_of, read_body, read_exactly
 from .limits import exhaustion_message
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ UnaryHandler = Callable[[web.Request, JsonObject], Awaitable[JsonObject]]
 ServerStreamHandler = Callable[[web.Request, JsonObject, float | None], AsyncIterator[JsonObject]]
 ClientStreamHandler = Callable[[web.Request, AsyncIterator[JsonObject]], Awaitable[JsonObject]]
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+KEEPALIVE_HEADER = "Keepalive-Ping-Interval"
+TIMEOUT_HEADER = "Connect-Timeout-Ms"
 
 
 def resource_exhausted(error: BaseException) -> ConnectError | None:
@@ -46,15 +49,23 @@ def connect_error_response(error: ConnectError) -> web.Response:
     return web.Response(status=error.http_status, body=encode_json(error.to_json()), content_type=UNARY_CONTENT_TYPE)
 
 
+def check_headers(request: web.Request) -> None:
+    """invalid_argument for a malformed Connect-Timeout-Ms or Keepalive-Ping-Interval, before a
+    handler runs (a stream's error would otherwise come after a 200)."""
+    parse_timeout_ms(request.headers.get(TIMEOUT_HEADER))
+    parse_keepalive_seconds(request.headers.get(KEEPALIVE_HEADER), 1.0)
+
+
 def request_deadline(request: web.Request) -> float | None:
-    """Monotonic deadline from Connect-Timeout-Ms, or None."""
-    timeout = parse_timeout_ms(request.headers.get("Connect-Timeout-Ms"))
+    """Monotonic deadline from Connect-Timeout-Ms, or None (check_headers has refused a bad one)."""
+    timeout = parse_timeout_ms(request.headers.get(TIMEOUT_HEADER))
     return None if timeout is None else time.monotonic() + timeout
 
 
 def unary(handler: UnaryHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def serve(request: web.Request) -> web.StreamResponse:
         try:
+            check_headers(request)
             if not is_json_content_type(request.headers.get("Content-Type", ""), UNARY_CONTENT_TYPE):
                 return web.Response(
                     status=415,
@@ -63,8 +74,8 @@ def unary(handler: UnaryHandler) -> Callable[[web.Request], Awaitable[web.Stream
                     headers={"Accept-Post": "application/json"},
                 )
             try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge as error:
+                body = await read_body(request)
+            except BodyTooLarge as error:
                 raise ConnectError("resource_exhausted", "request body is too large") from error
             result = await handler(request, decode_json_message(body))
         except ConnectError as error:
@@ -79,18 +90,24 @@ def unary(handler: UnaryHandler) -> Callable[[web.Request], Awaitable[web.Stream
     return serve
 
 
-async def read_envelopes(request: web.Request) -> AsyncIterator[JsonObject]:
-    """Messages of a Connect streaming request body, until the client closes it."""
+async def read_envelopes(request: web.Request, *, wait_between: bool = False) -> AsyncIterator[JsonObject]:
+    """Messages of a Connect streaming request body, until the client closes it. Each message is
+    bounded by the body size cap and must arrive within the body timeout once begun; the wait for the
+    next one is bounded too unless `wait_between` (a client stream: stdin typed by a person)."""
+    limits = limits_of(request)
     while True:
         try:
-            header = await request.content.readexactly(ENVELOPE_HEADER.size)
+            if wait_between:
+                header = await request.content.readexactly(ENVELOPE_HEADER.size)
+            else:
+                header = await read_exactly(request.content, ENVELOPE_HEADER.size, limits.body_timeout)
         except asyncio.IncompleteReadError as error:
             if error.partial:
                 raise ConnectError("invalid_argument", "truncated envelope") from error
             return
-        flags, length = parse_envelope_header(header, MAX_MESSAGE_BYTES)
+        flags, length = parse_envelope_header(header, limits.max_body_bytes)
         try:
-            payload = await request.content.readexactly(length)
+            payload = await read_exactly(request.content, length, limits.body_timeout)
         except asyncio.IncompleteReadError as error:
             raise ConnectError("invalid_argument", "truncated envelope") from error
         if flags & FLAG_END_STREAM:
@@ -106,6 +123,7 @@ def _check_stream_content_type(request: web.Request) -> None:
 def server_stream(handler: ServerStreamHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def serve(request: web.Request) -> web.StreamResponse:
         try:
+            check_headers(request)
             _check_stream_content_type(request)
             first: JsonObject | None = None
             async for message in read_envelopes(request):
@@ -148,13 +166,14 @@ def server_stream(handler: ServerStreamHandler) -> Callable[[web.Request], Await
 def client_stream(handler: ClientStreamHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def serve(request: web.Request) -> web.StreamResponse:
         try:
+            check_headers(request)
             _check_stream_content_type(request)
         except ConnectError as error:
             return connect_error_response(error)
         end_error: ConnectError | None = None
         result: JsonObject = {}
         try:
-            result = await handler(request, read_envelopes(request))
+            result = await handler(request, read_envelopes(request, wait_between=True))
         except ConnectError as error:
             end_error = error
         body = encode_end_stream(end_error)

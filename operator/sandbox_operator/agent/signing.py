@@ -19,10 +19,22 @@ def compute_signature(path: str, operation: Operation, username: str, access_tok
     return "v1_" + base64.b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+def _bytes(text: str) -> bytes | None:
+    """UTF-8 of a header value; None for text that has none (a lone surrogate): it matches nothing."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return None
+
+
 def tokens_equal(given: str | None, expected: str) -> bool:
+    """Constant-time comparison (in the length of `expected`); False for a missing header."""
     if given is None:
         return False
-    return hmac.compare_digest(given.encode(), expected.encode())
+    given_bytes, expected_bytes = _bytes(given), _bytes(expected)
+    if given_bytes is None or expected_bytes is None:
+        return False
+    return hmac.compare_digest(given_bytes, expected_bytes)
 
 
 def verify_signature(
@@ -46,7 +58,10 @@ def verify_signature(
             return "invalid signature expiration"
         if expires < now:
             return "signature has expired"
-    expected = compute_signature(path, operation, username, access_token, expires)
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
+    try:
+        expected = compute_signature(path, operation, username, access_token, expires)
+    except UnicodeError:
+        return "invalid signature"
+    if not tokens_equal(signature, expected):
         return "invalid signature"
     return None

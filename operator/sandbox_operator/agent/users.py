@@ -15,6 +15,29 @@ from .config import AgentConfig
 SDK_DEFAULT_USERNAME = "user"
 
 
+# Linux's PATH_MAX and NAME_MAX: longer is ENAMETOOLONG at every call, so a request error.
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+
+
+class PathError(ValueError):
+    """A path no file can have (a NUL byte): the request is wrong (400 / invalid_argument)."""
+
+
+def check_path_text(path: str, what: str = "path") -> str:
+    """`path` when the OS can take it; PathError for a NUL byte, text that has no file-name bytes
+    (open() would raise ValueError) or a name too long for Linux."""
+    if "\x00" in path:
+        raise PathError(f"{what} must not contain a NUL byte")
+    try:
+        encoded = os.fsencode(path)
+    except UnicodeError as error:
+        raise PathError(f"{what} is not a valid file name") from error
+    if len(encoded) >= MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
+        raise PathError(f"{what} is too long (a name over {MAX_NAME_BYTES} bytes or {MAX_PATH_BYTES} in all)")
+    return path
+
+
 class UserError(Exception):
     """A requested user that cannot be used; status is the HTTP status envd answers with."""
 
@@ -33,7 +56,9 @@ class UserContext:
     switch: bool
 
     def resolve(self, path: str) -> Path:
-        """Absolute path for an SDK path: relative paths and ~ resolve against the user's home."""
+        """Absolute path for an SDK path: relative paths and ~ resolve against the user's home.
+        PathError for a path no file can have."""
+        check_path_text(path)
         if path == "~" or path.startswith("~/"):
             path = str(self.home) + path[1:]
         resolved = Path(path)
@@ -60,6 +85,8 @@ class SandboxState:
         """The user for a request (None = default user)."""
         my_name = current_user_name()
         name = requested or self.default_user
+        if name and "\x00" in name:
+            raise UserError("invalid user name: it contains a NUL byte", 400)
         if not name or name == my_name or (name == SDK_DEFAULT_USERNAME and not _user_exists(name)):
             return UserContext(my_name, os.getuid(), os.getgid(), self.config.workdir, switch=False)
         try:
