@@ -445,11 +445,20 @@ def stop_process(process: subprocess.Popen[bytes], grace: float = 30) -> int:
     return process.wait(timeout=10)
 
 
-def http_json(url: str, body: Any = None, timeout: float = 30) -> Any:
+def http_json(url: str, body: Any = None, timeout: float = 30, headers: dict[str, str] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read().decode()
+
+
+def agent_headers(cluster: Cluster, namespace: str, status: dict[str, Any]) -> dict[str, str]:
+    """The header a test needs to call a sandbox's agent directly: the token the operator put in its
+    pod (as the gateway and the operator present it)."""
+    pod = cluster.get_json("pod", status["podName"], "-n", namespace)
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env") or ()}
+    token = env.get("SANDBOX_ACCESS_TOKEN")
+    return {"X-Access-Token": str(token)} if token else {}
 
 
 # The gateway's e2e tests and benchmark: the code-interpreter image, a PVC workspace (the default).

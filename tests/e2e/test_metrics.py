@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from sandbox_operator.api.names import ENVD_PORT
 from sandbox_operator.controller.config import OperatorConfig
 from sandbox_operator.controller.store import Store
 from sandbox_operator.controller.usage import UsageCollector
@@ -24,6 +25,7 @@ from sandbox_operator.metrics.usage import UsageExporter
 from testlib import (
     Cluster,
     OperatorProcess,
+    agent_headers,
     free_port,
     http_json,
     sandbox,
@@ -94,7 +96,12 @@ def test_usage_comes_from_the_agent_and_moves(cluster: Cluster, namespace: str, 
     memory_before = operator.value("sandbox_memory_used_bytes", **labels) or 0.0
     # Resident (written) memory well inside the template's 256 MiB limit: the container is real.
     code = "hold = b'x' * (120 * 1024 * 1024)\nimport time\nt = time.time()\nwhile time.time() - t < 1.5: pass\n"
-    http_json(f"http://{ip}:49983/execute", {"code": code}, timeout=120)
+    http_json(
+        f"http://{ip}:{ENVD_PORT}/execute",
+        {"code": code},
+        timeout=120,
+        headers=agent_headers(cluster, namespace, body["status"]),
+    )
     wait_until(
         lambda: (operator.value("sandbox_memory_used_bytes", **labels) or 0) > memory_before + 100 * 1024**2,
         timeout=30,
