@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from sandbox_operator.api.names import ENVD_PORT, INTERPRETER_PORT
+from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, INTERPRETER_PORT
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway import session_logic as logic
 from sandbox_operator.gateway.http import READ_CHUNK_BYTES, TooLarge, agent_text, json_response, read_payload, too_large
@@ -37,6 +37,14 @@ from sandbox_operator.kube import ApiError
 JSON = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name) of a Sandbox
 Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+
+
+class _Output(Protocol):
+    """What collects an agent's streamed answer (logic.CommandOutput, logic.CodeOutput)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def result(self) -> JSON: ...
 
 
 class DeleteSandbox(Protocol):
@@ -142,28 +150,26 @@ class SessionApi:
         output = logic.CommandOutput()
         url = f"http://{body['status']['podIP']}:{ENVD_PORT}/process.Process/Start"
         headers.update(self.ops.agent_headers(body))
-        try:
-            async with self.ops.upstream().post(url, data=data, headers=headers) as response:
-                if response.status != 200:
-                    raise logic.command_failure(response.status, await agent_text(response))
-                # Bounded chunks: the decoder, not a read buffer, decides how long a message may be.
-                async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
-                    output.feed(chunk)
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _agent_unreachable(exc) from None
-        return json_response(200, output.result())
+        return await self._collect(url, output, logic.command_failure, data=data, headers=headers)
 
     async def code(self, request: web.Request) -> web.StreamResponse:
         body = self._serving(request)
         execute = logic.execute_request(await read_payload(request))
         output = logic.CodeOutput()
         url = f"http://{body['status']['podIP']}:{INTERPRETER_PORT}/execute"
-        headers = {"X-Access-Token": self.ops.token_of(body), **self.ops.agent_headers(body)}
+        headers = {AGENT_TOKEN_HEADER: self.ops.token_of(body), **self.ops.agent_headers(body)}
+        return await self._collect(url, output, logic.execute_failure, json=execute, headers=headers)
+
+    async def _collect(
+        self, url: str, output: _Output, failure: Callable[[int, str], Exception], **post: Any
+    ) -> web.StreamResponse:
+        """POST to the agent and feed its streamed answer to `output` in bounded chunks: the decoder,
+        not a read buffer, decides how long a message may be (`async for line in content` would raise
+        on a line past aiohttp's read limit)."""
         try:
-            async with self.ops.upstream().post(url, json=execute, headers=headers) as response:
+            async with self.ops.upstream().post(url, **post) as response:
                 if response.status != 200:
-                    raise logic.execute_failure(response.status, await agent_text(response))
-                # Not `async for line in content`: a line past aiohttp's read limit would raise there.
+                    raise failure(response.status, await agent_text(response))
                 async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
                     output.feed(chunk)
         except (aiohttp.ClientError, OSError) as exc:
