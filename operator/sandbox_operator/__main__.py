@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
+import socket
 import sys
 
 from sandbox_operator import __version__
@@ -79,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
         dest="metric_metadata_keys",
         help="a spec.metadata key exported as a metric label (repeatable; keep the set small)",
     )
+    election = run.add_argument_group("leader election (for more than one replica)")
+    election.add_argument(
+        "--leader-election", action="store_true", help="act only while holding a Lease; other replicas stand by"
+    )
+    election.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE", "sandbox-system"),
+        help="namespace of the Lease (default: $POD_NAMESPACE, else sandbox-system)",
+    )
+    election.add_argument("--leader-election-name", default="sandbox-operator", help="name of the Lease")
+    election.add_argument(
+        "--leader-election-identity",
+        default=None,
+        help="this replica's holder identity (default: $POD_NAME, else the host name, plus a random suffix)",
+    )
+    election.add_argument("--lease-duration", type=float, default=15.0, help="seconds a Lease holds unrenewed")
+    election.add_argument(
+        "--lease-renew-deadline", type=float, default=10.0, help="seconds a leader may fail to renew before it stops"
+    )
+    election.add_argument("--lease-retry-period", type=float, default=2.0, help="seconds between Lease renewals/looks")
     gateway = sub.add_parser("gateway", help="serve the E2B control-plane API and the sandbox data-plane proxy")
     gateway.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster, else KUBECONFIG)")
     gateway.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -118,6 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="open connections per client IP (more get 429; 0 = no cap; behind a proxy all share its IP)",
     )
+    session = gateway.add_argument_group("session API (docs/gateway.md)")
+    session.add_argument(
+        "--session-execution-timeout", type=int, default=300, help="seconds one session execute or install may run"
+    )
+    session.add_argument(
+        "--session-idle-timeout", type=int, default=1800, help="seconds a session sandbox may idle before it suspends"
+    )
+    session.add_argument(
+        "--session-max-lifetime", type=int, default=3600, help="seconds a session sandbox lives at most"
+    )
+    session.add_argument(
+        "--session-code-interpreter-template",
+        default="code-interpreter",
+        help="the SandboxTemplate of sandbox_type code_interpreter",
+    )
+    session.add_argument(
+        "--session-custom-template", default="base", help="the template of sandbox_type custom without a template_id"
+    )
+    session.add_argument(
+        "--session-anonymous-namespace",
+        default=None,
+        help="serve session calls without X-API-KEY in this namespace (off by default: only for a front end's "
+        "private network)",
+    )
     key = sub.add_parser("api-key", help="print a new gateway API key as a Secret manifest (kubectl apply -f -)")
     key.add_argument("--grants", required=True, help="the namespace whose sandboxes the key may use")
     key.add_argument("--keys-namespace", default="sandbox-system", help="the gateway's namespace (--keys-namespace)")
@@ -138,7 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         from sandbox_operator.controller.config import OperatorConfig
         from sandbox_operator.controller.main import run_operator
+        from sandbox_operator.lifecycle.lease import LeaseTimings
 
+        try:
+            timings = LeaseTimings(args.lease_duration, args.lease_renew_deadline, args.lease_retry_period)
+        except ValueError as exc:
+            raise SystemExit(f"sandbox-operator run: {exc}") from None
+        # Unique per process: a restarted pod (same name) must not renew its predecessor's holding.
+        identity = args.leader_election_identity or (
+            f"{os.environ.get('POD_NAME') or socket.gethostname()}_{secrets.token_hex(4)}"
+        )
         config = OperatorConfig(
             namespaces=tuple(args.namespaces),
             kubeconfig=args.kubeconfig,
@@ -156,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
             metric_metadata_keys=tuple(args.metric_metadata_keys),
             agent_token_key=read_token_key(args.token_key_file),
             egress_cluster_cidrs=tuple(args.egress_cluster_cidrs) or DEFAULT_CLUSTER_CIDRS,
+            leader_election=args.leader_election,
+            leader_election_namespace=args.leader_election_namespace,
+            leader_election_name=args.leader_election_name,
+            leader_identity=identity,
+            lease_timings=timings,
         )
         if config.agent_token_key is None:
             logging.getLogger("sandbox_operator").warning(
@@ -166,7 +227,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_operator(config))
     if args.command == "api-key":
         import json
-        import secrets
 
         from sandbox_operator.gateway.e2b import api_key_secret, new_api_key
 
@@ -180,7 +240,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "gateway":
         from sandbox_operator.gateway.listener import ListenerLimits
         from sandbox_operator.gateway.main import run_gateway
+        from sandbox_operator.gateway.session_logic import SessionLimits
 
+        try:
+            session_limits = SessionLimits(
+                execution_s=args.session_execution_timeout,
+                idle_s=args.session_idle_timeout,
+                lifetime_s=args.session_max_lifetime,
+                code_interpreter_template=args.session_code_interpreter_template,
+                custom_template=args.session_custom_template,
+                anonymous_namespace=args.session_anonymous_namespace,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"sandbox-operator gateway: {exc}") from None
         sys.exit(
             run_gateway(
                 kubeconfig=args.kubeconfig,
@@ -192,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                 token_key_file=args.token_key_file,
                 create_timeout=args.create_timeout,
                 body_timeout=args.body_timeout,
+                session=session_limits,
                 limits=ListenerLimits(
                     header_timeout=args.header_timeout,
                     keepalive_timeout=args.keepalive_timeout,

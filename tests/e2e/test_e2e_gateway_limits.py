@@ -67,8 +67,9 @@ def send(
     *,
     chunked: bool = False,
     prefix: bytes = b"",
+    suffix: bytes = b"",
 ) -> tuple[int, bytes]:
-    """Send `prefix` and zeros up to `size` bytes, one MiB at a time; the status and the answer."""
+    """Send `prefix`, zeros (one MiB at a time) and `suffix`, `size` bytes in all; the status and the answer."""
     url = urlsplit(gw.url)
     connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=120)
     try:
@@ -78,7 +79,7 @@ def send(
         connection.putheader("Transfer-Encoding" if chunked else "Content-Length", "chunked" if chunked else str(size))
         connection.endheaders()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a 413 may close early
-            for part in (prefix, *(CHUNK for _ in range((size - len(prefix)) // MiB))):
+            for part in (prefix, *(CHUNK for _ in range((size - len(prefix) - len(suffix)) // MiB)), suffix):
                 data = part if not chunked else b"%x\r\n%s\r\n" % (len(part), part)
                 connection.send(data)
             if chunked:
@@ -113,12 +114,13 @@ def test_a_64mib_create_body_is_413_and_does_not_grow_the_gateway(gateway: Gatew
 @pytest.fixture(scope="module")
 def session(gateway: Gateway) -> Iterator[str]:
     headers = {"X-API-KEY": gateway.api_key}
-    status, created = request_json("PUT", gateway.url + SESSION, {"template": "base"}, headers, timeout=120)
-    assert status == 201, created
+    start = {"sandbox_type": "custom", "template_id": "base"}
+    status, started = request_json("POST", gateway.url + SESSION + "/start", start, headers, timeout=120)
+    assert status == 200 and started["status"] == "running", started
     try:
         yield SESSION
     finally:
-        request_json("DELETE", gateway.url + SESSION, headers=headers)
+        request_json("POST", gateway.url + SESSION + "/stop", headers=headers)
 
 
 def call(gw: Gateway, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -129,17 +131,32 @@ def call(gw: Gateway, method: str, path: str, body: Any = None) -> tuple[int, An
 def test_a_256mib_session_upload_and_download_stream(gateway: Gateway, session: str) -> None:
     pid = gateway.process.pid
     size = 256 * MiB
+    boundary = "e2e-boundary-7c1f"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers = {"X-API-KEY": gateway.api_key, "Content-Type": f"multipart/form-data; boundary={boundary}"}
     with peak_rss_growth(pid) as up:
-        status, answer = send(gateway, "PUT", f"{session}/files?path=big.bin", size, {"X-API-KEY": gateway.api_key})
-    print(f"256 MiB session upload: gateway RSS grew {up[0] / MiB:.1f} MiB")
-    assert status == 200, answer[:200]
+        status, answer = send(
+            gateway,
+            "POST",
+            f"{session}/upload?path=/home/user",
+            len(head) + size + len(tail),
+            headers,
+            prefix=head,
+            suffix=tail,
+        )
+    print(f"256 MiB session upload (multipart): gateway RSS grew {up[0] / MiB:.1f} MiB")
+    assert status == 200 and json.loads(answer) == {"path": "/home/user/big.bin"}, answer[:200]
     assert call(gateway, "POST", f"{session}/commands", {"cmd": "stat -c %s big.bin"})[1]["stdout"].strip() == str(size)
 
     url = urlsplit(gateway.url)
     connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=120)
     received = 0
     with peak_rss_growth(pid) as down:
-        connection.request("GET", f"{session}/files?path=big.bin", headers={"X-API-KEY": gateway.api_key})
+        connection.request("GET", f"{session}/download?path=/home/user/big.bin", headers={"X-API-KEY": gateway.api_key})
         response = connection.getresponse()
         while chunk := response.read(MiB):
             received += len(chunk)
@@ -153,22 +170,22 @@ def test_a_256mib_session_upload_and_download_stream(gateway: Gateway, session: 
 def test_bad_input_is_4xx_with_the_reason(gateway: Gateway, session: str) -> None:
     headers = {"X-API-KEY": gateway.api_key, "Content-Type": "application/json"}
     deep = b"[" * 100_000
-    for path in ("/v2/sandboxes", f"{session}/commands", f"{session}/code"):
+    for path in ("/v2/sandboxes", f"{session}/commands", f"{session}/execute"):
         status, answer = send(gateway, "POST", path, len(deep), headers, prefix=deep)
         assert status == 400 and b"must be JSON" in answer, (path, answer)
     status, answer = call(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "timeout": 10**10})
     assert status == 400 and "timeout" in answer["message"]
-    status, answer = call(gateway, "GET", f"{session}/files?path=a%00b")
-    assert status == 400 and "NUL" in answer["message"]
+    status, answer = call(gateway, "GET", f"{session}/download?path=a%00b")
+    assert status == 400 and "NUL" in answer["detail"]
     status, answer = call(gateway, "POST", f"{session}/commands", {"cmd": "pwd", "cwd": "/no/such/dir"})
-    assert status == 400 and "/no/such/dir" in answer["message"] and "invalid_argument" in answer["message"]
+    assert status == 400 and "/no/such/dir" in answer["detail"] and "invalid_argument" in answer["detail"]
 
 
 @pytest.mark.timeout(180)
 def test_agent_output_past_the_read_buffers_and_the_caps(gateway: Gateway, session: str) -> None:
     # One /execute line of 1 MiB: past aiohttp's line limit, not past the gateway's message cap.
-    status, answer = call(gateway, "POST", f"{session}/code", {"code": "print('x' * (1 << 20), end='')"})
-    assert status == 200 and answer["stdout"] == "x" * MiB and "truncated" not in answer, str(answer)[:300]
+    status, answer = call(gateway, "POST", f"{session}/execute", {"code": "print('x' * (1 << 20), end='')"})
+    assert status == 200 and answer["output"] == "x" * MiB and "truncated" not in answer, str(answer)[:300]
     # 6 MiB of command output: the first 4 MiB and a marker.
     status, answer = call(gateway, "POST", f"{session}/commands", {"cmd": "head -c 6291456 /dev/zero | tr '\\0' y"})
     assert status == 200 and answer["truncated"] == ["stdout"], str(answer)[:300]

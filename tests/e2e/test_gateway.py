@@ -3,8 +3,6 @@ agent on the pod IP, and the data plane proxied to it. Real API server, real ope
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -127,55 +125,3 @@ def test_bad_requests_are_refused_and_leave_nothing(cluster: Cluster, gateway: G
     assert len(sandboxes_in(cluster, gateway.namespace)) == before
 
 
-def test_session_api_over_plain_http(cluster: Cluster, gateway: Gateway) -> None:
-    headers = {"X-API-KEY": gateway.api_key}
-    base = "/api/v1/session/chat-42/sandbox"
-    assert request(gateway, "POST", f"{base}/commands", {"cmd": "true"}, headers)[0] == 404  # no sandbox yet
-    status, created = request(gateway, "PUT", base, {"template": "base", "metadata": {"team": "s"}}, headers)
-    assert status == 201 and created["phase"] == "Running" and created["sessionID"] == "chat-42"
-    status, again = request(gateway, "PUT", base, {}, headers)
-    assert status == 200 and again["sandboxID"] == created["sandboxID"]  # idempotent by session id
-    assert cluster.get_json("sandbox", "session-chat-42", "-n", gateway.namespace) is not None
-    try:
-        status, ran = request(gateway, "POST", f"{base}/commands", {"cmd": "echo out; echo err >&2; exit 3"}, headers)
-        assert status == 200 and ran == {"exitCode": 3, "stdout": "out\n", "stderr": "err\n", "error": None}
-        status, code = request(gateway, "POST", f"{base}/code", {"code": "x = 6\nx * 7"}, headers)
-        assert status == 200 and code["results"][0]["text"] == "42" and code["error"] is None
-        status, failed = request(gateway, "POST", f"{base}/code", {"code": "1/0"}, headers)
-        assert status == 200 and failed["error"]["name"] == "ZeroDivisionError"
-
-        put = urllib.request.Request(
-            f"{gateway.url}{base}/files?path=data/in.txt", data=b"payload\n", method="PUT", headers=headers
-        )
-        with urllib.request.urlopen(put, timeout=30) as response:
-            assert response.status == 200
-        get = urllib.request.Request(f"{gateway.url}{base}/files?path=data/in.txt", headers=headers)
-        with urllib.request.urlopen(get, timeout=30) as response:
-            assert response.read() == b"payload\n"
-        status, ran = request(gateway, "POST", f"{base}/commands", {"cmd": "wc -c < data/in.txt"}, headers)
-        assert ran["stdout"].strip() == "8"
-        # Another namespace's key has no session of that name.
-        assert request(gateway, "GET", base, headers={"X-API-KEY": gateway.other_key})[0] == 404
-    finally:
-        status, _ = request(gateway, "DELETE", base, headers=headers)
-    assert status == 204
-    assert request(gateway, "DELETE", base, headers=headers)[0] == 404
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "body", "status", "message"),
-    [
-        ("PUT", "/api/v1/session/Bad_Id/sandbox", {}, 400, "session id"),
-        ("PUT", "/api/v1/session/ok/sandbox", {"template": "nope"}, 400, "template 'nope' not found"),
-        ("PUT", "/api/v1/session/ok/sandbox", {"timeout": "long"}, 400, "timeout"),
-        ("POST", "/api/v1/session/ok/sandbox/commands", {"cmd": ""}, 404, "PUT it first"),
-    ],
-)
-def test_session_api_refuses_bad_input(
-    cluster: Cluster, gateway: Gateway, method: str, path: str, body: dict[str, Any], status: int, message: str
-) -> None:
-    before = len(sandboxes_in(cluster, gateway.namespace))
-    got, answer = request(gateway, method, path, body, {"X-API-KEY": gateway.api_key})
-    assert got == status and message in answer["message"]
-    assert request(gateway, method, path, body)[0] == 401  # no key
-    assert len(sandboxes_in(cluster, gateway.namespace)) == before

@@ -28,11 +28,13 @@ __all__ = [
     "EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION",
     "ENVD_PORT",
     "EVENTS",
+    "EXECUTION_TIMEOUT_PREFIX",
     "FINALIZER",
     "GATEWAY_COMPONENT",
     "GROUP",
     "INTERPRETER_PORT",
     "KOPF_ANNOTATION_PREFIX",
+    "LEASES",
     "MANAGED_BY",
     "MANAGED_BY_LABEL",
     "NAME_LABEL",
@@ -51,6 +53,7 @@ __all__ = [
     "SECRETS",
     "SERVICES",
     "SESSION_LABEL",
+    "SESSION_TYPE_ANNOTATION",
     "SIGNED_PATH_HEADER",
     "SPEC_HASH_ANNOTATION",
     "TEMPLATE_LABEL",
@@ -104,6 +107,8 @@ API_KEY_NAMESPACES_ANNOTATION: Final = "sandbox.dev/namespace"
 """On an API key Secret: the namespace the key grants."""
 CREATED_BY_ANNOTATION: Final = "sandbox.dev/created-by"
 """On a Sandbox the gateway created: the client that asked for it."""
+SESSION_TYPE_ANNOTATION: Final = "sandbox.dev/session-type"
+"""On a session's Sandbox: the sandbox_type its POST /start asked for (code_interpreter, custom)."""
 SPEC_HASH_ANNOTATION: Final = "sandbox.dev/spec-hash"
 """On Services and NetworkPolicies: a digest of what the operator applied, to tell a current child."""
 EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION: Final = "sandbox.dev/egress-hosts-not-enforced"
@@ -135,6 +140,8 @@ AGENT_TOKEN_ENV: Final = "SANDBOX_ACCESS_TOKEN"
 RESERVED_ENV_PREFIXES: Final = ("SANDBOX_", "LD_")
 """Environment names a Sandbox's own env may not set: the agent's settings (the operator's) and the
 dynamic loader's variables (a preloaded library would run in the agent too)."""
+EXECUTION_TIMEOUT_PREFIX: Final = "Execution timed out after"
+"""How the value of the interpreter's own `TimeoutError` line starts (it interrupted the execution)."""
 
 # --- egress ---------------------------------------------------------------------------------------
 
@@ -254,3 +261,5 @@ SERVICES: Final = ApiResource("", "v1", "services")
 SECRETS: Final = ApiResource("", "v1", "secrets")
 EVENTS: Final = ApiResource("", "v1", "events")
 NETWORK_POLICIES: Final = ApiResource("networking.k8s.io", "v1", "networkpolicies")
+LEASES: Final = ApiResource("coordination.k8s.io", "v1", "leases")
+"""The operator's leader election Lease (controller.leader)."""

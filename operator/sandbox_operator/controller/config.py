@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, ENVD_PORT
+from sandbox_operator.lifecycle.lease import LeaseTimings
 from sandbox_operator.resources.tokens import agent_token
 
 
@@ -32,6 +33,12 @@ class OperatorConfig:
     agent_token_key: bytes | None = None
     # The cluster's own networks (pods, Services, nodes) that `allow` egress keeps sandboxes off.
     egress_cluster_cidrs: tuple[str, ...] = DEFAULT_CLUSTER_CIDRS
+    # Leader election (controller.leader): off for one replica; on, only the Lease's holder acts.
+    leader_election: bool = False
+    leader_election_namespace: str = "sandbox-system"
+    leader_election_name: str = "sandbox-operator"
+    leader_identity: str = ""  # this replica's name in the Lease (the pod's name, made unique)
+    lease_timings: LeaseTimings = field(default_factory=LeaseTimings)
 
     def agent_token(self, token_id: str | None) -> str | None:
         """The access token of the agent whose pod has ``token_id``; None when there is none."""

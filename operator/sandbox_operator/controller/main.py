@@ -8,6 +8,7 @@ work queue (controller.workqueue), which is also the single deadline scheduler f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from sandbox_operator.api.names import (
     ApiResource,
 )
 from sandbox_operator.controller.config import OperatorConfig
+from sandbox_operator.controller.leader import LeaderElector, LostLease, while_standing_by
 from sandbox_operator.controller.runtime import Runtime
 from sandbox_operator.kube import Credentials, KubeClient
 
@@ -194,6 +196,21 @@ async def operate(
         start_http_server(config.metrics_port, addr=config.bind_address, registry=runtime.metrics.registry)
         log.info("serving /metrics on %s:%d", config.bind_address, config.metrics_port)
     liveness = f"http://{config.bind_address}:{config.liveness_port}/healthz" if config.liveness_port else None
+    elector: LeaderElector | None = None
+    if config.leader_election:
+        elector = LeaderElector(
+            client,
+            namespace=config.leader_election_namespace,
+            name=config.leader_election_name,
+            identity=config.leader_identity,
+            timings=config.lease_timings,
+            registry=runtime.metrics.registry,
+        )
+        await while_standing_by(config.bind_address, config.liveness_port, elector.acquire())
+    stop = stop_flag or asyncio.Event()
+    holding = asyncio.create_task(elector.hold()) if elector is not None else None
+    if holding is not None:
+        holding.add_done_callback(lambda task: None if task.cancelled() else stop.set())  # lost: stop acting
     try:
         await kopf.operator(
             registry=build_registry(),
@@ -202,11 +219,20 @@ async def operate(
             namespaces=config.namespaces,
             liveness_endpoint=liveness,
             standalone=True,
-            stop_flag=stop_flag,
+            stop_flag=stop,
             ready_flag=ready_flag,
         )
     finally:
+        lost = holding is not None and holding.done() and not holding.cancelled() and holding.exception() is not None
+        if holding is not None:
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LostLease):
+                await holding
         await runtime.stop()
+        if elector is not None and not lost:
+            await elector.release()  # only once nothing acts any more
+    if lost:
+        raise LostLease(f"{config.leader_identity} lost the leader Lease")
     return runtime
 
 
@@ -215,4 +241,7 @@ def run_operator(config: OperatorConfig) -> int:
         eventloop.run(operate(config))
     except KeyboardInterrupt:
         pass
+    except LostLease as exc:
+        log.error("%s: exiting so that the standby takes over", exc)
+        return 1
     return 0

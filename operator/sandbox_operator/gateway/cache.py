@@ -15,9 +15,12 @@ from typing import Any
 from sandbox_operator.api.names import (
     API_KEY_LABEL,
     API_KEY_NAMESPACES_ANNOTATION,
+    CREATED_BY_ANNOTATION,
     SANDBOX_TEMPLATES,
     SANDBOXES,
     SECRETS,
+    SESSION_TYPE_ANNOTATION,
+    TOKEN_EPOCH_ANNOTATION,
 )
 from sandbox_operator.gateway.e2b import api_key_digest, sandbox_id_of
 from sandbox_operator.kube import ApiError, KubeClient
@@ -28,6 +31,8 @@ JSON = dict[str, Any]
 Key = tuple[str, str]
 
 RELIST_BACKOFF_S = (0.2, 1.0, 5.0)
+# The annotations of a Sandbox the gateway reads (the rest is not kept: thousands of sandboxes are).
+KEPT_ANNOTATIONS = (TOKEN_EPOCH_ANNOTATION, SESSION_TYPE_ANNOTATION, CREATED_BY_ANNOTATION)
 
 
 class Cache:
@@ -139,6 +144,7 @@ class Cache:
         if old is not None:
             self.by_id.pop(sandbox_id_of(old), None)
         if kind != "DELETED":
+            annotations = meta.get("annotations") or {}
             slim = {
                 "metadata": {
                     k: meta.get(k)
@@ -151,7 +157,8 @@ class Cache:
                         "resourceVersion",
                         "generation",
                     )
-                },
+                }
+                | {"annotations": {k: annotations[k] for k in KEPT_ANNOTATIONS if k in annotations}},
                 "spec": body.get("spec") or {},
                 "status": body.get("status") or {},
             }

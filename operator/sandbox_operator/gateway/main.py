@@ -13,6 +13,7 @@ from prometheus_client import start_http_server
 from sandbox_operator import eventloop
 from sandbox_operator.gateway.listener import ListenerLimits, guarded_runner, listen
 from sandbox_operator.gateway.server import Gateway, GatewayConfig
+from sandbox_operator.gateway.session_logic import SessionLimits
 from sandbox_operator.keys import TOKEN_KEY_ENV, read_token_key
 from sandbox_operator.kube import Credentials, KubeClient
 
@@ -88,6 +89,7 @@ def run_gateway(
     create_timeout: float,
     body_timeout: float,
     limits: ListenerLimits,
+    session: SessionLimits | None = None,
 ) -> int:
     config = GatewayConfig(
         token_key=load_token_key(token_key_file),
@@ -95,6 +97,7 @@ def run_gateway(
         domain=domain,
         create_timeout=create_timeout,
         body_timeout=body_timeout,
+        session=session or SessionLimits(),
     )
     eventloop.run(
         serve(kubeconfig=kubeconfig, host=host, port=port, metrics_port=metrics_port, config=config, limits=limits)

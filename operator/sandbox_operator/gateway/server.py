@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,12 +27,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
 from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, SANDBOXES, TOKEN_EPOCH_ANNOTATION
-from sandbox_operator.gateway import e2b
+from sandbox_operator.gateway import e2b, session_logic
 from sandbox_operator.gateway.cache import Cache
 from sandbox_operator.gateway.http import MAX_JSON_BYTES, agent_json, json_response, read_payload
-from sandbox_operator.gateway.session import SessionOps
+from sandbox_operator.gateway.session import SESSION_PATH_PREFIX, SessionOps
 from sandbox_operator.gateway.session import routes as session_routes
 from sandbox_operator.kube import ApiError, KubeClient
+from sandbox_operator.metrics.process import register_process_metrics
 from sandbox_operator.resources.tokens import agent_token
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class GatewayConfig:
     create_timeout: float = 120.0
     body_timeout: float = 30.0  # seconds a request body may make no progress before the client gets 408
     max_body_bytes: int = 1 << 30  # one streamed session upload (JSON bodies: http.MAX_JSON_BYTES)
+    session: session_logic.SessionLimits = field(default_factory=session_logic.SessionLimits)
 
 
 class BodyTimeout(Exception):
@@ -98,12 +100,21 @@ class BodyWatch:
         return self.fired
 
 
+def error_response(request: web.Request, status: int, message: str) -> web.Response:
+    """An error in the shape of the API the request is for: the session API's `{"detail"}`, else E2B's
+    `{"code", "message"}`."""
+    if request.path.startswith(SESSION_PATH_PREFIX):
+        return json_response(*session_logic.error_body(status, message))
+    return json_response(status, e2b.error_body(status, message))
+
+
 class Gateway:
     def __init__(self, client: KubeClient, config: GatewayConfig) -> None:
         self.client = client
         self.config = config
         self.cache = Cache(client, config.keys_namespace)
         self.registry = CollectorRegistry()
+        register_process_metrics(self.registry)
         self.requests = Counter(
             "sandbox_gateway_requests",
             "Requests answered, by kind and status code.",
@@ -162,6 +173,7 @@ class Gateway:
             upstream=self.upstream,
             agent_headers=self.agent_headers,
             max_upload_bytes=self.config.max_body_bytes,
+            limits=self.config.session,
         )
 
     async def _on_startup(self, _: web.Application) -> None:
@@ -185,29 +197,28 @@ class Gateway:
         watch = BodyWatch.of(request, self.config.body_timeout)
         try:
             if isinstance(route, str):
-                response: web.StreamResponse = json_response(400, e2b.error_body(400, route))
+                response: web.StreamResponse = error_response(request, 400, route)
             elif route is not None:
                 response = await self.proxy(request, route)
             else:
                 response = await handler(request)
         except e2b.Refused as refused:
-            response = json_response(refused.status, e2b.error_body(refused.status, str(refused)))
+            response = error_response(request, refused.status, str(refused))
         except web.HTTPException as exc:
             # Unknown paths and methods: JSON bodies, as the SDK expects for every status.
-            response = json_response(exc.status, e2b.error_body(exc.status, exc.reason))
+            response = error_response(request, exc.status, exc.reason)
         except e2b.BadRequest as exc:
-            response = json_response(400, e2b.error_body(400, str(exc)))
+            response = error_response(request, 400, str(exc))
         except ApiError as exc:
-            response = json_response(*e2b.kubernetes_error(exc.status, exc.body))
+            status, body = e2b.kubernetes_error(exc.status, exc.body)
+            response = error_response(request, status, body["message"])
         except TimeoutError:
-            response = json_response(504, e2b.error_body(504, "timed out waiting for the sandbox"))
+            response = error_response(request, 504, "timed out waiting for the sandbox")
         except BodyTimeout:
             response = web.Response()  # answered below
         if watch is not None and watch.stop() and not response.prepared:
             # Whatever failed (a handler's read, the proxy's upload), the client's body is why.
-            response = json_response(
-                408, e2b.error_body(408, f"the request body stopped arriving for {watch.timeout:g} s")
-            )
+            response = error_response(request, 408, f"the request body stopped arriving for {watch.timeout:g} s")
             response.force_close()
         self.requests.labels(kind, str(response.status)).inc()
         self.latency.labels(kind).observe(time.perf_counter() - started)

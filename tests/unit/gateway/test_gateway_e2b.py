@@ -14,7 +14,14 @@ from multidict import CIMultiDict
 
 from sandbox_operator.agent.signing import compute_signature
 from sandbox_operator.api import Sandbox, SandboxTemplate
-from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, INTERPRETER_PORT, SIGNED_PATH_HEADER
+from sandbox_operator.api.names import (
+    AGENT_TOKEN_HEADER,
+    ENVD_PORT,
+    INTERPRETER_PORT,
+    SESSION_TYPE_ANNOTATION,
+    SIGNED_PATH_HEADER,
+    TOKEN_EPOCH_ANNOTATION,
+)
 from sandbox_operator.gateway import e2b
 from sandbox_operator.lifecycle import Observed, decide, desired_from, status_patch
 
@@ -117,6 +124,25 @@ def test_a_new_token_epoch_revokes_the_access_token() -> None:
     assert e2b.access_token(b"k" * 32, rotated) != token
     again = {**body, "metadata": {**body["metadata"], "annotations": {"sandbox.dev/token-epoch": "3"}}}
     assert e2b.access_token(b"k" * 32, again) not in (token, e2b.access_token(b"k" * 32, rotated))
+
+
+def test_the_gateways_cache_keeps_the_annotations_it_reads() -> None:
+    # The token epoch revokes tokens only if the watched copy the gateway derives them from has it.
+    from sandbox_operator.gateway.cache import Cache
+
+    cache = Cache(client=None, keys_namespace="sandbox-system")  # type: ignore[arg-type]  # no watches here
+    body = cr()
+    body["metadata"]["resourceVersion"] = "2"
+    body["metadata"]["annotations"] = {
+        TOKEN_EPOCH_ANNOTATION: "7",
+        SESSION_TYPE_ANNOTATION: "custom",
+        "example.com/large": "x" * 10_000,
+    }
+    cache.observe(body)
+    kept = cache.sandbox(("team-a", "e2b-abc"))
+    assert kept is not None
+    assert kept["metadata"]["annotations"] == {TOKEN_EPOCH_ANNOTATION: "7", SESSION_TYPE_ANNOTATION: "custom"}
+    assert e2b.access_token(b"k" * 32, kept) == e2b.access_token(b"k" * 32, body) != e2b.access_token(b"k" * 32, cr())
 
 
 def test_detail_has_every_required_field_and_the_effective_sizes() -> None:

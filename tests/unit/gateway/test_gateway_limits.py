@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.payload import AsyncIterablePayload
 from aiohttp.test_utils import TestClient, TestServer
 
 from fakeapi import FakeApi
@@ -101,7 +102,7 @@ def test_file_paths_refuse_nul_bytes_and_overlong_paths() -> None:
         with pytest.raises(e2b.BadRequest, match="path"):
             session_logic.file_path({"path": path})
     with pytest.raises(e2b.BadRequest, match="language"):
-        session_logic.execute_request({"code": "1", "language": ["python"]})
+        session_logic.execute_request({"code": "1", "language": ["python"]}, session_logic.SessionLimits())
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,7 @@ def test_garbled_command_streams_are_a_bad_gateway(stream: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("code", "status"),
-    [("invalid_argument", 400), ("not_found", 404), ("deadline_exceeded", 504), ("internal", 502), ("x", 502)],
+    [("invalid_argument", 400), ("not_found", 404), ("deadline_exceeded", 408), ("internal", 502), ("x", 502)],
 )
 def test_stream_errors_about_the_request_are_the_clients(code: str, status: int) -> None:
     end = envelope({"error": {"code": code, "message": "cwd '/nope' does not exist"}}, FLAG_END_STREAM)
@@ -363,7 +364,7 @@ ROUTE_BAD_BODIES: dict[tuple[str, str], list[JSON]] = {
     ("POST", f"/sandboxes/{SANDBOX_ID}/timeout"): [{"timeout": 10**10}, {}],
     ("POST", f"/v2/sandboxes/{SANDBOX_ID}/connect"): [{"timeout": 10**10}],
     ("POST", f"/sandboxes/{SANDBOX_ID}/resume"): [{"timeout": [1]}],
-    ("PUT", "/api/v1/session/fuzz/sandbox"): [{"timeout": 10**10}, {"template": 5}, {"envVars": {"A": "\x00"}}],
+    ("POST", "/api/v1/session/fuzz/sandbox/start"): [{"sandbox_type": 5}, {"template_id": 5}, {"sandbox_type": "x"}],
     ("POST", f"{SESSION}/commands"): [
         {"cmd": "ls\x00"},
         {"cmd": "ls", "cwd": "/tmp\x00"},
@@ -372,7 +373,8 @@ ROUTE_BAD_BODIES: dict[tuple[str, str], list[JSON]] = {
         {"cmd": "ls", "envs": ["A=1"]},
         {"cmd": 5},
     ],
-    ("POST", f"{SESSION}/code"): [{"code": 5}, {"code": "1", "language": ["py"]}],
+    ("POST", f"{SESSION}/execute"): [{"code": 5}, {"code": "1", "language": ["py"]}, {"code": "x", "timeout": "1"}],
+    ("POST", f"{SESSION}/install"): [{"packages": "six"}, {"packages": ["-e", "."]}, {"packages": []}],
 }
 
 
@@ -385,7 +387,9 @@ async def test_bad_bodies_on_every_json_route_are_4xx_and_write_nothing() -> Non
             for raw in [*GENERIC_BAD_BODIES, *(json.dumps(body).encode() for body in bodies)]:
                 response = await served.client.request(method, path, data=raw, headers=KEY)
                 answer = await response.json() if response.content_type == "application/json" else None
-                if not 400 <= response.status < 500 or not (answer or {}).get("message"):
+                # Each API's error shape: E2B's {"code", "message"}, the session API's {"detail"}.
+                reason = (answer or {}).get("detail" if path.startswith("/api/v1/session/") else "message")
+                if not 400 <= response.status < 500 or not reason:
                     failures.append(f"{method} {path} {raw[:60]!r}: {response.status} {answer}")
         assert failures == [], "\n".join(failures)
         assert served.api.log == []  # nothing half-created
@@ -397,25 +401,25 @@ async def test_a_bad_cwd_is_the_agents_reason_with_a_4xx() -> None:
         reason = "cwd '/nope' does not exist or is not a directory"
         served.agent.start = envelope({"error": {"code": "invalid_argument", "message": reason}}, FLAG_END_STREAM)
         response = await served.client.post(f"{SESSION}/commands", json={"cmd": "ls", "cwd": "/nope"}, headers=KEY)
-        assert response.status == 400 and (await response.json())["message"] == f"invalid_argument: {reason}"
+        assert response.status == 400 and (await response.json())["detail"] == f"invalid_argument: {reason}"
 
 
 async def test_code_output_with_a_message_longer_than_the_read_buffer() -> None:
     async with serve() as served:
         served.agent.execute = line("stdout", text="o" * (3 * MiB)) + line("result", text="42")
-        response = await served.client.post(f"{SESSION}/code", json={"code": "print('o' * 3 << 20)"}, headers=KEY)
+        response = await served.client.post(f"{SESSION}/execute", json={"code": "print('o' * 3 << 20)"}, headers=KEY)
         assert response.status == 200
         result = await response.json()
-        assert len(result["stdout"]) == 3 * MiB and result["results"] == [{"text": "42"}]
+        assert result["output"] == "o" * (3 * MiB) and result["success"] is True
 
 
 async def test_code_output_over_the_cap_is_truncated_with_a_marker() -> None:
     async with serve() as served:
         served.agent.execute = line("stderr", text="e" * (3 * MiB)) * 2
-        response = await served.client.post(f"{SESSION}/code", json={"code": "x"}, headers=KEY)
+        response = await served.client.post(f"{SESSION}/execute", json={"code": "x"}, headers=KEY)
         result = await response.json()
         assert response.status == 200 and result["truncated"] == ["stderr"]
-        assert result["stderr"].endswith(session_logic.TRUNCATED_MARKER.format(limit=session_logic.MAX_OUTPUT_BYTES))
+        assert result["output"].endswith(session_logic.TRUNCATED_MARKER.format(limit=session_logic.MAX_OUTPUT_BYTES))
 
 
 @pytest.mark.parametrize("metrics", [b"[1]", b'{"ts": "soon"}', b"[" * 100_000, b'{"a": "' + b"x" * (2 * MiB) + b'"}'])
@@ -439,14 +443,24 @@ async def traced_peak(call: Callable[[], Awaitable[None]]) -> int:
         tracemalloc.stop()
 
 
+def form(content: bytes | AsyncIterator[bytes]) -> aiohttp.MultipartWriter:
+    """A multipart/form-data body with the file as its `file` field (an async iterator goes chunked)."""
+    writer = aiohttp.MultipartWriter("form-data")
+    payload = aiohttp.get_payload(content) if isinstance(content, bytes) else AsyncIterablePayload(content)
+    payload.set_content_disposition("form-data", name="file", filename="big")
+    writer.append_payload(payload)
+    return writer
+
+
 async def test_session_files_stream_both_ways() -> None:
     size = 32 * MiB
     async with serve() as served:
         served.agent.download_size = size
 
         async def download() -> None:
-            response = await served.client.get(f"{SESSION}/files", params={"path": "big"}, headers=KEY)
+            response = await served.client.get(f"{SESSION}/download", params={"path": "/big"}, headers=KEY)
             assert response.status == 200 and response.content_length == size
+            assert response.headers["Content-Disposition"] == 'attachment; filename="big"'
             received = 0
             async for chunk in response.content.iter_chunked(64 << 10):
                 received += len(chunk)
@@ -458,8 +472,8 @@ async def test_session_files_stream_both_ways() -> None:
                 for _ in range(size // len(chunk)):
                     yield chunk
 
-            response = await served.client.put(f"{SESSION}/files", params={"path": "big"}, data=body(), headers=KEY)
-            assert response.status == 200 and (await response.json())[0]["path"] == "big"
+            response = await served.client.post(f"{SESSION}/upload", data=form(body()), headers=KEY)
+            assert response.status == 200 and await response.json() == {"path": "/home/user/upload/big"}
 
         assert await traced_peak(download) < 8 * MiB
         assert await traced_peak(upload) < 8 * MiB
@@ -468,21 +482,21 @@ async def test_session_files_stream_both_ways() -> None:
 
 async def test_an_upload_over_the_limit_is_413() -> None:
     async with serve(max_upload_bytes=MiB) as served:
-        url = f"{SESSION}/files?path=big"
-        response = await served.client.put(url, data=b"x" * (MiB + 1), headers=KEY)
-        assert response.status == 413 and "an upload may be at most" in (await response.json())["message"]
+        url = f"{SESSION}/upload"
+        response = await served.client.post(url, data=form(b"x" * (MiB + 1)), headers=KEY)
+        assert response.status == 413 and "an upload may be at most" in (await response.json())["detail"]
         assert served.agent.calls == []  # refused on its Content-Length, before the agent is called
 
         async def chunked() -> AsyncIterator[bytes]:
             for _ in range(32):
                 yield b"x" * (64 << 10)
 
-        response = await served.client.put(url, data=chunked(), headers=KEY)
+        response = await served.client.post(url, data=form(chunked()), headers=KEY)
         assert response.status == 413
 
 
 async def test_session_file_paths_with_nul_bytes_are_400() -> None:
     async with serve() as served:
-        response = await served.client.get(f"{SESSION}/files", params={"path": "a\x00b"}, headers=KEY)
-        assert response.status == 400 and "NUL" in (await response.json())["message"]
+        response = await served.client.get(f"{SESSION}/download", params={"path": "a\x00b"}, headers=KEY)
+        assert response.status == 400 and "NUL" in (await response.json())["detail"]
         assert served.agent.calls == []
