@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A local Kubernetes node whose pods really run: each container from the project's images under crun.
 
-    python3 hack/container_node.py --kubeconfig K --state-dir D [--node-name N] [--pod-cidr C]
+    python3 hack/container_node.py --kubeconfig K --state-dir D [--node-name N] [--pod-cidr C] [--ca-bundle F]
     python3 hack/container_node.py --state-dir D --cleanup      # stop and remove whatever a dead node left
 
 `hack/cluster up --node containers` starts it. It registers a Node, watches the pods bound to it and
@@ -18,6 +18,9 @@ settings and root cgroups of a shared host):
   cgroup; process and file limits are rlimits (the pids cgroup is at its hierarchy root here);
 - pods share the host's network namespace; each gets an address of the node's loopback pod CIDR,
   and the node tells the agent to bind it (SANDBOX_AGENT_HOST), so sandboxes do not collide on ports;
+  /etc/resolv.conf carries the host's name servers (as a kubelet's --resolv-conf for dnsPolicy Default);
+- with --ca-bundle, that file is bind-mounted read-only over /etc/ssl/certs/ca-certificates.crt in
+  every container whose image has that path, as a node image that trusts a corporate CA would do;
 - status is the container's: Running when started, Ready from the readiness probe, restarts per
   restartPolicy and the liveness probe, terminated with exit code and reason (OOMKilled from the
   cgroup's OOM counter, Error, Completed);
@@ -74,6 +77,12 @@ RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX = 1.0, 60.0
 NODE_SHUTDOWN_GRACE_SECONDS = 3.0
 # The agent's bind address on this node: pods share the host network namespace.
 AGENT_HOST_ENV = "SANDBOX_AGENT_HOST"
+# Where a container's trusted CAs are (Debian's bundle); --ca-bundle replaces it read-only.
+CA_BUNDLE_PATH = "/etc/ssl/certs/ca-certificates.crt"
+# The host's resolver configuration: pods share its network namespace, so its name servers work.
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+# What a pod gets when the host names no server (systemd-resolved's stub, reachable on the host).
+FALLBACK_NAMESERVER = "127.0.0.53"
 # Docker's default capability set: what a container has unless the pod drops it.
 DEFAULT_CAPABILITIES = (
     "CAP_CHOWN",
@@ -362,6 +371,26 @@ class VolumeSource:
     read_only: bool = False
 
 
+def pod_resolv_conf(host: str) -> str:
+    """A pod's /etc/resolv.conf from the host's: its nameserver, search and options lines (the pod
+    shares the host's network namespace, so they work there); systemd-resolved's stub when it names
+    no server."""
+    kept: list[str] = []
+    for line in host.splitlines():
+        words = line.split()
+        if len(words) > 1 and words[0] in ("nameserver", "search", "options"):
+            kept.append(" ".join(words))
+    if not any(line.startswith("nameserver") for line in kept):
+        kept.insert(0, f"nameserver {FALLBACK_NAMESERVER}")
+    return "\n".join(kept) + "\n"
+
+
+def image_has(image: Image, path: str) -> bool:
+    """Whether the image's rootfs has `path` (a file or a symlink: a mount needs it to exist)."""
+    target = image.rootfs / path.lstrip("/")
+    return target.is_symlink() or target.is_file()
+
+
 def memory_limit(container: dict[str, Any]) -> int | None:
     limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
     return int(parse_quantity(limit)) if limit else None
@@ -379,8 +408,10 @@ def runtime_spec(
     cgroup_dir: Path | None,
     max_pids: int,
     max_open_files: int = POD_MAX_OPEN_FILES,
+    ca_bundle: Path | None = None,
 ) -> dict[str, Any]:
-    """The OCI runtime config for one container of `pod` (pure: no I/O)."""
+    """The OCI runtime config for one container of `pod` (pure: no I/O). `ca_bundle`, when given, is
+    bound read-only over CA_BUNDLE_PATH (the caller passes it only when the image has that path)."""
     args = command_line(container, image)
     if not args:
         raise ConfigError("no command specified: neither the container nor the image has one")
@@ -428,6 +459,16 @@ def runtime_spec(
         ]
     for destination, source in etc_files.items():
         mounts.append({"destination": destination, "type": "bind", "source": str(source), "options": ["rbind", "rw"]})
+    if ca_bundle is not None:
+        # Before the volumes: a pod that mounts its own CAs (a ConfigMap over /etc/ssl/certs) wins.
+        mounts.append(
+            {
+                "destination": CA_BUNDLE_PATH,
+                "type": "bind",
+                "source": str(ca_bundle),
+                "options": ["rbind", "ro", "nosuid", "noexec", "nodev"],
+            }
+        )
     for mount in container.get("volumeMounts") or []:
         volume = volumes.get(mount["name"])
         if volume is None:
@@ -1053,6 +1094,7 @@ class PodWorker(threading.Thread):
             max_pids=self.node.max_pids,
             # crun sets rlimits after giving up its privileges: no more than the node has itself.
             max_open_files=min(POD_MAX_OPEN_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
+            ca_bundle=self.node.ca_bundle if self.node.ca_bundle and image_has(image, CA_BUNDLE_PATH) else None,
         )
         return spec, run_dir
 
@@ -1147,7 +1189,7 @@ class PodWorker(threading.Thread):
         files = {
             "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{self.ip}\t{hostname}\n",
             "/etc/hostname": f"{hostname}\n",
-            "/etc/resolv.conf": "nameserver 127.0.0.53\noptions ndots:1\n",
+            "/etc/resolv.conf": self.node.resolv_conf,
         }
         paths: dict[str, Path] = {}
         for destination, content in files.items():
@@ -1450,6 +1492,12 @@ class Node:
         self.ips = IpPool(self.cidr)
         self.host_ip = "127.0.0.1"
         self.max_pids: int = args.pod_max_pids
+        self.ca_bundle: Path | None = Path(args.ca_bundle).resolve() if args.ca_bundle else None
+        try:
+            host_resolv = HOST_RESOLV_CONF.read_text()
+        except OSError:
+            host_resolv = ""
+        self.resolv_conf = pod_resolv_conf(host_resolv)
         self.api = Api(Path(args.kubeconfig))
         self.cgroup_root = own_memory_cgroup() / f"sandbox-node-{self.name}"
         self.disks = Disks(self.state_dir / "disks")
@@ -1699,8 +1747,15 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_POD_MAX_PIDS,
         help="RLIMIT_NPROC of every container (the pids cgroup cannot be nested here)",
     )
+    parser.add_argument(
+        "--ca-bundle",
+        help=f"a CA bundle (PEM) bind-mounted read-only over {CA_BUNDLE_PATH} in every container whose image "
+        "has that path (the machine's CAs, when its network intercepts TLS)",
+    )
     parser.add_argument("--cleanup", action="store_true", help="remove what a node of this state dir left, and exit")
     args = parser.parse_args(argv)
+    if args.ca_bundle and not args.cleanup and not Path(args.ca_bundle).is_file():
+        parser.error(f"--ca-bundle {args.ca_bundle}: no such file")
     if os.geteuid() != 0:
         print("container-node: must run as root (it starts containers with crun)", file=sys.stderr)
         return 1
@@ -1721,7 +1776,8 @@ def main(argv: list[str] | None = None) -> int:
     cgroup_root.mkdir(exist_ok=True)
     node = Node(args)
     node.register()
-    log(f"node {node.name} registered (pods get {node.cidr}; images from {node.image_store})")
+    trusted = f"; CAs from {node.ca_bundle}" if node.ca_bundle else ""
+    log(f"node {node.name} registered (pods get {node.cidr}; images from {node.image_store}{trusted})")
 
     def on_signal(signum: int, _frame: Any) -> None:
         node.stop.set()

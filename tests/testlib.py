@@ -223,12 +223,17 @@ def start_operator(
     return handle
 
 
+MACHINE_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # given to the container node's containers
+
+
 @contextlib.contextmanager
 def local_cluster(tmp_path_factory: Any, node: str = "kwok") -> Iterator[Cluster]:
     """A local control plane (hack/cluster up --node NODE) for the session; down afterwards."""
     state_dir = tmp_path_factory.mktemp(f"cluster-{node}", numbered=True) / "state"
+    # The machine's CAs for the containers: its network may intercept TLS (docs/container-node.md).
+    trust = ["--ca-bundle", str(MACHINE_CA_BUNDLE)] if node == "containers" and MACHINE_CA_BUNDLE.is_file() else []
     up = subprocess.run(
-        [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir), "--node", node],
+        [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir), "--node", node, *trust],
         capture_output=True,
         text=True,
         timeout=300,

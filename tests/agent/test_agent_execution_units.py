@@ -12,17 +12,23 @@ import pytest
 
 from sandbox_operator.agent.envd import _BadUpload, _UploadTooLarge, upload_error
 from sandbox_operator.agent.interpreter import (
+    CONFIGURED_TIMEOUT_SOURCE,
     INTERRUPT_GRACE,
     KEEPALIVE_INTERVAL,
+    REQUESTED_TIMEOUT_SOURCE,
+    ExecutionTimeout,
     InterpreterError,
     Silence,
+    execution_timeout,
     is_idle,
     message_lines,
     next_wait,
     on_silence,
+    timeout_line,
 )
-from sandbox_operator.agent.interpreter_http import ExecuteRequest, execute_request
+from sandbox_operator.agent.interpreter_http import MAX_EXECUTE_TIMEOUT, ExecuteRequest, execute_request
 from sandbox_operator.agent.limits import OutputLimiter, truncation_marker
+from sandbox_operator.api.names import EXECUTION_TIMEOUT_PREFIX
 
 STAMP = "2024-01-02T03:04:05+00:00"
 
@@ -51,6 +57,28 @@ def test_silence_means_keepalive_then_interrupt_then_give_up() -> None:
     # Interrupted once only: within the grace it keeps waiting, after it gives up.
     assert on_silence(100.0, 90.0, 100.0 - INTERRUPT_GRACE / 2) is Silence.KEEPALIVE
     assert on_silence(100.0, 90.0, 100.0 - INTERRUPT_GRACE) is Silence.GIVE_UP
+
+
+def test_the_deadline_is_the_tighter_of_the_request_and_the_configured_timeout() -> None:
+    assert execution_timeout(None, 0.0) is None
+    assert execution_timeout(None, 5.0) == ExecutionTimeout(5.0, CONFIGURED_TIMEOUT_SOURCE)
+    assert execution_timeout(2.0, 0.0) == ExecutionTimeout(2.0, REQUESTED_TIMEOUT_SOURCE)
+    assert execution_timeout(2.0, 5.0) == ExecutionTimeout(2.0, REQUESTED_TIMEOUT_SOURCE)
+    assert execution_timeout(9.0, 5.0) == ExecutionTimeout(5.0, CONFIGURED_TIMEOUT_SOURCE)
+    assert execution_timeout(5.0, 5.0) == ExecutionTimeout(5.0, CONFIGURED_TIMEOUT_SOURCE)
+
+
+def test_the_timeout_line_starts_with_the_shared_prefix_and_names_the_limit() -> None:
+    line = timeout_line(ExecutionTimeout(1.5, REQUESTED_TIMEOUT_SOURCE), restarted=False)
+    assert line == {
+        "type": "error",
+        "name": "TimeoutError",
+        "value": f"{EXECUTION_TIMEOUT_PREFIX} 1.5s (the request's timeout) and was interrupted.",
+        "traceback": "",
+    }
+    restarted = timeout_line(ExecutionTimeout(30.0, CONFIGURED_TIMEOUT_SOURCE), restarted=True)
+    assert restarted["value"].startswith(f"{EXECUTION_TIMEOUT_PREFIX} 30s (SANDBOX_EXECUTION_TIMEOUT)")
+    assert restarted["value"].endswith("its state was lost.")
 
 
 # -- IOPub messages → JSON lines ---------------------------------------------------------------
@@ -159,3 +187,27 @@ def test_upload_errors_map_to_envd_statuses() -> None:
     assert _answer(zlib.error("bad header")) == (400, "invalid gzip body: bad header")
     with pytest.raises(ValueError):
         upload_error(ValueError("not an upload error"), 1024)
+
+
+def test_an_execute_timeout_is_a_positive_finite_number_of_seconds() -> None:
+    assert execute_request({"code": "1", "timeout": 1}) == ExecuteRequest("1", None, None, None, 1.0)
+    assert execute_request({"code": "1", "timeout": 0.25}).timeout == 0.25
+    assert execute_request({"code": "1", "timeout": None}).timeout is None
+    assert execute_request({"code": "1", "timeout": MAX_EXECUTE_TIMEOUT}).timeout == MAX_EXECUTE_TIMEOUT
+    refusals: list[tuple[Any, str]] = [
+        (True, "must be a number of seconds, not bool"),
+        ("5", "must be a number of seconds, not str"),
+        ([1], "must be a number of seconds, not list"),
+        ({"s": 1}, "must be a number of seconds, not dict"),
+        (0, "finite number of seconds > 0, not 0"),
+        (-1.5, "finite number of seconds > 0, not -1.5"),
+        (float("nan"), "finite number of seconds > 0, not nan"),
+        (float("inf"), "finite number of seconds > 0, not inf"),
+        (float("-inf"), "finite number of seconds > 0"),
+        (MAX_EXECUTE_TIMEOUT + 1, "at most 2592000 seconds \\(30 days\\)"),
+        (10**400, "at most"),  # too big for a float: refused, not an OverflowError
+    ]
+    for value, message_part in refusals:
+        with pytest.raises(InterpreterError, match=message_part) as caught:
+            execute_request({"code": "1", "timeout": value})
+        assert caught.value.status == 400, value

@@ -44,7 +44,7 @@ def holder(cluster: Cluster, namespace: str) -> str | None:
 def acting_writes(process: OperatorProcess) -> float:
     """API writes of the replica other than its Lease's: what it did to sandboxes and their children."""
     return sum(
-        sample.value
+        float(sample.value)
         for sample in process.samples("sandbox_operator_api_writes_total")
         if not sample.labels["resource"].startswith("leases")
     )

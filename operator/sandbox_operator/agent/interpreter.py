@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from sandbox_operator.api.names import EXECUTION_TIMEOUT_PREFIX
+
 from .config import without_secrets
 from .kernelwatch import (
     OUT_OF_MEMORY_MESSAGE,
@@ -200,6 +202,40 @@ def _timestamp(header: Mapping[str, Any]) -> str:
     if isinstance(date, str):
         return date
     return datetime.now().astimezone().isoformat()
+
+
+# Which limit set an execution's deadline, as its TimeoutError line names it.
+CONFIGURED_TIMEOUT_SOURCE: Final = "SANDBOX_EXECUTION_TIMEOUT"
+REQUESTED_TIMEOUT_SOURCE: Final = "the request's timeout"
+
+
+@dataclass(frozen=True)
+class ExecutionTimeout:
+    """An execution's effective timeout (s) and the limit it comes from."""
+
+    seconds: float
+    source: str
+
+
+def execution_timeout(requested: float | None, configured: float) -> ExecutionTimeout | None:
+    """The tighter of the request's `timeout` and SANDBOX_EXECUTION_TIMEOUT (when > 0); None when
+    neither applies. A tie names the configured limit."""
+    if configured > 0 and (requested is None or configured <= requested):
+        return ExecutionTimeout(configured, CONFIGURED_TIMEOUT_SOURCE)
+    if requested is not None:
+        return ExecutionTimeout(requested, REQUESTED_TIMEOUT_SOURCE)
+    return None
+
+
+def timeout_line(timeout: ExecutionTimeout, restarted: bool) -> JsonLine:
+    """The agent's own TimeoutError line: its value starts with EXECUTION_TIMEOUT_PREFIX (the gateway
+    tells it from user code raising TimeoutError by that) and names the effective timeout and its limit."""
+    detail = " The kernel did not stop and was restarted; its state was lost." if restarted else ""
+    return error_line(
+        "TimeoutError",
+        f"{EXECUTION_TIMEOUT_PREFIX} {timeout.seconds:g}s ({timeout.source}) and was interrupted." + detail,
+        "",
+    )
 
 
 class Silence(enum.Enum):
@@ -711,9 +747,10 @@ class CodeInterpreter:
         )
 
     async def execute(
-        self, context: KernelContext, code: str, env_vars: Mapping[str, str] | None
+        self, context: KernelContext, code: str, env_vars: Mapping[str, str] | None, time_limit: float | None = None
     ) -> AsyncIterator[JsonLine]:
-        """Run code in the context; yields the JSON lines of the /execute stream, end_of_execution last."""
+        """Run code in the context; yields the JSON lines of the /execute stream, end_of_execution last.
+        `time_limit` (s, > 0) is the request's own timeout; SANDBOX_EXECUTION_TIMEOUT still caps it."""
         try:
             self.stats.acquire()
         except ConcurrencyLimitError as error:
@@ -744,7 +781,7 @@ class CodeInterpreter:
                             "else _e2b_os.environ.__setitem__(_e2b_k, _e2b_v)\n"
                             "del _e2b_saved_env"
                         )
-                    async for line in self._stream(context, kernel, code, execution):
+                    async for line in self._stream(context, kernel, code, execution, time_limit):
                         yield line
                 except KernelExited:
                     yield self._exit_line(kernel)
@@ -758,17 +795,17 @@ class CodeInterpreter:
         yield {"type": "end_of_execution"}
 
     async def _stream(
-        self, context: KernelContext, kernel: Kernel, code: str, execution: ExecutionSlot
+        self, context: KernelContext, kernel: Kernel, code: str, execution: ExecutionSlot, requested: float | None
     ) -> AsyncIterator[JsonLine]:
         """The kernel's messages for one request as JSON lines; marks `execution` when it timed out.
         Raises KernelExited when the kernel process exits."""
         client = kernel.client
         await _drop_stale_replies(client)
         limiter = OutputLimiter(self.state.config.max_output_bytes)
-        timeout = self.state.config.execution_timeout
+        timeout = execution_timeout(requested, self.state.config.execution_timeout)
         msg_id = client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
         context.execution = msg_id
-        deadline = time.monotonic() + timeout if timeout > 0 else None
+        deadline = time.monotonic() + timeout.seconds if timeout is not None else None
         timed_out_at: float | None = None
         try:
             while True:
@@ -780,7 +817,8 @@ class CodeInterpreter:
                         # The kernel ignored the interrupt (e.g. stuck in C code): state is lost.
                         execution.timed_out = True
                         self._schedule_revive(context, kernel, "it ignored the interrupt after a timeout")
-                        yield self._timeout_line(timeout, restarted=True)
+                        assert timeout is not None  # only a deadline gives up
+                        yield timeout_line(timeout, restarted=True)
                         return
                     if action is Silence.INTERRUPT:
                         timed_out_at = now
@@ -793,18 +831,10 @@ class CodeInterpreter:
                 if is_idle(message):
                     if timed_out_at is not None:
                         execution.timed_out = True
-                        yield self._timeout_line(timeout, restarted=False)
+                        assert timeout is not None  # only a deadline interrupts
+                        yield timeout_line(timeout, restarted=False)
                     return
                 for line in message_lines(message, limiter, interrupted=timed_out_at is not None):
                     yield line
         finally:
             context.execution = None
-
-    @staticmethod
-    def _timeout_line(timeout: float, restarted: bool) -> JsonLine:
-        detail = " The kernel did not stop and was restarted; its state was lost." if restarted else ""
-        return error_line(
-            "TimeoutError",
-            f"Execution timed out after {timeout:g}s (SANDBOX_EXECUTION_TIMEOUT) and was interrupted." + detail,
-            "",
-        )

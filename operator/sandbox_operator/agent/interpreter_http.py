@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -39,6 +40,8 @@ INTERPRETER_TOKEN_REFUSAL: Final = (
     "missing or invalid access token (E2B-Traffic-Access-Token or X-Access-Token): "
     "the code interpreter needs the sandbox's access token"
 )
+# The most an /execute body's `timeout` may ask for (30 days): beyond it a number is a mistake.
+MAX_EXECUTE_TIMEOUT: Final = 30 * 24 * 3600.0
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -73,6 +76,22 @@ class ExecuteRequest:
     context_id: str | None
     language: str | None
     env_vars: dict[str, str] | None
+    timeout: float | None = None
+
+
+def execute_timeout(value: object) -> float | None:
+    """The body's optional `timeout` (seconds, our extension: the E2B SDKs never send it);
+    InterpreterError(400) unless it is a finite number > 0 and at most MAX_EXECUTE_TIMEOUT."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InterpreterError(400, f"'timeout' must be a number of seconds, not {type(value).__name__}")
+    # Compared before float(): an integer too large for a float would overflow there.
+    if not (isinstance(value, int) or math.isfinite(value)) or value <= 0:
+        raise InterpreterError(400, f"'timeout' must be a finite number of seconds > 0, not {value!r}")
+    if value > MAX_EXECUTE_TIMEOUT:
+        raise InterpreterError(400, f"'timeout' must be at most {MAX_EXECUTE_TIMEOUT:.0f} seconds (30 days)")
+    return float(value)
 
 
 def execute_request(body: Mapping[str, Any]) -> ExecuteRequest:
@@ -93,8 +112,9 @@ def execute_request(body: Mapping[str, Any]) -> ExecuteRequest:
         raise InterpreterError(400, "'env_vars' must be a map of strings")
     if context_id is not None and not isinstance(context_id, str):
         raise InterpreterError(400, "'context_id' must be a string")
+    timeout = execute_timeout(body.get("timeout"))
     # The kernel's os.environ gets these: never the agent's token, whatever the caller sends.
-    return ExecuteRequest(code, context_id, language, None if env_vars is None else without_secrets(env_vars))
+    return ExecuteRequest(code, context_id, language, None if env_vars is None else without_secrets(env_vars), timeout)
 
 
 def is_interpreter_path(path: str) -> bool:
@@ -170,7 +190,7 @@ class InterpreterServer:
                 context = self.interpreter.get(execution.context_id)
             else:
                 context = await self.interpreter.default_context(execution.language)
-            lines = self.interpreter.execute(context, execution.code, execution.env_vars)
+            lines = self.interpreter.execute(context, execution.code, execution.env_vars, execution.timeout)
             # The first line comes before the status is sent, so a refused execution gets a real error status.
             first = await anext(lines)
         except Exception as error:

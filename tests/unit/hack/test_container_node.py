@@ -243,3 +243,41 @@ def test_volume_files_stay_inside_the_volume(tmp_path: Path) -> None:
     with pytest.raises(node.ConfigError, match="leaves the volume"):
         node.write_volume_files(volume, {"../escape": "x"})
     assert not (tmp_path / "escape").exists()
+
+
+def test_a_ca_bundle_is_bound_read_only_before_the_volumes() -> None:
+    pod = sandbox_pod()
+    assert node.CA_BUNDLE_PATH not in {m["destination"] for m in spec_for(pod)["mounts"]}
+    mounts = spec_for(pod, ca_bundle=Path("/host/ca.crt"))["mounts"]
+    destinations = [m["destination"] for m in mounts]
+    ca = mounts[destinations.index(node.CA_BUNDLE_PATH)]
+    assert ca == {
+        "destination": "/etc/ssl/certs/ca-certificates.crt",
+        "type": "bind",
+        "source": "/host/ca.crt",
+        "options": ["rbind", "ro", "nosuid", "noexec", "nodev"],
+    }
+    # A pod's own CA mount (a ConfigMap over /etc/ssl/certs) comes later, so it wins.
+    assert destinations.index(node.CA_BUNDLE_PATH) < destinations.index("/home/user")
+
+
+def test_only_an_image_with_the_bundle_path_gets_the_bundle(tmp_path: Path) -> None:
+    with_bundle = node.Image(ref="a", rootfs=tmp_path / "a", config={})
+    (tmp_path / "a" / "etc" / "ssl" / "certs").mkdir(parents=True)
+    (tmp_path / "a" / "etc" / "ssl" / "certs" / "ca-certificates.crt").write_text("PEM")
+    linked = node.Image(ref="b", rootfs=tmp_path / "b", config={})
+    (tmp_path / "b" / "etc" / "ssl" / "certs").mkdir(parents=True)
+    (tmp_path / "b" / "etc" / "ssl" / "certs" / "ca-certificates.crt").symlink_to("/etc/pki/tls/cert.pem")
+    without = node.Image(ref="c", rootfs=tmp_path / "c", config={})
+    (tmp_path / "c" / "etc" / "ssl" / "certs" / "ca-certificates.crt").mkdir(parents=True)  # a directory
+    assert node.image_has(with_bundle, node.CA_BUNDLE_PATH)
+    assert node.image_has(linked, node.CA_BUNDLE_PATH)  # resolved inside the container, not here
+    assert not node.image_has(without, node.CA_BUNDLE_PATH)
+    assert not node.image_has(node.Image(ref="d", rootfs=tmp_path / "d", config={}), node.CA_BUNDLE_PATH)
+
+
+def test_a_pods_resolv_conf_is_the_hosts_name_servers() -> None:
+    host = "# generated\nnameserver 10.255.255.53\n; comment\nsearch  corp.example\noptions ndots:2\nbogus\n"
+    assert node.pod_resolv_conf(host) == "nameserver 10.255.255.53\nsearch corp.example\noptions ndots:2\n"
+    assert node.pod_resolv_conf("") == "nameserver 127.0.0.53\n"
+    assert node.pod_resolv_conf("search a\nnameserver\n") == "nameserver 127.0.0.53\nsearch a\n"
