@@ -123,5 +123,3 @@ def test_bad_requests_are_refused_and_leave_nothing(cluster: Cluster, gateway: G
     status, body = request(gateway, "GET", "/no/such/route", headers=headers)
     assert status == 404 and body["code"] == 404
     assert len(sandboxes_in(cluster, gateway.namespace)) == before
-
-
