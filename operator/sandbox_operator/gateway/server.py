@@ -44,7 +44,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 V1_LIST_PATH = "/sandboxes"  # the v1 list: everything at once, no pagination
 CONNECT_RETRY_S = 3.0  # how long a refused connection to a Running sandbox is retried
 CONNECT_RETRY_MAX_DELAY_S = 0.25
+READY_WAIT_S = 1.0  # how long /ready waits for the watch caches before answering 503
 HEALTH_POLL_MAX_DELAY_S = 0.05  # an agent starting up is polled often: create latency waits on it
+DELETE_SEEN_WITHIN_S = 5.0  # how long a delete waits for its watch event (read-your-writes)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class BodyWatch:
         return self.fired
 
 
+def _gone_or_going(body: JSON | None) -> bool:
+    return body is None or bool((body.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def error_response(request: web.Request, status: int, message: str) -> web.Response:
     """An error in the shape of the API the request is for: the session API's `{"detail"}`, else E2B's
     `{"code", "message"}`."""
@@ -151,6 +157,7 @@ class Gateway:
             ("POST", "/sandboxes/{id}/resume", self.connect),
             ("GET", "/sandboxes/{id}/metrics", self.metrics),
             ("GET", "/health", self.health),
+            ("GET", "/ready", self.ready),
         ]
         routes += session_routes(self.session_ops())
         for method, path, handler in routes:
@@ -280,10 +287,15 @@ class Gateway:
             self.cache.observe(patched)
 
     async def delete_sandbox(self, namespace: str, name: str, *, wait: bool, uid: str | None = None) -> bool:
-        """Delete a Sandbox (its children go with it); with `wait`, until the watch saw it go."""
+        """Delete a Sandbox (its children go with it); with `wait`, until the watch saw it go. Without,
+        until the watch saw the delete begin, so this gateway's next read (a session's status, a list)
+        does not show the sandbox as live."""
         deleted = await self.client.delete(SANDBOXES.path(namespace, name), uid=uid)
         if deleted and wait:
             await self.cache.wait_for((namespace, name), lambda body: body is None, self.config.create_timeout)
+        elif deleted:
+            with contextlib.suppress(TimeoutError):  # the delete was accepted; a slow watch only delays the read
+                await self.cache.wait_for((namespace, name), _gone_or_going, DELETE_SEEN_WITHIN_S)
         return deleted
 
     async def until_serving(self, key: tuple[str, str], *, delete_on_failure: bool) -> JSON:
@@ -335,6 +347,15 @@ class Gateway:
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         return json_response(200, {"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.StreamResponse:
+        """Readiness (the chart's readinessProbe; /health is liveness): 503 until every watch cache
+        (sandboxes, templates, API keys) has listed once."""
+        try:
+            await self.cache.synced(within=READY_WAIT_S)
+        except TimeoutError:
+            return json_response(503, {"status": "syncing"})
+        return json_response(200, {"status": "ready"})
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         namespace = self.namespace_of(request)
