@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from sandbox_operator.api.names import AGENT_TOKEN_HEADER, SIGNED_PATH_HEADER
 
@@ -382,7 +383,7 @@ class EnvdServer:
                 written = [await self._store(user, user.resolve(raw_path), _body_chunks(request, idle), metadata)]
         except BodyTimeout:
             return await body_timeout_response(request)
-        except (_BadUpload, _UploadTooLarge, OSError, zlib.error, PathError) as error:
+        except (_BadUpload, _UploadTooLarge, OSError, zlib.error, PathError, RequestPayloadError) as error:
             return upload_error(error, self.state.config.max_upload_bytes)
         return web.json_response(written)
 
@@ -760,6 +761,9 @@ def upload_error(error: Exception, limit: int) -> web.Response:
         return json_error(500, f"error writing file: {error}")
     if isinstance(error, zlib.error):
         return json_error(400, f"invalid gzip body: {error}")
+    if isinstance(error, RequestPayloadError):
+        # aiohttp could not undo the body's Content-Encoding (not gzip/deflate data, or corrupt).
+        return json_error(400, "invalid request body: its Content-Encoding could not be undone")
     raise error
 
 
@@ -809,7 +813,9 @@ async def _part_chunks(part: BodyPartReader, idle: float) -> AsyncIterator[bytes
 
 async def _body_chunks(request: web.Request, idle: float) -> AsyncIterator[bytes]:
     """The body's bytes; BodyTimeout when the client pauses longer than `idle` s. aiohttp already
-    undoes Content-Encoding: gzip on request bodies."""
+    undoes Content-Encoding: gzip on request bodies (multipart ones too), in bounded steps under flow
+    control, so a zip bomb grows no buffer: `_store` counts the decoded bytes against the upload cap
+    (413). Data that is not gzip surfaces as RequestPayloadError (400, `upload_error`)."""
     while True:
         chunk = await read_chunk(request.content, idle, FILE_CHUNK)
         if not chunk:
