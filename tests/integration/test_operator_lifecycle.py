@@ -104,10 +104,11 @@ def _parse(stamp: str) -> datetime:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
-def _ready_changed_at(body: dict[str, object]) -> datetime:
+def _reached_at(body: dict[str, object], phase: str = "Terminated") -> datetime:
+    """When the sandbox reached `phase` (Suspended or Terminated): its condition's transition."""
     conditions = body["status"]["conditions"]  # type: ignore[index]
-    ready = next(c for c in conditions if c["type"] == "Ready")
-    return _parse(ready["lastTransitionTime"])
+    reached = next(c for c in conditions if c["type"] == phase and c["status"] == "True")
+    return _parse(reached["lastTransitionTime"])
 
 
 def test_max_lifetime_terminates(cluster: Cluster, namespace: str) -> None:
@@ -117,7 +118,7 @@ def test_max_lifetime_terminates(cluster: Cluster, namespace: str) -> None:
     status = terminated["status"]
     assert status["reason"] == "MaxLifetime"
     created = _parse(terminated["metadata"]["creationTimestamp"])
-    assert status["startedAt"] and _ready_changed_at(terminated) >= created + timedelta(seconds=3)
+    assert status["startedAt"] and _reached_at(terminated) >= created + timedelta(seconds=3)
     wait_until(lambda: children(cluster, namespace, "sb3")["pods"] == [], timeout=30, message="pod deleted")
 
 
@@ -153,7 +154,7 @@ def test_idle_timeout_counts_from_last_activity(cluster: Cluster, namespace: str
     )
     body = wait_phase(cluster, namespace, name, phase, timeout=60)
     assert body["status"]["reason"] == "IdleTimeout"
-    assert _ready_changed_at(body) >= activity + timedelta(seconds=2), "fired before activity + idle"
+    assert _reached_at(body, phase) >= activity + timedelta(seconds=2), "fired before activity + idle"
 
 
 def test_delete_removes_every_child(cluster: Cluster, namespace: str) -> None:

@@ -25,6 +25,8 @@ __all__ = [
     "COMPONENT_LABEL",
     "CREATED_BY_ANNOTATION",
     "DEFAULT_CLUSTER_CIDRS",
+    "DEFAULT_DNS_NAMESPACE",
+    "DEFAULT_DNS_POD_LABELS",
     "EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION",
     "ENVD_PORT",
     "EVENTS",
@@ -151,6 +153,10 @@ node credentials) and AWS's IPv6 metadata endpoint."""
 DEFAULT_CLUSTER_CIDRS: Final = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fd00::/8")
 """The cluster's own networks that `allow` egress keeps sandboxes off unless --egress-cluster-cidr
 says otherwise: pod and service ranges are not discoverable through the API, so every private range."""
+DEFAULT_DNS_NAMESPACE: Final = "kube-system"
+"""Namespace of the cluster DNS pods that sandbox egress always reaches (--dns-namespace)."""
+DEFAULT_DNS_POD_LABELS: Final = (("k8s-app", "kube-dns"),)
+"""Labels of the cluster DNS pods that sandbox egress always reaches (--dns-pod-label)."""
 
 # --- agent ports ----------------------------------------------------------------------------------
 
@@ -207,10 +213,12 @@ class Reason(enum.StrEnum):
 
 
 class PoolReason(enum.StrEnum):
-    """Reasons of a SandboxPool's Ready condition."""
+    """Reasons of a SandboxPool's Ready, Reconciling and Stalled conditions."""
 
     FILLED = "Filled"
     FILLING = "Filling"
+    DRAINING = "Draining"
+    """More ready warm pods than spec.size: the surplus is being deleted."""
     TEMPLATE_NOT_FOUND = "TemplateNotFound"
     TEMPLATE_NOT_ALLOWED = "TemplateNotAllowed"  # the template's allowedNamespaces exclude the pool's
 
@@ -221,6 +229,11 @@ class ConditionType(enum.StrEnum):
     READY = "Ready"
     SUSPENDED = "Suspended"
     TERMINATED = "Terminated"
+    RECONCILING = "Reconciling"
+    """kstatus's abnormal-true condition: True only while the operator converges on the spec."""
+    STALLED = "Stalled"
+    """kstatus's abnormal-true condition: True when the spec cannot be reached without a change
+    (Error, a refused resume, a missing or refused template); its reason says why."""
 
 
 # --- REST paths -----------------------------------------------------------------------------------

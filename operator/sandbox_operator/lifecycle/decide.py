@@ -44,7 +44,7 @@ from sandbox_operator.lifecycle.types import (
     TimeoutKind,
 )
 
-__all__ = ["RETRYABLE_REASONS", "IllegalTransitionError", "classify_pod_failure", "decide"]
+__all__ = ["RETRYABLE_REASONS", "IllegalTransitionError", "classify_pod_failure", "convergence", "decide"]
 
 # Failures that a fresh pod may well not repeat (node trouble, a crash); they are retried within the
 # budget. OOMKilled and image/config errors would fail the same way again: they wait for a spec change.
@@ -576,11 +576,15 @@ class _Reconcile:
                 self.desired.generation if plan.acknowledge_generation else observed.observed_generation
             ),
         )
+        conditions, withdrawn = _conditions(
+            phase, plan.reason, plan.message, self.pod, suspend_wanted=self.desired.suspended
+        )
         return Decision(
             phase=phase,
             reason=plan.reason,
             message=plan.message,
-            conditions=_conditions(phase, plan.reason, plan.message, self.pod),
+            conditions=conditions,
+            withdrawn=withdrawn,
             actions=tuple(actions),
             status=status,
             wake_at=wake_at,
@@ -592,20 +596,47 @@ def _condition(kind: ConditionType, true: bool, reason: str, message: str) -> De
     return DecidedCondition(kind, ConditionStatus.TRUE if true else ConditionStatus.FALSE, reason, message)
 
 
+# Phases that are a step on the way to another one: the operator is converging (kstatus InProgress).
+_CONVERGING_PHASES = frozenset({Phase.CREATING, Phase.RESUMING, Phase.SUSPENDING, Phase.TERMINATING})
+
+
+def convergence(phase: Phase | None, reason: str, *, ready: bool, suspend_wanted: bool) -> tuple[bool, bool]:
+    """(reconciling, stalled) of a sandbox, as kstatus reads them (docs/lifecycle.md, GitOps).
+
+    Stalled: the spec cannot be reached without someone changing something — the sandbox is in Error,
+    or it is Suspended while asked to run and the template refuses the resume. Reconciling: the
+    operator is on its way (a transitional phase, a Running sandbox whose pod is not ready, a Suspended
+    one about to resume). Never both; neither for Running and ready, Suspended as asked, Terminated.
+    """
+    if phase is Phase.ERROR or (phase is Phase.SUSPENDED and reason in _REFUSAL_REASONS):
+        return False, True
+    if phase is None or phase in _CONVERGING_PHASES:
+        return True, False
+    if phase is Phase.RUNNING:
+        return not ready, False
+    if phase is Phase.SUSPENDED:
+        return not suspend_wanted, False
+    return False, False
+
+
 def _conditions(
-    phase: Phase | None, reason: str, message: str, pod: PodObservation | None
-) -> tuple[DecidedCondition, ...]:
+    phase: Phase | None, reason: str, message: str, pod: PodObservation | None, *, suspend_wanted: bool
+) -> tuple[tuple[DecidedCondition, ...], tuple[ConditionType, ...]]:
+    """The conditions of the decision, and the types withdrawn from the status.
+
+    Ready is True only for a Running sandbox with a ready pod and False on the way there or in
+    Error; a sandbox that has settled where Ready does not apply (Suspended as asked, Terminated)
+    has none: kstatus reads a Ready=False without Reconciling or Stalled as InProgress forever.
+    """
     # The reason of a False condition is the phase (or the cause while Running), so that
     # `kubectl wait --for=condition=Ready` failures say where the sandbox is.
     where = str(phase) if phase is not None else reason
     ready = phase is Phase.RUNNING and _pod_ready(pod)
-    return (
-        _condition(ConditionType.READY, ready, reason if ready or phase is Phase.RUNNING else where, message),
+    reconciling, stalled = convergence(phase, reason, ready=ready, suspend_wanted=suspend_wanted)
+    settled = phase is Phase.TERMINATED or (phase is Phase.SUSPENDED and not (reconciling or stalled))
+    conditions = (
         _condition(
-            ConditionType.SUSPENDED,
-            phase is Phase.SUSPENDED,
-            reason if phase is Phase.SUSPENDED else where,
-            message,
+            ConditionType.SUSPENDED, phase is Phase.SUSPENDED, reason if phase is Phase.SUSPENDED else where, message
         ),
         _condition(
             ConditionType.TERMINATED,
@@ -613,7 +644,13 @@ def _conditions(
             reason if phase is Phase.TERMINATED else where,
             message,
         ),
+        _condition(ConditionType.RECONCILING, reconciling, reason if reconciling else where, message),
+        _condition(ConditionType.STALLED, stalled, reason if stalled else where, message),
     )
+    if settled:
+        return conditions, (ConditionType.READY,)
+    ready_reason = reason if ready or phase is Phase.RUNNING else where
+    return (_condition(ConditionType.READY, ready, ready_reason, message), *conditions), ()
 
 
 def decide(desired: Desired, observed: Observed, now: datetime) -> Decision:

@@ -231,14 +231,32 @@ def unusable_pods(pool: str, pods: Sequence[Mapping[str, Any]], claims: Mapping[
 def pool_readiness(
     size: int, ready: int, missing_template: str | None = None, refused: str | None = None
 ) -> tuple[PoolReason, str]:
-    """The reason and message of the pool's Ready condition; ``refused`` says why the pool's
-    namespace may not use its template (api.policy.namespace_violation)."""
+    """The reason and message of the pool's conditions; ``refused`` says why the pool's namespace may
+    not use its template (api.policy.namespace_violation)."""
     if missing_template is not None:
         return PoolReason.TEMPLATE_NOT_FOUND, f'SandboxTemplate "{missing_template}" not found'
     if refused is not None:
         return PoolReason.TEMPLATE_NOT_ALLOWED, refused
-    reason = PoolReason.FILLED if ready >= size else PoolReason.FILLING
+    if ready > size:
+        return PoolReason.DRAINING, f"{ready}/{size} warm pods ready; deleting the surplus"
+    reason = PoolReason.FILLED if ready == size else PoolReason.FILLING
     return reason, f"{ready}/{size} warm pods ready"
+
+
+# What keeps a pool from ever holding its warm pods until someone changes the pool or the template.
+_STALLED_REASONS = frozenset({PoolReason.TEMPLATE_NOT_FOUND, PoolReason.TEMPLATE_NOT_ALLOWED})
+
+
+def pool_conditions(size: int, ready: int, reason: PoolReason) -> dict[ConditionType, bool]:
+    """The status of each condition of a pool, as kstatus reads them: Ready when it holds ``size``
+    ready warm pods of a usable template; Reconciling while it fills up or drains to ``size``;
+    Stalled when its template is missing or refused (never both Reconciling and Stalled)."""
+    stalled = reason in _STALLED_REASONS
+    return {
+        ConditionType.READY: ready >= size and not stalled,
+        ConditionType.RECONCILING: ready != size and not stalled,
+        ConditionType.STALLED: stalled,
+    }
 
 
 def pool_status_patch(
@@ -252,26 +270,36 @@ def pool_status_patch(
     message: str,
     now: datetime,
 ) -> dict[str, Any]:
-    """The smallest status merge patch for the pool ({} when nothing changed). Ready is True when the
-    pool holds ``size`` ready warm pods of an existing template; lastTransitionTime moves only when
-    Ready's status does."""
-    usable = reason not in (PoolReason.TEMPLATE_NOT_FOUND, PoolReason.TEMPLATE_NOT_ALLOWED)
-    is_ready = "True" if ready >= size and usable else "False"
-    old = next((c for c in current.get("conditions") or [] if c.get("type") == ConditionType.READY), None)
+    """The smallest status merge patch for the pool ({} when nothing changed): the counts,
+    observedGeneration and the conditions of ``pool_conditions`` (a False one's reason is the
+    pool's reason too). lastTransitionTime moves only when a condition's status does; conditions of
+    other types are kept."""
     patch: dict[str, Any] = {}
     for field, value in (("ready", ready), ("claimed", claimed), ("observedGeneration", generation)):
         if current.get(field) != value:
             patch[field] = value
-    if old is None or (old.get("status"), old.get("reason"), old.get("message")) != (is_ready, reason, message):
-        transition = old.get("lastTransitionTime") if old and old.get("status") == is_ready else None
-        patch["conditions"] = [
+    previous = [c for c in current.get("conditions") or [] if isinstance(c, Mapping)]
+    by_type = {c.get("type"): c for c in previous}
+    conditions: list[dict[str, Any]] = []
+    for kind, true in pool_conditions(size, ready, reason).items():
+        status = "True" if true else "False"
+        old = by_type.pop(kind.value, None)
+        transition = old.get("lastTransitionTime") if old and old.get("status") == status else None
+        conditions.append(
             {
-                "type": ConditionType.READY.value,
-                "status": is_ready,
+                "type": kind.value,
+                "status": status,
                 "reason": reason.value,
                 "message": message,
                 "lastTransitionTime": transition or format_time(now),
                 "observedGeneration": generation,
             }
-        ]
+        )
+    conditions.extend(dict(c) for c in by_type.values())
+    keys = ("type", "status", "reason", "message", "observedGeneration")
+    unchanged = len(previous) == len(conditions) and all(
+        all(old.get(key) == new.get(key) for key in keys) for old, new in zip(previous, conditions, strict=True)
+    )
+    if not unchanged:
+        patch["conditions"] = conditions
     return patch

@@ -7,7 +7,7 @@ gateway; it is only written when the lifecycle moves it forward (on resume), nev
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -52,12 +52,14 @@ def merge_conditions(
     conditions: Sequence[DecidedCondition],
     now: datetime,
     observed_generation: int | None = None,
+    withdrawn: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Conditions as status dicts; ``lastTransitionTime`` moves only when a condition's status does.
 
-    Condition types the lifecycle does not own (written by someone else) are kept as they are.
+    Types in ``withdrawn`` are dropped; condition types the lifecycle does not own (written by
+    someone else) are kept as they are.
     """
-    by_type = {str(item.get("type")): item for item in previous or ()}
+    by_type = {str(item.get("type")): item for item in previous or () if str(item.get("type")) not in withdrawn}
     merged: list[dict[str, Any]] = []
     for condition in conditions:
         before = by_type.pop(str(condition.type), None)
@@ -122,7 +124,11 @@ def status_patch(decision: Decision, current: Mapping[str, Any] | None, now: dat
             patch["lastActivityAt"] = format_time(activity)
     previous = current.get("conditions")
     conditions = merge_conditions(
-        previous if isinstance(previous, list) else None, decision.conditions, now, fields.observed_generation
+        previous if isinstance(previous, list) else None,
+        decision.conditions,
+        now,
+        fields.observed_generation,
+        withdrawn=[str(kind) for kind in decision.withdrawn],
     )
     if not _conditions_equal(previous, conditions):
         patch["conditions"] = conditions

@@ -305,6 +305,9 @@ class Decision:
     # The timeout that caused this decision's transition; None for every later step that keeps its
     # reason (Suspending → Suspended after an idle timeout is not a second timeout).
     fired_timeout: TimeoutKind | None = None
+    # Condition types the lifecycle owns that do not apply after this decision: removed from the
+    # status (Ready of a sandbox settled Suspended as asked, or Terminated; docs/lifecycle.md).
+    withdrawn: tuple[ConditionType, ...] = ()
 
     def has_action(self, kind: type[Action]) -> bool:
         return any(isinstance(action, kind) for action in self.actions)

@@ -207,7 +207,8 @@ def test_terminating_becomes_terminated_when_the_pod_is_gone() -> None:
     assert (decision.phase, decision.reason) == (P.TERMINATED, Reason.MAX_LIFETIME)
     assert decision.status.terminated_at == T0 + HOUR + timedelta(seconds=2)
     assert condition(decision, "Terminated") == ("True", Reason.MAX_LIFETIME)
-    assert condition(decision, "Ready") == ("False", "Terminated")
+    assert "Ready" not in {c.type for c in decision.conditions}  # withdrawn: it no longer applies
+    assert decision.withdrawn == ("Ready",)
     assert work(decision) == []  # the PVC, Service and policy stay with the object
     assert decision.wake_at is None  # no TTL: kept until deleted
     assert decision.status.expires_at is None

@@ -405,11 +405,15 @@ def test_pods_whose_claim_was_taken_or_is_going_are_unusable() -> None:
 def test_readiness_reasons() -> None:
     assert pool_readiness(3, 3) == (PoolReason.FILLED, "3/3 warm pods ready")
     assert pool_readiness(3, 1) == (PoolReason.FILLING, "1/3 warm pods ready")
+    assert pool_readiness(1, 3) == (PoolReason.DRAINING, "3/1 warm pods ready; deleting the surplus")
     assert pool_readiness(3, 3, "base") == (PoolReason.TEMPLATE_NOT_FOUND, 'SandboxTemplate "base" not found')
+    assert pool_readiness(3, 3, None, "no") == (PoolReason.TEMPLATE_NOT_ALLOWED, "no")
 
 
 def status(**fields: Any) -> dict[str, Any]:
-    reason, message = pool_readiness(fields.get("size", 2), fields.get("ready", 2), fields.get("missing"))
+    reason, message = pool_readiness(
+        fields.get("size", 2), fields.get("ready", 2), fields.get("missing"), fields.get("refused")
+    )
     return pool_status_patch(
         fields.get("current", {}),
         generation=fields.get("generation", 1),
@@ -422,18 +426,61 @@ def status(**fields: Any) -> dict[str, Any]:
     )
 
 
+def by_type(patch: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in patch["conditions"]}
+
+
 def test_a_full_pool_is_ready() -> None:
     patch = status()
     assert (patch["ready"], patch["claimed"], patch["observedGeneration"]) == (2, 0, 1)
-    (ready,) = patch["conditions"]
-    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Filled")
-    assert ready["lastTransitionTime"] == "2026-01-01T12:00:00Z"
+    assert by_type(patch) == {
+        "Ready": ("True", "Filled"),
+        "Reconciling": ("False", "Filled"),
+        "Stalled": ("False", "Filled"),
+    }
+    assert {c["lastTransitionTime"] for c in patch["conditions"]} == {"2026-01-01T12:00:00Z"}
+    assert {c["observedGeneration"] for c in patch["conditions"]} == {1}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"ready": 1}, {"Ready": "False", "Reconciling": "True", "Stalled": "False"}),  # filling
+        ({"ready": 3}, {"Ready": "True", "Reconciling": "True", "Stalled": "False"}),  # draining
+        ({"size": 0, "ready": 0}, {"Ready": "True", "Reconciling": "False", "Stalled": "False"}),
+        ({"missing": "base"}, {"Ready": "False", "Reconciling": "False", "Stalled": "True"}),
+        ({"refused": "not here", "ready": 0}, {"Ready": "False", "Reconciling": "False", "Stalled": "True"}),
+    ],
+)
+def test_pool_conditions_follow_kstatus(fields: dict[str, Any], expected: dict[str, str]) -> None:
+    assert {kind: state for kind, (state, _) in by_type(status(**fields)).items()} == expected
 
 
 def test_a_filling_pool_or_one_without_template_is_not_ready() -> None:
-    assert status(ready=1)["conditions"][0]["status"] == "False"
-    missing = status(missing="base")["conditions"][0]
-    assert (missing["status"], missing["reason"]) == ("False", "TemplateNotFound")
+    assert by_type(status(ready=1))["Ready"] == ("False", "Filling")
+    assert by_type(status(missing="base"))["Stalled"] == ("True", "TemplateNotFound")
+    assert by_type(status(refused="the template's allowedNamespaces exclude team-a"))["Stalled"] == (
+        "True",
+        "TemplateNotAllowed",
+    )
+
+
+def test_a_new_generation_rewrites_the_conditions() -> None:
+    first = status()
+    again = status(current={**first}, generation=2)
+    assert again["observedGeneration"] == 2
+    assert {c["observedGeneration"] for c in again["conditions"]} == {2}
+    # Still True: the transition time stays.
+    assert {c["lastTransitionTime"] for c in again["conditions"]} == {"2026-01-01T12:00:00Z"}
+
+
+def test_conditions_of_other_types_are_kept() -> None:
+    foreign = {"type": "Audited", "status": "True", "reason": "Checked", "message": ""}
+    first = status()
+    patch = status(current={**first, "conditions": [*first["conditions"], foreign]}, claimed=1)
+    assert patch == {"claimed": 1}
+    changed = status(current={**first, "conditions": [*first["conditions"], foreign]}, ready=1)
+    assert changed["conditions"][-1] == foreign
 
 
 def test_nothing_changed_nothing_written() -> None:
@@ -446,5 +493,7 @@ def test_the_transition_time_moves_only_with_the_status() -> None:
     still_filling = status(current=first, ready=0, now=NOW + timedelta(minutes=1))
     assert still_filling["ready"] == 0
     assert still_filling["conditions"][0]["lastTransitionTime"] == "2026-01-01T12:00:00Z"  # False -> False
+    assert still_filling["conditions"][1]["lastTransitionTime"] == "2026-01-01T12:00:00Z"  # Reconciling True
     filled = status(current=first, ready=2, now=NOW + timedelta(minutes=2))
     assert filled["conditions"][0]["lastTransitionTime"] == "2026-01-01T12:02:00Z"  # False -> True
+    assert filled["conditions"][1]["lastTransitionTime"] == "2026-01-01T12:02:00Z"  # Reconciling True -> False

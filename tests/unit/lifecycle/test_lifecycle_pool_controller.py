@@ -266,7 +266,9 @@ async def test_a_pool_keeps_no_warm_pods_of_a_template_its_namespace_may_not_use
     api.edit(SANDBOX_TEMPLATES.path(None, "base"), {"spec": {"allowedNamespaces": ["team-b"]}})
     await harness.pool_pass(POOL_KEY)
     assert pods(api) == {}  # the warm pod goes: no sandbox here could claim it
-    (ready,) = pool_status(api)["conditions"]
-    assert (ready["status"], ready["reason"]) == ("False", "TemplateNotAllowed")
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in pool_status(api)["conditions"]}
+    assert conditions["Ready"] == ("False", "TemplateNotAllowed")
+    assert conditions["Stalled"] == ("True", "TemplateNotAllowed")  # kstatus: Failed
+    assert conditions["Reconciling"] == ("False", "TemplateNotAllowed")
     await harness.pool_pass(POOL_KEY)
     assert pods(api) == {}  # and none is made again

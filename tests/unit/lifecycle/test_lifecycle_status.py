@@ -17,7 +17,7 @@ def test_first_patch_writes_phase_conditions_and_deadlines() -> None:
     assert patch["startedAt"] == "2026-01-01T00:00:03Z"
     assert patch["expiresAt"] == "2026-01-01T01:00:00Z"
     assert patch["idleDeadline"] == "2026-01-01T00:30:03Z"
-    assert [c["type"] for c in patch["conditions"]] == ["Ready", "Suspended", "Terminated"]
+    assert [c["type"] for c in patch["conditions"]] == ["Ready", "Suspended", "Terminated", "Reconciling", "Stalled"]
     assert all(c["lastTransitionTime"] == "2026-01-01T00:00:03Z" for c in patch["conditions"])
 
 
