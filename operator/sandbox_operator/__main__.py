@@ -10,8 +10,16 @@ import socket
 import sys
 
 from sandbox_operator import __version__
-from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, ENVD_PORT
+from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, DEFAULT_DNS_NAMESPACE, DEFAULT_DNS_POD_LABELS, ENVD_PORT
 from sandbox_operator.keys import TOKEN_KEY_ENV, read_token_key
+
+
+def _label(text: str) -> tuple[str, str]:
+    """A KEY=VALUE label of --dns-pod-label."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDR",
         help="the cluster's pod/service/node range that egress 'allow' excludes (repeat; default: every "
         "private range, " + ", ".join(DEFAULT_CLUSTER_CIDRS) + ")",
+    )
+    run.add_argument(
+        "--dns-namespace",
+        default=DEFAULT_DNS_NAMESPACE,
+        help="namespace of the cluster DNS pods every sandbox's egress reaches (default: %(default)s)",
+    )
+    run.add_argument(
+        "--dns-pod-label",
+        dest="dns_pod_labels",
+        action="append",
+        default=[],
+        type=_label,
+        metavar="KEY=VALUE",
+        help="a label of the cluster DNS pods (repeat; default: "
+        + ",".join(f"{k}={v}" for k, v in DEFAULT_DNS_POD_LABELS)
+        + ")",
     )
     run.add_argument(
         "--token-key-file",
@@ -212,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             metric_metadata_keys=tuple(args.metric_metadata_keys),
             agent_token_key=read_token_key(args.token_key_file),
             egress_cluster_cidrs=tuple(args.egress_cluster_cidrs) or DEFAULT_CLUSTER_CIDRS,
+            dns_namespace=args.dns_namespace,
+            dns_pod_labels=tuple(args.dns_pod_labels) or DEFAULT_DNS_POD_LABELS,
             leader_election=args.leader_election,
             leader_election_namespace=args.leader_election_namespace,
             leader_election_name=args.leader_election_name,

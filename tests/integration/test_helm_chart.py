@@ -109,7 +109,7 @@ def test_defaults_render_a_hardened_operator_and_templates() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     # Sandbox NetworkPolicies admit usage scrapes from pods labelled as the operator component.
     assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"  # two replicas, one leader
     assert sorted(t["metadata"]["name"] for t in find(docs, "SandboxTemplate")) == ["base", "code-interpreter"]
     assert find(docs, "ServiceMonitor") == []
 
@@ -178,6 +178,11 @@ def test_defaults_render_a_hardened_gateway() -> None:
         "--body-timeout=30",
         "--keepalive-timeout=30",
         "--max-connections-per-ip=256",
+        "--session-execution-timeout=300",
+        "--session-idle-timeout=1800",
+        "--session-max-lifetime=3600",
+        "--session-code-interpreter-template=code-interpreter",
+        "--session-custom-template=base",
         "--log-level=INFO",
     ]
     assert container["securityContext"] == {
@@ -185,19 +190,19 @@ def test_defaults_render_a_hardened_gateway() -> None:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    # Distinct probes: ready once the watch caches have synced, alive while the event loop answers.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert {port["name"]: port["containerPort"] for port in container["ports"]} == {"http": 3000, "metrics": 9091}
     assert container["resources"]["requests"] and container["resources"]["limits"]
-    # The token key: a generated Secret, mounted read-only where --token-key-file points.
+    # The token key: the chart's Secret, mounted read-only where --token-key-file points (helm
+    # install generates it; a render without a cluster has none: tests/unit/chart).
     (mount,) = container["volumeMounts"]
     assert mount == {"name": "token-key", "mountPath": "/etc/sandbox-gateway", "readOnly": True}
     (volume,) = pod["volumes"]
     assert volume["secret"]["secretName"] == f"{GATEWAY}-token-key"
     assert volume["secret"]["items"] == [{"key": "token-key", "path": "token-key"}]
-    (secret,) = find(docs, "Secret", "gateway")
-    assert secret["metadata"]["name"] == f"{GATEWAY}-token-key"
-    assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(secret["data"]["token-key"]).decode())
+    assert find(docs, "Secret") == []
 
     services = {doc["metadata"]["name"]: doc["spec"] for doc in find(docs, "Service", "gateway")}
     assert set(services) == {GATEWAY, f"{GATEWAY}-metrics"}
@@ -228,7 +233,14 @@ def test_defaults_render_a_hardened_gateway() -> None:
 
 
 def test_gateway_disabled_renders_no_gateway_objects() -> None:
-    docs = rendered("--set", "gateway.enabled=false", "--set", "serviceMonitor.enabled=true")
+    docs = rendered(
+        "--set",
+        "gateway.enabled=false",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "gateway.tokenKey.value=0123456789abcdef",
+    )
     gateway = [
         f"{doc['kind']}/{doc['metadata']['name']}"
         for doc in docs
@@ -356,6 +368,13 @@ def test_install_and_uninstall(cluster: Cluster, namespace: str, release: str) -
     assert cluster.get_json("service", gateway, "-n", namespace)["spec"]["ports"][0]["port"] == 80
     assert cluster.get_json("secret", f"{gateway}-token-key", "-n", namespace)["data"]["token-key"]
     assert cluster.get_json("serviceaccount", gateway, "-n", namespace) is not None
+    # The API server accepts the platform objects as rendered (PodDisruptionBudget, NetworkPolicies).
+    assert cluster.get_json("poddisruptionbudget", gateway, "-n", namespace)["spec"]["maxUnavailable"] == 1
+    for policy in (fullname, gateway):
+        assert cluster.get_json("networkpolicy", policy, "-n", namespace)["spec"]["policyTypes"] == [
+            "Ingress",
+            "Egress",
+        ]
     subjects = [{"kind": "ServiceAccount", "name": gateway, "namespace": namespace}]
     for kind, extra in (
         ("role", ["-n", namespace]),
@@ -578,6 +597,7 @@ def test_chart_rbac_is_enough_for_the_gateway(cluster: Cluster, namespace: str, 
 
 
 def drive_the_gateway(cluster: Cluster, gateway: LocalGateway, api_key: str, sandboxes: str, template: str) -> None:
+    assert gateway.call("GET", "/ready") == (200, {"status": "ready"})  # the readinessProbe's route
     assert gateway.call("POST", "/v2/sandboxes", {"templateID": template})[0] == 401  # no key, no sandbox
     # Answered once the operator has it Running and the agent answers /health on the pod IP.
     status, created = gateway.call("POST", "/v2/sandboxes", {"templateID": template, "timeout": 300}, api_key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, ENVD_PORT
+from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, DEFAULT_DNS_NAMESPACE, DEFAULT_DNS_POD_LABELS, ENVD_PORT
 from sandbox_operator.lifecycle.lease import LeaseTimings
 from sandbox_operator.resources.tokens import agent_token
 
@@ -33,6 +33,9 @@ class OperatorConfig:
     agent_token_key: bytes | None = None
     # The cluster's own networks (pods, Services, nodes) that `allow` egress keeps sandboxes off.
     egress_cluster_cidrs: tuple[str, ...] = DEFAULT_CLUSTER_CIDRS
+    # The cluster DNS pods every sandbox's egress reaches (namespace, pod labels).
+    dns_namespace: str = DEFAULT_DNS_NAMESPACE
+    dns_pod_labels: tuple[tuple[str, str], ...] = DEFAULT_DNS_POD_LABELS
     # Leader election (controller.leader): off for one replica; on, only the Lease's holder acts.
     leader_election: bool = False
     leader_election_namespace: str = "sandbox-system"

@@ -117,6 +117,8 @@ async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
             template,
             gateway_namespace=rt.config.gateway_namespace,
             cluster_cidrs=rt.config.egress_cluster_cidrs,
+            dns_namespace=rt.config.dns_namespace,
+            dns_pod_labels=dict(rt.config.dns_pod_labels),
         ),
     )
     desired = desired_from(sandbox, template)

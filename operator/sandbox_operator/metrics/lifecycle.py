@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sandbox_operator import __version__
+from sandbox_operator.metrics.process import register_process_metrics
 
 PREFIX = "sandbox_operator"
 # Create → Running spans ~50 ms (pool claim) to minutes (image pulls on a real node).
@@ -102,6 +103,7 @@ class LifecycleMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        register_process_metrics(r)
         self.build_info = Gauge(f"{PREFIX}_build_info", "Operator build information.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self.transitions = PromCounter(

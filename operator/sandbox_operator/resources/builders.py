@@ -31,6 +31,8 @@ from sandbox_operator.api.names import (
     ALWAYS_DENIED_CIDRS,
     COMPONENT_LABEL,
     DEFAULT_CLUSTER_CIDRS,
+    DEFAULT_DNS_NAMESPACE,
+    DEFAULT_DNS_POD_LABELS,
     EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION,
     ENVD_PORT,
     GATEWAY_COMPONENT,
@@ -364,7 +366,7 @@ def build_network_policy(
     template: SandboxTemplate,
     *,
     gateway_namespace: str,
-    dns_namespace: str = "kube-system",
+    dns_namespace: str = DEFAULT_DNS_NAMESPACE,
     dns_pod_labels: dict[str, str] | None = None,
     cluster_cidrs: Iterable[str] = DEFAULT_CLUSTER_CIDRS,
 ) -> dict[str, Any]:
@@ -396,7 +398,7 @@ def build_network_policy(
         {"from": [operator_peer], "ports": [{"protocol": "TCP", "port": ENVD_PORT}]},
     ]
     egress: list[dict[str, Any]] = [
-        _dns_rule(dns_namespace, dns_pod_labels or {"k8s-app": "kube-dns"}),
+        _dns_rule(dns_namespace, dns_pod_labels or dict(DEFAULT_DNS_POD_LABELS)),
         {"to": [gateway_peer]},
     ]
     network = sandbox.spec.network
