@@ -476,6 +476,7 @@ spec:
   resources:
     default: {cpu: "1", memory: 512Mi, disk: 1Gi}
   timeouts: {idle: 30m, maxLifetime: 1h, execution: 5m}
+  network: {egress: allowList, egressAllow: ["pypi.org:443", "files.pythonhosted.org:443"]}
 """
 
 

@@ -18,7 +18,10 @@ from typing import Any
 import pytest
 from e2elib import Gateway
 
-from testlib import request_json
+from sandbox_operator.api.names import EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION
+from sandbox_operator.gateway.session_logic import session_name
+from sandbox_operator.resources import child_names
+from testlib import Cluster, request_json
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
 BOUNDARY = "session-e2e-5d2c"
@@ -68,7 +71,7 @@ def session(gateway: Gateway) -> Iterator[str]:
 
 
 @pytest.mark.timeout(600)
-def test_the_contracts_table(gateway: Gateway, session: str) -> None:
+def test_the_contracts_table(cluster: Cluster, gateway: Gateway, session: str) -> None:
     url = base(session)
     # start → running
     status, info = call(gateway, "POST", f"{url}/start", {"sandbox_type": "code_interpreter"})
@@ -77,6 +80,14 @@ def test_the_contracts_table(gateway: Gateway, session: str) -> None:
     assert set(info) == {"sandbox_id", "session_id", "sandbox_type", "status", "created_at", "last_activity"}
     for stamp in (info["created_at"], info["last_activity"]):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", stamp), stamp
+    # the template's network default governs it: the package index only (port 443, hosts listed)
+    policy = cluster.get_json(
+        "networkpolicy", child_names(session_name(session)).network_policy, "-n", gateway.namespace
+    )
+    assert policy["spec"]["egress"][2]["ports"] == [{"protocol": "TCP", "port": 443}], policy["spec"]["egress"]
+    assert policy["metadata"]["annotations"][EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION] == (
+        "pypi.org:443,files.pythonhosted.org:443"
+    )
     # start again → the same sandbox
     status, again = call(gateway, "POST", f"{url}/start", {"sandbox_type": "code_interpreter"})
     assert status == 200 and again["sandbox_id"] == info["sandbox_id"]

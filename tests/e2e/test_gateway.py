@@ -50,9 +50,18 @@ def test_sdk_lifecycle_through_the_gateway(cluster: Cluster, gateway: Gateway) -
         sbx.set_timeout(600)
         assert (sbx.get_info().end_at - info.end_at).total_seconds() > 300
 
-        assert sbx.pause() is True
         name = body["metadata"]["name"]
-        assert cluster.get_json("sandbox", name, "-n", gateway.namespace)["status"]["phase"] == "Suspended"
+        # The gateway asks through annotations: the spec stays as it was created (its author's).
+        extended = cluster.get_json("sandbox", name, "-n", gateway.namespace)
+        assert extended["spec"]["timeouts"] == body["spec"]["timeouts"]
+        assert "sandbox.dev/end-at" in extended["metadata"]["annotations"]
+
+        assert sbx.pause() is True
+        paused = cluster.get_json("sandbox", name, "-n", gateway.namespace)
+        assert (paused["status"]["phase"], paused["status"]["suspendedBy"]) == ("Suspended", "Request")
+        assert (
+            paused["spec"]["suspended"] is False and paused["metadata"]["annotations"]["sandbox.dev/paused"] == "true"
+        )
         assert sbx.get_info().state.value == "paused"
         assert sbx.pause() is False  # already paused: 409
 

@@ -133,6 +133,12 @@ BAD_SANDBOXES: list[tuple[str, dict[str, Any], str, str]] = [
         "egressAllow is only used when egress is allowList",
     ),
     (
+        "allow-entries-without-egress",
+        _sandbox({"template": "base", "network": {"egressAllow": ["10.0.0.0/8"]}}),
+        "spec.network.egressAllow",
+        "egressAllow is only used when egress is allowList",
+    ),
+    (
         "allowlist-without-entries",
         _sandbox({"template": "base", "network": {"egress": "allowList"}}),
         "spec.network.egressAllow",
@@ -288,6 +294,18 @@ BAD_SANDBOXES: list[tuple[str, dict[str, Any], str, str]] = [
 
 BAD_TEMPLATES: list[tuple[str, dict[str, Any], str, str]] = [
     (
+        "network-allowlist-without-entries",
+        {"image": "i", "network": {"egress": "allowList"}},
+        "spec.network.egressAllow",
+        "egress allowList needs at least one egressAllow entry",
+    ),
+    (
+        "network-entries-without-allowlist",
+        {"image": "i", "network": {"egressAllow": ["pypi.org:443"]}},
+        "spec.network.egressAllow",
+        "egressAllow is only used when egress is allowList",
+    ),
+    (
         "default-cpu-over-max",
         {"image": "i", "resources": {"default": {"cpu": "4"}, "max": {"cpu": "2"}}},
         "spec.resources.default.cpu",
@@ -419,7 +437,7 @@ def test_minimal_sandbox_comes_back_with_defaults(cluster: Cluster, apply_crds: 
     body = cluster.get_json("sandbox", "minimal", "-n", namespace)
     assert body["spec"] == {
         "template": "base",
-        "network": {"egress": "deny"},
+        "network": {},  # egress unset: the template's network decides
         "onIdle": "suspend",
         "suspended": False,
     }
@@ -436,6 +454,7 @@ def test_minimal_template_comes_back_with_defaults(cluster: Cluster, apply_crds:
         assert spec == {
             "image": "python:3.12",
             "imagePolicy": {"mode": "Template"},  # only the template's own image, unless it says otherwise
+            "network": {},  # its sandboxes' egress: deny unless it says otherwise
             "resources": {"default": {"cpu": "1", "memory": "512Mi", "disk": "1Gi"}},
             "timeouts": {"idle": "30m", "maxLifetime": "1h", "execution": "5m"},
             "persistence": {"enabled": True, "mountPath": "/home/user"},
@@ -490,10 +509,12 @@ def test_status_subresource_accepts_operator_status(cluster: Cluster, apply_crds
                 "type": "Ready",
                 "status": "True",
                 "reason": "PodReady",
+                "message": "the sandbox is running",
                 "lastTransitionTime": "2026-01-01T00:00:00Z",
                 "observedGeneration": 1,
             }
         ],
+        "reason": "Started",
         "observedGeneration": 1,
         "usage": {
             "cpuCores": 0.5,
@@ -534,9 +555,85 @@ def test_status_subresource_accepts_operator_status(cluster: Cluster, apply_crds
 
     table = cluster.kubectl("get", "sbx", "st", "-n", namespace, "-o", "wide").stdout
     header = table.splitlines()[0].split()
-    assert header[:5] == ["NAME", "PHASE", "TEMPLATE", "AGE", "EXPIRES"]
+    assert header[:7] == ["NAME", "PHASE", "READY", "REASON", "TEMPLATE", "AGE", "EXPIRES"]
+    assert table.splitlines()[1].split()[:5] == ["st", "Running", "True", "Started", "base"]
     assert {"ID", "POD", "IP"} <= set(header)
     assert "a1b2c3d4e5" in table and "127.1.0.9" in table
+
+
+_GOOD_CONDITION: dict[str, Any] = {
+    "type": "Ready",
+    "status": "True",
+    "reason": "Filled",
+    "message": "2/2 warm pods ready",
+    "lastTransitionTime": "2026-01-01T00:00:00Z",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "rule"),
+    [
+        ({"type": "not a type"}, "status.conditions[0].type", "should match"),
+        ({"type": "x" * 317}, "status.conditions[0].type", "may not be more than 316"),
+        ({"status": "Yes"}, "status.conditions[0].status", 'Unsupported value: "Yes"'),
+        ({"reason": "Not CamelCase!"}, "status.conditions[0].reason", "should match"),
+        ({"reason": None}, "status.conditions[0].reason", "Required value"),
+        ({"message": None}, "status.conditions[0].message", "Required value"),
+        ({"message": "m" * 32769}, "status.conditions[0].message", "may not be more than 32768"),
+        ({"lastTransitionTime": None}, "status.conditions[0].lastTransitionTime", "Required value"),
+        ({"lastTransitionTime": "yesterday"}, "status.conditions[0].lastTransitionTime", "date-time"),
+        ({"observedGeneration": -1}, "status.conditions[0].observedGeneration", "greater than or equal to 0"),
+    ],
+    ids=lambda value: None if isinstance(value, dict) else str(value)[:24],
+)
+def test_conditions_are_checked_like_metav1_conditions(
+    cluster: Cluster, apply_crds: list[str], namespace: str, change: dict[str, Any], field: str, rule: str
+) -> None:
+    name = f"cond-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(_sandbox({"template": "base"}, name)))
+
+    def write(condition: dict[str, Any]) -> Any:
+        patch = json.dumps({"status": {"conditions": [condition]}})
+        args = ("patch", "sandbox", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", patch)
+        return cluster.kubectl(*args, check=False)
+
+    accepted = write({**_GOOD_CONDITION, "type": "sandbox.dev/Audited", "observedGeneration": 1})
+    assert accepted.returncode == 0, accepted.stderr  # a prefixed type, as metav1 allows
+    bad = {key: value for key, value in {**_GOOD_CONDITION, **change}.items() if value is not None}
+    refused = write(bad)
+    assert refused.returncode != 0, f"accepted {bad}"
+    assert field in refused.stderr and rule in refused.stderr, refused.stderr
+    stored = cluster.get_json("sandbox", name, "-n", namespace)["status"]["conditions"]
+    assert [c["type"] for c in stored] == ["sandbox.dev/Audited"]
+
+
+def test_labels_and_annotations_pass_with_name_rules_on_the_object(
+    cluster: Cluster, apply_crds: list[str], namespace: str
+) -> None:
+    body = _sandbox({"template": "base"}, "labelled")
+    body["metadata"] |= {"labels": {"team": "a"}, "annotations": {"sandbox.dev/created-by": "ci"}}
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(body))
+    stored = cluster.get_json("sandbox", "labelled", "-n", namespace)
+    assert stored["metadata"]["labels"] == {"team": "a"}
+    assert stored["metadata"]["annotations"] == {"sandbox.dev/created-by": "ci"}
+    crd = cluster.get_json("crd", "sandboxes.sandbox.dev")
+    assert crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"] == {"type": "object"}
+
+
+def test_the_category_lists_every_kind_and_leaves_names_alone(
+    cluster: Cluster, apply_crds: list[str], namespace: str
+) -> None:
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(_sandbox({"template": "base"}, "cat")))
+    pool = {**_pool({"template": "base", "size": 0}), "metadata": {"name": "cat-pool"}}
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(pool))
+    resources = cluster.kubectl("api-resources", "--categories=sandbox-operator", "-o", "name").stdout.split()
+    assert sorted(resources) == ["sandboxes.sandbox.dev", "sandboxpools.sandbox.dev", "sandboxtemplates.sandbox.dev"]
+    listed = cluster.kubectl("get", "sandbox-operator", "-n", namespace, "-o", "name").stdout.split()
+    assert {"sandbox.sandbox.dev/cat", "sandboxpool.sandbox.dev/cat-pool"} <= set(listed)
+    # The kinds' own names still name one kind (a category called sandbox would expand first).
+    for resource in ("sandbox", "sandboxes", "sbx"):
+        one = cluster.kubectl("get", resource, "cat", "-n", namespace, "-o", "name")
+        assert one.stdout.strip() == "sandbox.sandbox.dev/cat", resource
 
 
 def test_explain_shows_descriptions(cluster: Cluster, apply_crds: list[str]) -> None:

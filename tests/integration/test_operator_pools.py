@@ -205,3 +205,45 @@ def test_status_claimed_counts_sandboxes_on_claimed_pods(
     wait_until(lambda: pool_status(cluster, namespace).get("claimed") == 1, timeout=30, message="claimed=1")
     series = f'sandbox_operator_pool_claimed{{namespace="{namespace}",pool="warm"}} 1.0'
     wait_until(lambda: series in operator.metrics_text(), timeout=30, message=f"metric {series}")
+
+
+def test_the_scale_subresource_serves_an_autoscaler(cluster: Cluster, namespace: str) -> None:
+    """What a HorizontalPodAutoscaler does with a pool: GET .../scale for the selector of the pods it
+    averages metrics over and the current replicas, then PUT the Scale with new replicas (and what
+    `kubectl scale` does: PATCH it). spec.replicas is spec.size; status.selector the warm pods'."""
+    cluster.apply(POOL, namespace)
+    scale_path = f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/sandboxpools/warm/scale"
+
+    def scale() -> dict:  # type: ignore[type-arg]
+        return dict(json.loads(cluster.kubectl("get", "--raw", scale_path).stdout))
+
+    def filled_with_selector() -> dict | None:  # type: ignore[type-arg]
+        read = scale()
+        status = read.get("status") or {}
+        return read if status.get("selector") and status.get("replicas") == 2 else None
+
+    # The operator writes the selector with the pool's first status.
+    current = wait_until(filled_with_selector, timeout=60, message="Scale with status.selector and 2 ready replicas")
+    assert (current["apiVersion"], current["kind"]) == ("autoscaling/v1", "Scale")
+    assert current["spec"]["replicas"] == 2
+    selector = current["status"]["selector"]
+    assert selector == "app.kubernetes.io/managed-by=sandbox-operator,sandbox.dev/pool=warm"
+    selected = cluster.get_json("pods", "-n", namespace, "-l", selector)["items"]
+    assert {p["metadata"]["name"] for p in selected} == {p["metadata"]["name"] for p in warm_pods(cluster, namespace)}
+
+    # HPA: an update of the Scale it read (its resourceVersion is the pool's: a conflict if it moved).
+    current["spec"]["replicas"] = 3
+    cluster.kubectl("replace", "--raw", scale_path, "-f", "-", input=json.dumps(current))
+    assert cluster.get_json("sandboxpool", "warm", "-n", namespace)["spec"]["size"] == 3
+    wait_until(lambda: len(warm_pods(cluster, namespace)) == 3, timeout=60, message="3 warm pods")
+    wait_until(lambda: scale()["status"].get("replicas") == 3, timeout=60, message="Scale status.replicas=3")
+
+    # kubectl scale / a patch of the subresource.
+    cluster.kubectl(
+        "patch", "sandboxpool", "warm", "-n", namespace, "--subresource=scale", "--type=merge",
+        "-p", json.dumps({"spec": {"replicas": 1}}),
+    )  # fmt: skip
+    assert cluster.get_json("sandboxpool", "warm", "-n", namespace)["spec"]["size"] == 1
+    assert scale()["spec"]["replicas"] == 1
+    wait_until(lambda: len(warm_pods(cluster, namespace)) == 1, timeout=60, message="1 warm pod")
+    assert scale()["status"]["selector"] == selector

@@ -192,9 +192,10 @@ def build_crd(kind: type[_Resource]) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "apiVersion": {"description": "API version of this object: sandbox.dev/v1alpha1.", "type": "string"},
         "kind": {"description": f"Kind of this object: {kind.__name__}.", "type": "string"},
-        # The API server allows nothing on metadata but the types of name/generateName; declaring
-        # name lets root CEL rules point their errors at metadata.name (fieldPath).
-        "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
+        # No metadata.properties: offline validators made strict (kubeconform -strict over
+        # openapi2jsonschema output) would close metadata to its declared names and refuse labels and
+        # annotations. Name rules are CEL at the root (CrdInfo.root_rules, self.metadata.name).
+        "metadata": {"type": "object"},
     }
     for part in ("spec", "status"):
         if part in kind.model_fields:

@@ -28,11 +28,13 @@ __all__ = [
     "DEFAULT_DNS_NAMESPACE",
     "DEFAULT_DNS_POD_LABELS",
     "EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION",
+    "END_AT_ANNOTATION",
     "ENVD_PORT",
     "EVENTS",
     "EXECUTION_TIMEOUT_PREFIX",
     "FINALIZER",
     "GATEWAY_COMPONENT",
+    "GATEWAY_FIELD_MANAGER",
     "GROUP",
     "INTERPRETER_PORT",
     "KOPF_ANNOTATION_PREFIX",
@@ -42,11 +44,14 @@ __all__ = [
     "NAME_LABEL",
     "NETWORK_POLICIES",
     "OPERATOR_COMPONENT",
+    "OPERATOR_FIELD_MANAGER",
+    "PAUSED_ANNOTATION",
     "PERSISTENT_VOLUME_CLAIMS",
     "PODS",
     "POD_SIGNATURE_ANNOTATION",
     "POOL_LABEL",
     "RESERVED_ENV_PREFIXES",
+    "RESUME_REQUEST_ANNOTATION",
     "SANDBOXES",
     "SANDBOX_ID_LABEL",
     "SANDBOX_LABEL",
@@ -90,6 +95,10 @@ GATEWAY_COMPONENT: Final = "gateway"
 """COMPONENT_LABEL value of the gateway's pods (sandbox NetworkPolicies admit them)."""
 OPERATOR_COMPONENT: Final = "operator"
 """COMPONENT_LABEL value of the operator's pods (they scrape agents)."""
+OPERATOR_FIELD_MANAGER: Final = "sandbox-operator"
+"""fieldManager of every write the operator makes (managedFields tell its fields from the user's)."""
+GATEWAY_FIELD_MANAGER: Final = "sandbox-gateway"
+"""fieldManager of every write the gateway makes."""
 SANDBOX_LABEL: Final = "sandbox.dev/sandbox"
 """On a sandbox's children (and a claimed warm pod): the name of the Sandbox they belong to."""
 TEMPLATE_LABEL: Final = "sandbox.dev/template"
@@ -121,6 +130,18 @@ CLAIMED_FROM_POOL_ANNOTATION: Final = "sandbox.dev/claimed-from-pool"
 """On a pod (and claim) a Sandbox took from a pool: the pool's name, for its whole life."""
 AGENT_TOKEN_ID_ANNOTATION: Final = "sandbox.dev/agent-token-id"
 """On a sandbox pod: the id its agent's access token derives from (resources.tokens)."""
+PAUSED_ANNOTATION: Final = "sandbox.dev/paused"
+"""On a Sandbox, set by an API client (the gateway's E2B pause, or kubectl annotate): ``true``
+suspends it without a spec change (spec belongs to its author; a GitOps re-apply keeps the pause).
+Removed, or any other value, by a resume."""
+RESUME_REQUEST_ANNOTATION: Final = "sandbox.dev/resume-request"
+"""On a Sandbox, set by an API client: a new value (any; the gateway writes a timestamp) resumes a
+sandbox the idle timeout suspended. The operator records the value it saw when it suspended the
+sandbox in status.resumeRequestSeen and holds the suspension until the value changes."""
+END_AT_ANNOTATION: Final = "sandbox.dev/end-at"
+"""On a Sandbox, set by an API client (E2B set_timeout, connect with a timeout): an RFC 3339 time
+that replaces creation + maxLifetime as the sandbox's end, capped by the template's
+maxLifetimeLimit. Not spec: the lifetime its author declared stays as written."""
 TOKEN_EPOCH_ANNOTATION: Final = "sandbox.dev/token-epoch"
 """On a Sandbox, set by its owner: any new value revokes the access tokens the gateway handed out
 for it (clients get the new one from connect)."""

@@ -1,7 +1,8 @@
-"""Resolve a Sandbox's effective resources and timeouts from its spec and its template.
+"""Resolve a Sandbox's effective resources, timeouts and egress from its spec and its template.
 
-The CRD leaves ``spec.resources`` and ``spec.timeouts`` unset when the user does (the API server
-cannot see the template), so the operator fills them in here: spec value, else template default.
+The CRD leaves ``spec.resources``, ``spec.timeouts`` and ``spec.network.egress`` unset when the user
+does (the API server cannot see the template), so the operator fills them in here: spec value, else
+template default.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .quantity import parse_bytes, parse_duration, parse_millicores
-from .v1alpha1 import SandboxSpec, SandboxTemplateSpec
+from .v1alpha1 import EgressMode, SandboxSpec, SandboxTemplateSpec
 
 __all__ = [
+    "ResolvedEgress",
     "ResolvedResources",
     "ResolvedTimeouts",
     "ResourceLimitViolation",
     "capped_lifetime",
+    "resolve_egress",
     "resolve_resources",
     "resolve_timeouts",
 ]
@@ -114,3 +117,31 @@ def resolve_timeouts(spec: SandboxSpec, template: SandboxTemplateSpec) -> Resolv
         max_lifetime=capped_lifetime(lifetime, template),
         execution=parse_duration((own.execution if own else None) or fallback.execution),
     )
+
+
+@dataclass(frozen=True)
+class ResolvedEgress:
+    """Effective outbound traffic of a sandbox."""
+
+    mode: EgressMode
+    allow: tuple[str, ...]  # CIDRs and host:port entries, when mode is allowList
+    from_template: bool  # the Sandbox left spec.network.egress unset
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The host:port entries of an allow-list, which a NetworkPolicy can only enforce by port."""
+        return tuple(target for target in self.allow if "/" not in target)
+
+    @property
+    def cidrs(self) -> tuple[str, ...]:
+        return tuple(target for target in self.allow if "/" in target)
+
+
+def resolve_egress(spec: SandboxSpec, template: SandboxTemplateSpec) -> ResolvedEgress:
+    """The Sandbox's spec.network.egress (with its egressAllow) when set, else its template's
+    network, else deny. The two are never mixed: a Sandbox's allow-list replaces the template's."""
+    own = spec.network
+    if own.egress is not None:
+        return ResolvedEgress(own.egress, tuple(own.egress_allow or ()), from_template=False)
+    default = template.network
+    return ResolvedEgress(default.egress or EgressMode.DENY, tuple(default.egress_allow or ()), from_template=True)

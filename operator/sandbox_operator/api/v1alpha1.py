@@ -38,6 +38,10 @@ from .names import AGENT_PORTS, API_VERSION
 from .quantity import parse_duration, parse_quantity
 
 SANDBOX_NAME_MAX = 63
+CATEGORIES = ("sandbox-operator",)
+"""The CRDs' category: ``kubectl get sandbox-operator`` lists Sandboxes, SandboxPools and
+SandboxTemplates. Not ``sandbox`` nor ``sandboxes``: kubectl expands a category before it resolves
+a resource name, so ``kubectl get sandbox NAME`` would ask for all three kinds and fail."""
 
 
 class _Model(BaseModel):
@@ -186,37 +190,33 @@ class SandboxTimeouts(_Model):
         return self
 
 
-class NetworkSpec(_Model):
-    """Network access of a sandbox."""
+_EGRESS_RULES = (
+    cel(
+        "(has(self.egress) && self.egress == 'allowList') || !has(self.egressAllow) || size(self.egressAllow) == 0",
+        "egressAllow is only used when egress is allowList",
+        field_path=".egressAllow",
+        reason="FieldValueForbidden",
+    ),
+    cel(
+        "!has(self.egress) || self.egress != 'allowList' || (has(self.egressAllow) && size(self.egressAllow) > 0)",
+        "egress allowList needs at least one egressAllow entry",
+        field_path=".egressAllow",
+        reason="FieldValueRequired",
+    ),
+)
 
-    model_config = ConfigDict(
-        json_schema_extra=with_rules(
-            cel(
-                "self.egress == 'allowList' || !has(self.egressAllow) || size(self.egressAllow) == 0",
-                "egressAllow is only used when egress is allowList",
-                field_path=".egressAllow",
-                reason="FieldValueForbidden",
-            ),
-            cel(
-                "self.egress != 'allowList' || (has(self.egressAllow) && size(self.egressAllow) > 0)",
-                "egress allowList needs at least one egressAllow entry",
-                field_path=".egressAllow",
-                reason="FieldValueRequired",
-            ),
-            cel(
-                "!has(self.ports) || self.ports.all(port, " + " && ".join(f"port != {p}" for p in AGENT_PORTS) + ")",
-                f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent",
-                field_path=".ports",
-                reason="FieldValueForbidden",
-            ),
-        )
-    )
 
-    egress: EgressMode = Field(
-        default=EgressMode.DENY,
+class EgressSpec(_Model):
+    """Outbound traffic of a sandbox; a template's is the default of its sandboxes."""
+
+    model_config = ConfigDict(json_schema_extra=with_rules(*_EGRESS_RULES))
+
+    egress: EgressMode | None = Field(
+        default=None,
         description=(
             "Outbound traffic: deny (only DNS and the gateway), allow (anything), "
-            "or allowList (only the destinations in egressAllow)."
+            "or allowList (only the destinations in egressAllow). Unset on a Sandbox: its "
+            "template's network (egress and egressAllow); unset there too: deny."
         ),
     )
     egress_allow: list[EgressTarget] | None = Field(
@@ -227,6 +227,31 @@ class NetworkSpec(_Model):
             "or host:port entries (pypi.org:443)."
         ),
     )
+
+    @model_validator(mode="after")
+    def _egress_consistent(self) -> Self:
+        if self.egress is not EgressMode.ALLOW_LIST and self.egress_allow:
+            raise ValueError("egressAllow is only used when egress is allowList")
+        if self.egress is EgressMode.ALLOW_LIST and not self.egress_allow:
+            raise ValueError("egress allowList needs at least one egressAllow entry")
+        return self
+
+
+class NetworkSpec(EgressSpec):
+    """Network access of a sandbox."""
+
+    model_config = ConfigDict(
+        json_schema_extra=with_rules(
+            *_EGRESS_RULES,
+            cel(
+                "!has(self.ports) || self.ports.all(port, " + " && ".join(f"port != {p}" for p in AGENT_PORTS) + ")",
+                f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent",
+                field_path=".ports",
+                reason="FieldValueForbidden",
+            ),
+        )
+    )
+
     ports: list[Port] | None = Field(
         default=None,
         max_length=16,
@@ -235,11 +260,7 @@ class NetworkSpec(_Model):
     )
 
     @model_validator(mode="after")
-    def _egress_consistent(self) -> Self:
-        if self.egress is not EgressMode.ALLOW_LIST and self.egress_allow:
-            raise ValueError("egressAllow is only used when egress is allowList")
-        if self.egress is EgressMode.ALLOW_LIST and not self.egress_allow:
-            raise ValueError("egress allowList needs at least one egressAllow entry")
+    def _ports_free(self) -> Self:
         if self.ports and set(self.ports) & set(AGENT_PORTS):
             raise ValueError(f"ports {' and '.join(map(str, AGENT_PORTS))} are reserved for the sandbox agent")
         if self.ports and len(set(self.ports)) != len(self.ports):
@@ -247,22 +268,32 @@ class NetworkSpec(_Model):
         return self
 
 
-class Condition(_StatusModel):
-    """A kstatus-style condition: Ready, and for a Sandbox Suspended and Terminated."""
+# metav1.Condition's validation (k8s.io/apimachinery/pkg/apis/meta/v1/types.go), verbatim.
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
-    type: str = Field(max_length=316, description="Condition type in CamelCase, e.g. Ready or Suspended.")
+
+class Condition(_StatusModel):
+    """A kstatus-style condition, as strict as metav1.Condition (Ready, Reconciling, Stalled, ...)."""
+
+    type: str = Field(
+        max_length=316,
+        pattern=CONDITION_TYPE_PATTERN,
+        description="Condition type in CamelCase, e.g. Ready or Suspended (optionally prefixed by a DNS subdomain/).",
+    )
     status: ConditionStatus = Field(description="True, False or Unknown.")
-    reason: str | None = Field(
-        default=None,
+    # metav1.Condition requires reason, message and lastTransitionTime; every writer of the operator
+    # (lifecycle.status.merge_conditions, lifecycle.pool.pool_status_patch) always writes all three.
+    reason: str = Field(
+        min_length=1,
         max_length=1024,
+        pattern=CONDITION_REASON_PATTERN,
         description="Machine-readable CamelCase reason for the last transition.",
     )
-    message: str | None = Field(
-        default=None, max_length=32768, description="Human-readable details of the last transition."
-    )
-    last_transition_time: datetime | None = Field(
-        default=None, description="When the condition last changed status (RFC 3339)."
-    )
+    message: str = Field(max_length=32768, description="Human-readable details of the last transition.")
+    last_transition_time: datetime = Field(description="When the condition last changed status (RFC 3339).")
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation the condition was computed from."
     )
@@ -383,9 +414,8 @@ class SandboxSpec(_Model):
     )
     network: NetworkSpec = Field(
         default_factory=NetworkSpec,
-        description="Egress policy and exposed ports.",
-        # The API server checks a default against the rules as written, before nested defaults.
-        json_schema_extra={"default": {"egress": "deny"}},
+        description="Egress policy and exposed ports; egress unset follows the template's network.",
+        json_schema_extra={"default": {}},
     )
     timeouts: SandboxTimeouts | None = Field(
         default=None,
@@ -429,6 +459,14 @@ class ResourceUsage(_StatusModel):
     tx_bytes: int | None = Field(default=None, ge=0, description="Bytes sent since the pod started.")
     processes: int | None = Field(default=None, ge=0, description="Number of processes in the sandbox.")
     collected_at: datetime | None = Field(default=None, description="When this sample was taken (RFC 3339).")
+
+
+class SuspendCause(enum.StrEnum):
+    """Why a sandbox is suspended (status.suspendedBy)."""
+
+    SPEC = "Spec"  # spec.suspended: true
+    REQUEST = "Request"  # the sandbox.dev/paused annotation (E2B pause)
+    IDLE_TIMEOUT = "IdleTimeout"  # held until a new sandbox.dev/resume-request
 
 
 class SandboxStatus(_StatusModel):
@@ -485,6 +523,22 @@ class SandboxStatus(_StatusModel):
     last_recreate_at: datetime | None = Field(
         default=None, description="When the operator last recreated the sandbox's pod."
     )
+    suspended_by: SuspendCause | None = Field(
+        default=None,
+        description=(
+            "Why the sandbox is suspended, while Suspending or Suspended: Spec (spec.suspended), Request "
+            "(the sandbox.dev/paused annotation) or IdleTimeout (the operator's decision, held until the "
+            "sandbox.dev/resume-request annotation changes; spec is never written)."
+        ),
+    )
+    resume_request_seen: str | None = Field(
+        default=None,
+        max_length=256,
+        description=(
+            "The sandbox.dev/resume-request annotation (first 256 characters) when the idle timeout "
+            "suspended the sandbox: a different value resumes it."
+        ),
+    )
     conditions: list[Condition] | None = Field(
         default=None,
         max_length=16,
@@ -515,9 +569,12 @@ class Sandbox(_Resource):
         singular="sandbox",
         scope="Namespaced",
         short_names=("sbx",),
+        categories=CATEGORIES,
         description="An isolated code-execution environment (an E2B sandbox) made from a SandboxTemplate.",
         printer_columns=(
             PrinterColumn("Phase", ".status.phase", description="Lifecycle phase."),
+            PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status', description="Ready condition."),
+            PrinterColumn("Reason", ".status.reason", description="Why it is in its phase (CamelCase)."),
             PrinterColumn("Template", ".spec.template", description="SandboxTemplate name."),
             PrinterColumn("Age", ".metadata.creationTimestamp", "date", description="Time since creation."),
             # A string, not a date: kubectl renders future dates as "<invalid>".
@@ -526,18 +583,18 @@ class Sandbox(_Resource):
             PrinterColumn("Pod", ".status.podName", priority=1, description="Pod name."),
             PrinterColumn("IP", ".status.podIP", priority=1, description="Pod IP."),
         ),
+        # No fieldPath: the API server takes only a path the schema declares, and metadata declares
+        # nothing (crdgen.build_crd); the messages name the field instead.
         root_rules=(
             cel(
                 f"size(self.metadata.name) <= {SANDBOX_NAME_MAX}",
-                f"Sandbox names must be at most {SANDBOX_NAME_MAX} characters: pod, service and volume names "
-                "are derived from them",
-                field_path=".metadata.name",
+                f"metadata.name: Sandbox names must be at most {SANDBOX_NAME_MAX} characters: pod, service and "
+                "volume names are derived from them",
                 reason="FieldValueInvalid",
             ),
             cel(
                 r"self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-                "Sandbox names must be DNS labels: lowercase letters, digits and '-', no '.'",
-                field_path=".metadata.name",
+                "metadata.name: Sandbox names must be DNS labels: lowercase letters, digits and '-', no '.'",
                 reason="FieldValueInvalid",
             ),
         ),
@@ -767,6 +824,15 @@ class SandboxTemplateSpec(_Model):
     runtime_class_name: ResourceName | None = Field(
         default=None, description="RuntimeClass for stronger isolation, e.g. gvisor or kata; unset uses runc."
     )
+    image_pull_secrets: list[ResourceName] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Secrets (docker-registry type) in each sandbox's namespace that the kubelet uses to pull the "
+            "image from a private registry; the pod's imagePullSecrets."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
     timeouts: TemplateTimeouts = Field(
         default_factory=TemplateTimeouts,
         description="Timeouts used when a Sandbox does not set them.",
@@ -780,6 +846,14 @@ class SandboxTemplateSpec(_Model):
     security: SecuritySettings = Field(
         default_factory=SecuritySettings,
         description="User, group and root-filesystem settings of the sandbox pod.",
+        json_schema_extra={"default": {}},
+    )
+    network: EgressSpec = Field(
+        default_factory=EgressSpec,
+        description=(
+            "Default egress of this template's sandboxes (a Sandbox's own spec.network.egress wins), "
+            "e.g. allowList to the package index for a code interpreter. Unset: deny."
+        ),
         json_schema_extra={"default": {}},
     )
     ports: (
@@ -820,6 +894,7 @@ class SandboxTemplate(_Resource):
         singular="sandboxtemplate",
         scope="Cluster",
         short_names=("sbxt",),
+        categories=CATEGORIES,
         description="A cluster-wide recipe for sandboxes: image, resources, timeouts, persistence, security.",
         printer_columns=(
             PrinterColumn("Image", ".spec.image", description="Sandbox image."),
@@ -850,6 +925,14 @@ class SandboxPoolStatus(_StatusModel):
     claimed: int | None = Field(
         default=None, ge=0, description="Sandboxes running now on a pod they claimed from this pool."
     )
+    selector: str | None = Field(
+        default=None,
+        max_length=1024,
+        description=(
+            "Label selector (string form) of the pool's warm pods; the scale subresource's selector, "
+            "which a HorizontalPodAutoscaler averages pod metrics over."
+        ),
+    )
     conditions: list[Condition] | None = Field(
         default=None,
         max_length=16,
@@ -869,6 +952,7 @@ class SandboxPool(_Resource):
         singular="sandboxpool",
         scope="Namespaced",
         short_names=("sbxp",),
+        categories=CATEGORIES,
         description="Keeps warm pods of a SandboxTemplate so new Sandboxes in this namespace start fast.",
         printer_columns=(
             PrinterColumn("Template", ".spec.template", description="SandboxTemplate name."),
@@ -876,7 +960,12 @@ class SandboxPool(_Resource):
             PrinterColumn("Ready", ".status.ready", "integer", description="Warm pods ready."),
             PrinterColumn("Age", ".metadata.creationTimestamp", "date", description="Time since creation."),
         ),
-        scale={"specReplicasPath": ".spec.size", "statusReplicasPath": ".status.ready"},
+        scale={
+            "specReplicasPath": ".spec.size",
+            "statusReplicasPath": ".status.ready",
+            # An HPA reads the pods to average metrics over from the Scale object's status.selector.
+            "labelSelectorPath": ".status.selector",
+        },
     )
 
     kind: Literal["SandboxPool"] = "SandboxPool"

@@ -25,6 +25,7 @@ from sandbox_operator.api.names import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     NETWORK_POLICIES,
+    OPERATOR_FIELD_MANAGER,
     PERSISTENT_VOLUME_CLAIMS,
     PODS,
     SANDBOX_POOLS,
@@ -189,7 +190,10 @@ async def operate(
     """Run the operator until stopped; returns the runtime (for tests and benchmarks)."""
     credentials = await asyncio.to_thread(Credentials.load, config.kubeconfig)
     client = KubeClient(
-        credentials, max_in_flight=config.max_in_flight, reload=functools.partial(Credentials.load, config.kubeconfig)
+        credentials,
+        max_in_flight=config.max_in_flight,
+        reload=functools.partial(Credentials.load, config.kubeconfig),
+        field_manager=OPERATOR_FIELD_MANAGER,
     )
     runtime = Runtime(client, config)
     if config.metrics_port:

@@ -174,6 +174,7 @@ async def reconcile_pool(rt: ReconcileContext, key: Key) -> None:
     reason, message = pool_readiness(pool.spec.size, plan.ready, None if template else pool.spec.template, refused)
     patch = pool_status_patch(
         body.get("status") or {},
+        pool=str(pool.metadata.name),
         generation=pool.metadata.generation,
         size=pool.spec.size,
         ready=plan.ready,

@@ -54,7 +54,6 @@ from sandbox_operator.lifecycle.types import (
     EventType,
     Observed,
     RequeueAfter,
-    SetSuspended,
 )
 from sandbox_operator.resources import (
     build_network_policy,
@@ -195,7 +194,6 @@ class _Pass:
             DeletePVC: self._delete_pvc,
             DeleteService: self._delete_service,
             DeleteNetworkPolicy: self._delete_network_policy,
-            SetSuspended: self._set_suspended,
             DeleteObject: self._delete_object,
         }
 
@@ -288,11 +286,6 @@ class _Pass:
     async def _delete_network_policy(self, _: Action) -> bool:
         await self.rt.client.delete(NETWORK_POLICIES.path(self.key[0], self.names.network_policy))
         self.rt.in_flight.forget_child(self.uid, "networkpolicy")
-        return False
-
-    async def _set_suspended(self, action: Action) -> bool:
-        assert isinstance(action, SetSuspended)
-        await self.rt.client.patch(SANDBOXES.path(*self.key), {"spec": {"suspended": action.suspended}})
         return False
 
     async def _delete_object(self, _: Action) -> bool:

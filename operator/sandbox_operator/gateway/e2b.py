@@ -30,7 +30,6 @@ from sandbox_operator.api import (
     Phase,
     capped_lifetime,
     namespace_allowed,
-    parse_duration,
     resolve_resources,
 )
 from sandbox_operator.api.names import (
@@ -39,7 +38,10 @@ from sandbox_operator.api.names import (
     API_KEY_LABEL,
     API_KEY_NAMESPACES_ANNOTATION,
     CREATED_BY_ANNOTATION,
+    END_AT_ANNOTATION,
     ENVD_PORT,
+    PAUSED_ANNOTATION,
+    RESUME_REQUEST_ANNOTATION,
     SIGNED_PATH_HEADER,
     TOKEN_EPOCH_ANNOTATION,
 )
@@ -278,7 +280,7 @@ def _network_from_request(request: Mapping[str, Any]) -> JSON:
     if allow_out:
         if deny_out not in ([], ["0.0.0.0/0"]):
             raise BadRequest('network.denyOut must be ["0.0.0.0/0"] (or empty) when allowOut is set')
-        return {"egress": {"allow": [_allow_entry(entry) for entry in allow_out]}}
+        return {"egress": "allowList", "egressAllow": [_allow_entry(entry) for entry in allow_out]}
     if deny_out:
         if deny_out != ["0.0.0.0/0"]:
             raise BadRequest('network.denyOut supports only ["0.0.0.0/0"] (deny everything)')
@@ -287,7 +289,7 @@ def _network_from_request(request: Mapping[str, Any]) -> JSON:
         return {"egress": "deny"}
     if allow_internet is True:
         return {"egress": "allow"}
-    return {}
+    return {}  # the template's network decides
 
 
 def _string_list(network: Mapping[str, Any] | None, field: str) -> list[str]:
@@ -317,29 +319,53 @@ def _parse_time(stamp: Any) -> datetime:
     return datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
 
 
-def extended_timeouts(body: Mapping[str, Any], timeout: int, now: datetime, *, only_longer: bool) -> JSON | None:
-    """spec.timeouts that end the sandbox `timeout` seconds from `now`; None when nothing is to change
-    (`only_longer`, as connect asks, and the sandbox already lives that long)."""
-    lifetime = lifetime_for_timeout(_parse_time(body["metadata"]["creationTimestamp"]), now, timeout)
+def requested_end(body: Mapping[str, Any], timeout: int, now: datetime, *, only_longer: bool) -> datetime | None:
+    """The end `timeout` seconds from `now` (whole seconds, rounded up), for the sandbox.dev/end-at
+    annotation; None when nothing is to change (`only_longer`, as connect asks, and the sandbox
+    already lives that long)."""
     expires = (body.get("status") or {}).get("expiresAt")
     if only_longer and expires and (_parse_time(expires) - now).total_seconds() >= timeout:
         return None
-    timeouts: JSON = {"maxLifetime": lifetime}
-    # The CRD refuses an idle timeout longer than maxLifetime: one that no longer fits goes.
-    idle = (body["spec"].get("timeouts") or {}).get("idle")
-    if idle and parse_duration(idle) > parse_duration(lifetime):
-        timeouts["idle"] = "0"
-    return timeouts
+    return datetime.fromtimestamp(math.ceil(now.timestamp()) + timeout, UTC)
 
 
-def generation_of(body: Mapping[str, Any]) -> int:
-    return int((body.get("metadata") or {}).get("generation") or 0)
+def end_patch(end: datetime) -> JSON:
+    """The merge patch that asks for `end` (an annotation: spec.timeouts stay as their author wrote them)."""
+    return {"metadata": {"annotations": {END_AT_ANNOTATION: end.strftime("%Y-%m-%dT%H:%M:%SZ")}}}
 
 
-def observed(body: Mapping[str, Any] | None, generation: int) -> bool:
-    """The operator has acted on `generation` of the spec (or the sandbox is gone): a changed timeout is
-    in status.expiresAt from then on."""
-    return body is None or int((body.get("status") or {}).get("observedGeneration") or 0) >= generation
+def end_in_effect(body: Mapping[str, Any] | None, end: datetime, before: str | None) -> bool:
+    """The operator has acted on a requested end (or the sandbox is gone): status.expiresAt is the
+    end, or moved from `before` (the template's maxLifetimeLimit may cap it short of the end)."""
+    if body is None:
+        return True
+    expires = (body.get("status") or {}).get("expiresAt")
+    if not expires:
+        return False
+    return abs((_parse_time(expires) - end).total_seconds()) < 1 or expires != before
+
+
+def pause_patch() -> JSON:
+    """The merge patch of E2B's pause: the sandbox.dev/paused annotation (spec.suspended stays the user's)."""
+    return {"metadata": {"annotations": {PAUSED_ANNOTATION: "true"}}}
+
+
+def resume_patch(now: datetime) -> JSON:
+    """The merge patch of a resume: the pause request goes, and a new resume request releases an idle
+    timeout's suspension (any new value does; a timestamp is new)."""
+    return {
+        "metadata": {
+            "annotations": {PAUSED_ANNOTATION: None, RESUME_REQUEST_ANNOTATION: now.isoformat(timespec="microseconds")}
+        }
+    }
+
+
+def ensure_resumable(body: Mapping[str, Any], sandbox_id: str) -> None:
+    """A sandbox suspended by its spec resumes only by a spec change: its author's, not an API call's."""
+    if (body.get("spec") or {}).get("suspended") is True:
+        raise Refused(
+            409, f"sandbox {sandbox_id} is suspended by its spec (spec.suspended: true): set it to false to resume"
+        )
 
 
 # --- responses -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import signal
 from prometheus_client import start_http_server
 
 from sandbox_operator import eventloop
+from sandbox_operator.api.names import GATEWAY_FIELD_MANAGER
 from sandbox_operator.gateway.listener import ListenerLimits, guarded_runner, listen
 from sandbox_operator.gateway.server import Gateway, GatewayConfig
 from sandbox_operator.gateway.session_logic import SessionLimits
@@ -48,7 +49,9 @@ async def serve(
     if metrics_port == port:
         raise SystemExit("--metrics-port must differ from --port: metrics are not for the public listener")
     credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
-    client = KubeClient(credentials, reload=functools.partial(Credentials.load, kubeconfig))
+    client = KubeClient(
+        credentials, reload=functools.partial(Credentials.load, kubeconfig), field_manager=GATEWAY_FIELD_MANAGER
+    )
     gateway = Gateway(client, config)
     if metrics_port:
         # Its own port (and, in the chart, its own Service): the public listener serves no /metrics.

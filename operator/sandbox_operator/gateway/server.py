@@ -47,6 +47,7 @@ CONNECT_RETRY_MAX_DELAY_S = 0.25
 READY_WAIT_S = 1.0  # how long /ready waits for the watch caches before answering 503
 HEALTH_POLL_MAX_DELAY_S = 0.05  # an agent starting up is polled often: create latency waits on it
 DELETE_SEEN_WITHIN_S = 5.0  # how long a delete waits for its watch event (read-your-writes)
+END_SEEN_WITHIN_S = 10.0  # how long set_timeout waits for the operator to move status.expiresAt
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,9 @@ class Gateway:
         self.cache.observe(created)
 
     async def set_suspended(self, namespace: str, name: str, suspended: bool) -> None:
-        patched = await self.client.patch(SANDBOXES.path(namespace, name), {"spec": {"suspended": suspended}})
+        """E2B pause / resume, as requests on the Sandbox's annotations (spec.suspended is its author's)."""
+        patch = e2b.pause_patch() if suspended else e2b.resume_patch(datetime.now(UTC))
+        patched = await self.client.patch(SANDBOXES.path(namespace, name), patch)
         if patched is not None:
             self.cache.observe(patched)
 
@@ -330,20 +333,19 @@ class Gateway:
             delay = min(delay * 2, HEALTH_POLL_MAX_DELAY_S)
 
     async def _extend(self, namespace: str, body: JSON, seconds: int, *, only_longer: bool) -> None:
-        timeouts = e2b.extended_timeouts(body, seconds, datetime.now(UTC), only_longer=only_longer)
-        if timeouts is None:
+        end = e2b.requested_end(body, seconds, datetime.now(UTC), only_longer=only_longer)
+        if end is None:
             return
         name = body["metadata"]["name"]
-        patched = await self.client.patch(SANDBOXES.path(namespace, name), {"spec": {"timeouts": timeouts}})
+        before = (body.get("status") or {}).get("expiresAt")
+        patched = await self.client.patch(SANDBOXES.path(namespace, name), e2b.end_patch(end))
         if patched is None:
             return
         self.cache.observe(patched)
         # In effect once the operator has seen it (status.expiresAt moved): get_info right after
-        # must show the new end.
-        generation = e2b.generation_of(patched)
-        await self.cache.wait_for((namespace, name), lambda b: e2b.observed(b, generation), self.config.create_timeout)
-
-    # E2B control-plane handlers.
+        # must show the new end. A capped end may leave expiresAt where it was: then the wait is short.
+        with contextlib.suppress(TimeoutError):
+            await self.cache.wait_for((namespace, name), lambda b: e2b.end_in_effect(b, end, before), END_SEEN_WITHIN_S)
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         return json_response(200, {"status": "ok"})
@@ -409,6 +411,7 @@ class Gateway:
         name = body["metadata"]["name"]
         resumed = e2b.state_of(body) == "paused"  # E2B answers a resume with 201
         if resumed:
+            e2b.ensure_resumable(body, request.match_info["id"])
             await self.set_suspended(namespace, name, False)
         if payload.get("timeout") is not None:
             await self._extend(namespace, body, e2b.seconds(payload["timeout"], "timeout"), only_longer=True)

@@ -77,6 +77,7 @@ class KubeClient:
     """JSON over HTTP to the API server with bounded concurrency and a count of writes."""
 
     WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+    MANAGED_VERBS = frozenset({"POST", "PUT", "PATCH"})  # the verbs that take a fieldManager
 
     def __init__(
         self,
@@ -84,8 +85,14 @@ class KubeClient:
         max_in_flight: int = 64,
         timeout: float = 30.0,
         reload: Callable[[], Credentials] | None = None,
+        field_manager: str | None = None,
     ) -> None:
         self.credentials = credentials
+        # Every create/update/patch names its writer, so managedFields tell the operator's and the
+        # gateway's fields from their authors' (a server-side apply of the user's manifest then
+        # conflicts only over fields someone else really took); without it the API server names the
+        # manager after the User-Agent ("Python").
+        self.field_manager = field_manager
         # Tokens expire (projected service-account tokens, exec plugins such as EKS/GKE): on a 401
         # the credentials are loaded again, once, and the request retried.
         self._reload = reload
@@ -159,6 +166,8 @@ class KubeClient:
         async with self._limit:
             if method in self.WRITE_VERBS:
                 self.writes[(method, _resource_of(path))] += 1
+            if self.field_manager and method in self.MANAGED_VERBS:
+                params = {**(params or {}), "fieldManager": self.field_manager}
             async with session.request(
                 method, self.credentials.server + path, data=data, headers=headers, params=params
             ) as response:

@@ -41,8 +41,8 @@ from sandbox_operator.lifecycle.types import (
     Reason,
     RequeueAfter,
     RetryPolicy,
-    SetSuspended,
     StatusFields,
+    SuspendCause,
     TimeoutKind,
 )
 
@@ -77,8 +77,8 @@ __all__ = [
     "Reason",
     "RequeueAfter",
     "RetryPolicy",
-    "SetSuspended",
     "StatusFields",
+    "SuspendCause",
     "TimeoutKind",
     "classify_pod_failure",
     "compute_deadlines",

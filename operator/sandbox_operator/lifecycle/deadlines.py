@@ -2,7 +2,8 @@
 
 - maxLifetime counts from the object's creation (as the CRD documents it, and as E2B counts its
   timeout from the create call); it is wall-clock time and keeps running while suspended, so a
-  slow start or a suspension never extends a sandbox's life.
+  slow start or a suspension never extends a sandbox's life. An API client's requested end
+  (Desired.end_at, the sandbox.dev/end-at annotation of E2B's set_timeout) replaces it.
 - idle counts from the latest of ``lastActivityAt`` and ``startedAt``; it only applies while Running
   (a resume writes ``lastActivityAt``, so a resumed sandbox gets a full idle period).
 - ttl counts from ``terminatedAt``; None keeps a Terminated object, zero deletes it at once.
@@ -42,7 +43,7 @@ def compute_deadlines(
 ) -> Deadlines:
     activity_marks = [mark for mark in (last_activity_at, started_at) if mark is not None]
     return Deadlines(
-        max_lifetime=_after(created_at, desired.max_lifetime),
+        max_lifetime=desired.end_at or _after(created_at, desired.max_lifetime),
         # Not started yet → no idle clock: a slow image pull is not idleness.
         idle=_after(max(activity_marks) if started_at else None, desired.idle_timeout),
         ttl=_after(terminated_at, desired.ttl_after_terminated, zero_is_none=False),

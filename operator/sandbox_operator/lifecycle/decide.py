@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sandbox_operator.api import Phase
 from sandbox_operator.lifecycle.deadlines import Deadlines, compute_deadlines, expires_at
@@ -39,8 +40,8 @@ from sandbox_operator.lifecycle.types import (
     PvcPhase,
     Reason,
     RequeueAfter,
-    SetSuspended,
     StatusFields,
+    SuspendCause,
     TimeoutKind,
 )
 
@@ -90,6 +91,9 @@ class _Plan:
     # False while an Error waits to retry a spec change: the new generation is not acted on yet.
     acknowledge_generation: bool = True
     fired_timeout: TimeoutKind | None = None
+    # Set by the idle timeout's suspension: recorded in status (spec is the user's, never written).
+    suspended_by: SuspendCause | None = None
+    resume_request_seen: str | None = None
 
 
 def classify_pod_failure(pod: PodObservation) -> tuple[Reason, str] | None:
@@ -153,6 +157,14 @@ class _Reconcile:
         self.pod = observed.pod
         self.deadlines = self._deadlines(observed.started_at, observed.terminated_at)
         self.refusal = _refusal(desired)
+        self.idle_held = (
+            observed.suspended_by is SuspendCause.IDLE_TIMEOUT
+            and observed.phase in (Phase.SUSPENDING, Phase.SUSPENDED)
+            and observed.resume_request == observed.resume_request_seen
+        )
+        # Suspended as declared (spec.suspended), as requested (sandbox.dev/paused), or held after an
+        # idle timeout until a new sandbox.dev/resume-request.
+        self.suspend_wanted = desired.suspended or desired.paused or self.idle_held
 
     def _deadlines(self, started_at: datetime | None, terminated_at: datetime | None) -> Deadlines:
         return compute_deadlines(
@@ -248,7 +260,7 @@ class _Reconcile:
             return _Plan(Phase.ERROR, Reason.WORKSPACE_LOST, "the workspace PVC lost its volume")
         if self.refusal:
             return self._refused_error(self.refusal)
-        if self.desired.suspended:
+        if self.suspend_wanted:
             # Declared suspended before it ever ran: nothing starts. Its workspace and Service are
             # set up all the same, so that the resume is like any other.
             return _Plan(
@@ -276,7 +288,7 @@ class _Reconcile:
     def _running(self) -> _Plan:
         if plan := self._max_lifetime_plan():
             return plan
-        if self.desired.suspended:
+        if self.suspend_wanted:
             return _Plan(
                 Phase.SUSPENDING,
                 Reason.SUSPEND_REQUESTED,
@@ -317,7 +329,9 @@ class _Reconcile:
                 Phase.SUSPENDING,
                 Reason.IDLE_TIMEOUT,
                 "the sandbox was idle for too long: suspending",
-                actions=[SetSuspended(True), *self._delete_pod()],
+                actions=self._delete_pod(),
+                suspended_by=SuspendCause.IDLE_TIMEOUT,
+                resume_request_seen=self.observed.resume_request,
             )
         plan.fired_timeout = TimeoutKind.IDLE
         return plan
@@ -386,7 +400,7 @@ class _Reconcile:
             "the sandbox is suspended; its workspace is kept",
             actions=self._delete_pod(),
         )
-        if self.desired.suspended:
+        if self.suspend_wanted:
             return suspended
         if self.refusal:
             # Suspended → Error is not in the table, and the workspace is safe here: stay and say why.
@@ -472,7 +486,7 @@ class _Reconcile:
             retry_reason,
             f"retrying after {observed.reason or 'an error'}",
             # A sandbox suspended meanwhile starts nothing: Creating takes it on to Suspending.
-            actions=self._ensure_children() if self.desired.suspended else self._start_pod(),
+            actions=self._ensure_children() if self.suspend_wanted else self._start_pod(),
             recreate_attempts=next_attempts,
             last_recreate_at=self.stamp if retry_reason is Reason.RETRYING else observed.last_recreate_at,
         )
@@ -575,9 +589,10 @@ class _Reconcile:
             observed_generation=(
                 self.desired.generation if plan.acknowledge_generation else observed.observed_generation
             ),
+            **self._suspension(plan),
         )
         conditions, withdrawn = _conditions(
-            phase, plan.reason, plan.message, self.pod, suspend_wanted=self.desired.suspended
+            phase, plan.reason, plan.message, self.pod, suspend_wanted=self.suspend_wanted
         )
         return Decision(
             phase=phase,
@@ -590,6 +605,22 @@ class _Reconcile:
             wake_at=wake_at,
             fired_timeout=plan.fired_timeout if phase != current else None,
         )
+
+    def _suspension(self, plan: _Plan) -> dict[str, Any]:
+        """status.suspendedBy and status.resumeRequestSeen after this decision: why it is suspended,
+        while Suspending or Suspended; nothing otherwise (a resume clears them)."""
+        if plan.phase not in (Phase.SUSPENDING, Phase.SUSPENDED):
+            return {"suspended_by": None, "resume_request_seen": None}
+        if plan.suspended_by is not None:
+            return {"suspended_by": plan.suspended_by, "resume_request_seen": plan.resume_request_seen}
+        if self.idle_held:
+            return {"suspended_by": SuspendCause.IDLE_TIMEOUT, "resume_request_seen": self.observed.resume_request_seen}
+        if self.desired.suspended:
+            return {"suspended_by": SuspendCause.SPEC, "resume_request_seen": None}
+        if self.desired.paused:
+            return {"suspended_by": SuspendCause.REQUEST, "resume_request_seen": None}
+        # Resuming is blocked (a refused template, a leftover pod): it stays what suspended it.
+        return {"suspended_by": self.observed.suspended_by, "resume_request_seen": None}
 
 
 def _condition(kind: ConditionType, true: bool, reason: str, message: str) -> DecidedCondition:

@@ -15,12 +15,14 @@ from sandbox_operator.api import (
     Phase,
     Sandbox,
     SandboxTemplate,
+    capped_lifetime,
     image_violation,
     namespace_violation,
     parse_duration,
     resolve_resources,
     resolve_timeouts,
 )
+from sandbox_operator.api.names import END_AT_ANNOTATION, PAUSED_ANNOTATION, RESUME_REQUEST_ANNOTATION
 from sandbox_operator.lifecycle.deadlines import compute_deadlines
 from sandbox_operator.lifecycle.status import parse_time
 from sandbox_operator.lifecycle.types import (
@@ -106,15 +108,38 @@ def _seconds(value: int) -> timedelta | None:
     return timedelta(seconds=value) if value else None
 
 
+RESUME_REQUEST_MAX = 256  # status.resumeRequestSeen's bound: longer annotation values compare by prefix
+
+
+def resume_request(sandbox: Sandbox) -> str | None:
+    """The sandbox.dev/resume-request annotation, cut to what status.resumeRequestSeen holds."""
+    value = (sandbox.metadata.annotations or {}).get(RESUME_REQUEST_ANNOTATION)
+    return None if value is None else value[:RESUME_REQUEST_MAX]
+
+
+def requested_end(sandbox: Sandbox, template: SandboxTemplate) -> datetime | None:
+    """The sandbox.dev/end-at annotation as a time, no later than the template's maxLifetimeLimit
+    allows from creation; None when absent or not an RFC 3339 time (then spec.timeouts decide)."""
+    end = parse_time((sandbox.metadata.annotations or {}).get(END_AT_ANNOTATION))
+    created = sandbox.metadata.creation_timestamp
+    if end is None or created is None or template.spec.timeouts.max_lifetime_limit is None:
+        return end
+    latest = _aware(created) + timedelta(seconds=capped_lifetime(0, template.spec))
+    return min(end, latest)
+
+
 def desired_from(sandbox: Sandbox, template: SandboxTemplate, retry: RetryPolicy | None = None) -> Desired:
-    """Desired state from the spec, with the template's defaults, limits and policies applied."""
+    """Desired state from the spec, with the template's defaults, limits and policies applied, and
+    the API clients' requests (annotations: pause, end)."""
     spec, template_spec = sandbox.spec, template.spec
     timeouts = resolve_timeouts(spec, template_spec)
     resources = resolve_resources(spec, template_spec)
     ttl = spec.ttl_after_terminated
     return Desired(
         suspended=spec.suspended,
+        paused=(sandbox.metadata.annotations or {}).get(PAUSED_ANNOTATION) == "true",
         max_lifetime=_seconds(timeouts.max_lifetime),
+        end_at=requested_end(sandbox, template),
         idle_timeout=_seconds(timeouts.idle),
         on_idle=spec.on_idle,
         ttl_after_terminated=None if ttl is None else timedelta(seconds=parse_duration(ttl)),
@@ -164,6 +189,9 @@ def observed_from(
         recreate_attempts=attempts if isinstance(attempts, int) else 0,
         last_recreate_at=parse_time(getattr(status, "last_recreate_at", None)),
         observed_generation=status.observed_generation,
+        suspended_by=status.suspended_by,
+        resume_request_seen=status.resume_request_seen,
+        resume_request=resume_request(sandbox),
         pod=pod_observation(pod) if pod is not None else None,
         pvc=pvc_observation(pvc) if pvc is not None else None,
         service_present=service_present,

@@ -14,6 +14,8 @@ from typing import Any
 from sandbox_operator.api.names import (
     AGENT_TOKEN_ENV,
     CLAIMED_FROM_POOL_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
     POD_SIGNATURE_ANNOTATION,
     POOL_LABEL,
     SANDBOX_LABEL,
@@ -259,9 +261,17 @@ def pool_conditions(size: int, ready: int, reason: PoolReason) -> dict[Condition
     }
 
 
+def warm_pod_selector(pool: str) -> str:
+    """The label selector, in string form, of the pool's warm pods (status.selector, read through the
+    scale subresource by a HorizontalPodAutoscaler): the operator's pods labelled with the pool. A
+    claim takes the pool label off, so a claimed pod leaves the selection."""
+    return f"{MANAGED_BY_LABEL}={MANAGED_BY},{POOL_LABEL}={pool}"
+
+
 def pool_status_patch(
     current: Mapping[str, Any],
     *,
+    pool: str,
     generation: int | None,
     size: int,
     ready: int,
@@ -270,12 +280,18 @@ def pool_status_patch(
     message: str,
     now: datetime,
 ) -> dict[str, Any]:
-    """The smallest status merge patch for the pool ({} when nothing changed): the counts,
-    observedGeneration and the conditions of ``pool_conditions`` (a False one's reason is the
-    pool's reason too). lastTransitionTime moves only when a condition's status does; conditions of
-    other types are kept."""
+    """The smallest status merge patch for the pool named ``pool`` ({} when nothing changed): the
+    counts, the warm pods' selector (``warm_pod_selector``), observedGeneration and the conditions
+    of ``pool_conditions`` (a False one's reason is the pool's reason too). lastTransitionTime moves
+    only when a condition's status does; conditions of other types are kept."""
     patch: dict[str, Any] = {}
-    for field, value in (("ready", ready), ("claimed", claimed), ("observedGeneration", generation)):
+    fields = (
+        ("ready", ready),
+        ("claimed", claimed),
+        ("selector", warm_pod_selector(pool)),
+        ("observedGeneration", generation),
+    )
+    for field, value in fields:
         if current.get(field) != value:
             patch[field] = value
     previous = [c for c in current.get("conditions") or [] if isinstance(c, Mapping)]

@@ -117,6 +117,8 @@ def status_patch(decision: Decision, current: Mapping[str, Any] | None, now: dat
         patch["recreateAttempts"] = fields.recreate_attempts
     if fields.observed_generation is not None:
         put("observedGeneration", fields.observed_generation)
+    put("suspendedBy", None if fields.suspended_by is None else str(fields.suspended_by))
+    put("resumeRequestSeen", fields.resume_request_seen)
     activity = fields.last_activity_at
     if activity is not None:
         known = parse_time(current.get("lastActivityAt"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sandbox_operator.api import ConditionStatus, OnIdle, Phase
+from sandbox_operator.api import ConditionStatus, OnIdle, Phase, SuspendCause
 from sandbox_operator.api.names import ConditionType, Reason
 
 __all__ = [
@@ -41,8 +41,8 @@ __all__ = [
     "Reason",
     "RequeueAfter",
     "RetryPolicy",
-    "SetSuspended",
     "StatusFields",
+    "SuspendCause",
     "TimeoutKind",
 ]
 
@@ -118,7 +118,12 @@ class Desired:
     """
 
     suspended: bool = False
+    # The sandbox.dev/paused annotation says true: an API client (E2B pause) suspended it.
+    paused: bool = False
     max_lifetime: timedelta | None = None
+    # The sandbox.dev/end-at annotation (E2B set_timeout), within the template's maxLifetimeLimit:
+    # it replaces creation + max_lifetime as the end.
+    end_at: datetime | None = None
     idle_timeout: timedelta | None = None
     on_idle: OnIdle = OnIdle.SUSPEND
     ttl_after_terminated: timedelta | None = None
@@ -156,6 +161,11 @@ class Observed:
     recreate_attempts: int = 0
     last_recreate_at: datetime | None = None
     observed_generation: int | None = None
+    # status.suspendedBy and status.resumeRequestSeen as last written, and the sandbox.dev/resume-request
+    # annotation now: an idle suspension holds while the two values are the same.
+    suspended_by: SuspendCause | None = None
+    resume_request_seen: str | None = None
+    resume_request: str | None = None
     pod: PodObservation | None = None
     pvc: PvcObservation | None = None
     service_present: bool | None = None
@@ -214,14 +224,6 @@ class DeleteObject:
 
 
 @dataclass(frozen=True, slots=True)
-class SetSuspended:
-    """Patch ``spec.suspended``; the idle timeout records its suspension in the desired state so that
-    resuming is the same operation for everyone (spec.suspended=false)."""
-
-    suspended: bool
-
-
-@dataclass(frozen=True, slots=True)
 class RequeueAfter:
     """Reconcile again after this many seconds (0 = at once), even if nothing else happens."""
 
@@ -252,7 +254,6 @@ Action = (
     | DeleteService
     | DeleteNetworkPolicy
     | DeleteObject
-    | SetSuspended
     | RequeueAfter
     | EmitEvent
 )
@@ -283,6 +284,8 @@ class StatusFields:
     expires_at: datetime | None
     idle_deadline: datetime | None
     observed_generation: int | None
+    suspended_by: SuspendCause | None = None
+    resume_request_seen: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

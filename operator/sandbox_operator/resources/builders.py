@@ -21,6 +21,7 @@ from sandbox_operator.api import (
     SandboxTemplate,
     image_of,
     image_violation,
+    resolve_egress,
     resolve_resources,
     resolve_timeouts,
 )
@@ -52,7 +53,6 @@ __all__ = [
     "build_pod",
     "build_pvc",
     "build_service",
-    "egress_hosts",
     "owner_reference",
     "sandbox_id",
     "spec_hash",
@@ -268,6 +268,8 @@ def build_pod(sandbox: Sandbox, template: SandboxTemplate, token: AgentToken | N
     }
     if template_spec.runtime_class_name:
         pod_spec["runtimeClassName"] = template_spec.runtime_class_name
+    if template_spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret} for secret in template_spec.image_pull_secrets]
     metadata = _metadata(sandbox, names.pod)
     if token is not None:
         metadata["annotations"] = {AGENT_TOKEN_ID_ANNOTATION: token.id}
@@ -318,14 +320,6 @@ def build_service(sandbox: Sandbox, template: SandboxTemplate) -> dict[str, Any]
     )
 
 
-def egress_hosts(sandbox: Sandbox) -> list[str]:
-    """The host:port entries of an allow-list, which NetworkPolicy can only enforce by port."""
-    network = sandbox.spec.network
-    if network.egress is not EgressMode.ALLOW_LIST:
-        return []
-    return [target for target in network.egress_allow or () if "/" not in target]
-
-
 def _dns_rule(dns_namespace: str, dns_pod_labels: dict[str, str]) -> dict[str, Any]:
     return {
         "to": [
@@ -370,7 +364,8 @@ def build_network_policy(
     dns_pod_labels: dict[str, str] | None = None,
     cluster_cidrs: Iterable[str] = DEFAULT_CLUSTER_CIDRS,
 ) -> dict[str, Any]:
-    """Ingress only from the gateway; egress per spec.network (always DNS and the gateway).
+    """Ingress only from the gateway; egress per spec.network, else the template's network
+    (api.resolve_egress; always DNS and the gateway).
 
     - deny: DNS (to the cluster DNS pods) and the gateway only.
     - allow: anywhere except link-local and metadata ranges (ALWAYS_DENIED_CIDRS) and the cluster's
@@ -401,19 +396,18 @@ def build_network_policy(
         _dns_rule(dns_namespace, dns_pod_labels or dict(DEFAULT_DNS_POD_LABELS)),
         {"to": [gateway_peer]},
     ]
-    network = sandbox.spec.network
+    network = resolve_egress(sandbox.spec, template.spec)
     metadata = _metadata(sandbox, child_names(name).network_policy)
     always_denied = _networks(ALWAYS_DENIED_CIDRS)
     internet = _anywhere_but([*always_denied, *_networks(cluster_cidrs)])
-    if network.egress is EgressMode.ALLOW:
+    if network.mode is EgressMode.ALLOW:
         egress.append({"to": internet})
-    elif network.egress is EgressMode.ALLOW_LIST:
-        targets = _networks(target for target in network.egress_allow or () if "/" in target)
+    elif network.mode is EgressMode.ALLOW_LIST:
+        targets = _networks(network.cidrs)
         blocks = [block for target in targets if (block := _excepting(target, always_denied)) is not None]
         if blocks:
             egress.append({"to": blocks})
-        hosts = egress_hosts(sandbox)
-        ports = sorted({int(host.rsplit(":", 1)[1]) for host in hosts})
+        ports = sorted({int(host.rsplit(":", 1)[1]) for host in network.hosts})
         if ports:
             egress.append(
                 {
@@ -421,7 +415,7 @@ def build_network_policy(
                     "ports": [{"protocol": "TCP", "port": port} for port in ports],
                 }
             )
-            metadata["annotations"] = {EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION: ",".join(hosts)}
+            metadata["annotations"] = {EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION: ",".join(network.hosts)}
     return _hashed(
         {
             "apiVersion": "networking.k8s.io/v1",

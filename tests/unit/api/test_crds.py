@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ import yaml
 from kubernetes.client import V1CustomResourceDefinition
 from pydantic import ValidationError
 
-from sandbox_operator.api import KINDS, Sandbox, SandboxPool, SandboxTemplate
+from chartlib import SCHEMA_LOCATION, cached_binary, schema_file_name, strict
+from sandbox_operator.api import KINDS, Condition, Sandbox, SandboxPool, SandboxTemplate
 from sandbox_operator.api.crdgen import (
     SchemaError,
     build_crd,
@@ -197,21 +200,130 @@ def test_sandbox_crd_shape() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = {column["name"]: column for column in version["additionalPrinterColumns"]}
-    assert list(columns)[:4] == ["Phase", "Template", "Age", "Expires"]
+    assert list(columns)[:6] == ["Phase", "Ready", "Reason", "Template", "Age", "Expires"]
+    assert columns["Ready"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Reason"]["jsonPath"] == ".status.reason"
     assert columns["Expires"]["jsonPath"] == ".status.expiresAt"
     assert columns["Pod"]["priority"] == columns["IP"]["priority"] == 1
     spec = _schema(Sandbox)["properties"]["spec"]
     assert spec["required"] == ["template"]
     assert spec["properties"]["onIdle"]["default"] == "suspend"
     assert spec["properties"]["suspended"]["default"] is False
-    assert spec["properties"]["network"]["default"] == {"egress": "deny"}
-    assert spec["properties"]["network"]["properties"]["egress"]["default"] == "deny"
+    # egress has no default: unset follows the template's network (api.resolve_egress).
+    assert spec["properties"]["network"]["default"] == {}
+    assert "default" not in spec["properties"]["network"]["properties"]["egress"]
+    template_network = _schema(SandboxTemplate)["properties"]["spec"]["properties"]["network"]
+    assert template_network["default"] == {} and "egressAllow" in template_network["properties"]
+    assert "egressAllow is only used when egress is allowList" in _rules(template_network)
     timeouts = spec["properties"]["timeouts"]
     assert "timeouts.idle must not be longer than timeouts.maxLifetime (0 means no limit)" in _rules(timeouts)
     conditions = _schema(Sandbox)["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map"
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert any("at most 63 characters" in message for message in _rules(_schema(Sandbox)))
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.__name__)
+def test_every_crd_is_in_the_sandbox_operator_category(kind: type[Any]) -> None:
+    names = build_crd(kind)["spec"]["names"]
+    assert names["categories"] == ["sandbox-operator"]
+    # kubectl expands a category before it resolves a name: one equal to a resource name would turn
+    # `kubectl get sandbox NAME` into a get of all three kinds.
+    every = [crd["spec"]["names"] for crd in GENERATED.values()]
+    taken = {n for other in every for n in (other["plural"], other["singular"], *other.get("shortNames", []))}
+    assert not set(names["categories"]) & taken
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.__name__)
+def test_metadata_declares_nothing_and_name_rules_are_cel_on_the_object(kind: type[Any]) -> None:
+    # Offline strict validators (kubeconform -strict on openapi2jsonschema output) close an object
+    # to its declared properties: a declared metadata.name would refuse labels and annotations.
+    root = _schema(kind)
+    assert root["properties"]["metadata"] == {"type": "object"}
+    for rule in root.get("x-kubernetes-validations", []):
+        # The API server refuses a fieldPath the schema does not declare.
+        assert "fieldPath" not in rule or not rule["fieldPath"].startswith(".metadata"), rule
+    if kind is Sandbox:
+        rules = {rule["rule"]: rule["message"] for rule in root["x-kubernetes-validations"]}
+        assert rules["size(self.metadata.name) <= 63"].startswith("metadata.name: ")
+
+
+def _kubeconform_strict(schema: dict[str, Any], body: dict[str, Any], into: Path) -> subprocess.CompletedProcess[str]:
+    """kubeconform -strict over the CRD's schema as openapi2jsonschema --strict writes it (every
+    object with properties closed), metadata left as the CRD declares it."""
+    (into / schema_file_name("sandbox.dev/v1alpha1", "Sandbox")).write_text(
+        json.dumps({"$schema": "http://json-schema.org/draft-07/schema#", **strict(schema)})
+    )
+    return subprocess.run(
+        [cached_binary("kubeconform"), "-strict", "-summary", "-schema-location", str(into / SCHEMA_LOCATION), "-"],
+        input=json.dumps(body),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_offline_strict_validator_accepts_labels_and_annotations(tmp_path: Path) -> None:
+    body = yaml.safe_load((REPO / "examples" / "sandbox-full.yaml").read_text())
+    body["metadata"] |= {"labels": {"team": "a"}, "annotations": {"example.com/owner": "ci"}}
+    accepted = _kubeconform_strict(_schema(Sandbox), body, tmp_path)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    # The negative control: the same check on a schema that declares metadata.name refuses the labels.
+    closed = copy.deepcopy(_schema(Sandbox))
+    closed["properties"]["metadata"] = {"type": "object", "properties": {"name": {"type": "string"}}}
+    refused = _kubeconform_strict(closed, body, tmp_path)
+    assert refused.returncode != 0 and "labels" in refused.stdout, refused.stdout + refused.stderr
+
+
+def _condition_schema(kind: type[Any]) -> dict[str, Any]:
+    node: dict[str, Any] = _schema(kind)["properties"]["status"]["properties"]["conditions"]["items"]
+    return node
+
+
+@pytest.mark.parametrize("kind", [Sandbox, SandboxPool], ids=lambda kind: kind.__name__)
+def test_conditions_are_as_strict_as_metav1_condition(kind: type[Any]) -> None:
+    condition = _condition_schema(kind)
+    fields = condition["properties"]
+    assert condition["required"] == ["type", "status", "reason", "message", "lastTransitionTime"]
+    assert fields["type"]["pattern"] == (
+        r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+    )
+    assert fields["type"]["maxLength"] == 316
+    assert fields["status"]["enum"] == ["True", "False", "Unknown"]
+    assert fields["reason"]["pattern"] == r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    assert (fields["reason"]["minLength"], fields["reason"]["maxLength"]) == (1, 1024)
+    assert fields["message"]["maxLength"] == 32768
+    assert fields["lastTransitionTime"]["format"] == "date-time"
+    assert fields["observedGeneration"]["minimum"] == 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"type": "ready condition"}, "type"),
+        ({"type": "x" * 317}, "type"),
+        ({"status": "Yes"}, "status"),
+        ({"reason": "Pod Ready"}, "reason"),
+        ({"reason": ""}, "reason"),
+        ({"reason": None}, "reason"),
+        ({"message": None}, "message"),
+        ({"lastTransitionTime": None}, "lastTransitionTime"),
+        ({"observedGeneration": -1}, "observedGeneration"),
+    ],
+)
+def test_the_condition_model_refuses_what_the_schema_refuses(patch: dict[str, Any], field: str) -> None:
+    good = {
+        "type": "sandbox.dev/Ready",
+        "status": "True",
+        "reason": "Filled",
+        "message": "",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    assert Condition.model_validate(good).type == "sandbox.dev/Ready"
+    body = {key: value for key, value in {**good, **patch}.items() if value is not None}
+    with pytest.raises(ValidationError) as refused:
+        Condition.model_validate(body)
+    assert {error["loc"][0] for error in refused.value.errors()} == {field}
 
 
 def test_template_and_pool_crd_shape() -> None:
@@ -222,6 +334,12 @@ def test_template_and_pool_crd_shape() -> None:
     assert template_spec["persistence"]["properties"]["mountPath"]["default"] == "/home/user"
     assert template_spec["timeouts"]["properties"]["idle"]["default"] == "30m"
     pool = build_crd(SandboxPool)
-    assert pool["spec"]["versions"][0]["subresources"]["scale"]["specReplicasPath"] == ".spec.size"
+    assert pool["spec"]["versions"][0]["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.size",
+        "statusReplicasPath": ".status.ready",
+        "labelSelectorPath": ".status.selector",
+    }
+    pool_status = _schema(SandboxPool)["properties"]["status"]["properties"]
+    assert pool_status["selector"]["type"] == "string"
     size = _schema(SandboxPool)["properties"]["spec"]["properties"]["size"]
     assert (size["minimum"], size["maximum"]) == (0, 1000)

@@ -90,6 +90,7 @@ def test_full_sandbox_with_status() -> None:
                     "type": "Ready",
                     "status": "True",
                     "reason": "PodReady",
+                    "message": "the sandbox is running",
                     "lastTransitionTime": "2026-01-01T00:00:01Z",
                 }
             ],

@@ -297,3 +297,15 @@ def test_the_gateway_gets_the_session_settings() -> None:
         "containers"
     ][0]["args"]
     assert not any(arg.startswith("--session-anonymous-namespace") for arg in default_args)  # off by default
+
+
+def test_the_kubernetes_floor_is_the_first_version_with_the_crds_cel_libraries() -> None:
+    """The Sandbox CRD's CEL calls isCIDR (the IP/CIDR library of Kubernetes 1.31): a 1.30 API
+    server refuses the CRD, so the chart refuses 1.30 itself."""
+    crds = "".join(path.read_text() for path in sorted((CHART / "crds").glob("*.yaml")))
+    assert "isCIDR(" in crds
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] == ">=1.31.0-0"
+    refused = helm_template("--kube-version", "1.30.9", check=False)
+    assert refused.returncode != 0
+    assert "chart requires kubeVersion: >=1.31.0-0" in refused.stderr, refused.stderr
+    assert helm_template("--kube-version", "1.31.0").returncode == 0

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from sandbox_operator.agent.signing import compute_signature
-from sandbox_operator.api import Sandbox, SandboxTemplate
+from sandbox_operator.api import Sandbox, SandboxSpec, SandboxTemplate
 from sandbox_operator.api.names import (
     AGENT_TOKEN_HEADER,
     ENVD_PORT,
@@ -95,13 +95,21 @@ def test_bad_create_requests_say_what_is_wrong(request_body: dict[str, Any], mes
                     "denyOut": ["0.0.0.0/0"],
                 }
             },
-            {"egress": {"allow": ["1.1.1.1/32", "example.com:443", "10.0.0.0/8", "pypi.org:443"]}},
+            {"egress": "allowList", "egressAllow": ["1.1.1.1/32", "example.com:443", "10.0.0.0/8", "pypi.org:443"]},
         ),
     ],
 )
 def test_network_requests_become_egress_modes(request_body: dict[str, Any], network: dict[str, Any]) -> None:
     body = e2b.sandbox_from_request({"templateID": "base", **request_body}, namespace="n", template="base")
     assert body["spec"]["network"] == network
+    # A shape the CRD refuses made every such create a 400: the spec must be a valid Sandbox spec.
+    assert SandboxSpec.model_validate(body["spec"]).network.egress == network["egress"]
+
+
+def test_a_create_without_network_leaves_egress_to_the_template() -> None:
+    body = e2b.sandbox_from_request({"templateID": "base"}, namespace="n", template="base")
+    assert "network" not in body["spec"]
+    assert SandboxSpec.model_validate(body["spec"]).network.egress is None
 
 
 def test_sandbox_id_is_the_operators_and_tokens_are_per_object() -> None:
@@ -397,29 +405,47 @@ def test_a_settled_start_is_served_or_refused() -> None:
 NOW = datetime(2026, 12, 1, 10, 1, 30, tzinfo=UTC)  # 90 s after cr()'s creation, 210 s before its end
 
 
-def test_extending_counts_the_lifetime_from_creation() -> None:
-    assert e2b.extended_timeouts(cr(), 60, NOW, only_longer=False) == {"maxLifetime": "150s"}
+def test_a_requested_end_counts_from_now() -> None:
+    assert e2b.requested_end(cr(), 60, NOW, only_longer=False) == NOW + timedelta(seconds=60)
     # set_timeout may shorten; connect only lengthens.
-    assert e2b.extended_timeouts(cr(), 60, NOW, only_longer=True) is None
-    assert e2b.extended_timeouts(cr(), 600, NOW, only_longer=True) == {"maxLifetime": "690s"}
-    assert e2b.extended_timeouts(cr("Creating") | {"status": {}}, 60, NOW, only_longer=True) == {"maxLifetime": "150s"}
+    assert e2b.requested_end(cr(), 60, NOW, only_longer=True) is None
+    assert e2b.requested_end(cr(), 600, NOW, only_longer=True) == NOW + timedelta(seconds=600)
+    assert e2b.requested_end(cr("Creating") | {"status": {}}, 60, NOW, only_longer=True) == NOW + timedelta(seconds=60)
+    # whole seconds, rounded up: the sandbox never ends before the asked-for time
+    assert e2b.requested_end(cr(), 60, NOW + timedelta(microseconds=200), only_longer=False) == NOW + timedelta(
+        seconds=61
+    )
 
 
-def test_extending_drops_an_idle_timeout_that_no_longer_fits() -> None:
-    assert e2b.extended_timeouts(cr(timeouts={"idle": "10m"}), 60, NOW, only_longer=False) == {
-        "maxLifetime": "150s",
-        "idle": "0",
-    }
-    assert e2b.extended_timeouts(cr(timeouts={"idle": "1m"}), 60, NOW, only_longer=False) == {"maxLifetime": "150s"}
+def test_timeouts_pause_and_resume_are_annotations_never_spec() -> None:
+    end = NOW + timedelta(seconds=60)
+    for patch in (e2b.end_patch(end), e2b.pause_patch(), e2b.resume_patch(NOW)):
+        assert set(patch) == {"metadata"}, patch
+    assert e2b.end_patch(end)["metadata"]["annotations"] == {"sandbox.dev/end-at": "2026-12-01T10:02:30Z"}
+    assert e2b.pause_patch()["metadata"]["annotations"] == {"sandbox.dev/paused": "true"}
+    resume = e2b.resume_patch(NOW)["metadata"]["annotations"]
+    assert resume["sandbox.dev/paused"] is None  # a merge patch's null removes the pause request
+    assert (
+        resume["sandbox.dev/resume-request"]
+        != e2b.resume_patch(NOW + timedelta(microseconds=1))["metadata"]["annotations"]["sandbox.dev/resume-request"]
+    )
 
 
-def test_a_change_is_observed_once_the_operator_caught_up() -> None:
-    patched = {"metadata": {"generation": 3}}
-    generation = e2b.generation_of(patched)
-    assert generation == 3 and e2b.generation_of({"metadata": {}}) == 0
-    assert e2b.observed(None, generation)
-    assert not e2b.observed(with_status("Running", observedGeneration=2), generation)
-    assert e2b.observed(with_status("Running", observedGeneration=3), generation)
+def test_a_requested_end_is_in_effect_once_expires_at_moved() -> None:
+    end = NOW + timedelta(seconds=60)
+    before = "2026-12-01T10:05:00Z"
+    assert e2b.end_in_effect(None, end, before)
+    assert not e2b.end_in_effect(with_status("Running", expiresAt=before), end, before)
+    assert e2b.end_in_effect(with_status("Running", expiresAt="2026-12-01T10:02:30Z"), end, before)
+    assert e2b.end_in_effect(with_status("Running", expiresAt="2026-12-01T10:02:00Z"), end, before)  # capped
+    assert not e2b.end_in_effect(with_status("Running"), end, None)
+
+
+def test_a_sandbox_suspended_by_its_spec_is_not_resumed_by_the_api() -> None:
+    with pytest.raises(e2b.Refused, match="suspended by its spec") as refused:
+        e2b.ensure_resumable({"spec": {"suspended": True}}, "abc")
+    assert refused.value.status == 409
+    e2b.ensure_resumable({"spec": {"suspended": False}}, "abc")
 
 
 def test_pausing_refuses_a_paused_sandbox_and_ends_at_suspended() -> None:

@@ -100,4 +100,6 @@ def fed_back(previous: Observed, decision: Decision) -> Observed:
         recreate_attempts=status.recreate_attempts,
         last_recreate_at=status.last_recreate_at,
         observed_generation=status.observed_generation,
+        suspended_by=status.suspended_by,
+        resume_request_seen=status.resume_request_seen,
     )

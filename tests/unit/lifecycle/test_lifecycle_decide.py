@@ -25,6 +25,7 @@ from lifecycle_factories import (
 )
 
 from sandbox_operator.api import OnIdle, Phase
+from sandbox_operator.api.names import ConditionType
 from sandbox_operator.lifecycle import (
     CreatePod,
     DeleteNetworkPolicy,
@@ -41,8 +42,9 @@ from sandbox_operator.lifecycle import (
     PvcPhase,
     Reason,
     RetryPolicy,
-    SetSuspended,
+    SuspendCause,
     decide,
+    status_patch,
 )
 
 P = Phase
@@ -230,10 +232,61 @@ def test_zero_ttl_deletes_at_once() -> None:
     assert work(decide(desired(ttl_after_terminated=timedelta(0)), ended, at(minutes=61))) == [DeleteObject()]
 
 
-def test_idle_suspends_and_records_it_in_the_spec() -> None:
-    decision = decide(desired(), observed(P.RUNNING, last_activity_at=at(minutes=10)), at(minutes=40))
+def test_idle_suspends_and_records_it_in_status_not_spec() -> None:
+    running = observed(P.RUNNING, last_activity_at=at(minutes=10), resume_request="r1")
+    decision = decide(desired(), running, at(minutes=40))
     assert (decision.phase, decision.reason) == (P.SUSPENDING, Reason.IDLE_TIMEOUT)
-    assert work(decision) == [SetSuspended(True), DeletePod()]
+    assert work(decision) == [DeletePod()]  # no spec write: spec.suspended stays the user's
+    assert (decision.status.suspended_by, decision.status.resume_request_seen) == (SuspendCause.IDLE_TIMEOUT, "r1")
+    patch = status_patch(decision, {"phase": "Running"}, at(minutes=40))
+    assert (patch["suspendedBy"], patch["resumeRequestSeen"]) == ("IdleTimeout", "r1")
+
+
+def test_an_idle_suspension_holds_until_a_new_resume_request() -> None:
+    held = observed(
+        P.SUSPENDED,
+        reason=Reason.IDLE_TIMEOUT,
+        suspended_by=SuspendCause.IDLE_TIMEOUT,
+        resume_request_seen="r1",
+        resume_request="r1",
+    )
+    stays = decide(desired(suspended=False), held, at(minutes=50))
+    assert (stays.phase, stays.status.suspended_by, stays.status.resume_request_seen) == (
+        P.SUSPENDED,
+        SuspendCause.IDLE_TIMEOUT,
+        "r1",
+    )
+    assert not stays.has_action(CreatePod)
+    # the Suspended sandbox is where it was asked to be: not Reconciling, no Ready (kstatus Current)
+    assert {c.type: c.status for c in stays.conditions}[ConditionType.RECONCILING] == "False"
+    resumed = decide(desired(suspended=False), replace(held, resume_request="r2"), at(minutes=50))
+    assert resumed.phase is P.RESUMING and resumed.has_action(CreatePod)
+    assert (resumed.status.suspended_by, resumed.status.resume_request_seen) == (None, None)
+    # a first resume request (the annotation was absent when the idle timeout fired) resumes too
+    first = replace(held, resume_request_seen=None, resume_request="r1")
+    assert decide(desired(suspended=False), first, at(minutes=50)).phase is P.RESUMING
+
+
+@pytest.mark.parametrize(
+    ("wanted", "cause"),
+    [({"suspended": True}, SuspendCause.SPEC), ({"paused": True}, SuspendCause.REQUEST)],
+)
+def test_a_suspension_records_who_asked(wanted: dict[str, bool], cause: SuspendCause) -> None:
+    suspending = decide(desired(**wanted), observed(P.RUNNING), at(minutes=5))
+    assert (suspending.phase, suspending.reason) == (P.SUSPENDING, Reason.SUSPEND_REQUESTED)
+    assert suspending.status.suspended_by is cause
+    # the pause request ends when the annotation goes: the sandbox resumes
+    suspended = observed(P.SUSPENDED, reason=Reason.SUSPEND_REQUESTED, suspended_by=cause)
+    assert decide(desired(**wanted), suspended, at(minutes=6)).phase is P.SUSPENDED
+    assert decide(desired(), suspended, at(minutes=6)).phase is P.RESUMING
+
+
+def test_a_requested_end_replaces_the_lifetime() -> None:
+    end = at(minutes=90)
+    wanted = desired(end_at=end, idle_timeout=None)  # the lifetime alone would end it at minute 60
+    assert decide(wanted, observed(P.RUNNING), at(minutes=61)).phase is P.RUNNING
+    assert decide(wanted, observed(P.RUNNING), at(minutes=61)).status.expires_at == end
+    assert decide(wanted, observed(P.RUNNING), at(minutes=90)).phase is P.TERMINATING
 
 
 def test_idle_terminates_when_asked_to() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from lifecycle_factories import T0
 
-from sandbox_operator.api import OnIdle, Phase, Sandbox, SandboxTemplate
+from sandbox_operator.api import OnIdle, Phase, Sandbox, SandboxTemplate, SuspendCause
 from sandbox_operator.lifecycle import (
     PodPhase,
     PvcPhase,
@@ -130,6 +130,33 @@ def test_desired_from_clamps_the_lifetime_to_the_template_cap() -> None:
     assert desired_from(_sandbox({"timeouts": {"maxLifetime": "2h"}}), capped).max_lifetime == timedelta(hours=2)
 
 
+def test_desired_from_reads_the_api_clients_requests_from_annotations() -> None:
+    plain = desired_from(_sandbox(), TEMPLATE)
+    assert (plain.paused, plain.end_at) == (False, None)
+    asked = desired_from(
+        _sandbox(annotations={"sandbox.dev/paused": "true", "sandbox.dev/end-at": "2026-01-01T05:00:00Z"}), TEMPLATE
+    )
+    assert asked.paused and asked.end_at == T0 + timedelta(hours=5)
+    assert not desired_from(_sandbox(annotations={"sandbox.dev/paused": "false"}), TEMPLATE).paused
+    # not a time: ignored (spec.timeouts decide)
+    assert desired_from(_sandbox(annotations={"sandbox.dev/end-at": "tomorrow"}), TEMPLATE).end_at is None
+    capped = SandboxTemplate.from_body(
+        {"metadata": {"name": "python"}, "spec": {"image": "agent:1", "timeouts": {"maxLifetimeLimit": "24h"}}}
+    )
+    far = _sandbox(annotations={"sandbox.dev/end-at": "2026-03-01T00:00:00Z"})
+    assert desired_from(far, capped).end_at == T0 + timedelta(hours=24)  # within maxLifetimeLimit
+
+
+def test_observed_from_reads_the_suspension_record_and_the_resume_request() -> None:
+    sandbox = _sandbox(
+        status={"phase": "Suspended", "suspendedBy": "IdleTimeout", "resumeRequestSeen": "a"},
+        annotations={"sandbox.dev/resume-request": "b" * 300},
+    )
+    seen = observed_from(sandbox, pod=None, pvc=None)
+    assert (seen.suspended_by, seen.resume_request_seen) == (SuspendCause.IDLE_TIMEOUT, "a")
+    assert seen.resume_request == "b" * 256  # as much as status.resumeRequestSeen can hold
+
+
 def test_observed_from_reads_status_and_children() -> None:
     status = {
         "phase": "Running",
@@ -157,7 +184,15 @@ def test_observed_from_reads_status_and_children() -> None:
 def test_terminated_at_falls_back_to_the_condition() -> None:
     status = {
         "phase": "Terminated",
-        "conditions": [{"type": "Terminated", "status": "True", "lastTransitionTime": "2026-01-01T01:00:00Z"}],
+        "conditions": [
+            {
+                "type": "Terminated",
+                "status": "True",
+                "reason": "Deleted",
+                "message": "the sandbox is terminated",
+                "lastTransitionTime": "2026-01-01T01:00:00Z",
+            }
+        ],
     }
     seen = observed_from(_sandbox(status=status, deletionTimestamp="2026-01-01T02:00:00Z"), pod=None, pvc=None)
     assert seen.terminated_at == T0 + timedelta(hours=1)

@@ -31,6 +31,7 @@ from sandbox_operator.lifecycle.pool import (
     pool_readiness,
     pool_status_patch,
     unusable_pods,
+    warm_pod_selector,
 )
 
 SIG = "current"
@@ -416,6 +417,7 @@ def status(**fields: Any) -> dict[str, Any]:
     )
     return pool_status_patch(
         fields.get("current", {}),
+        pool=fields.get("pool", "warm"),
         generation=fields.get("generation", 1),
         size=fields.get("size", 2),
         ready=fields.get("ready", 2),
@@ -481,6 +483,14 @@ def test_conditions_of_other_types_are_kept() -> None:
     assert patch == {"claimed": 1}
     changed = status(current={**first, "conditions": [*first["conditions"], foreign]}, ready=1)
     assert changed["conditions"][-1] == foreign
+
+
+def test_the_status_names_the_warm_pods_selector() -> None:
+    assert warm_pod_selector("warm") == "app.kubernetes.io/managed-by=sandbox-operator,sandbox.dev/pool=warm"
+    first = status(pool="warm")
+    assert first["selector"] == warm_pod_selector("warm")
+    assert "selector" not in status(current=first, pool="warm")  # written once, not on every pass
+    assert status(current=first, pool="warm", ready=1)["conditions"]  # other changes still written
 
 
 def test_nothing_changed_nothing_written() -> None:

@@ -22,7 +22,7 @@ from sandbox_operator.api.names import (
 )
 from sandbox_operator.controller.pools import ClaimInterruptedError, reconcile_pool, try_claim_pool_pod
 from sandbox_operator.kube import ApiError
-from sandbox_operator.lifecycle.pool import workspace_claim_of
+from sandbox_operator.lifecycle.pool import warm_pod_selector, workspace_claim_of
 
 NS = "team-a"
 POOL_KEY = (NS, "warm")
@@ -254,6 +254,28 @@ async def test_status_claimed_counts_sandboxes_on_claimed_pods(harness: Harness)
     api.remove(PODS.path(NS, claimed["metadata"]["name"]))
     await harness.pool_pass(POOL_KEY)
     assert pool_status(api)["claimed"] == 0
+
+
+def selected(selector: str, obj: JSON) -> bool:
+    """An equality-based label selector (``k=v,k2=v2``) matches the object's labels."""
+    labels = obj["metadata"].get("labels") or {}
+    return all(labels.get(key) == value for key, value in (term.split("=", 1) for term in selector.split(",")))
+
+
+async def test_status_selector_selects_the_warm_pods_and_not_a_claimed_one(harness: Harness) -> None:
+    api = harness.api
+    warm_pod = await filled(harness)
+    await harness.pool_pass(POOL_KEY)
+    selector = pool_status(api)["selector"]
+    assert selector == warm_pod_selector("warm")
+    assert [name for name, pod in pods(api).items() if selected(selector, pod)] == [warm_pod]
+    claimed = await try_claim_pool_pod(harness.rt, sandbox(), template())
+    assert claimed is not None and claimed["metadata"]["name"] == warm_pod
+    harness.deliver()
+    await harness.pool_pass(POOL_KEY)  # refills: a new warm pod
+    assert not selected(selector, pods(api)[warm_pod])
+    assert {name for name, pod in pods(api).items() if selected(selector, pod)} == set(pods(api)) - {warm_pod}
+    assert len(pods(api)) == 2
 
 
 # --- a template the pool's namespace may not use --------------------------------------------------

@@ -10,20 +10,18 @@ import pytest
 from lifecycle_factories import at, desired, fed_back, observed
 
 from sandbox_operator.api import OnIdle, Phase
-from sandbox_operator.lifecycle import Decision, DeletePod, Observed, SetSuspended, TimeoutKind, decide
+from sandbox_operator.lifecycle import Decision, DeletePod, Observed, TimeoutKind, decide
 from sandbox_operator.lifecycle.types import Desired
 
 
 def _run_to_rest(wanted: Desired, start: Observed, moments: list[int]) -> list[Decision]:
-    """decide() pass after pass, each fed what the previous wrote (status, and spec.suspended as the
-    controller writes it today); the pod goes when asked to."""
+    """decide() pass after pass, each fed what the previous wrote (status: an idle suspension is held
+    there, spec is never written); the pod goes when asked to."""
     decisions, state = [], start
     for minute in moments:
         decision = decide(wanted, state, at(minutes=minute))
         decisions.append(decision)
         state = fed_back(state, decision)
-        if decision.has_action(SetSuspended):
-            wanted = replace(wanted, suspended=True)
         if decision.has_action(DeletePod):
             state = replace(state, pod=None)
     return decisions

@@ -102,6 +102,13 @@ def test_pod_without_runtime_class_leaves_it_unset() -> None:
     assert "runtimeClassName" not in build_pod(sandbox(), template())["spec"]
 
 
+def test_a_templates_pull_secrets_reach_the_pod() -> None:
+    assert "imagePullSecrets" not in build_pod(sandbox(), template())["spec"]
+    spec = build_pod(sandbox(), template(imagePullSecrets=["registry-a", "registry-b"]))["spec"]
+    assert spec["imagePullSecrets"] == [{"name": "registry-a"}, {"name": "registry-b"}]
+    _validated(client.V1PodSpec, spec)
+
+
 def test_pod_resources_are_requests_and_limits() -> None:
     tpl = template(resources={"default": {"cpu": "500m", "memory": "1Gi", "disk": "3Gi"}})
     container = _container(build_pod(sandbox(resources={"cpu": "2"}), tpl))
@@ -392,6 +399,54 @@ def test_egress_allow_list() -> None:
     assert annotations == {
         "sandbox.dev/egress-hosts-not-enforced": "pypi.org:443,files.example.com:8443,mirror.example.com:443"
     }
+
+
+PACKAGE_INDEX = {"egress": "allowList", "egressAllow": ["pypi.org:443", "files.pythonhosted.org:443"]}
+
+
+def test_a_sandbox_without_egress_gets_its_templates_network() -> None:
+    policy = build_network_policy(sandbox(), template(network=PACKAGE_INDEX), gateway_namespace="sandbox-system")
+    assert policy["spec"]["egress"] == [
+        DNS,
+        {"to": [GATEWAY]},
+        {"to": ANYWHERE, "ports": [{"protocol": "TCP", "port": 443}]},
+    ]
+    assert (
+        policy["metadata"]["annotations"]["sandbox.dev/egress-hosts-not-enforced"]
+        == "pypi.org:443,files.pythonhosted.org:443"
+    )
+    # ports alone leave egress to the template too
+    ported = build_network_policy(
+        sandbox(network={"ports": [8080]}), template(network=PACKAGE_INDEX), gateway_namespace="sandbox-system"
+    )
+    assert ported["spec"]["egress"] == policy["spec"]["egress"]
+
+
+@pytest.mark.parametrize(
+    ("own", "expected_tail"),
+    [
+        ({"egress": "deny"}, []),  # a Sandbox's own egress wins, even the strictest
+        ({"egress": "allow"}, [{"to": ANYWHERE}]),
+        # its allow-list replaces the template's (never merged)
+        (
+            {"egress": "allowList", "egressAllow": ["203.0.113.0/24"]},
+            [{"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}],
+        ),
+    ],
+)
+def test_a_sandboxs_own_egress_overrides_the_template(own: dict[str, Any], expected_tail: list[Any]) -> None:
+    policy = build_network_policy(
+        sandbox(network=own), template(network=PACKAGE_INDEX), gateway_namespace="sandbox-system"
+    )
+    assert policy["spec"]["egress"] == [DNS, {"to": [GATEWAY]}, *expected_tail]
+    assert "sandbox.dev/egress-hosts-not-enforced" not in policy["metadata"]["annotations"]
+
+
+def test_without_any_network_egress_is_denied() -> None:
+    assert build_network_policy(sandbox(), template(), gateway_namespace="sandbox-system")["spec"]["egress"] == [
+        DNS,
+        {"to": [GATEWAY]},
+    ]
 
 
 @pytest.mark.parametrize(
