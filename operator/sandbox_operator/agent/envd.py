@@ -543,15 +543,18 @@ class EnvdServer:
         deadline: float | None,
     ) -> AsyncIterator[JsonObject]:
         while True:
+            # Checked before every event, not only when the queue is empty: a command that writes
+            # without pause must not outlive the stream's deadline either. Like E2B's envd (the
+            # handler's context ends at Connect-Timeout-Ms), the stream then ends with
+            # deadline_exceeded, which both SDKs raise as a timeout, never as a plain exit.
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ConnectError("deadline_exceeded", "the command's timeout expired")
             try:
                 event = queue.get_nowait()
             except asyncio.QueueEmpty:
                 wait = keepalive
                 if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ConnectError("deadline_exceeded", "the command's timeout expired") from None
-                    wait = min(wait, remaining)
+                    wait = min(wait, max(0.0, deadline - time.monotonic()))
                 try:
                     event = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:

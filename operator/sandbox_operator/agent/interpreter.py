@@ -358,6 +358,10 @@ class KernelContext:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     execution: str | None = None  # msg_id of the running request
     revive: asyncio.Task[None] | None = None  # the restart after the kernel died
+    # A default context listed before its kernel first started (E2B lists its default Python
+    # context from the start): its kernel and working directory are settled at that first start,
+    # since the sandbox's workdir may change through /init before it.
+    unstarted: bool = False
 
     def describe(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -385,13 +389,18 @@ class CodeInterpreter:
         self.state = state
         self.stats = stats
         self.contexts: dict[str, KernelContext] = {}
-        self._defaults: dict[str, asyncio.Future[KernelContext]] = {}
+        # Canonical language → its default context (what /execute without a context_id uses).
+        self._defaults: dict[str, KernelContext] = {}
         self._sockets: str | None = None
         self._kernel_specs: dict[str, str] | None = None
         self._kernel_specs_at = 0.0
         self.cgroup_root = default_cgroup_root() if cgroup_root is None else cgroup_root
         self._oom_file = oom_events_file(self.cgroup_root)
         self._zmq = shared_zmq_context()
+        # E2B's server creates its default Python context at startup, so GET /contexts lists it from
+        # the start; here it is listed at once and its kernel starts on first use (or at startup with
+        # --prewarm-kernel), which keeps the agent's own start fast.
+        self._register_default("python", "python3")
 
     def _socket_dir(self) -> str:
         """A private directory for the kernels' IPC sockets (never the workspace)."""
@@ -612,9 +621,16 @@ class CodeInterpreter:
         old, context.kernel = context.kernel, None
         if old is not None:
             await self._stop_kernel(old, "restarted")
+        if context.unstarted:
+            context.kernel_name = await self._kernel_name(normalize_language(context.language))
+            context.cwd = str(self.state.workdir)
+        started = time.monotonic()
         kernel = await self._start_kernel(context.id, context.kernel_name, context.cwd)
         context.kernel = kernel
         self._watch(context, kernel)
+        if context.unstarted:
+            context.unstarted = False
+            log.info("started %s kernel %s in %.2fs", context.kernel_name, context.id, time.monotonic() - started)
         return kernel
 
     async def create_context(self, language: str | None, cwd: str | None) -> KernelContext:
@@ -638,13 +654,44 @@ class CodeInterpreter:
         log.info("started %s kernel %s in %.2fs", kernel_name, context.id, time.monotonic() - started)
         return context
 
+    def _register_default(self, canonical: str, kernel_name: str) -> KernelContext:
+        """List a default context for the language now; its kernel starts on first use."""
+        context = KernelContext(
+            id=secrets.token_hex(16),
+            language=canonical,
+            cwd=str(self.state.workdir),
+            kernel_name=kernel_name,
+            kernel=None,
+            unstarted=True,
+        )
+        self.contexts[context.id] = context
+        self._defaults[canonical] = context
+        return context
+
+    def _default(self, canonical: str) -> KernelContext | None:
+        context = self._defaults.get(canonical)
+        return context if context is not None and self.contexts.get(context.id) is context else None
+
     async def default_context(self, language: str | None) -> KernelContext:
+        """The language's default context with its kernel started (a removed default is replaced by
+        a new one). Raises InterpreterError before anything is listed for a language without a kernel,
+        and when the kernel cannot start (the context stays listed; the next call tries again)."""
         canonical = normalize_language(language)
-        pending = self._defaults.get(canonical)
-        if pending is None or (pending.done() and (pending.exception() or pending.result().id not in self.contexts)):
-            pending = asyncio.ensure_future(self.create_context(canonical, None))
-            self._defaults[canonical] = pending
-        return await asyncio.shield(pending)
+        context = self._default(canonical)
+        if context is None:
+            kernel_name = await self._kernel_name(canonical)
+            context = self._default(canonical) or self._register_default(canonical, kernel_name)
+        if context.kernel is None:
+            async with context.lock:
+                await self._live_kernel(context)
+        return context
+
+    def listing(self) -> list[dict[str, str]]:
+        """GET /contexts: every context, the default ones included before their kernel started."""
+        for context in self.contexts.values():
+            if context.unstarted:
+                context.cwd = str(self.state.workdir)
+        return [context.describe() for context in self.contexts.values()]
 
     def get(self, context_id: str) -> KernelContext:
         context = self.contexts.get(context_id)
@@ -678,17 +725,13 @@ class CodeInterpreter:
         if self._sockets is not None:
             shutil.rmtree(self._sockets, ignore_errors=True)
 
-    async def interrupt(self, context: KernelContext) -> None:
-        kernel = context.kernel
-        if context.execution is not None and kernel is not None and not kernel.watch.exited.done():
-            with contextlib.suppress(Exception):
-                await kernel.manager.interrupt_kernel()
-
     # -- execution ---------------------------------------------------------------------------
 
-    async def _next_message(self, kernel: Kernel, wait: float) -> dict[str, Any] | None:
-        """The kernel's next IOPub message, None after `wait` s without one. Raises KernelExited once
-        the kernel process is gone and what it sent before has been read."""
+    async def _next_message(
+        self, kernel: Kernel, wait: float, wake: asyncio.Future[Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The kernel's next IOPub message, None after `wait` s without one (or as soon as `wake` is
+        done). Raises KernelExited once the kernel process is gone and what it sent before has been read."""
         if kernel.stopping is not None and kernel.death is None:
             raise KernelExited  # the agent stopped it (context removed): its sockets are closed
         pending = kernel.pending
@@ -700,7 +743,8 @@ class CodeInterpreter:
             pending = kernel.pending = asyncio.ensure_future(kernel.client.get_iopub_msg())
         exited = kernel.watch.exited
         if not exited.done():
-            await asyncio.wait((pending, exited), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            waits: tuple[asyncio.Future[Any], ...] = (pending, exited) if wake is None else (pending, exited, wake)
+            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         if exited.done() and not pending.done():
             # What the kernel sent before it died is queued on our socket already: read it first.
             await asyncio.wait((pending,), timeout=DEATH_DRAIN_GRACE)
@@ -747,10 +791,17 @@ class CodeInterpreter:
         )
 
     async def execute(
-        self, context: KernelContext, code: str, env_vars: Mapping[str, str] | None, time_limit: float | None = None
+        self,
+        context: KernelContext,
+        code: str,
+        env_vars: Mapping[str, str] | None,
+        time_limit: float | None = None,
+        abandoned: asyncio.Event | None = None,
     ) -> AsyncIterator[JsonLine]:
         """Run code in the context; yields the JSON lines of the /execute stream, end_of_execution last.
-        `time_limit` (s, > 0) is the request's own timeout; SANDBOX_EXECUTION_TIMEOUT still caps it."""
+        `time_limit` (s, > 0) is the request's own timeout; SANDBOX_EXECUTION_TIMEOUT still caps it.
+        `abandoned` is set when the client is gone (the SDK's own `timeout` ran out, or it disconnected):
+        the kernel is interrupted at once so that the context is free for the next execution."""
         try:
             self.stats.acquire()
         except ConcurrencyLimitError as error:
@@ -781,7 +832,7 @@ class CodeInterpreter:
                             "else _e2b_os.environ.__setitem__(_e2b_k, _e2b_v)\n"
                             "del _e2b_saved_env"
                         )
-                    async for line in self._stream(context, kernel, code, execution, time_limit):
+                    async for line in self._stream(context, kernel, code, execution, time_limit, abandoned):
                         yield line
                 except KernelExited:
                     yield self._exit_line(kernel)
@@ -795,10 +846,19 @@ class CodeInterpreter:
         yield {"type": "end_of_execution"}
 
     async def _stream(
-        self, context: KernelContext, kernel: Kernel, code: str, execution: ExecutionSlot, requested: float | None
+        self,
+        context: KernelContext,
+        kernel: Kernel,
+        code: str,
+        execution: ExecutionSlot,
+        requested: float | None,
+        abandoned: asyncio.Event | None = None,
     ) -> AsyncIterator[JsonLine]:
         """The kernel's messages for one request as JSON lines; marks `execution` when it timed out.
-        Raises KernelExited when the kernel process exits."""
+        Raises KernelExited when the kernel process exits. Once `abandoned` is set the kernel is
+        interrupted (restarted if it ignores that for INTERRUPT_GRACE), not counted as a timeout."""
+        if abandoned is not None and abandoned.is_set():
+            return  # the client left before the code was sent: nobody reads its result
         client = kernel.client
         await _drop_stale_replies(client)
         limiter = OutputLimiter(self.state.config.max_output_bytes)
@@ -806,15 +866,32 @@ class CodeInterpreter:
         msg_id = client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
         context.execution = msg_id
         deadline = time.monotonic() + timeout.seconds if timeout is not None else None
+        # When the kernel was interrupted (for the deadline, or because the client left).
         timed_out_at: float | None = None
+        client_left = False
+        gone = asyncio.ensure_future(abandoned.wait()) if abandoned is not None else None
         try:
             while True:
-                message = await self._next_message(kernel, next_wait(time.monotonic(), deadline, timed_out_at))
+                if timed_out_at is None and gone is not None and gone.done():
+                    client_left = True
+                    timed_out_at = time.monotonic()
+                    with contextlib.suppress(Exception):  # a kernel that died meanwhile ends below
+                        await kernel.manager.interrupt_kernel()
+                message = await self._next_message(
+                    kernel,
+                    next_wait(time.monotonic(), deadline, timed_out_at),
+                    gone if timed_out_at is None else None,
+                )
                 if message is None:
                     now = time.monotonic()
+                    if timed_out_at is None and gone is not None and gone.done():
+                        continue  # interrupted at the top of the loop
                     action = on_silence(now, deadline, timed_out_at)
                     if action is Silence.GIVE_UP:
                         # The kernel ignored the interrupt (e.g. stuck in C code): state is lost.
+                        if client_left:
+                            self._schedule_revive(context, kernel, "it ignored the interrupt after the client left")
+                            return
                         execution.timed_out = True
                         self._schedule_revive(context, kernel, "it ignored the interrupt after a timeout")
                         assert timeout is not None  # only a deadline gives up
@@ -829,7 +906,7 @@ class CodeInterpreter:
                 if message["parent_header"].get("msg_id") != msg_id:
                     continue
                 if is_idle(message):
-                    if timed_out_at is not None:
+                    if timed_out_at is not None and not client_left:
                         execution.timed_out = True
                         assert timeout is not None  # only a deadline interrupts
                         yield timeout_line(timeout, restarted=False)
@@ -838,3 +915,5 @@ class CodeInterpreter:
                     yield line
         finally:
             context.execution = None
+            if gone is not None:
+                gone.cancel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -42,6 +44,10 @@ INTERPRETER_TOKEN_REFUSAL: Final = (
 )
 # The most an /execute body's `timeout` may ask for (30 days): beyond it a number is a mistake.
 MAX_EXECUTE_TIMEOUT: Final = 30 * 24 * 3600.0
+# How often a running /execute checks that its client is still connected. The SDK's `run_code(timeout=)`
+# is a client-side deadline: when it runs out the SDK drops the connection (httpx.ReadTimeout →
+# TimeoutException) and the kernel is interrupted within this, not at the next keepalive write.
+DISCONNECT_POLL_INTERVAL: Final = 0.1
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -117,6 +123,22 @@ def execute_request(body: Mapping[str, Any]) -> ExecuteRequest:
     return ExecuteRequest(code, context_id, language, None if env_vars is None else without_secrets(env_vars), timeout)
 
 
+def client_gone(request: web.Request) -> bool:
+    """The request's connection is closed (aiohttp drops the transport when the peer goes)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def watch_disconnect(request: web.Request, gone: asyncio.Event) -> None:
+    """Set `gone` once the client has closed the connection (aiohttp tells a handler only when it
+    writes, and an execution may be silent for a long time)."""
+    while not gone.is_set():
+        if client_gone(request):
+            gone.set()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_INTERVAL)
+
+
 def is_interpreter_path(path: str) -> bool:
     return path in ("/execute", "/contexts") or path.startswith("/contexts/")
 
@@ -190,39 +212,52 @@ class InterpreterServer:
                 context = self.interpreter.get(execution.context_id)
             else:
                 context = await self.interpreter.default_context(execution.language)
-            lines = self.interpreter.execute(context, execution.code, execution.env_vars, execution.timeout)
+            # Set when the client is gone: the execution is interrupted then (see CodeInterpreter.execute).
+            gone = asyncio.Event()
+            lines = self.interpreter.execute(context, execution.code, execution.env_vars, execution.timeout, gone)
             # The first line comes before the status is sent, so a refused execution gets a real error status.
             first = await anext(lines)
         except Exception as error:
             return _failure(error)
 
-        response = web.StreamResponse(headers={"Content-Type": NDJSON_CONTENT_TYPE})
-        await response.prepare(request)
-        client_connected = await self._send(response, context, first)
+        # Like E2B's server (which notices at its next keepalive write), a client that leaves
+        # mid-execution has the kernel interrupted, so the context is free at once; here the
+        # connection is watched, so that happens within DISCONNECT_POLL_INTERVAL.
+        watcher = asyncio.ensure_future(watch_disconnect(request, gone))
         try:
-            async for line in lines:
+            response = web.StreamResponse(headers={"Content-Type": NDJSON_CONTENT_TYPE})
+            await response.prepare(request)
+            client_connected = await self._send(response, first, gone)
+            try:
+                async for line in lines:
+                    if client_connected:
+                        client_connected = await self._send(response, line, gone)
+            except Exception as error:
+                log.exception("execution in context %s failed", context.id)
                 if client_connected:
-                    client_connected = await self._send(response, context, line)
-        except Exception as error:
-            log.exception("execution in context %s failed", context.id)
+                    await response.write(_line(_exception_line(error)) + _line({"type": "end_of_execution"}))
             if client_connected:
-                await response.write(_line(_exception_line(error)) + _line({"type": "end_of_execution"}))
-        if client_connected:
-            await response.write_eof()
+                await response.write_eof()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         return response
 
-    async def _send(self, response: web.StreamResponse, context: KernelContext, line: dict[str, Any]) -> bool:
-        """Write one line; False once the client is gone, and the execution is interrupted then."""
+    async def _send(self, response: web.StreamResponse, line: dict[str, Any], gone: asyncio.Event) -> bool:
+        """Write one line; False once the client is gone (`gone` is set: the execution is interrupted)."""
+        if gone.is_set():
+            return False
         try:
             await response.write(_line(line))
         except ConnectionResetError:
             # Nobody reads the result any more: stop the work instead of letting it hold the context.
-            await self.interpreter.interrupt(context)
+            gone.set()
             return False
         return True
 
     async def list_contexts(self, request: web.Request) -> web.Response:
-        return web.json_response([context.describe() for context in self.interpreter.contexts.values()])
+        return web.json_response(self.interpreter.listing())
 
     async def create_context(self, request: web.Request) -> web.Response:
         try:

@@ -156,8 +156,13 @@ def server_stream(handler: ServerStreamHandler) -> Callable[[web.Request], Await
             if end_error is None:
                 log.exception("stream %s failed", request.path)
                 end_error = ConnectError("internal", str(error) or type(error).__name__)
-        await response.write(encode_end_stream(end_error))
-        await response.write_eof()
+        try:
+            await response.write(encode_end_stream(end_error))
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client left first (e.g. the SDK's own timeout ran out at the same deadline as the
+            # stream's): nobody reads the end of the stream, and that is no agent error.
+            log.debug("stream %s: the client left before the end of the stream", request.path)
         return response
 
     return serve
