@@ -50,6 +50,7 @@ __all__ = [
     "PODS",
     "POD_SIGNATURE_ANNOTATION",
     "POOL_LABEL",
+    "PUBLIC_TRAFFIC_ANNOTATION",
     "RESERVED_ENV_PREFIXES",
     "RESUME_REQUEST_ANNOTATION",
     "SANDBOXES",
@@ -65,6 +66,7 @@ __all__ = [
     "SPEC_HASH_ANNOTATION",
     "TEMPLATE_LABEL",
     "TOKEN_EPOCH_ANNOTATION",
+    "TRAFFIC_TOKEN_HEADER",
     "VERSION",
     "ApiResource",
     "ConditionType",
@@ -145,6 +147,10 @@ maxLifetimeLimit. Not spec: the lifetime its author declared stays as written.""
 TOKEN_EPOCH_ANNOTATION: Final = "sandbox.dev/token-epoch"
 """On a Sandbox, set by its owner: any new value revokes the access tokens the gateway handed out
 for it (clients get the new one from connect)."""
+PUBLIC_TRAFFIC_ANNOTATION: Final = "sandbox.dev/public-traffic"
+"""On a Sandbox (the gateway's E2B create with ``network.allowPublicTraffic: false``, or its owner):
+``false`` makes its user ports private, reachable through the gateway only with the sandbox's traffic
+access token in TRAFFIC_TOKEN_HEADER (else 403). Absent, or any other value: the gateway's default."""
 KOPF_ANNOTATION_PREFIX: Final = GROUP
 """Prefix of kopf's own progress annotations: distinct, so another kopf operator never collides."""
 FINALIZER: Final = "sandbox.dev/finalizer"
@@ -155,6 +161,8 @@ carries it (deletion is the API server's, children go by ownerReference garbage 
 
 AGENT_TOKEN_HEADER: Final = "X-Access-Token"
 """The header the agent reads its access token from (E2B's envd header)."""
+TRAFFIC_TOKEN_HEADER: Final = "E2B-Traffic-Access-Token"
+"""The header E2B clients send a sandbox's trafficAccessToken in (to its ports through the gateway)."""
 SIGNED_PATH_HEADER: Final = "X-Sandbox-Signed-Path"
 """Set by the gateway (never by a client) on a /files request it admitted by a signed URL: the one
 path the request may read or write."""

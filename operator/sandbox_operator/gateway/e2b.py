@@ -40,10 +40,13 @@ from sandbox_operator.api.names import (
     CREATED_BY_ANNOTATION,
     END_AT_ANNOTATION,
     ENVD_PORT,
+    INTERPRETER_PORT,
     PAUSED_ANNOTATION,
+    PUBLIC_TRAFFIC_ANNOTATION,
     RESUME_REQUEST_ANNOTATION,
     SIGNED_PATH_HEADER,
     TOKEN_EPOCH_ANNOTATION,
+    TRAFFIC_TOKEN_HEADER,
 )
 from sandbox_operator.api.v1alpha1 import SandboxSpec, SandboxTemplateSpec
 from sandbox_operator.resources.names import sandbox_id_for
@@ -81,7 +84,7 @@ HOP_HEADERS = frozenset(
 # The client's credentials never reach a sandbox (the agent gets its own token), nor does a client's
 # claim to a signed path (only the gateway sets that header).
 STRIPPED_HEADERS = frozenset(
-    {"x-api-key", AGENT_TOKEN_HEADER.lower(), "e2b-traffic-access-token", SIGNED_PATH_HEADER.lower()}
+    {"x-api-key", AGENT_TOKEN_HEADER.lower(), TRAFFIC_TOKEN_HEADER.lower(), SIGNED_PATH_HEADER.lower()}
 )
 NOT_FORWARDED = HOP_HEADERS | STRIPPED_HEADERS
 # Kubernetes statuses passed on as they are; any other is the gateway's upstream failing (502).
@@ -109,15 +112,43 @@ def sandbox_id_of(body: Mapping[str, Any]) -> str:
     return str(status.get("sandboxID") or sandbox_id_for(meta["namespace"], meta["name"], meta["uid"]))
 
 
+# Keeps traffic tokens apart from access tokens of the same object (an identity, a namespace first,
+# never starts with it).
+_TRAFFIC_TOKEN_DOMAIN = b"sandbox-traffic-token/v1\x00"
+
+
+def _token_identity(body: Mapping[str, Any]) -> bytes:
+    meta = body.get("metadata") or {}
+    epoch = (meta.get("annotations") or {}).get(TOKEN_EPOCH_ANNOTATION)
+    return (f"{meta['namespace']}/{meta['name']}/{meta['uid']}" + (f"/{epoch}" if epoch else "")).encode()
+
+
+def _derived(key: bytes, message: bytes) -> str:
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 def access_token(key: bytes, body: Mapping[str, Any]) -> str:
     """The sandbox's envd access token: derived from the gateway key and the object's identity, so
     the gateway can check it without storing it. It lives as long as the object (a re-created
     sandbox gets a new one), and changing the object's token-epoch annotation revokes it."""
-    meta = body.get("metadata") or {}
-    epoch = (meta.get("annotations") or {}).get(TOKEN_EPOCH_ANNOTATION)
-    identity = f"{meta['namespace']}/{meta['name']}/{meta['uid']}" + (f"/{epoch}" if epoch else "")
-    digest = hmac.new(key, identity.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return _derived(key, _token_identity(body))
+
+
+def public_traffic(body: Mapping[str, Any]) -> bool:
+    """E2B's allowPublicTraffic: false only when the sandbox.dev/public-traffic annotation says so."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(PUBLIC_TRAFFIC_ANNOTATION) != "false"
+
+
+def traffic_token(key: bytes, body: Mapping[str, Any]) -> str:
+    """The trafficAccessToken of a sandbox with private ports (allowPublicTraffic: false): derived as the
+    access token is (the same on every replica, revoked by a new token epoch) but a token of its own,
+    so that whoever is given it to reach the sandbox's ports cannot drive its envd. A sandbox with the
+    default public traffic answers its access token (what the code-interpreter SDK sends on 49999)."""
+    if public_traffic(body):
+        return access_token(key, body)
+    return _derived(key, _TRAFFIC_TOKEN_DOMAIN + _token_identity(body))
 
 
 def api_key_digest(api_key: str) -> str:
@@ -254,17 +285,27 @@ def sandbox_from_request(
     network = _network_from_request(request)
     if network:
         spec["network"] = network
+    annotations = {CREATED_BY_ANNOTATION: "e2b-api"}
+    if not allow_public_traffic(request):
+        annotations[PUBLIC_TRAFFIC_ANNOTATION] = "false"
     return {
         "apiVersion": API_VERSION,
         "kind": "Sandbox",
         # E2B sandboxes have no names: a random one, shaped like a DNS label.
-        "metadata": {
-            "name": f"e2b-{secrets.token_hex(6)}",
-            "namespace": namespace,
-            "annotations": {CREATED_BY_ANNOTATION: "e2b-api"},
-        },
+        "metadata": {"name": f"e2b-{secrets.token_hex(6)}", "namespace": namespace, "annotations": annotations},
         "spec": spec,
     }
+
+
+def allow_public_traffic(request: Mapping[str, Any]) -> bool:
+    """network.allowPublicTraffic: a boolean, true when absent or null (E2B's default)."""
+    network = request.get("network")
+    value = network.get("allowPublicTraffic") if isinstance(network, Mapping) else None
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise BadRequest("network.allowPublicTraffic must be a boolean (true or false)")
+    return value
 
 
 def _network_from_request(request: Mapping[str, Any]) -> JSON:
@@ -274,9 +315,9 @@ def _network_from_request(request: Mapping[str, Any]) -> JSON:
         raise BadRequest("network must be an object")
     allow_out = _string_list(network, "allowOut")
     deny_out = _string_list(network, "denyOut")
-    unsupported = sorted(set(network or {}) - {"allowOut", "denyOut"})
+    unsupported = sorted(set(network or {}) - {"allowOut", "denyOut", "allowPublicTraffic"})
     if unsupported:
-        raise BadRequest(f"network.{unsupported[0]} is not supported (allowOut and denyOut are)")
+        raise BadRequest(f"network.{unsupported[0]} is not supported (allowOut, denyOut and allowPublicTraffic are)")
     if allow_out:
         if deny_out not in ([], ["0.0.0.0/0"]):
             raise BadRequest('network.denyOut must be ["0.0.0.0/0"] (or empty) when allowOut is set')
@@ -293,7 +334,11 @@ def _network_from_request(request: Mapping[str, Any]) -> JSON:
 
 
 def _string_list(network: Mapping[str, Any] | None, field: str) -> list[str]:
-    value = (network or {}).get(field) or []
+    """network.allowOut / denyOut: absent is empty; anything but a list of strings (null too: the
+    schema's arrays are not nullable) is refused, naming the field."""
+    if network is None or field not in network:
+        return []
+    value = network[field]
     if not isinstance(value, list) or not all(isinstance(entry, str) for entry in value):
         raise BadRequest(f"network.{field} must be a list of strings")
     return value
@@ -445,15 +490,16 @@ def metrics_pod_ip(body: Mapping[str, Any]) -> str | None:
     return str(pod_ip) if pod_ip and state_of(body) == "running" else None
 
 
-def sandbox_response(body: Mapping[str, Any], token: str, domain: str | None) -> JSON:
-    """The `Sandbox` schema (create / connect)."""
+def sandbox_response(body: Mapping[str, Any], token: str, traffic: str, domain: str | None) -> JSON:
+    """The `Sandbox` schema (create / connect): `token` the envd access token, `traffic` the
+    trafficAccessToken (`traffic_token`)."""
     return {
         "templateID": body["spec"]["template"],
         "sandboxID": sandbox_id_of(body),
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_COMPATIBLE_VERSION,
         "envdAccessToken": token,
-        "trafficAccessToken": token,
+        "trafficAccessToken": traffic,
         "domain": domain,
         "alias": body["spec"]["template"],
     }
@@ -472,8 +518,12 @@ def _created(body: Mapping[str, Any]) -> datetime:
     return datetime.now(UTC)
 
 
-def sandbox_detail(body: Mapping[str, Any], template: Mapping[str, Any] | None, token: str | None) -> JSON:
-    """`SandboxDetail` / `ListedSandbox`: every required field, sizes from the effective resources."""
+def sandbox_detail(
+    body: Mapping[str, Any], template: Mapping[str, Any] | None, token: str | None, traffic: str | None = None
+) -> JSON:
+    """`SandboxDetail` (get_info: with the tokens) / `ListedSandbox` (without): every required field,
+    sizes from the effective resources. get_info also says `network.allowPublicTraffic` and, as create
+    and connect do, the `trafficAccessToken`."""
     status = body.get("status") or {}
     created = _created(body)
     started = _time(status.get("startedAt"), created)
@@ -503,6 +553,9 @@ def sandbox_detail(body: Mapping[str, Any], template: Mapping[str, Any] | None, 
     }
     if token is not None:
         detail["envdAccessToken"] = token
+    if traffic is not None:
+        detail["trafficAccessToken"] = traffic
+        detail["network"] = {"allowPublicTraffic": public_traffic(body)}
     return detail
 
 
@@ -546,6 +599,9 @@ def kubernetes_error(status: int, body: Any) -> tuple[int, JSON]:
 
 # --- listing ---------------------------------------------------------------------------------------
 
+ListKey = tuple[datetime, str]  # (creation time, sandbox ID): the order of a list, newest first by default
+_OLDEST = datetime.min.replace(tzinfo=UTC)
+
 
 @dataclass(frozen=True)
 class ListQuery:
@@ -553,11 +609,18 @@ class ListQuery:
     metadata: dict[str, str]
     template: str | None
     limit: int
-    after: str | None  # nextToken: the sandbox ID the previous page ended with
+    after: ListKey | None = None  # nextToken: where the previous page ended
+    order: str = "desc"  # by creation time, then sandbox ID
+    started_after: datetime | None = None
 
 
 def parse_list_query(query: Mapping[str, str]) -> ListQuery:
-    states = frozenset(s for s in (query.get("state") or "").split(",") if s) or frozenset({"running", "paused"})
+    """GET /v2/sandboxes' query as the SDK sends it: `state` comma-joined (repeated works too),
+    `metadata` double-encoded, `template`, `order` asc/desc, `startedAfter` RFC 3339, `limit` 1..100 and
+    `nextToken` (the previous page's x-next-token); BadRequest naming what is wrong."""
+    getall = getattr(query, "getall", None)
+    raw_states = ",".join(getall("state", [])) if getall is not None else query.get("state") or ""
+    states = frozenset(s for s in raw_states.split(",") if s) or frozenset({"running", "paused"})
     unknown = states - {"running", "paused"}
     if unknown:
         raise BadRequest(f"state must be running and/or paused, not {sorted(unknown)[0]!r}")
@@ -567,13 +630,27 @@ def parse_list_query(query: Mapping[str, str]) -> ListQuery:
         raise BadRequest("limit must be an integer") from None
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    order = query.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise BadRequest(f"order must be asc or desc, not {order!r}")
+    started_after = query.get("startedAfter") or None
     return ListQuery(
         states,
         parse_metadata_filter(query.get("metadata") or ""),
         query.get("template") or None,
         limit,
-        query.get("nextToken") or None,
+        parse_next_token(query["nextToken"]) if query.get("nextToken") else None,
+        order,
+        _parse_started_after(started_after) if started_after else None,
     )
+
+
+def _parse_started_after(value: str) -> datetime:
+    try:
+        stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"startedAfter must be an RFC 3339 time, not {value!r}") from None
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC)
 
 
 def parse_metadata_filter(value: str) -> dict[str, str]:
@@ -582,39 +659,82 @@ def parse_metadata_filter(value: str) -> dict[str, str]:
     return {unquote(k): unquote(v) for k, v in parse_qsl(value, keep_blank_values=True)}
 
 
+def list_key(body: Mapping[str, Any]) -> ListKey:
+    """Where a sandbox stands in a list: its creation (immutable: a pause or resume does not move it), then
+    its ID. A body without a creation time (none the API server returns) sorts as the oldest."""
+    stamp = (body.get("metadata") or {}).get("creationTimestamp")
+    try:
+        created = _parse_time(stamp) if stamp else _OLDEST
+    except ValueError:
+        created = _OLDEST
+    return (created if created.tzinfo is not None else created.replace(tzinfo=UTC)), sandbox_id_of(body)
+
+
+def next_token(key: ListKey) -> str:
+    """The opaque x-next-token for a page ending at `key`: the key itself, so the next page continues
+    right after it whatever was created, paused, resumed or deleted meanwhile (no offset to shift)."""
+    created, sandbox_id = key
+    raw = json.dumps([created.isoformat(), sandbox_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def parse_next_token(token: str) -> ListKey:
+    try:
+        created, sandbox_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        stamp = datetime.fromisoformat(created)
+        if not isinstance(sandbox_id, str) or stamp.tzinfo is None:
+            raise ValueError(sandbox_id)
+    except (ValueError, TypeError, RecursionError):  # binascii.Error and JSONDecodeError are ValueErrors
+        raise BadRequest("nextToken is not a token this API returned (x-next-token of a list)") from None
+    return stamp, sandbox_id
+
+
+def _started(body: Mapping[str, Any]) -> datetime:
+    stamp = (body.get("status") or {}).get("startedAt")
+    try:
+        started = _parse_time(stamp) if stamp else list_key(body)[0]
+    except ValueError:
+        started = list_key(body)[0]
+    return started if started.tzinfo is not None else started.replace(tzinfo=UTC)
+
+
 def matches(body: Mapping[str, Any], query: ListQuery) -> bool:
     state = state_of(body)
     if state is None or state not in query.states:
         return False
     if query.template and body["spec"]["template"] not in (query.template, TEMPLATE_ALIASES.get(query.template)):
         return False
+    if query.started_after is not None and _started(body) < query.started_after:
+        return False
     metadata = body["spec"].get("metadata") or {}
     return all(metadata.get(k) == v for k, v in query.metadata.items())
 
 
-def page(items: list[JSON], query: ListQuery) -> tuple[list[JSON], str | None]:
-    """Items ordered by sandbox ID; a page of `limit` after `query.after`, and the next token."""
-    ordered = sorted(items, key=lambda item: str(item["sandboxID"]))
-    if query.after:
-        ordered = [item for item in ordered if item["sandboxID"] > query.after]
-    chosen = ordered[: query.limit]
-    more = len(ordered) > query.limit
-    return chosen, (str(chosen[-1]["sandboxID"]) if more and chosen else None)
+def ordered(bodies: Iterable[Mapping[str, Any]], order: str = "desc") -> list[Mapping[str, Any]]:
+    """Newest first (`desc`, E2B's default) or oldest first, by `list_key`: a total order."""
+    return sorted(bodies, key=list_key, reverse=order == "desc")
+
+
+def page(bodies: list[Mapping[str, Any]], query: ListQuery) -> tuple[list[Mapping[str, Any]], str | None]:
+    """Of `bodies` in the query's order (`ordered`): the `limit` after `query.after`, and the next
+    token when more follow."""
+    rest = bodies
+    if query.after is not None:
+        after = query.after
+        rest = [b for b in bodies if (list_key(b) < after if query.order == "desc" else list_key(b) > after)]
+    chosen = rest[: query.limit]
+    more = len(rest) > query.limit
+    return chosen, (next_token(list_key(chosen[-1])) if more and chosen else None)
 
 
 def list_sandboxes(
     bodies: Iterable[Mapping[str, Any]], templates: Mapping[str, JSON], query: ListQuery, *, paginated: bool
 ) -> tuple[list[JSON], str | None]:
-    """GET /v2/sandboxes (`paginated`) or the v1 GET /sandboxes (everything at once): the listed
-    sandboxes and the next page's token."""
-    items = [
-        sandbox_detail(body, templates.get(body["spec"]["template"]), None)
-        for body in bodies
-        if visible(body) and matches(body, query)
-    ]
-    if not paginated:
-        return sorted(items, key=lambda item: str(item["sandboxID"])), None
-    return page(items, query)
+    """GET /v2/sandboxes (`paginated`) or the v1 GET /sandboxes (everything at once): the sandboxes the
+    filters (state, metadata, template, startedAfter) leave, in the query's order, and the next page's token."""
+    shown = ordered((body for body in bodies if visible(body) and matches(body, query)), query.order)
+    chosen, token = page(shown, query) if paginated else (shown, None)
+    return [sandbox_detail(body, templates.get(body["spec"]["template"]), None) for body in chosen], token
 
 
 # --- data-plane routing ----------------------------------------------------------------------------
@@ -702,6 +822,12 @@ class Admission:
     signed_path: str | None = None  # admitted by a signed /files URL: the one path it may read or write
 
 
+def _interpreter_traffic_path(path: str) -> bool:
+    """The code interpreter's calls the SDK makes with the trafficAccessToken alone (/execute also
+    carries the access token, and needs it)."""
+    return path in ("/health", "/contexts") or path.startswith("/contexts/")
+
+
 def proxy_admission(
     route: Route,
     *,
@@ -711,14 +837,30 @@ def proxy_admission(
     query: Mapping[str, str],
     token: str,
     now: float,
+    traffic: str | None = None,
+    public: bool = True,
 ) -> Admission:
     """Whether and how a data-plane request (`path` as `proxy_path` made it) may pass; Refused when not
     (403 internal, 401 without a valid token or signature). /health is open (the SDK probes it without a
-    token); /files may carry a signature instead (signed download/upload URLs)."""
+    token); /files may carry a signature instead (signed download/upload URLs). A sandbox without
+    `public` traffic (allowPublicTraffic: false) admits its user ports only with its `traffic` token in
+    E2B-Traffic-Access-Token (403 otherwise, as E2B); the agent's ports keep the access token, and the
+    code interpreter's context calls also take the traffic token (the SDK sends only that one there)."""
     if route.port == ENVD_PORT and internal_path(path):
         raise Refused(403, f"{path} is internal to the sandbox")
-    given = headers.get("X-Access-Token") or headers.get("E2B-Traffic-Access-Token")
+    if not public and route.port not in AGENT_PORTS:
+        if tokens_equal(headers.get(TRAFFIC_TOKEN_HEADER), traffic or token):
+            return Admission()
+        raise Refused(403, f"this sandbox's ports are private: missing or invalid {TRAFFIC_TOKEN_HEADER} header")
+    given = headers.get(AGENT_TOKEN_HEADER) or headers.get(TRAFFIC_TOKEN_HEADER)
     if tokens_equal(given, token) or (route.port == ENVD_PORT and path == "/health"):
+        return Admission()
+    if (
+        route.port == INTERPRETER_PORT
+        and traffic is not None
+        and _interpreter_traffic_path(path)
+        and tokens_equal(headers.get(TRAFFIC_TOKEN_HEADER), traffic)
+    ):
         return Admission()
     if route.port == ENVD_PORT and path == "/files" and query.get("signature"):
         signed = query.get("path", "")

@@ -7,7 +7,9 @@ E2B calls into Sandbox objects and waits on the watch for them to converge.
 
 Auth: control-plane calls carry `X-API-KEY`; each key is a Secret in the gateway's namespace and
 grants one namespace. Data-plane calls carry the sandbox's access token (returned by create and
-connect as envdAccessToken and trafficAccessToken), which the gateway checks before proxying.
+connect as envdAccessToken and trafficAccessToken), which the gateway checks before proxying; a
+sandbox created with allowPublicTraffic: false gets a traffic token of its own, which its user
+ports require (E2B-Traffic-Access-Token).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class Gateway:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
         )
         self._upstream: aiohttp.ClientSession | None = None
-        self._tokens: dict[tuple[str, str], str] = {}  # (sandbox uid, token epoch) -> access token
+        self._tokens: dict[tuple[str, str, str], str] = {}  # (kind, sandbox uid, token epoch) -> token
         self._agent_tokens: dict[str, str] = {}  # status.agentTokenId -> agent token
 
     # --- application -----------------------------------------------------------------------------
@@ -250,14 +252,28 @@ class Gateway:
         return self.cache.templates
 
     def token_of(self, body: JSON) -> str:
+        """The sandbox's envd access token (e2b.access_token)."""
+        return self._derived_token("access", body)
+
+    def traffic_token_of(self, body: JSON) -> str:
+        """The sandbox's trafficAccessToken (e2b.traffic_token)."""
+        return self._derived_token("access" if e2b.public_traffic(body) else "traffic", body)
+
+    def _derived_token(self, kind: str, body: JSON) -> str:
         metadata = body["metadata"]
-        cache_key = (str(metadata["uid"]), str((metadata.get("annotations") or {}).get(TOKEN_EPOCH_ANNOTATION, "")))
+        epoch = str((metadata.get("annotations") or {}).get(TOKEN_EPOCH_ANNOTATION, ""))
+        cache_key = (kind, str(metadata["uid"]), epoch)
         token = self._tokens.get(cache_key)
         if token is None:  # an HMAC per proxied request is measurable: computed once per sandbox and epoch
             if len(self._tokens) > 100_000:
                 self._tokens.clear()
-            token = self._tokens[cache_key] = e2b.access_token(self.config.token_key, body)
+            derive = e2b.access_token if kind == "access" else e2b.traffic_token
+            token = self._tokens[cache_key] = derive(self.config.token_key, body)
         return token
+
+    def sandbox_response(self, body: JSON) -> JSON:
+        """The E2B `Sandbox` (create / connect) of a serving sandbox, with its tokens."""
+        return e2b.sandbox_response(body, self.token_of(body), self.traffic_token_of(body), self.config.domain)
 
     def agent_headers(self, body: JSON) -> dict[str, str]:
         """What every call to the sandbox's agent carries: the pod's agent token (derived from the token
@@ -365,7 +381,7 @@ class Gateway:
         manifest = e2b.sandbox_for_create(payload, namespace=namespace, templates=self.cache.templates)
         await self.create_sandbox(namespace, manifest)
         body = await self.until_serving((namespace, manifest["metadata"]["name"]), delete_on_failure=True)
-        return json_response(201, e2b.sandbox_response(body, self.token_of(body), self.config.domain))
+        return json_response(201, self.sandbox_response(body))
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         namespace = self.namespace_of(request)
@@ -383,7 +399,7 @@ class Gateway:
     async def get_info(self, request: web.Request) -> web.StreamResponse:
         _, body = self._sandbox(request)
         template = self.cache.template(body["spec"]["template"])
-        return json_response(200, e2b.sandbox_detail(body, template, self.token_of(body)))
+        return json_response(200, e2b.sandbox_detail(body, template, self.token_of(body), self.traffic_token_of(body)))
 
     async def kill(self, request: web.Request) -> web.StreamResponse:
         namespace, body = self._sandbox(request)
@@ -416,8 +432,7 @@ class Gateway:
         if payload.get("timeout") is not None:
             await self._extend(namespace, body, e2b.seconds(payload["timeout"], "timeout"), only_longer=True)
         serving = await self.until_serving((namespace, name), delete_on_failure=False)
-        response = e2b.sandbox_response(serving, self.token_of(serving), self.config.domain)
-        return json_response(201 if resumed else 200, response)
+        return json_response(201 if resumed else 200, self.sandbox_response(serving))
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         _, body = self._sandbox(request)
@@ -451,6 +466,8 @@ class Gateway:
             query=request.query,
             token=self.token_of(body),
             now=time.time(),
+            traffic=self.traffic_token_of(body),
+            public=e2b.public_traffic(body),
         )
         if not e2b.declared_port(route.port, body, self.cache.template(body["spec"]["template"])):
             return json_response(502, e2b.port_not_open_body(route))

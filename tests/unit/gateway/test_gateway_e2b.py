@@ -210,11 +210,19 @@ def test_list_query_filters_and_pages() -> None:
     assert e2b.matches(cr("Suspended", metadata={"team": "a"}), query)
     assert not e2b.matches(cr("Running", metadata={"team": "a"}), query)
     assert not e2b.matches(cr("Suspended", metadata={"team": "b"}), query)
-    items = [{"sandboxID": f"s{i}"} for i in (3, 1, 2, 4)]
-    first, token = e2b.page(items, query)
-    assert [i["sandboxID"] for i in first] == ["s1", "s2"] and token == "s2"
-    second, token = e2b.page(items, e2b.parse_list_query({"limit": "2", "nextToken": "s2"}))
-    assert [i["sandboxID"] for i in second] == ["s3", "s4"] and token is None
+
+    # Pages, newest first (the walk across pages and states: test_gateway_conformance.py).
+    def created_at(second: int) -> dict[str, Any]:
+        body = cr()
+        body["metadata"]["creationTimestamp"] = f"2026-12-01T10:00:0{second}Z"
+        body["status"] = {"phase": "Running", "sandboxID": f"s{second}"}
+        return body
+
+    bodies = [created_at(second) for second in (3, 1, 2, 4)]
+    first, token = e2b.page(e2b.ordered(bodies), query)
+    assert [e2b.sandbox_id_of(b) for b in first] == ["s4", "s3"] and token is not None
+    second, token = e2b.page(e2b.ordered(bodies), e2b.parse_list_query({"limit": "2", "nextToken": token}))
+    assert [e2b.sandbox_id_of(b) for b in second] == ["s2", "s1"] and token is None
 
 
 @pytest.mark.parametrize("query", [{"state": "sleeping"}, {"limit": "0"}, {"limit": "101"}, {"limit": "x"}])
@@ -485,11 +493,12 @@ def test_listing_skips_ended_and_deleted_sandboxes_and_pages_v2_only() -> None:
     query = e2b.parse_list_query({"limit": "2"})
     everything, token = e2b.list_sandboxes(bodies, {"base": TEMPLATE}, query, paginated=False)
     ids = [item["sandboxID"] for item in everything]
-    assert len(ids) == 3 and ids == sorted(ids) and token is None
+    # One creation time: newest first falls back to the sandbox ID (descending too).
+    assert len(ids) == 3 and ids == sorted(ids, reverse=True) and token is None
     assert everything[0]["cpuCount"] == 2  # sized from the template
     first, token = e2b.list_sandboxes(bodies, {}, query, paginated=True)
-    assert [item["sandboxID"] for item in first] == ids[:2] and token == ids[1]
-    assert "envdAccessToken" not in first[0]
+    assert [item["sandboxID"] for item in first] == ids[:2] and token is not None
+    assert "envdAccessToken" not in first[0] and "trafficAccessToken" not in first[0]
 
 
 @pytest.mark.parametrize(
