@@ -41,7 +41,7 @@ def test_create_reaches_running_with_children(cluster: Cluster, namespace: str) 
     assert ready["status"] == "True"
     found = children(cluster, namespace, "sb1")
     assert found["pods"] == [status["podName"]]
-    assert len(found["pvc"]) == 1 and len(found["services"]) == 1
+    assert len(found["pvc"]) == 1 and found["services"] == []  # a Service is opt-in (network.service)
     pod = cluster.get_json("pod", status["podName"], "-n", namespace)
     container = pod["spec"]["containers"][0]
     assert container["resources"]["limits"]["cpu"] in ("250m", "0.25")
@@ -64,7 +64,7 @@ def test_suspend_and_resume_keep_the_workspace(cluster: Cluster, namespace: str)
     assert next(c for c in suspended["status"]["conditions"] if c["type"] == "Suspended")["status"] == "True"
     wait_until(lambda: children(cluster, namespace, "sb2")["pods"] == [], timeout=30, message="pod deleted")
     kept = children(cluster, namespace, "sb2")
-    assert kept["pvc"] == pvc_before and len(kept["services"]) == 1
+    assert kept["pvc"] == pvc_before
 
     cluster.kubectl("patch", "sandbox", "sb2", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":false}}')
     resumed = wait_phase(cluster, namespace, "sb2", "Running")
@@ -86,7 +86,7 @@ def test_a_sandbox_created_suspended_never_runs_until_resumed(cluster: Cluster, 
     parked = sandbox(cluster, namespace, "sb-parked")
     assert parked["status"].get("startedAt") is None and parked["status"]["reason"] == "SuspendRequested"
     made = children(cluster, namespace, "sb-parked")
-    assert made["pods"] == [] and len(made["pvc"]) == 1 and len(made["services"]) == 1
+    assert made["pods"] == [] and len(made["pvc"]) == 1
     assert len(made["networkpolicies"]) == 1
 
     cluster.kubectl(
@@ -274,7 +274,7 @@ def test_unknown_template_reports_it(cluster: Cluster, namespace: str) -> None:
 
 
 def test_network_change_reapplies_the_policy_and_deleted_children_come_back(cluster: Cluster, namespace: str) -> None:
-    cluster.apply(sandbox_manifest("net", network={"egress": "deny"}), namespace)
+    cluster.apply(sandbox_manifest("net", network={"egress": "deny", "service": True}), namespace)
     running = wait_phase(cluster, namespace, "net", "Running")
     policy_name = service_name = running["status"]["podName"]  # children share the sbx-<name> name
     assert cluster.get_json("networkpolicy", policy_name, "-n", namespace)
@@ -292,7 +292,7 @@ def test_network_change_reapplies_the_policy_and_deleted_children_come_back(clus
         namespace,
         "--type=merge",
         "-p",
-        json.dumps({"spec": {"network": {"egress": "allow", "ports": [8080]}}}),
+        json.dumps({"spec": {"network": {"egress": "allow", "ports": [8080], "service": True}}}),
     )
     wait_until(lambda: egress_rules() == denied + 1, timeout=30, message="the policy re-applied with egress allow")
     wait_until(
@@ -315,6 +315,17 @@ def test_network_change_reapplies_the_policy_and_deleted_children_come_back(clus
             return child is not None and child["metadata"]["uid"] != old_uid
 
         wait_until(recreated, timeout=30, message=f"{kind} {name} recreated")
+    assert sandbox(cluster, namespace, "net")["status"]["phase"] == "Running"
+
+    # No longer asked for: the Service goes, the sandbox keeps running (the gateway uses the pod IP).
+    cluster.kubectl(
+        "patch", "sandbox", "net", "-n", namespace, "--type=merge", "-p", '{"spec":{"network":{"service":false}}}'
+    )
+    wait_until(
+        lambda: cluster.get_json("service", service_name, "-n", namespace) is None,
+        timeout=30,
+        message="the Service deleted once network.service is false",
+    )
     assert sandbox(cluster, namespace, "net")["status"]["phase"] == "Running"
 
 

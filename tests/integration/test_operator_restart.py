@@ -31,7 +31,7 @@ def test_sigkill_mid_lifecycle_converges_without_orphans_or_duplicates(
                 "apiVersion": "sandbox.dev/v1alpha1",
                 "kind": "Sandbox",
                 "metadata": {"name": f"s{i:02d}"},
-                "spec": {"template": base_template, "suspended": i % 5 == 0},
+                "spec": {"template": base_template, "suspended": i % 5 == 0, "network": {"service": True}},
             }
             for i in range(COUNT)
         ]

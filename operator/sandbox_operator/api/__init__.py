@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         capped_lifetime,
         resolve_egress,
         resolve_resources,
+        resolve_service,
         resolve_timeouts,
     )
     from .v1alpha1 import (
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
         Condition,
         ConditionStatus,
         EgressMode,
-        EgressSpec,
         ImagePolicy,
         ImagePolicyMode,
         ImagePullPolicy,
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
         SandboxTimeouts,
         SecuritySettings,
         SuspendCause,
+        TemplateNetwork,
         TemplateResourceDefaults,
         TemplateResources,
         TemplateTimeouts,
@@ -80,7 +81,7 @@ _HOMES: dict[str, str] = {
     "Condition": "v1alpha1",
     "ConditionStatus": "v1alpha1",
     "EgressMode": "v1alpha1",
-    "EgressSpec": "v1alpha1",
+    "TemplateNetwork": "v1alpha1",
     "ImagePolicy": "v1alpha1",
     "ImagePolicyMode": "v1alpha1",
     "ImagePullPolicy": "v1alpha1",
@@ -124,6 +125,7 @@ _HOMES: dict[str, str] = {
     "parse_quantity": "quantity",
     "resolve_egress": "resolve",
     "resolve_resources": "resolve",
+    "resolve_service": "resolve",
     "resolve_timeouts": "resolve",
 }
 
@@ -139,7 +141,6 @@ __all__ = [
     "Condition",
     "ConditionStatus",
     "EgressMode",
-    "EgressSpec",
     "ImagePolicy",
     "ImagePolicyMode",
     "ImagePullPolicy",
@@ -165,6 +166,7 @@ __all__ = [
     "SandboxTimeouts",
     "SecuritySettings",
     "SuspendCause",
+    "TemplateNetwork",
     "TemplateResourceDefaults",
     "TemplateResources",
     "TemplateTimeouts",
@@ -183,6 +185,7 @@ __all__ = [
     "parse_quantity",
     "resolve_egress",
     "resolve_resources",
+    "resolve_service",
     "resolve_timeouts",
 ]
 

@@ -20,6 +20,7 @@ __all__ = [
     "capped_lifetime",
     "resolve_egress",
     "resolve_resources",
+    "resolve_service",
     "resolve_timeouts",
 ]
 
@@ -145,3 +146,12 @@ def resolve_egress(spec: SandboxSpec, template: SandboxTemplateSpec) -> Resolved
         return ResolvedEgress(own.egress, tuple(own.egress_allow or ()), from_template=False)
     default = template.network
     return ResolvedEgress(default.egress or EgressMode.DENY, tuple(default.egress_allow or ()), from_template=True)
+
+
+def resolve_service(spec: SandboxSpec, template: SandboxTemplateSpec) -> bool:
+    """Whether the sandbox gets a headless Service: its spec.network.service, else its template's,
+    else not (the gateway reaches sandboxes by pod IP; a Service per sandbox costs the API server
+    the Service, its EndpointSlice and the endpoints controllers' work)."""
+    if spec.network.service is not None:
+        return spec.network.service
+    return bool(template.network.service)

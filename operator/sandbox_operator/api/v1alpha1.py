@@ -206,8 +206,8 @@ _EGRESS_RULES = (
 )
 
 
-class EgressSpec(_Model):
-    """Outbound traffic of a sandbox; a template's is the default of its sandboxes."""
+class TemplateNetwork(_Model):
+    """Network settings of a template's sandboxes (egress, a Service); a Sandbox's own win."""
 
     model_config = ConfigDict(json_schema_extra=with_rules(*_EGRESS_RULES))
 
@@ -228,6 +228,15 @@ class EgressSpec(_Model):
         ),
     )
 
+    service: bool | None = Field(
+        default=None,
+        description=(
+            "A headless Service per sandbox (DNS name sbx-<name>.<namespace>.svc for in-cluster clients). "
+            "Unset on a Sandbox: its template's; unset there too: none. The gateway reaches sandboxes by "
+            "pod IP either way (status.endpoint), so a Service is only for other in-cluster clients."
+        ),
+    )
+
     @model_validator(mode="after")
     def _egress_consistent(self) -> Self:
         if self.egress is not EgressMode.ALLOW_LIST and self.egress_allow:
@@ -237,7 +246,7 @@ class EgressSpec(_Model):
         return self
 
 
-class NetworkSpec(EgressSpec):
+class NetworkSpec(TemplateNetwork):
     """Network access of a sandbox."""
 
     model_config = ConfigDict(
@@ -848,8 +857,8 @@ class SandboxTemplateSpec(_Model):
         description="User, group and root-filesystem settings of the sandbox pod.",
         json_schema_extra={"default": {}},
     )
-    network: EgressSpec = Field(
-        default_factory=EgressSpec,
+    network: TemplateNetwork = Field(
+        default_factory=TemplateNetwork,
         description=(
             "Default egress of this template's sandboxes (a Sandbox's own spec.network.egress wins), "
             "e.g. allowList to the package index for a code interpreter. Unset: deny."

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sandbox_operator.api import API_VERSION, Phase, Sandbox, SandboxTemplate
+from sandbox_operator.api import API_VERSION, Phase, Sandbox, SandboxTemplate, resolve_service
 from sandbox_operator.api.names import (
     AGENT_TOKEN_ID_ANNOTATION,
     CLAIMED_FROM_POOL_ANNOTATION,
@@ -88,9 +88,10 @@ def _select_pod(pods: list[JSON], expected_name: str, status_pod: str | None) ->
 
 @dataclass(frozen=True)
 class _Children:
-    """The Service and NetworkPolicy the sandbox should have, as built now."""
+    """The Service (None when the sandbox wants none) and NetworkPolicy the sandbox should have, as
+    built now."""
 
-    service: JSON
+    service: JSON | None
     policy: JSON
 
 
@@ -110,7 +111,7 @@ async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
     pod = await _the_pod(rt, key, status_now)
     pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((key[0], child_names(key[1]).pvc))
     children = _Children(
-        build_service(sandbox, template),
+        build_service(sandbox, template) if resolve_service(sandbox.spec, template.spec) else None,
         build_network_policy(
             sandbox,
             template,
@@ -187,6 +188,7 @@ class _Pass:
         self.names = child_names(key[1])
         self.uid = str(sandbox.metadata.uid)
         self.pool_source: str | None = None  # the pool a warm pod was claimed from in this pass
+        self.policy_written: asyncio.Future[None] | None = None  # this pass's NetworkPolicy write
         self._steps: dict[type[Action], Callable[[Action], Awaitable[bool]]] = {
             CreatePod: self._create_pod,
             EnsurePVC: self._ensure_pvc,
@@ -199,38 +201,42 @@ class _Pass:
 
     async def carry_out(self, decision: Decision, children: _Children) -> bool:
         """Run the decision; True when the Sandbox itself was deleted. The Service and the
-        NetworkPolicy depend on nothing else: they are written while the pod is."""
+        NetworkPolicy are written alongside the claim, but no pod is created or claimed before its
+        NetworkPolicy write has succeeded: a refused policy leaves no pod running without it."""
         namespace = self.key[0]
-        ensures: list[tuple[ChildKind, str, str, JSON]] = [
-            ("service", SERVICES.collection(namespace), self.names.service, children.service)
-            if isinstance(action, EnsureService)
-            else ("networkpolicy", NETWORK_POLICIES.collection(namespace), self.names.network_policy, children.policy)
-            for action in decision.actions
-            if isinstance(action, EnsureService | EnsureNetworkPolicy)
-        ]
-        written = (
-            asyncio.ensure_future(
-                asyncio.gather(
-                    *(_ensure_child(self.rt, kind, path, name, self.uid, built) for kind, path, name, built in ensures)
+        writes: list[asyncio.Future[None]] = []
+        for action in decision.actions:
+            if isinstance(action, EnsureService) and children.service is not None:  # decide asks only then
+                service = _ensure_child(
+                    self.rt, "service", SERVICES.collection(namespace), self.names.service, self.uid, children.service
                 )
-            )
-            if ensures
-            else None
-        )
+                writes.append(asyncio.ensure_future(service))
+            elif isinstance(action, EnsureNetworkPolicy):
+                path = NETWORK_POLICIES.collection(namespace)
+                policy = _ensure_child(
+                    self.rt, "networkpolicy", path, self.names.network_policy, self.uid, children.policy
+                )
+                self.policy_written = asyncio.ensure_future(policy)
+                writes.append(self.policy_written)
         try:
             deleted = await self._run(decision)
         except BaseException:
-            if written is not None:
-                await asyncio.gather(written, return_exceptions=True)
+            await asyncio.gather(*writes, return_exceptions=True)
             raise
-        if written is not None:
-            await written
+        await asyncio.gather(*writes)
         return deleted
+
+    async def _policy_in_place(self) -> None:
+        """Wait for this pass's NetworkPolicy write (if any); its failure fails the pass here."""
+        if self.policy_written is not None:
+            await self.policy_written
 
     async def _run(self, decision: Decision) -> bool:
         status = self.body.get("status") or {}
         if may_claim_warm_pod(status, has_workspace=self.pvc is not None, creates_pod=decision.has_action(CreatePod)):
             # A warm pod from a pool brings its own workspace claim: try that before creating either.
+            # (It started under its pool's policy; no traffic reaches it before the status this pass
+            # writes after every child write, the policy's included, has succeeded.)
             claimed = await try_claim_pool_pod(self.rt, self.sandbox, self.template)
             if claimed is not None:
                 self.pod, self.pool_source = claimed, claimed["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION]
@@ -248,6 +254,7 @@ class _Pass:
     async def _create_pod(self, _: Action) -> bool:
         if self.pool_source is not None:
             return False
+        await self._policy_in_place()
         key = self.rt.config.agent_token_key
         new_pod = build_pod(self.sandbox, self.template, issue_agent_token(key) if key else None)
         if self.pvc is not None and self.pvc["metadata"]["name"] != self.names.pvc:
@@ -324,8 +331,13 @@ def _observe(
         sandbox,
         pod=pod,
         pvc=pvc,
-        # "present" means present and current: a changed spec.network re-applies the policy.
-        service_present=_is_current(rt, "service", (namespace, names.service), uid, children.service),
+        # "present" means present and current: a changed spec.network re-applies the policy. A
+        # Service the sandbox does not want is present when it exists at all (decide deletes it).
+        service_present=(
+            _is_current(rt, "service", (namespace, names.service), uid, children.service)
+            if children.service is not None
+            else rt.store.child_hash("service", (namespace, names.service)) is not None
+        ),
         network_policy_present=_is_current(
             rt, "networkpolicy", (namespace, names.network_policy), uid, children.policy
         ),

@@ -194,8 +194,10 @@ class _Reconcile:
             actions.append(EnsureNetworkPolicy())
         if self.desired.persistent_workspace and self.observed.pvc is None:
             actions.append(EnsurePVC())
-        if self.observed.service_present is not True:
+        if self.desired.service and self.observed.service_present is not True:
             actions.append(EnsureService())
+        elif not self.desired.service and self.observed.service_present:
+            actions.append(DeleteService())  # no longer asked for (or made before Services were opt-in)
         return actions
 
     def _start_pod(self) -> list[Action]:

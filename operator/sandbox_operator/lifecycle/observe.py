@@ -20,6 +20,7 @@ from sandbox_operator.api import (
     namespace_violation,
     parse_duration,
     resolve_resources,
+    resolve_service,
     resolve_timeouts,
 )
 from sandbox_operator.api.names import END_AT_ANNOTATION, PAUSED_ANNOTATION, RESUME_REQUEST_ANNOTATION
@@ -144,6 +145,7 @@ def desired_from(sandbox: Sandbox, template: SandboxTemplate, retry: RetryPolicy
         on_idle=spec.on_idle,
         ttl_after_terminated=None if ttl is None else timedelta(seconds=parse_duration(ttl)),
         persistent_workspace=template_spec.persistence.enabled,
+        service=resolve_service(spec, template_spec),
         resources_violation=resources.violation_message,
         image_violation=image_violation(spec, template_spec),
         namespace_violation=namespace_violation(

@@ -129,6 +129,8 @@ class Desired:
     ttl_after_terminated: timedelta | None = None
     # False when the template has no persistence: no PVC, the workspace is an emptyDir.
     persistent_workspace: bool = True
+    # A headless Service is wanted (api.resolve_service: spec.network.service, else the template's).
+    service: bool = False
     # Set when spec.resources exceed the template maximum (api.resolve_resources): a human
     # message naming the field. No pod is ever created while this is set.
     resources_violation: str | None = None
@@ -147,7 +149,8 @@ class Observed:
     """What the operator sees: the Sandbox's own status and metadata, and its children.
 
     ``service_present`` / ``network_policy_present``: None means "not observed"; decide() then asks
-    for an (idempotent) ensure while the sandbox needs the child.
+    for an (idempotent) ensure while the sandbox needs the child. Present means present and current
+    (as built now); for a Service the sandbox does not want, present at all (it is deleted).
     """
 
     created_at: datetime

@@ -1,4 +1,5 @@
-"""api.resolve_egress: a Sandbox's own spec.network.egress, else its template's network, else deny."""
+"""api.resolve_egress and api.resolve_service: a Sandbox's own spec.network, else its template's
+network, else deny and no Service."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_operator.api import EgressMode, SandboxSpec, SandboxTemplateSpec, resolve_egress
+from sandbox_operator.api import EgressMode, SandboxSpec, SandboxTemplateSpec, resolve_egress, resolve_service
 
 PACKAGE_INDEX = {"egress": "allowList", "egressAllow": ["pypi.org:443", "files.pythonhosted.org:443"]}
 
@@ -56,3 +57,11 @@ def test_the_sandboxs_own_egress_wins(own: dict[str, Any], mode: EgressMode, all
 def test_a_bad_template_network_is_refused(network: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _template(network)
+
+
+@pytest.mark.parametrize(
+    ("own", "default", "wanted"),
+    [({}, None, False), ({}, {"service": True}, True), ({"service": False}, {"service": True}, False)],
+)
+def test_a_service_is_opt_in(own: dict[str, Any], default: dict[str, Any] | None, wanted: bool) -> None:
+    assert resolve_service(_spec(**own), _template(default)) is wanted

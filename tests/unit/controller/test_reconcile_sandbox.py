@@ -139,21 +139,36 @@ async def start(harness: Harness, **spec: Any) -> None:
 # --- a cold start ---------------------------------------------------------------------------------
 
 
+async def test_a_service_is_made_only_when_asked_for_and_goes_when_no_longer_asked(harness: Harness) -> None:
+    api = harness.api
+    api.add(SANDBOX_TEMPLATES, {**TEMPLATE, "spec": {**TEMPLATE["spec"], "network": {"service": True}}})
+    api.add(SANDBOXES, sandbox_body())
+    assert_writes(
+        await harness.sandbox_pass(KEY), [CREATE_PVC, CREATE_POLICY, CREATE_SERVICE, CREATE_POD], [STATUS], [EVENT]
+    )
+    assert api.names(SERVICES, NS) == {CHILDREN.service}
+    api.set_pod_status(NS, CHILDREN.pod, "Running", True, pod_ip=POD_IP)
+    await harness.sandbox_pass(KEY)
+    # The Sandbox's own network.service: false wins over the template's: the Service goes.
+    api.edit(SANDBOXES.path(NS, NAME), {"spec": {"network": {"service": False}}})
+    assert ("DELETE", "services") in await harness.sandbox_pass(KEY)
+    assert api.names(SERVICES, NS) == set()
+    assert ("DELETE", "services") not in await harness.sandbox_pass(KEY)  # once
+
+
 async def test_a_cold_sandbox_gets_its_children_in_one_pass_and_runs_on_the_next(harness: Harness) -> None:
     api = harness.api
     api.add(SANDBOX_TEMPLATES, TEMPLATE)
     api.add(SANDBOXES, sandbox_body())
     # Pass 1: a new sandbox is not first marked Creating on its own; the same pass writes
     # everything its pod needs, then the status (phase Creating, the pod's name), then its Event.
-    assert_writes(
-        await harness.sandbox_pass(KEY), [CREATE_PVC, CREATE_POLICY, CREATE_SERVICE, CREATE_POD], [STATUS], [EVENT]
-    )
+    assert_writes(await harness.sandbox_pass(KEY), [CREATE_PVC, CREATE_POLICY, CREATE_POD], [STATUS], [EVENT])
     assert harness.last_pass.index(CREATE_PVC) < harness.last_pass.index(CREATE_POD)
     assert status(api)["phase"] == "Creating" and status(api)["podName"] == CHILDREN.pod
     assert "podIP" not in status(api) and condition(api, "Ready")["status"] == "False"
     pod = api.of_kind(PODS, NS)[CHILDREN.pod]
     assert workspace_claim_of(pod) == CHILDREN.pvc
-    assert api.names(SERVICES, NS) == {CHILDREN.service}
+    assert api.names(SERVICES, NS) == set()  # a Service is opt-in (network.service)
     assert api.names(NETWORK_POLICIES, NS) == {CHILDREN.network_policy}
     # Pass 2: the kubelet reports the pod running and ready.
     api.set_pod_status(NS, CHILDREN.pod, "Running", True, pod_ip=POD_IP)
@@ -190,7 +205,7 @@ async def test_a_template_without_persistence_creates_no_claim(harness: Harness)
     api = harness.api
     api.add(SANDBOX_TEMPLATES, {**TEMPLATE, "spec": {**TEMPLATE["spec"], "persistence": {"enabled": False}}})
     api.add(SANDBOXES, sandbox_body())
-    assert_writes(await harness.sandbox_pass(KEY), [CREATE_POLICY, CREATE_SERVICE, CREATE_POD], [STATUS], [EVENT])
+    assert_writes(await harness.sandbox_pass(KEY), [CREATE_POLICY, CREATE_POD], [STATUS], [EVENT])
     assert api.names(PERSISTENT_VOLUME_CLAIMS, NS) == set()
     pod = api.of_kind(PODS, NS)[CHILDREN.pod]
     assert workspace_claim_of(pod) is None
@@ -213,7 +228,7 @@ async def test_a_sandbox_on_a_warm_pod_runs_in_one_status_write_and_counts_as_a_
     # the sandbox from nothing to Running, with both phase changes' Events.
     assert_writes(
         await harness.sandbox_pass(KEY),
-        [("PATCH", "persistentvolumeclaims"), CREATE_POLICY, CREATE_SERVICE, ("PATCH", "pods")],
+        [("PATCH", "persistentvolumeclaims"), CREATE_POLICY, ("PATCH", "pods")],
         [STATUS],
         [EVENT, EVENT],
     )
@@ -241,7 +256,7 @@ async def test_a_missing_template_is_reported_once_and_the_sandbox_proceeds_when
     assert api.names(PODS, NS) == set() and api.names(PERSISTENT_VOLUME_CLAIMS, NS) == set()
     assert await harness.sandbox_pass(KEY) == []  # already said: no second status write, no Event
     api.add(SANDBOX_TEMPLATES, TEMPLATE)
-    assert_writes(await harness.sandbox_pass(KEY), [CREATE_PVC, CREATE_POLICY, CREATE_SERVICE, CREATE_POD], [STATUS])
+    assert_writes(await harness.sandbox_pass(KEY), [CREATE_PVC, CREATE_POLICY, CREATE_POD], [STATUS])
     assert (status(api)["reason"], condition(api, "Ready")["reason"]) == ("Creating", "Creating")
     assert events(api) == [("Warning", "TemplateNotFound")]
 
@@ -263,13 +278,9 @@ async def test_a_sandbox_that_waited_for_its_template_counts_its_entry_into_crea
 
 
 @pytest.mark.parametrize(("code", "reason"), [(500, "InternalError"), (403, "Forbidden")])
-async def test_a_failed_policy_write_fails_the_pass_but_today_the_pod_is_created_issue_14(
-    harness: Harness, code: int, reason: str
-) -> None:
-    # CURRENT behaviour, documented: the Service and the NetworkPolicy are written concurrently
-    # with the claim and the pod, so a refused policy write fails the pass only after the pod was
-    # created: for a moment the pod runs without its NetworkPolicy. Issue 14 will require "no pod
-    # without its policy"; this test then has to change (no POST pods in the failed pass).
+async def test_a_failed_policy_write_leaves_no_pod_without_its_policy(harness: Harness, code: int, reason: str) -> None:
+    # The policy is written alongside the workspace claim, but the pod waits for it: a refused
+    # policy write fails the pass before any pod exists, so no pod ever runs without its policy.
     api = harness.api
     api.add(SANDBOX_TEMPLATES, TEMPLATE)
     api.add(SANDBOXES, sandbox_body())
@@ -278,18 +289,19 @@ async def test_a_failed_policy_write_fails_the_pass_but_today_the_pod_is_created
     with pytest.raises(ApiError) as failed:
         await harness.sandbox_pass(KEY)
     assert failed.value.status == code
-    assert_writes(harness.last_pass, [CREATE_PVC, CREATE_POLICY, CREATE_SERVICE, CREATE_POD])
+    assert_writes(harness.last_pass, [CREATE_PVC, CREATE_POLICY])
     assert [w.status for w in api.written(*CREATE_POLICY)] == [code]
-    # What exists afterwards: the pod, its claim and its Service, but no policy, and no status.
-    assert api.names(PODS, NS) == {CHILDREN.pod}
+    assert api.written(*CREATE_POD) == []
+    # What exists afterwards: the claim (harmless without a pod), no pod, no policy, no status.
+    assert api.names(PODS, NS) == set()
     assert api.names(PERSISTENT_VOLUME_CLAIMS, NS) == {CHILDREN.pvc}
-    assert api.names(SERVICES, NS) == {CHILDREN.service}
     assert api.names(NETWORK_POLICIES, NS) == set()
     assert status(api) == {} and events(api) == []
     assert delta(harness.samples(TRANSITIONS), transitions) == {}
-    # The retry writes the policy and nothing it already has.
+    # The retry writes the policy, then the pod, and nothing it already has.
     api.heal("POST", NETWORK_POLICIES.collection(NS))
-    assert await harness.sandbox_pass(KEY) == [CREATE_POLICY, STATUS, EVENT]
+    assert_writes(await harness.sandbox_pass(KEY), [CREATE_POLICY, CREATE_POD], [STATUS], [EVENT])
+    assert harness.last_pass.index(CREATE_POLICY) < harness.last_pass.index(CREATE_POD)
     assert api.names(NETWORK_POLICIES, NS) == {CHILDREN.network_policy}
     assert api.names(PODS, NS) == {CHILDREN.pod}
 
@@ -423,7 +435,6 @@ async def test_a_deleted_sandbox_deletes_its_children_and_leaves_the_finalizer_t
     assert await harness.sandbox_pass(KEY) == [
         DELETE_POD,
         ("DELETE", "persistentvolumeclaims"),
-        ("DELETE", "services"),
         ("DELETE", "networkpolicies"),
         STATUS,
         EVENT,

@@ -37,7 +37,8 @@ def pod(phase: PodPhase = PodPhase.RUNNING, **fields: Any) -> PodObservation:
 
 
 def desired(**fields: Any) -> Desired:
-    return Desired(**{"max_lifetime": HOUR, "idle_timeout": timedelta(minutes=30), **fields})
+    """A sandbox that asks for everything there is (a Service too: the opt-in path is the longer one)."""
+    return Desired(**{"max_lifetime": HOUR, "idle_timeout": timedelta(minutes=30), "service": True, **fields})
 
 
 def observed(phase: Phase | None, **fields: Any) -> Observed:

@@ -647,3 +647,12 @@ def test_deletion_never_creates() -> None:
     for phase in [None, *Phase]:
         decision = decide(desired(), observed(phase, deleting=True, pod=None, pvc=None), at(1))
         assert not creates_anything(decision)
+
+
+def test_without_a_service_asked_for_none_is_made_and_an_old_one_goes() -> None:
+    fresh = decide(desired(service=False), observed(None, pod=None, pvc=None, service_present=None), at(0))
+    assert not fresh.has_action(EnsureService) and fresh.has_action(CreatePod)
+    leftover = decide(desired(service=False), observed(P.RUNNING, service_present=True), at(60))
+    assert work(leftover) == [DeleteService()]
+    gone = decide(desired(service=False), observed(P.RUNNING, service_present=False), at(60))
+    assert work(gone) == []
