@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from chartlib import documents, find
 from testlib import (
     REPO,
     Cluster,
@@ -63,17 +64,7 @@ def rendered(*args: str) -> list[dict[str, Any]]:
     out = helm(
         None, "template", "sbx", str(CHART), "--namespace", "sandbox-system", "--kube-version", "1.36.3", *args
     ).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
-def find(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> list[dict[str, Any]]:
-    """The documents of a kind (of one app.kubernetes.io/component, when given)."""
-    return [
-        doc
-        for doc in docs
-        if doc["kind"] == kind
-        and (component is None or (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == component)
-    ]
+    return documents(out)
 
 
 def forbidden_in(log: str) -> bool:
