@@ -136,10 +136,18 @@ class _Guarded(asyncio.Protocol):
 
 def guarded_runner(app: web.Application, limits: ListenerLimits) -> tuple[web.AppRunner, ConnectionGuard]:
     """An AppRunner for `app` with the guard's middleware first and aiohttp's keep-alive timeout (no
-    access log; a handler is cancelled when its client goes away)."""
+    access log; a handler is cancelled when its client goes away). Request bodies are not decoded: a
+    proxied body reaches the sandbox's agent as sent, with its Content-Encoding (the agent decodes it,
+    bounded by its upload cap), and the gateway itself never inflates what a client compressed."""
     guard = ConnectionGuard(limits)
     app.middlewares.insert(0, guard.middleware)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, keepalive_timeout=limits.keepalive_timeout)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        keepalive_timeout=limits.keepalive_timeout,
+        auto_decompress=False,
+    )
     return runner, guard
 
 

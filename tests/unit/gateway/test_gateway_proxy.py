@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Seen:
     port: int
     raw_path: str  # as it arrived, with the query
     headers: dict[str, str]
+    body: bytes = b""  # as it arrived: the stand-in agent decodes nothing
 
 
 @dataclass
@@ -65,8 +67,7 @@ class Upstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         port = int(request.headers["X-Original-Port"])
         headers = {k: v for k, v in request.headers.items() if k != "X-Original-Port"}
-        self.seen.append(Seen(port, request.raw_path, headers))
-        await request.read()
+        self.seen.append(Seen(port, request.raw_path, headers, await request.read()))
         response = web.Response(text="ok")
         for cookie in self.cookies:
             response.headers.add("Set-Cookie", cookie)
@@ -97,7 +98,7 @@ async def serve(limits: ListenerLimits = RELAXED, *, body_timeout: float = 30.0)
     upstream = Upstream()
     agent = web.Application()
     agent.router.add_route("*", "/{tail:.*}", upstream.handle)
-    agent_runner = web.AppRunner(agent)
+    agent_runner = web.AppRunner(agent, auto_decompress=False)
     await agent_runner.setup()
     agent_site = web.TCPSite(agent_runner, "127.0.0.1", 0)
     await agent_site.start()
@@ -155,6 +156,20 @@ async def test_the_agent_gets_its_own_token_never_the_clients() -> None:
         assert "E2B-Traffic-Access-Token" not in interpreter.headers
         # A user port's server is the tenant's: neither the client's token nor the agent's.
         assert AGENT_TOKEN_HEADER not in user.headers and "E2B-Traffic-Access-Token" not in user.headers
+
+
+async def test_an_encoded_body_reaches_the_agent_as_sent() -> None:
+    # The SDKs upload files gzip-encoded; the agent decodes them. The gateway forwards the bytes and
+    # their Content-Encoding untouched (decoding them, and then forwarding the header, made every
+    # gzip upload through the gateway a 400).
+    payload = gzip.compress(b"line\n" * 10_000)
+    async with serve() as served:
+        headers = {**route(), "X-Access-Token": served.token(), "Content-Encoding": "gzip"}
+        status, _, _ = await call(served, "POST", "/files?path=a.txt", headers, payload)
+        assert status == 200
+        (seen,) = served.upstream.seen
+        assert seen.body == payload
+        assert seen.headers["Content-Encoding"] == "gzip" and seen.headers["Content-Length"] == str(len(payload))
 
 
 async def test_a_pod_without_a_token_id_gets_no_token() -> None:
