@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import stat
 import urllib.error
 import urllib.request
 from typing import Any
@@ -75,9 +76,9 @@ def test_missing_file_raises_not_found(sandbox: Any) -> None:
     with pytest.raises(NotFoundException):
         sandbox.files.get_info("does/not/exist.txt")
     with pytest.raises(NotFoundException):
-        sandbox.files.remove("does/not/exist.txt")
-    with pytest.raises(NotFoundException):
         sandbox.files.list("does/not/exist")
+    # Removing what is not there succeeds (envd's os.RemoveAll; E2B's own SDK tests expect it).
+    sandbox.files.remove("does/not/exist.txt")
 
 
 def test_reading_a_directory_is_an_invalid_argument(sandbox: Any) -> None:
@@ -172,3 +173,14 @@ def test_raw_gzip_request_body_is_decompressed(agent: Any) -> None:
     )
     assert status == 200
     assert (agent.workdir / "raw-gz.txt").read_bytes() == b"zipped body"
+
+
+def test_modes_are_permission_bits_only(sandbox: Any, agent: Any) -> None:
+    parent = agent.workdir / "setgid-parent"
+    parent.mkdir()
+    parent.chmod(0o2775)  # like the image's home: new directories inherit the setgid bit
+    sandbox.files.make_dir("setgid-parent/child")
+    on_disk = (parent / "child").stat().st_mode
+    assert on_disk & stat.S_ISGID  # the kernel did pass it on
+    info = sandbox.files.get_info("setgid-parent/child")
+    assert info.mode == stat.S_IMODE(on_disk) & 0o777 and not info.mode & 0o7000

@@ -95,7 +95,9 @@ def entry_info(path: Path, include_metadata: bool = True) -> JsonObject:
         "type": file_type,
         "path": str(path),
         "size": str(info.st_size),
-        "mode": stat.S_IMODE(info.st_mode),
+        # The permission bits only (envd's FileMode.Perm()): a directory made under the setgid home
+        # reports 0o755, not 0o2755.
+        "mode": stat.S_IMODE(info.st_mode) & 0o777,
         "permissions": stat.filemode(info.st_mode),
         "owner": _owner_name(info.st_uid),
         "group": _group_name(info.st_gid),
@@ -221,11 +223,14 @@ class FilesystemService:
 
     async def remove(self, path: Path) -> JsonObject:
         def run() -> JsonObject:
+            # Like envd (os.RemoveAll): removing what is not there succeeds, as E2B's SDK tests expect.
             try:
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
                 else:
                     os.remove(path)
+            except FileNotFoundError:
+                pass
             except OSError as error:
                 raise os_error_to_connect(error, path) from error
             return {}
