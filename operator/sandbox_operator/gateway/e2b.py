@@ -584,6 +584,35 @@ def metric_from_agent(sample: Any) -> JSON:
         raise ValueError(f"the agent's metrics are malformed: {exc}") from None
 
 
+def metrics_window(query: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """The `start` and `end` (unix seconds) of a metrics request; 400 when they are not integers or
+    end before they start."""
+    bounds: list[int | None] = []
+    for name in ("start", "end"):
+        raw = query.get(name)
+        if raw is None or raw == "":
+            bounds.append(None)
+            continue
+        try:
+            bounds.append(int(raw))
+        except ValueError:
+            raise BadRequest(f"{name} must be a unix time in seconds") from None
+    start, end = bounds
+    if start is not None and end is not None and end < start:
+        raise BadRequest("end must not be before start")
+    return start, end
+
+
+METRICS_END_SLACK_S = 5  # the one sample is taken after the request: an `end` of "now" still includes it
+
+
+def in_window(metric: Mapping[str, Any], start: int | None, end: int | None) -> bool:
+    """The live sample falls in [start, end] (end with METRICS_END_SLACK_S): the gateway keeps no
+    history, so a range that ended earlier, or starts later, is empty."""
+    moment = int(metric["timestampUnix"])
+    return (start is None or moment >= start) and (end is None or moment <= end + METRICS_END_SLACK_S)
+
+
 def error_body(code: int, message: str) -> JSON:
     return {"code": code, "message": message}
 

@@ -436,6 +436,7 @@ class Gateway:
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         _, body = self._sandbox(request)
+        start, end = e2b.metrics_window(request.query)
         pod_ip = e2b.metrics_pod_ip(body)
         if pod_ip is None:
             return json_response(200, [])
@@ -448,7 +449,7 @@ class Gateway:
                 metric = e2b.metric_from_agent(await agent_json(response))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
             return json_response(200, [])  # the agent is down or answers nonsense: no sample
-        return json_response(200, [metric])
+        return json_response(200, [metric] if e2b.in_window(metric, start, end) else [])
 
     # --- data plane ------------------------------------------------------------------------------
 

@@ -699,3 +699,16 @@ def test_cookies_from_a_sandbox_are_host_only(cookie: str, host_only: str) -> No
 def test_proxy_error_bodies_name_the_sandbox() -> None:
     assert e2b.sandbox_gone_body("sid") == {"sandboxId": "sid", "message": "The sandbox was not found", "code": 502}
     assert e2b.port_not_open_body(e2b.Route("sid", 8080))["port"] == 8080
+
+
+def test_metrics_keep_to_the_asked_window() -> None:
+    sample = e2b.metric_from_agent({"ts": 1_000_000})
+    assert e2b.metrics_window({}) == (None, None)
+    assert e2b.in_window(sample, *e2b.metrics_window({}))
+    assert e2b.in_window(sample, *e2b.metrics_window({"start": "999000", "end": "1000000"}))
+    assert e2b.in_window(sample, 999_000, 999_998)  # an end of "now", taken a moment before the sample
+    assert not e2b.in_window(sample, 990_000, 996_400)  # an hour ago: no history is kept
+    assert not e2b.in_window(sample, 1_000_100, None)  # starts later
+    for bad in ({"start": "yesterday"}, {"end": "1.5"}, {"start": "10", "end": "5"}):
+        with pytest.raises(e2b.BadRequest):
+            e2b.metrics_window(bad)
