@@ -184,3 +184,10 @@ def test_modes_are_permission_bits_only(sandbox: Any, agent: Any) -> None:
     assert on_disk & stat.S_ISGID  # the kernel did pass it on
     info = sandbox.files.get_info("setgid-parent/child")
     assert info.mode == stat.S_IMODE(on_disk) & 0o777 and not info.mode & 0o7000
+
+
+def test_a_symlink_reports_its_resolved_absolute_target(sandbox: Any, agent: Any) -> None:
+    (agent.workdir / "target.txt").write_text("x")
+    (agent.workdir / "link.txt").symlink_to("target.txt")  # relative, as `ln -s target.txt link.txt`
+    info = sandbox.files.get_info("link.txt")
+    assert info.symlink_target == str((agent.workdir / "target.txt").resolve())

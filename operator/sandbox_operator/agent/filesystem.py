@@ -81,7 +81,8 @@ def entry_info(path: Path, include_metadata: bool = True) -> JsonObject:
     info = link
     symlink_target: str | None = None
     if is_symlink:
-        symlink_target = os.readlink(path)
+        # Absolute and resolved, like envd's (a relative readlink value means nothing to a client).
+        symlink_target = os.path.realpath(path)
         with contextlib.suppress(OSError):
             info = os.stat(path)
     if stat.S_ISDIR(info.st_mode):
