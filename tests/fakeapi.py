@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import aiohttp
+
 from sandbox_operator.api.names import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -482,3 +484,18 @@ class Harness:
             for s in family.samples
             if s.name == name and s.value
         }
+
+
+def upstream_to(port: int | None) -> aiohttp.ClientSession:
+    """A client for the gateway's upstream (`Gateway._upstream`) that sends every request, whatever
+    pod IP it names, to 127.0.0.1:`port` (a started test server's): one fake agent stands in for
+    every pod."""
+    assert port is not None, "start the fake agent's server first"
+
+    async def to_the_fake_agent(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        request.url = request.url.with_host("127.0.0.1").with_port(port)
+        return await handler(request)
+
+    return aiohttp.ClientSession(auto_decompress=False, middlewares=(to_the_fake_agent,))

@@ -493,22 +493,26 @@ def sandbox_manifest(name: str, template: str = "it-base", **spec: Any) -> str:
     return json.dumps(body)
 
 
-class PhaseWatch:
-    """Every `status.phase` a Sandbox is written with, from the moment this is created on.
+class ObjectWatch:
+    """Every version of the objects of one resource in a namespace (or of one of them, by `name`)
+    written from the moment this is created on.
 
     A raw watch that starts at the collection's current resourceVersion: however late the stream
     connects, the API server replays every write since, so none is missed.
     """
 
-    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, plural: str, *, name: str | None = None, timeout_s: int = 600
+    ) -> None:
         version = cluster.kubectl(
-            "get", "sandboxes", "-n", namespace, "-o", "jsonpath={.metadata.resourceVersion}"
+            "get", plural, "-n", namespace, "-o", "jsonpath={.metadata.resourceVersion}"
         ).stdout.strip()
+        selector = f"&fieldSelector=metadata.name%3D{name}" if name else ""
         path = (
-            f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/sandboxes?watch=1"
-            f"&resourceVersion={version}&fieldSelector=metadata.name%3D{name}&timeoutSeconds=120"
+            f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/{plural}?watch=1"
+            f"&resourceVersion={version}{selector}&timeoutSeconds={timeout_s}"
         )
-        self.phases: list[str | None] = []
+        self.objects: list[dict[str, Any]] = []
         self._process = subprocess.Popen(
             [kubectl_binary(), "get", "--raw", path],
             stdout=subprocess.PIPE,
@@ -524,16 +528,28 @@ class PhaseWatch:
         for line in self._process.stdout:
             event = json.loads(line)
             if event.get("type") in ("ADDED", "MODIFIED"):
-                self.phases.append((event["object"].get("status") or {}).get("phase"))
-
-    def until(self, phase: str, timeout: float = 60) -> list[str | None]:
-        """The phases seen up to and including the first `phase`."""
-        wait_until(lambda: phase in self.phases, timeout=timeout, message=f"a watch event with phase {phase}")
-        return self.phases[: self.phases.index(phase) + 1]
+                self.objects.append(event["object"])
 
     def close(self) -> None:
         self._process.terminate()
         self._process.wait(timeout=10)
+
+
+class PhaseWatch(ObjectWatch):
+    """Every `status.phase` a Sandbox is written with, from the moment this is created on."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        super().__init__(cluster, namespace, "sandboxes", name=name, timeout_s=120)
+
+    @property
+    def phases(self) -> list[str | None]:
+        return [(body.get("status") or {}).get("phase") for body in list(self.objects)]
+
+    def until(self, phase: str, timeout: float = 60) -> list[str | None]:
+        """The phases seen up to and including the first `phase`."""
+        wait_until(lambda: phase in self.phases, timeout=timeout, message=f"a watch event with phase {phase}")
+        phases = self.phases
+        return phases[: phases.index(phase) + 1]
 
 
 def sandbox(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:

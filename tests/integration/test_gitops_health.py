@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from testlib import REPO, Cluster, OperatorProcess, kubectl_binary, sandbox_manifest, wait_phase, wait_until
+from testlib import REPO, Cluster, ObjectWatch, OperatorProcess, sandbox_manifest, wait_phase, wait_until
 
 GITOPS = REPO / "docs" / "gitops"
 Verdicts = tuple[str, str | None, str | None]  # kstatus, Argo CD, Flux
@@ -60,42 +59,11 @@ def gitops_health() -> Path:
     return binary
 
 
-class Recorder:
-    """Every version of the objects of one resource in a namespace written from now on (a raw watch
-    from the collection's resourceVersion: the API server replays each write since)."""
-
-    def __init__(self, cluster: Cluster, namespace: str, plural: str) -> None:
-        version = cluster.kubectl(
-            "get", plural, "-n", namespace, "-o", "jsonpath={.metadata.resourceVersion}"
-        ).stdout.strip()
-        path = (
-            f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/{plural}?watch=1"
-            f"&resourceVersion={version}&timeoutSeconds=600"
-        )
-        self.objects: list[dict[str, Any]] = []
-        self._process = subprocess.Popen(
-            [kubectl_binary(), "get", "--raw", path],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=cluster.env(),
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
-            event = json.loads(line)
-            if event.get("type") in ("ADDED", "MODIFIED"):
-                self.objects.append(event["object"])
+class Recorder(ObjectWatch):
+    """Every version of the objects of one resource in a namespace written from now on."""
 
     def seen(self, name: str, predicate: Any) -> bool:
         return any(o["metadata"]["name"] == name and predicate(o.get("status") or {}) for o in list(self.objects))
-
-    def close(self) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -431,9 +431,19 @@ def state_of(body: Mapping[str, Any]) -> str | None:
     return None
 
 
+def deleting(body: Mapping[str, Any]) -> bool:
+    """The Sandbox's delete has begun (its deletionTimestamp is set)."""
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def gone_or_going(body: Mapping[str, Any] | None) -> bool:
+    """The Sandbox is gone or its delete has begun: what a delete waits for before it answers."""
+    return body is None or deleting(body)
+
+
 def visible(body: Mapping[str, Any] | None) -> bool:
     """The E2B API shows the sandbox: it exists, has not ended or failed and is not being deleted."""
-    return body is not None and state_of(body) is not None and not (body.get("metadata") or {}).get("deletionTimestamp")
+    return body is not None and state_of(body) is not None and not deleting(body)
 
 
 def not_found(sandbox_id: str) -> Refused:

@@ -105,10 +105,6 @@ class BodyWatch:
         return self.fired
 
 
-def _gone_or_going(body: JSON | None) -> bool:
-    return body is None or bool((body.get("metadata") or {}).get("deletionTimestamp"))
-
-
 def error_response(request: web.Request, status: int, message: str) -> web.Response:
     """An error in the shape of the API the request is for: the session API's `{"detail"}`, else E2B's
     `{"code", "message"}`."""
@@ -314,7 +310,7 @@ class Gateway:
             await self.cache.wait_for((namespace, name), lambda body: body is None, self.config.create_timeout)
         elif deleted:
             with contextlib.suppress(TimeoutError):  # the delete was accepted; a slow watch only delays the read
-                await self.cache.wait_for((namespace, name), _gone_or_going, DELETE_SEEN_WITHIN_S)
+                await self.cache.wait_for((namespace, name), e2b.gone_or_going, DELETE_SEEN_WITHIN_S)
         return deleted
 
     async def until_serving(self, key: tuple[str, str], *, delete_on_failure: bool) -> JSON:

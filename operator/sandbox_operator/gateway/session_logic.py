@@ -112,15 +112,11 @@ class Ensure(enum.Enum):
     SERVE = "serve"  # a running (or starting) one
 
 
-def _deleting(body: Mapping[str, Any]) -> bool:
-    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
-
-
 def ensure_step(existing: Mapping[str, Any] | None) -> Ensure:
     if existing is None:
         return Ensure.CREATE
     state = e2b.state_of(existing)
-    if state is None or _deleting(existing):
+    if state is None or e2b.deleting(existing):
         return Ensure.REPLACE
     return Ensure.RESUME if state == "paused" else Ensure.SERVE
 
@@ -174,14 +170,14 @@ def session_manifest(
 
 def live_sandbox(body: JSON | None) -> JSON | None:
     """The session's sandbox as `GET /status` shows it: None when it has none (or it is being deleted)."""
-    if body is None or _deleting(body):
+    if body is None or e2b.deleting(body):
         return None
     return body
 
 
 def existing_sandbox(body: JSON | None, session_id: str) -> JSON:
     """The sandbox a download or a listing reads from; 404 when the session has none to read."""
-    if body is None or _deleting(body) or e2b.state_of(body) is None:
+    if body is None or e2b.deleting(body) or e2b.state_of(body) is None:
         raise e2b.Refused(404, f"session {session_id} has no sandbox: POST /start first")
     return body
 

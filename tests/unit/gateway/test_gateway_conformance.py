@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import aiohttp
 import httpx
 import pytest
 from aiohttp import web
@@ -30,7 +29,7 @@ from e2b.api.client.models.sandbox_state import SandboxState
 from multidict import CIMultiDict
 from yarl import URL
 
-from fakeapi import FakeApi
+from fakeapi import FakeApi, upstream_to
 from sandbox_operator.api import Sandbox
 from sandbox_operator.api.names import (
     ENVD_PORT,
@@ -413,14 +412,7 @@ async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
     app.on_startup.clear()  # no watches: the cache is filled above
     app.on_cleanup.clear()
     async with TestServer(agent) as agent_server, TestClient(TestServer(app)) as client:
-
-        async def to_the_fake_agent(
-            request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
-        ) -> aiohttp.ClientResponse:
-            request.url = request.url.with_host("127.0.0.1").with_port(agent_server.port)  # every pod is the fake
-            return await handler(request)
-
-        gateway._upstream = aiohttp.ClientSession(auto_decompress=False, middlewares=(to_the_fake_agent,))
+        gateway._upstream = upstream_to(agent_server.port)  # every pod is the fake
         try:
             yield Served(client, api, gateway)
         finally:

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.payload import AsyncIterablePayload
 from aiohttp.test_utils import TestClient, TestServer
 
-from fakeapi import FakeApi
+from fakeapi import FakeApi, upstream_to
 from sandbox_operator.agent.connect import ENVELOPE_HEADER, FLAG_END_STREAM, encode_envelope
 from sandbox_operator.gateway import e2b, session_logic
 from sandbox_operator.gateway.http import MAX_JSON_BYTES
@@ -301,14 +301,7 @@ async def serve(*, max_upload_bytes: int = 1 << 30) -> AsyncIterator[Served]:
     app.on_startup.clear()  # no watches: the cache is filled above
     app.on_cleanup.clear()
     async with TestServer(agent.app()) as agent_server, TestClient(TestServer(app)) as client:
-
-        async def to_the_fake_agent(
-            request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
-        ) -> aiohttp.ClientResponse:
-            request.url = request.url.with_host("127.0.0.1").with_port(agent_server.port)  # every pod is the fake
-            return await handler(request)
-
-        gateway._upstream = aiohttp.ClientSession(auto_decompress=False, middlewares=(to_the_fake_agent,))
+        gateway._upstream = upstream_to(agent_server.port)  # every pod is the fake
         try:
             yield Served(client, api, agent)
         finally:
