@@ -579,6 +579,19 @@ def children(cluster: Cluster, namespace: str, name: str) -> dict[str, list[str]
     return found
 
 
+def governing_policies(cluster: Cluster, namespace: str, pod_name: str) -> list[str]:
+    """The NetworkPolicies whose podSelector selects the pod (its own, or the one shared by its
+    template's pods of its egress class), by name."""
+    pod = cluster.get_json("pod", pod_name, "-n", namespace)
+    labels = ((pod or {}).get("metadata") or {}).get("labels") or {}
+    listing = cluster.get_json("networkpolicies", "-n", namespace) or {}
+    return sorted(
+        policy["metadata"]["name"]
+        for policy in listing.get("items", [])
+        if (policy["spec"]["podSelector"].get("matchLabels") or {}).items() <= labels.items()
+    )
+
+
 def events_for(cluster: Cluster, namespace: str, name: str) -> list[str]:
     listing = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
     return [event["reason"] for event in (listing or {}).get("items", [])]

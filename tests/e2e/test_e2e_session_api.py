@@ -20,8 +20,7 @@ from e2elib import Gateway
 
 from sandbox_operator.api.names import EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION
 from sandbox_operator.gateway.session_logic import session_name
-from sandbox_operator.resources import child_names
-from testlib import Cluster, request_json
+from testlib import Cluster, governing_policies, request_json
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
 BOUNDARY = "session-e2e-5d2c"
@@ -81,9 +80,10 @@ def test_the_contracts_table(cluster: Cluster, gateway: Gateway, session: str) -
     for stamp in (info["created_at"], info["last_activity"]):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", stamp), stamp
     # the template's network default governs it: the package index only (port 443, hosts listed)
-    policy = cluster.get_json(
-        "networkpolicy", child_names(session_name(session)).network_policy, "-n", gateway.namespace
-    )
+    pod_name = cluster.get_json("sandbox", session_name(session), "-n", gateway.namespace)["status"]["podName"]
+    (governing,) = governing_policies(cluster, gateway.namespace, pod_name)
+    assert governing == "sbx-net-code-interpreter-template"  # shared by the template's default-class pods
+    policy = cluster.get_json("networkpolicy", governing, "-n", gateway.namespace)
     assert policy["spec"]["egress"][2]["ports"] == [{"protocol": "TCP", "port": 443}], policy["spec"]["egress"]
     assert policy["metadata"]["annotations"][EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION] == (
         "pypi.org:443,files.pythonhosted.org:443"

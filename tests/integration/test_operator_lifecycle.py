@@ -15,6 +15,7 @@ from testlib import (
     PhaseWatch,
     children,
     events_for,
+    governing_policies,
     sandbox,
     sandbox_manifest,
     wait_phase,
@@ -87,7 +88,9 @@ def test_a_sandbox_created_suspended_never_runs_until_resumed(cluster: Cluster, 
     assert parked["status"].get("startedAt") is None and parked["status"]["reason"] == "SuspendRequested"
     made = children(cluster, namespace, "sb-parked")
     assert made["pods"] == [] and len(made["pvc"]) == 1
-    assert len(made["networkpolicies"]) == 1
+    # No policy of its own: its pod will share its template's deny policy, written already.
+    assert made["networkpolicies"] == []
+    assert cluster.get_json("networkpolicy", "sbx-net-it-base-deny", "-n", namespace)
 
     cluster.kubectl(
         "patch", "sandbox", "sb-parked", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspended":false}}'
@@ -273,17 +276,20 @@ def test_unknown_template_reports_it(cluster: Cluster, namespace: str) -> None:
     assert children(cluster, namespace, "orphan")["pods"] == []
 
 
-def test_network_change_reapplies_the_policy_and_deleted_children_come_back(cluster: Cluster, namespace: str) -> None:
+def test_network_change_moves_the_pod_between_shared_and_own_policies_and_deleted_children_come_back(
+    cluster: Cluster, namespace: str
+) -> None:
+    shared = "sbx-net-it-base-deny"  # every deny pod of template it-base in the namespace shares it
     cluster.apply(sandbox_manifest("net", network={"egress": "deny", "service": True}), namespace)
+    cluster.apply(sandbox_manifest("net-peer"), namespace)
     running = wait_phase(cluster, namespace, "net", "Running")
-    policy_name = service_name = running["status"]["podName"]  # children share the sbx-<name> name
-    assert cluster.get_json("networkpolicy", policy_name, "-n", namespace)
+    peer = wait_phase(cluster, namespace, "net-peer", "Running")
+    pod_name = own_name = service_name = running["status"]["podName"]  # children share the sbx-<name> name
+    for pod in (pod_name, peer["status"]["podName"]):
+        assert governing_policies(cluster, namespace, pod) == [shared]
+    assert cluster.get_json("networkpolicy", own_name, "-n", namespace) is None
 
-    def egress_rules() -> int:
-        policy = cluster.get_json("networkpolicy", policy_name, "-n", namespace)
-        return len(policy["spec"]["egress"]) if policy else -1
-
-    denied = egress_rules()
+    # Ports and egress of its own: a policy of its own, and the pod relabelled out of the shared one.
     cluster.kubectl(
         "patch",
         "sandbox",
@@ -294,7 +300,16 @@ def test_network_change_reapplies_the_policy_and_deleted_children_come_back(clus
         "-p",
         json.dumps({"spec": {"network": {"egress": "allow", "ports": [8080], "service": True}}}),
     )
-    wait_until(lambda: egress_rules() == denied + 1, timeout=30, message="the policy re-applied with egress allow")
+    wait_until(
+        lambda: governing_policies(cluster, namespace, pod_name) == [own_name],
+        timeout=30,
+        message="the pod governed by a policy of its own",
+    )
+    own = cluster.get_json("networkpolicy", own_name, "-n", namespace)
+    assert {"protocol": "TCP", "port": 8080} in own["spec"]["ingress"][0]["ports"]
+    shared_egress = cluster.get_json("networkpolicy", shared, "-n", namespace)["spec"]["egress"]
+    assert len(own["spec"]["egress"]) == len(shared_egress) + 1  # allow: one rule more than deny
+    assert governing_policies(cluster, namespace, peer["status"]["podName"]) == [shared]  # the peer keeps it
     wait_until(
         lambda: any(
             p["port"] == 8080
@@ -306,7 +321,7 @@ def test_network_change_reapplies_the_policy_and_deleted_children_come_back(clus
         message="the Service re-applied with port 8080",
     )
 
-    for kind, name in (("networkpolicy", policy_name), ("service", service_name)):
+    for kind, name in (("networkpolicy", own_name), ("service", service_name), ("networkpolicy", shared)):
         old_uid = cluster.get_json(kind, name, "-n", namespace)["metadata"]["uid"]
         cluster.kubectl("delete", kind, name, "-n", namespace)
 
@@ -316,6 +331,18 @@ def test_network_change_reapplies_the_policy_and_deleted_children_come_back(clus
 
         wait_until(recreated, timeout=30, message=f"{kind} {name} recreated")
     assert sandbox(cluster, namespace, "net")["status"]["phase"] == "Running"
+
+    # Back to its template's defaults: the shared policy again, its own deleted after the relabel.
+    defaults = '{"spec":{"network":{"egress":null,"ports":null}}}'
+    cluster.kubectl("patch", "sandbox", "net", "-n", namespace, "--type=merge", "-p", defaults)
+    wait_until(
+        lambda: (
+            governing_policies(cluster, namespace, pod_name) == [shared]
+            and cluster.get_json("networkpolicy", own_name, "-n", namespace) is None
+        ),
+        timeout=30,
+        message="the pod back under the shared policy, its own gone",
+    )
 
     # No longer asked for: the Service goes, the sandbox keeps running (the gateway uses the pod IP).
     cluster.kubectl(
@@ -327,6 +354,9 @@ def test_network_change_reapplies_the_policy_and_deleted_children_come_back(clus
         message="the Service deleted once network.service is false",
     )
     assert sandbox(cluster, namespace, "net")["status"]["phase"] == "Running"
+    # Deleting both sandboxes leaves the shared policy (it has no owner; it selects nothing now).
+    cluster.kubectl("delete", "sandbox", "net", "net-peer", "-n", namespace, "--wait=true", "--timeout=60s")
+    assert cluster.get_json("networkpolicy", shared, "-n", namespace)
 
 
 def test_deleting_the_template_keeps_the_timeouts_of_started_sandboxes(cluster: Cluster, namespace: str) -> None:

@@ -6,7 +6,18 @@ import json
 
 import pytest
 
-from testlib import Cluster, OperatorProcess, PhaseWatch, children, sandbox_manifest, wait_phase, wait_until
+from testlib import (
+    Cluster,
+    OperatorProcess,
+    PhaseWatch,
+    children,
+    governing_policies,
+    sandbox_manifest,
+    wait_phase,
+    wait_until,
+)
+
+SHARED_DENY = "sbx-net-it-base-deny"  # the policy of it-base's deny-class pods in the namespace
 
 POOL = """
 apiVersion: sandbox.dev/v1alpha1
@@ -40,6 +51,9 @@ def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str)
         message="pool status ready=2",
     )
     warm_names = {p["metadata"]["name"] for p in warm_pods(cluster, namespace)}
+    # Warm pods start under their template's shared policy (written before the first of them).
+    for name in warm_names:
+        assert governing_policies(cluster, namespace, name) == [SHARED_DENY]
 
     watch = PhaseWatch(cluster, namespace, "pooled")
     try:
@@ -90,6 +104,23 @@ def test_pool_fills_serves_a_claim_and_refills(cluster: Cluster, namespace: str)
         v["persistentVolumeClaim"]["claimName"] for v in new_pod["spec"]["volumes"] if "persistentVolumeClaim" in v
     ]
     assert claims == [workspace]
+
+
+def test_a_claimed_warm_pod_moves_to_the_policy_of_its_sandbox(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(POOL, namespace)
+    wait_until(lambda: len(warm_pods(cluster, namespace)) == 2, timeout=60, message="2 warm pods")
+    warm_names = {p["metadata"]["name"] for p in warm_pods(cluster, namespace)}
+    own = {"egress": "allowList", "egressAllow": ["203.0.113.0/24"]}  # egress is no part of the pod spec
+    cluster.apply(sandbox_manifest("listed", network=own), namespace)
+    body = wait_phase(cluster, namespace, "listed", "Running")
+    pod_name = body["status"]["podName"]
+    assert pod_name in warm_names, "an allow-list of its own does not keep a sandbox off a warm pod"
+    own_policy = children(cluster, namespace, "listed")["networkpolicies"]
+    assert governing_policies(cluster, namespace, pod_name) == own_policy and len(own_policy) == 1
+    policy = cluster.get_json("networkpolicy", own_policy[0], "-n", namespace)
+    assert {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]} in policy["spec"]["egress"]
+    for name in warm_names - {pod_name}:  # the other warm pod keeps the shared one
+        assert governing_policies(cluster, namespace, name) == [SHARED_DENY]
 
 
 def test_sandbox_that_differs_from_pool_pods_cold_starts(cluster: Cluster, namespace: str) -> None:

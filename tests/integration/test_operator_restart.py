@@ -93,8 +93,15 @@ def test_sigkill_mid_lifecycle_converges_without_orphans_or_duplicates(
         sandbox_uids = {s["metadata"]["uid"] for s in (cluster.get_json("sandboxes", "-n", namespace) or {})["items"]}
         for pod in pods:
             assert pod["metadata"]["ownerReferences"][0]["uid"] in sandbox_uids
-        # Every sandbox has exactly one workspace claim, Service and NetworkPolicy, all owned by it.
-        for kind in ("pvc", "services", "networkpolicies"):
+        # Every pod is governed by exactly one NetworkPolicy: the one its template's deny-class pods
+        # share, written once (no sandbox has a policy of its own).
+        policies = (cluster.get_json("networkpolicies", "-n", namespace) or {}).get("items", [])
+        assert [p["metadata"]["name"] for p in policies] == [f"sbx-net-{base_template}-deny"]
+        for pod in pods:
+            selector = policies[0]["spec"]["podSelector"]["matchLabels"]
+            assert selector.items() <= pod["metadata"]["labels"].items(), pod["metadata"]["name"]
+        # Every sandbox has exactly one workspace claim and Service, all owned by it.
+        for kind in ("pvc", "services"):
             items = (cluster.get_json(kind, "-n", namespace) or {}).get("items", [])
             per_sandbox = Counter(i["metadata"]["labels"].get("sandbox.dev/sandbox") for i in items)
             assert set(per_sandbox) == {f"s{i:02d}" for i in range(COUNT)}, f"missing or orphan {kind}"

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_CLUSTER_CIDRS",
     "DEFAULT_DNS_NAMESPACE",
     "DEFAULT_DNS_POD_LABELS",
+    "EGRESS_CLASS_LABEL",
     "EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION",
     "END_AT_ANNOTATION",
     "ENVD_PORT",
@@ -107,6 +108,9 @@ TEMPLATE_LABEL: Final = "sandbox.dev/template"
 """On a sandbox's children: its SandboxTemplate's name (shortened to a label value)."""
 SANDBOX_ID_LABEL: Final = "sandbox.dev/sandbox-id"
 """On a sandbox's children: its E2B sandbox ID."""
+EGRESS_CLASS_LABEL: Final = "sandbox.dev/egress-class"
+"""On a sandbox or warm pod (value: api.EgressClass) and on the NetworkPolicy shared by such pods of
+one template and namespace; ``own`` pods are selected by their sandbox's own policy instead."""
 POOL_LABEL: Final = "sandbox.dev/pool"
 """On a warm pod and its workspace claim: the SandboxPool that keeps it (removed by a claim)."""
 SESSION_LABEL: Final = "sandbox.dev/session"

@@ -7,6 +7,7 @@ template default.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .quantity import parse_bytes, parse_duration, parse_millicores
@@ -146,6 +147,33 @@ def resolve_egress(spec: SandboxSpec, template: SandboxTemplateSpec) -> Resolved
         return ResolvedEgress(own.egress, tuple(own.egress_allow or ()), from_template=False)
     default = template.network
     return ResolvedEgress(default.egress or EgressMode.DENY, tuple(default.egress_allow or ()), from_template=True)
+
+
+class EgressClass(enum.StrEnum):
+    """Which NetworkPolicy governs a sandbox's pod. Pods of one template and namespace in a shared
+    class share one policy (one write per namespace, not per sandbox); ``own`` is a policy per
+    sandbox, for a Sandbox with an allow-list or ports of its own."""
+
+    DENY = "deny"
+    ALLOW = "allow"
+    TEMPLATE = "template"  # the template's own allow-list
+    OWN = "own"
+
+    @property
+    def shared(self) -> bool:
+        return self is not EgressClass.OWN
+
+
+def egress_class(spec: SandboxSpec, template: SandboxTemplateSpec) -> EgressClass:
+    """The policy class of a sandbox: its ingress ports and egress are its template's (shared), or
+    not (own)."""
+    template_ports = set(template.ports or ())
+    if any(port not in template_ports for port in spec.network.ports or ()):
+        return EgressClass.OWN
+    network = resolve_egress(spec, template)
+    if network.mode is EgressMode.ALLOW_LIST:
+        return EgressClass.TEMPLATE if network.from_template else EgressClass.OWN
+    return EgressClass.ALLOW if network.mode is EgressMode.ALLOW else EgressClass.DENY
 
 
 def resolve_service(spec: SandboxSpec, template: SandboxTemplateSpec) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from sandbox_operator.api.names import DEFAULT_CLUSTER_CIDRS, DEFAULT_DNS_NAMESPACE, DEFAULT_DNS_POD_LABELS, ENVD_PORT
 from sandbox_operator.lifecycle.lease import LeaseTimings
+from sandbox_operator.resources.builders import PolicySettings
 from sandbox_operator.resources.tokens import agent_token
 
 
@@ -42,6 +43,15 @@ class OperatorConfig:
     leader_election_name: str = "sandbox-operator"
     leader_identity: str = ""  # this replica's name in the Lease (the pod's name, made unique)
     lease_timings: LeaseTimings = field(default_factory=LeaseTimings)
+
+    @property
+    def policy_settings(self) -> PolicySettings:
+        return PolicySettings(
+            gateway_namespace=self.gateway_namespace,
+            dns_namespace=self.dns_namespace,
+            dns_pod_labels=self.dns_pod_labels,
+            cluster_cidrs=self.egress_cluster_cidrs,
+        )
 
     def agent_token(self, token_id: str | None) -> str | None:
         """The access token of the agent whose pod has ``token_id``; None when there is none."""

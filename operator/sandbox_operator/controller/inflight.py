@@ -7,7 +7,8 @@ NetworkPolicy last written per sandbox (so a reconcile in between does not apply
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,6 +24,7 @@ CHILD_KINDS: tuple[ChildKind, ...] = ("service", "networkpolicy")
 class InFlight:
     _claims: set[Key] = field(default_factory=set)
     _ensured: dict[tuple[str, ChildKind], str] = field(default_factory=dict)  # (sandbox uid, kind) -> digest
+    _shared_writes: dict[Key, tuple[str, asyncio.Future[None]]] = field(default_factory=dict)
 
     # --- warm pods being claimed -----------------------------------------------------------------
 
@@ -55,3 +57,25 @@ class InFlight:
     def forget_sandbox(self, uid: str) -> None:
         for kind in CHILD_KINDS:
             self._ensured.pop((uid, kind), None)
+
+    # --- shared children being written -----------------------------------------------------------
+
+    async def write_once(self, key: Key, digest: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Run `write` for the shared child `key` at `digest`, or wait for the same write already
+        under way: a burst of 1,000 sandboxes needing one shared NetworkPolicy writes it once. A
+        waiter's cancellation does not cancel the write the others wait for; its failure fails them all
+        (each retries)."""
+        pending = self._shared_writes.get(key)
+        if pending is None or pending[0] != digest:
+            future = asyncio.ensure_future(write())
+            self._shared_writes[key] = (digest, future)
+
+            def done(finished: asyncio.Future[None]) -> None:
+                if self._shared_writes.get(key, (None, None))[1] is finished:
+                    del self._shared_writes[key]
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: a failure is reported to the waiters
+
+            future.add_done_callback(done)
+            pending = (digest, future)
+        await asyncio.shield(pending[1])

@@ -15,9 +15,18 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sandbox_operator.api import API_VERSION, Sandbox, SandboxPool, SandboxTemplate
+from sandbox_operator.api import (
+    API_VERSION,
+    EgressClass,
+    Sandbox,
+    SandboxPool,
+    SandboxSpec,
+    SandboxTemplate,
+    egress_class,
+)
 from sandbox_operator.api.names import (
     CLAIMED_FROM_POOL_ANNOTATION,
+    EGRESS_CLASS_LABEL,
     PERSISTENT_VOLUME_CLAIMS,
     POD_SIGNATURE_ANNOTATION,
     PODS,
@@ -27,6 +36,7 @@ from sandbox_operator.api.names import (
     SANDBOX_POOLS,
 )
 from sandbox_operator.api.policy import namespace_violation
+from sandbox_operator.controller.network import ensure_shared_policy
 from sandbox_operator.kube import JSON, ApiError
 from sandbox_operator.lifecycle.pool import (
     PoolPlan,
@@ -45,6 +55,7 @@ from sandbox_operator.lifecycle.pool import (
 from sandbox_operator.resources import (
     build_pod,
     build_pvc,
+    build_shared_network_policy,
     owner_reference,
     sandbox_id,
 )
@@ -203,6 +214,11 @@ def _plan(rt: ReconcileContext, key: Key, pool: SandboxPool, template: SandboxTe
 async def _create_warm_pods(
     rt: ReconcileContext, namespace: str, pool: SandboxPool, template: SandboxTemplate, count: int
 ) -> None:
+    if count:
+        # Warm pods start under their template's shared policy, written before the first of them.
+        egress = egress_class(SandboxSpec(template=pool.spec.template), template.spec)
+        policy = build_shared_network_policy(namespace, template, egress, rt.config.policy_settings)
+        await ensure_shared_policy(rt, policy)
     for _ in range(count):
         token = issue_agent_token(rt.config.agent_token_key) if rt.config.agent_token_key else None
         pod, claim = build_warm_pod(pool, template, secrets.token_hex(3), token)
@@ -287,19 +303,25 @@ async def _delete_pool_claim(rt: ReconcileContext, namespace: str, claim_name: s
     return True
 
 
+def pools_of_template(rt: ReconcileContext, namespace: str, template: str) -> list[str]:
+    """The namespace's SandboxPools of `template`: where a new sandbox of it may find a warm pod."""
+    return [
+        pool_name
+        for (pool_ns, pool_name), body in rt.store.pools.items()
+        if pool_ns == namespace and (body.get("spec") or {}).get("template") == template
+    ]
+
+
 async def try_claim_pool_pod(rt: ReconcileContext, sandbox: Sandbox, template: SandboxTemplate) -> JSON | None:
     """Take a ready warm pod of a matching pool for `sandbox`, or None (then: cold start)."""
     namespace = str(sandbox.metadata.namespace)
-    pools = [
-        pool_name
-        for (pool_ns, pool_name), body in rt.store.pools.items()
-        if pool_ns == namespace and (body.get("spec") or {}).get("template") == sandbox.spec.template
-    ]
+    pools = pools_of_template(rt, namespace, sandbox.spec.template)
     if not pools:
         return None
     # Only a pod identical to the one this sandbox would get may stand in for it (same image,
     # resources, env, execution timeout, ports...): pod specs cannot change after creation.
     wanted = pod_signature(build_pod(sandbox, template))
+    egress = egress_class(sandbox.spec, template.spec)
     claims = rt.store.pvcs_in(namespace)
     for pool_name in pools:
         for pod in rt.store.pods_of_pool((namespace, pool_name)):
@@ -307,16 +329,20 @@ async def try_claim_pool_pod(rt: ReconcileContext, sandbox: Sandbox, template: S
             if rt.in_flight.is_claiming(pod_key) or not is_offerable(pool_name, pod, wanted, claims):
                 continue
             with rt.in_flight.claiming(pod_key):
-                claimed = await _claim(rt, sandbox, pod, pool_name)
+                claimed = await _claim(rt, sandbox, pod, pool_name, egress)
             if claimed is not None:
                 rt.requeue(("pool", namespace, pool_name))
                 return claimed
     return None
 
 
-def _claim_metadata(sandbox: Sandbox, pool_name: str, resource_version: str | None) -> JSON:
+def _claim_metadata(sandbox: Sandbox, pool_name: str, resource_version: str | None, egress: EgressClass | None) -> JSON:
+    """The claim's relabel: the sandbox's identity, and (on the pod) the class of its policy."""
+    labels: JSON = {POOL_LABEL: None, SANDBOX_LABEL: sandbox.metadata.name, SANDBOX_ID_LABEL: sandbox_id(sandbox)}
+    if egress is not None:
+        labels[EGRESS_CLASS_LABEL] = egress.value
     metadata: JSON = {
-        "labels": {POOL_LABEL: None, SANDBOX_LABEL: sandbox.metadata.name, SANDBOX_ID_LABEL: sandbox_id(sandbox)},
+        "labels": labels,
         "annotations": {CLAIMED_FROM_POOL_ANNOTATION: pool_name},
         "ownerReferences": [owner_reference(sandbox)],
     }
@@ -325,7 +351,7 @@ def _claim_metadata(sandbox: Sandbox, pool_name: str, resource_version: str | No
     return metadata
 
 
-async def _claim(rt: ReconcileContext, sandbox: Sandbox, pod: JSON, pool_name: str) -> JSON | None:
+async def _claim(rt: ReconcileContext, sandbox: Sandbox, pod: JSON, pool_name: str, egress: EgressClass) -> JSON | None:
     """Hand a warm pod and its workspace claim to `sandbox`; None when another sandbox was first.
 
     The workspace claim goes first, locked by its resourceVersion (claims rarely change; pods do, with
@@ -347,7 +373,7 @@ async def _claim(rt: ReconcileContext, sandbox: Sandbox, pod: JSON, pool_name: s
         try:
             moved = await rt.client.patch(
                 PERSISTENT_VOLUME_CLAIMS.path(namespace, claim_name),
-                {"metadata": _claim_metadata(sandbox, pool_name, claim["metadata"].get("resourceVersion"))},
+                {"metadata": _claim_metadata(sandbox, pool_name, claim["metadata"].get("resourceVersion"), None)},
             )
         except ApiError as exc:
             if exc.status == 409:
@@ -360,7 +386,7 @@ async def _claim(rt: ReconcileContext, sandbox: Sandbox, pod: JSON, pool_name: s
     try:
         updated = await rt.client.patch(
             PODS.path(namespace, pod_name),
-            {"metadata": _claim_metadata(sandbox, pool_name, lock)},
+            {"metadata": _claim_metadata(sandbox, pool_name, lock, egress)},
         )
     except ApiError as exc:
         if exc.status == 409 and lock:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sandbox_operator.api import API_VERSION, Phase, Sandbox, SandboxTemplate, resolve_service
+from sandbox_operator.api import API_VERSION, EgressClass, Phase, Sandbox, SandboxTemplate, resolve_service
 from sandbox_operator.api.names import (
     AGENT_TOKEN_ID_ANNOTATION,
     CLAIMED_FROM_POOL_ANNOTATION,
+    EGRESS_CLASS_LABEL,
     ENVD_PORT,
     EVENTS,
     MANAGED_BY,
@@ -30,7 +31,8 @@ from sandbox_operator.api.names import (
     SPEC_HASH_ANNOTATION,
 )
 from sandbox_operator.controller.inflight import ChildKind
-from sandbox_operator.controller.pools import try_claim_pool_pod
+from sandbox_operator.controller.network import ensure_shared_policy, shared_policy_current, write_child
+from sandbox_operator.controller.pools import pools_of_template, try_claim_pool_pod
 from sandbox_operator.kube import JSON
 from sandbox_operator.lifecycle.decide import decide
 from sandbox_operator.lifecycle.observe import desired_from, idle_deadline_passed, observed_from, with_activity
@@ -56,11 +58,11 @@ from sandbox_operator.lifecycle.types import (
     RequeueAfter,
 )
 from sandbox_operator.resources import (
-    build_network_policy,
     build_pod,
     build_pvc,
     build_service,
     child_names,
+    governing_network_policy,
     sandbox_id,
 )
 from sandbox_operator.resources.tokens import issue_agent_token
@@ -88,11 +90,12 @@ def _select_pod(pods: list[JSON], expected_name: str, status_pod: str | None) ->
 
 @dataclass(frozen=True)
 class _Children:
-    """The Service (None when the sandbox wants none) and NetworkPolicy the sandbox should have, as
-    built now."""
+    """The Service (None when the sandbox wants none) and the NetworkPolicy that should govern the
+    sandbox's pod (shared, or its own: see `egress`), as built now."""
 
     service: JSON | None
     policy: JSON
+    egress: EgressClass
 
 
 async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
@@ -110,16 +113,9 @@ async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
 
     pod = await _the_pod(rt, key, status_now)
     pvc = rt.store.pvc_of_sandbox(key) or rt.store.pvcs.get((key[0], child_names(key[1]).pvc))
+    policy, egress = governing_network_policy(sandbox, template, rt.config.policy_settings)
     children = _Children(
-        build_service(sandbox, template) if resolve_service(sandbox.spec, template.spec) else None,
-        build_network_policy(
-            sandbox,
-            template,
-            gateway_namespace=rt.config.gateway_namespace,
-            cluster_cidrs=rt.config.egress_cluster_cidrs,
-            dns_namespace=rt.config.dns_namespace,
-            dns_pod_labels=dict(rt.config.dns_pod_labels),
-        ),
+        build_service(sandbox, template) if resolve_service(sandbox.spec, template.spec) else None, policy, egress
     )
     desired = desired_from(sandbox, template)
     observed = await _with_agent_activity(rt, desired, _observe(rt, sandbox, pod, pvc, children), pod, now)
@@ -186,6 +182,7 @@ class _Pass:
         self.rt, self.key, self.body, self.sandbox, self.template = rt, key, body, sandbox, template
         self.pod, self.pvc = pod, pvc
         self.names = child_names(key[1])
+        self._own_policy = (key[0], self.names.network_policy)
         self.uid = str(sandbox.metadata.uid)
         self.pool_source: str | None = None  # the pool a warm pod was claimed from in this pass
         self.policy_written: asyncio.Future[None] | None = None  # this pass's NetworkPolicy write
@@ -207,24 +204,42 @@ class _Pass:
         writes: list[asyncio.Future[None]] = []
         for action in decision.actions:
             if isinstance(action, EnsureService) and children.service is not None:  # decide asks only then
-                service = _ensure_child(
-                    self.rt, "service", SERVICES.collection(namespace), self.names.service, self.uid, children.service
-                )
+                service = _ensure_child(self.rt, "service", SERVICES.collection(namespace), self.uid, children.service)
                 writes.append(asyncio.ensure_future(service))
             elif isinstance(action, EnsureNetworkPolicy):
-                path = NETWORK_POLICIES.collection(namespace)
-                policy = _ensure_child(
-                    self.rt, "networkpolicy", path, self.names.network_policy, self.uid, children.policy
-                )
-                self.policy_written = asyncio.ensure_future(policy)
+                self.policy_written = asyncio.ensure_future(self._write_policy(children))
                 writes.append(self.policy_written)
         try:
             deleted = await self._run(decision)
+            if not deleted and self.policy_written is not None:
+                await self._align_pod_with_policy(children)
         except BaseException:
             await asyncio.gather(*writes, return_exceptions=True)
             raise
         await asyncio.gather(*writes)
         return deleted
+
+    async def _write_policy(self, children: _Children) -> None:
+        if children.egress.shared:
+            await ensure_shared_policy(self.rt, children.policy)
+        else:
+            collection = NETWORK_POLICIES.collection(self.key[0])
+            await _ensure_child(self.rt, "networkpolicy", collection, self.uid, children.policy)
+
+    async def _align_pod_with_policy(self, children: _Children) -> None:
+        """An existing pod of another class (spec.network changed, or made before policies were
+        shared) is relabelled for its policy once that is written; a policy of its own that no longer
+        applies is deleted after the relabel, so the pod is never left without one."""
+        pod = self.pod
+        if pod is not None and (pod["metadata"].get("labels") or {}).get(EGRESS_CLASS_LABEL) != children.egress:
+            await self._policy_in_place()
+            relabel = {"metadata": {"labels": {EGRESS_CLASS_LABEL: children.egress.value}}}
+            updated = await self.rt.client.patch(PODS.path(self.key[0], pod["metadata"]["name"]), relabel)
+            if updated is not None:
+                self.pod = self.rt.store.put_pod(updated)
+        if children.egress.shared and _own_policy_known(self.rt, self._own_policy, self.uid):
+            await self._policy_in_place()
+            await self._delete_network_policy(DeleteNetworkPolicy())
 
     async def _policy_in_place(self) -> None:
         """Wait for this pass's NetworkPolicy write (if any); its failure fails the pass here."""
@@ -235,8 +250,9 @@ class _Pass:
         status = self.body.get("status") or {}
         if may_claim_warm_pod(status, has_workspace=self.pvc is not None, creates_pod=decision.has_action(CreatePod)):
             # A warm pod from a pool brings its own workspace claim: try that before creating either.
-            # (It started under its pool's policy; no traffic reaches it before the status this pass
-            # writes after every child write, the policy's included, has succeeded.)
+            # The claim relabels the pod for the sandbox's policy, so that policy is written first.
+            if pools_of_template(self.rt, self.key[0], self.sandbox.spec.template):
+                await self._policy_in_place()
             claimed = await try_claim_pool_pod(self.rt, self.sandbox, self.template)
             if claimed is not None:
                 self.pod, self.pool_source = claimed, claimed["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION]
@@ -291,8 +307,11 @@ class _Pass:
         return False
 
     async def _delete_network_policy(self, _: Action) -> bool:
-        await self.rt.client.delete(NETWORK_POLICIES.path(self.key[0], self.names.network_policy))
-        self.rt.in_flight.forget_child(self.uid, "networkpolicy")
+        """The sandbox's own policy, if it has one; a shared policy outlives the sandbox."""
+        if _own_policy_known(self.rt, self._own_policy, self.uid):
+            await self.rt.client.delete(NETWORK_POLICIES.path(self.key[0], self.names.network_policy))
+            self.rt.store.delete_child_hash("networkpolicy", self._own_policy)
+            self.rt.in_flight.forget_child(self.uid, "networkpolicy")
         return False
 
     async def _delete_object(self, _: Action) -> bool:
@@ -338,10 +357,25 @@ def _observe(
             if children.service is not None
             else rt.store.child_hash("service", (namespace, names.service)) is not None
         ),
-        network_policy_present=_is_current(
-            rt, "networkpolicy", (namespace, names.network_policy), uid, children.policy
-        ),
+        network_policy_present=_policy_in_place(rt, (namespace, names.network_policy), uid, pod, children),
     )
+
+
+def _own_policy_known(rt: ReconcileContext, own: Key, uid: str) -> bool:
+    """The sandbox's own NetworkPolicy (key `own`) exists, as watched or as this process wrote it."""
+    watched = rt.store.child_hash("networkpolicy", own) is not None
+    return watched or rt.in_flight.ensured(uid, "networkpolicy") is not None
+
+
+def _policy_in_place(rt: ReconcileContext, own: Key, uid: str, pod: JSON | None, children: _Children) -> bool:
+    """The governing policy is current, the pod (if any) is labelled for it, and no policy of the
+    sandbox's own lingers beside a shared one (policies add up: it would widen the shared one)."""
+    if children.egress.shared:
+        current = shared_policy_current(rt, children.policy) and not _own_policy_known(rt, own, uid)
+    else:
+        current = _is_current(rt, "networkpolicy", own, uid, children.policy)
+    labelled = pod is None or (pod["metadata"].get("labels") or {}).get(EGRESS_CLASS_LABEL) == children.egress
+    return current and labelled
 
 
 def _is_current(rt: ReconcileContext, kind: ChildKind, key: Key, uid: str, built: JSON) -> bool:
@@ -350,25 +384,11 @@ def _is_current(rt: ReconcileContext, kind: ChildKind, key: Key, uid: str, built
     return digest in (rt.store.child_hash(kind, key), rt.in_flight.ensured(uid, kind))
 
 
-async def _ensure_child(
-    rt: ReconcileContext, kind: ChildKind, collection: str, name: str, uid: str, body: JSON
-) -> None:
-    """Create a Service / NetworkPolicy, or bring an existing one up to `body` with a merge patch
-    (lists are replaced whole). A POST first: the common case is a new sandbox, and a POST costs the
-    API server less than a server-side apply, which matters in a burst."""
-    key = (str(body["metadata"]["namespace"]), name)
-    written: JSON | None = None
-    if rt.store.child_hash(kind, key) is None:
-        written = await rt.client.create(collection, body)  # None: it exists (409), maybe outdated
-    if written is None:
-        patch = {
-            "metadata": {"labels": body["metadata"]["labels"], "annotations": body["metadata"]["annotations"]},
-            "spec": body["spec"],
-        }
-        written = await rt.client.patch(f"{collection}/{name}", patch)
+async def _ensure_child(rt: ReconcileContext, kind: ChildKind, collection: str, uid: str, body: JSON) -> None:
+    """Write the sandbox's own Service / NetworkPolicy (network.write_child) and remember its digest
+    until the watch brings it back."""
+    await write_child(rt, kind, collection, body)
     rt.in_flight.note_ensured(uid, kind, body["metadata"]["annotations"][SPEC_HASH_ANNOTATION])
-    if written is not None:
-        rt.store.put_child_hash(kind, written)
 
 
 async def _write_status(

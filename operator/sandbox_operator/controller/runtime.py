@@ -12,19 +12,26 @@ import logging
 import time
 from collections.abc import Coroutine, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from sandbox_operator.api.names import CLAIMED_FROM_POOL_ANNOTATION, POOL_LABEL, SANDBOX_LABEL
+from sandbox_operator.api.names import (
+    CLAIMED_FROM_POOL_ANNOTATION,
+    EGRESS_CLASS_LABEL,
+    POOL_LABEL,
+    SANDBOX_LABEL,
+    TEMPLATE_LABEL,
+)
 from sandbox_operator.controller.agents import AgentClient
 from sandbox_operator.controller.config import OperatorConfig
 from sandbox_operator.controller.context import QueueKey
 from sandbox_operator.controller.inflight import ChildKind, InFlight
-from sandbox_operator.controller.store import Store, key_of
+from sandbox_operator.controller.store import Key, Store, key_of
 from sandbox_operator.controller.usage import UsageCollector
 from sandbox_operator.controller.workqueue import QueueClosed, WorkQueue
 from sandbox_operator.kube import ApiError, KubeClient
 from sandbox_operator.metrics.lifecycle import LifecycleMetrics, PhaseCount, PoolCount
 from sandbox_operator.metrics.usage import UsageExporter
+from sandbox_operator.resources.names import label_value
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +182,25 @@ class Runtime:
                 self.in_flight.forget_child(str(owner.get("uid")), kind)
         else:
             self.store.put_child_hash(kind, body)
-        sandbox = (meta.get("labels") or {}).get(SANDBOX_LABEL)
+        labels = meta.get("labels") or {}
+        sandbox = labels.get(SANDBOX_LABEL)
         if sandbox:
             self.queue.add(("sandbox", key[0], sandbox))
+        elif event_type == "DELETED" and EGRESS_CLASS_LABEL in labels:
+            self._reapply_shared_policy(key[0], str(labels.get(TEMPLATE_LABEL, "")))
+
+    def _reapply_shared_policy(self, namespace: str, template_label: str) -> None:
+        """A shared NetworkPolicy was deleted (by anyone): every sandbox and pool of its template in
+        the namespace writes it again on its next pass."""
+        kinds: tuple[tuple[Literal["sandbox", "pool"], dict[Key, Any]], ...] = (
+            ("sandbox", self.store.sandboxes),
+            ("pool", self.store.pools),
+        )
+        for kind, bodies in kinds:
+            for (body_namespace, name), body in list(bodies.items()):
+                template = str((body.get("spec") or {}).get("template") or "")
+                if body_namespace == namespace and label_value(template) == template_label:
+                    self.queue.add((kind, namespace, name))
 
     def on_pvc_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         key = key_of(body)

@@ -11,14 +11,18 @@ import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sandbox_operator.api import (
     API_VERSION,
+    EgressClass,
     EgressMode,
+    ResolvedEgress,
     ResolvedResources,
     Sandbox,
     SandboxTemplate,
+    egress_class,
     image_of,
     image_violation,
     resolve_egress,
@@ -34,27 +38,44 @@ from sandbox_operator.api.names import (
     DEFAULT_CLUSTER_CIDRS,
     DEFAULT_DNS_NAMESPACE,
     DEFAULT_DNS_POD_LABELS,
+    EGRESS_CLASS_LABEL,
     EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION,
     ENVD_PORT,
     GATEWAY_COMPONENT,
     INTERPRETER_PORT,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NAME_LABEL,
     OPERATOR_COMPONENT,
     RESERVED_ENV_PREFIXES,
     SPEC_HASH_ANNOTATION,
+    TEMPLATE_LABEL,
 )
-from sandbox_operator.resources.names import child_names, sandbox_id_for, sandbox_labels, selector_labels
+from sandbox_operator.resources.names import (
+    bounded_name,
+    child_names,
+    label_value,
+    sandbox_id_for,
+    sandbox_labels,
+    selector_labels,
+)
 from sandbox_operator.resources.tokens import AgentToken
 
 __all__ = [
     "CONTAINER_NAME",
     "ImageNotAllowedError",
+    "PolicySettings",
     "ResourcesExceedMaxError",
     "build_network_policy",
     "build_pod",
     "build_pvc",
     "build_service",
+    "build_shared_network_policy",
+    "governing_network_policy",
     "owner_reference",
     "sandbox_id",
+    "shared_policy_name",
+    "shared_policy_selector",
     "spec_hash",
 ]
 
@@ -149,8 +170,13 @@ def _user_ports(sandbox: Sandbox, template: SandboxTemplate) -> list[int]:
 
 
 def _all_ports(sandbox: Sandbox, template: SandboxTemplate) -> list[tuple[str, int]]:
+    return _named_ports(_user_ports(sandbox, template))
+
+
+def _named_ports(user_ports: Iterable[int]) -> list[tuple[str, int]]:
+    """The agent's ports, then the user ports (not repeating an agent port), each with a port name."""
     named = [("envd", ENVD_PORT), ("interpreter", INTERPRETER_PORT)]
-    return named + [(f"port-{port}", port) for port in _user_ports(sandbox, template)]
+    return named + [(f"port-{port}", port) for port in dict.fromkeys(user_ports) if port not in AGENT_PORTS]
 
 
 def _effective_resources(sandbox: Sandbox, template: SandboxTemplate) -> ResolvedResources:
@@ -271,6 +297,8 @@ def build_pod(sandbox: Sandbox, template: SandboxTemplate, token: AgentToken | N
     if template_spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": secret} for secret in template_spec.image_pull_secrets]
     metadata = _metadata(sandbox, names.pod)
+    # Selects the NetworkPolicy that governs the pod (a claim relabels a warm pod for its sandbox).
+    metadata["labels"][EGRESS_CLASS_LABEL] = egress_class(sandbox.spec, template_spec).value
     if token is not None:
         metadata["annotations"] = {AGENT_TOKEN_ID_ANNOTATION: token.id}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
@@ -355,6 +383,17 @@ def _anywhere_but(denied: list[IPNetwork]) -> list[dict[str, Any]]:
     return [block for target in everywhere if (block := _excepting(target, denied)) is not None]
 
 
+@dataclass(frozen=True)
+class PolicySettings:
+    """Where the cluster's gateway, operator and DNS run, and its own networks: what every sandbox
+    NetworkPolicy admits or keeps out besides the sandbox's own egress."""
+
+    gateway_namespace: str
+    dns_namespace: str = DEFAULT_DNS_NAMESPACE
+    dns_pod_labels: tuple[tuple[str, str], ...] = DEFAULT_DNS_POD_LABELS
+    cluster_cidrs: tuple[str, ...] = tuple(DEFAULT_CLUSTER_CIDRS)
+
+
 def build_network_policy(
     sandbox: Sandbox,
     template: SandboxTemplate,
@@ -364,8 +403,9 @@ def build_network_policy(
     dns_pod_labels: dict[str, str] | None = None,
     cluster_cidrs: Iterable[str] = DEFAULT_CLUSTER_CIDRS,
 ) -> dict[str, Any]:
-    """Ingress only from the gateway; egress per spec.network, else the template's network
-    (api.resolve_egress; always DNS and the gateway).
+    """The sandbox's own NetworkPolicy (its class is ``own``, see api.egress_class): ingress only
+    from the gateway; egress per spec.network, else the template's network (api.resolve_egress;
+    always DNS and the gateway).
 
     - deny: DNS (to the cluster DNS pods) and the gateway only.
     - allow: anywhere except link-local and metadata ranges (ALWAYS_DENIED_CIDRS) and the cluster's
@@ -375,31 +415,101 @@ def build_network_policy(
       any address ``allow`` reaches, because NetworkPolicy cannot match host names. The hosts are
       listed in an annotation so that an FQDN-aware policy or egress proxy can enforce them.
     """
+    settings = PolicySettings(
+        gateway_namespace=gateway_namespace,
+        dns_namespace=dns_namespace,
+        dns_pod_labels=tuple(dns_pod_labels.items()) if dns_pod_labels else DEFAULT_DNS_POD_LABELS,
+        cluster_cidrs=tuple(cluster_cidrs),
+    )
     name, _, _ = _identity(sandbox)
+    return _policy(
+        _metadata(sandbox, child_names(name).network_policy),
+        selector_labels(name),
+        _all_ports(sandbox, template),
+        resolve_egress(sandbox.spec, template.spec),
+        settings,
+    )
+
+
+def shared_policy_name(template: str, egress: EgressClass) -> str:
+    """The NetworkPolicy shared by a namespace's pods of `template` in class `egress`."""
+    return bounded_name("sbx-net-", template, f"-{egress.value}")
+
+
+def shared_policy_selector(template: str, egress: EgressClass) -> dict[str, str]:
+    return {MANAGED_BY_LABEL: MANAGED_BY, TEMPLATE_LABEL: label_value(template), EGRESS_CLASS_LABEL: egress.value}
+
+
+def build_shared_network_policy(
+    namespace: str, template: SandboxTemplate, egress: EgressClass, settings: PolicySettings
+) -> dict[str, Any]:
+    """The NetworkPolicy every pod of `template` in class `egress` in `namespace` shares (sandbox
+    pods and warm pool pods alike): the template's ports, and the egress of its class. It has no
+    owner: it outlives any one sandbox (and the template, whose retired sandboxes keep running);
+    deleting it makes the operator write it again."""
+    if not egress.shared:
+        raise ValueError("a sandbox of class own has a policy of its own (build_network_policy)")
+    template_name = str(template.metadata.name)
+    if egress is EgressClass.TEMPLATE:
+        network = ResolvedEgress(
+            EgressMode.ALLOW_LIST, tuple(template.spec.network.egress_allow or ()), from_template=True
+        )
+    else:
+        network = ResolvedEgress(EgressMode(egress.value), (), from_template=True)
+    ports = _named_ports(template.spec.ports or ())
+    metadata: dict[str, Any] = {
+        "name": shared_policy_name(template_name, egress),
+        "namespace": namespace,
+        "labels": {NAME_LABEL: "sandbox", **shared_policy_selector(template_name, egress)},
+    }
+    return _policy(metadata, shared_policy_selector(template_name, egress), ports, network, settings)
+
+
+def governing_network_policy(
+    sandbox: Sandbox, template: SandboxTemplate, settings: PolicySettings
+) -> tuple[dict[str, Any], EgressClass]:
+    """The NetworkPolicy that should select the sandbox's pod (shared or its own), and its class."""
+    egress = egress_class(sandbox.spec, template.spec)
+    if egress.shared:
+        _, namespace, _ = _identity(sandbox)
+        return build_shared_network_policy(namespace, template, egress, settings), egress
+    own = build_network_policy(
+        sandbox,
+        template,
+        gateway_namespace=settings.gateway_namespace,
+        dns_namespace=settings.dns_namespace,
+        dns_pod_labels=dict(settings.dns_pod_labels),
+        cluster_cidrs=settings.cluster_cidrs,
+    )
+    return own, egress
+
+
+def _policy(
+    metadata: dict[str, Any],
+    pod_selector: dict[str, str],
+    ports: list[tuple[str, int]],
+    network: ResolvedEgress,
+    settings: PolicySettings,
+) -> dict[str, Any]:
     gateway_peer = {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.gateway_namespace}},
         "podSelector": {"matchLabels": {COMPONENT_LABEL: GATEWAY_COMPONENT}},
     }
     # The operator scrapes the agent's usage metrics (envd port only).
     operator_peer = {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.gateway_namespace}},
         "podSelector": {"matchLabels": {COMPONENT_LABEL: OPERATOR_COMPONENT}},
     }
     ingress = [
-        {
-            "from": [gateway_peer],
-            "ports": [{"protocol": "TCP", "port": port} for _, port in _all_ports(sandbox, template)],
-        },
+        {"from": [gateway_peer], "ports": [{"protocol": "TCP", "port": port} for _, port in ports]},
         {"from": [operator_peer], "ports": [{"protocol": "TCP", "port": ENVD_PORT}]},
     ]
     egress: list[dict[str, Any]] = [
-        _dns_rule(dns_namespace, dns_pod_labels or dict(DEFAULT_DNS_POD_LABELS)),
+        _dns_rule(settings.dns_namespace, dict(settings.dns_pod_labels)),
         {"to": [gateway_peer]},
     ]
-    network = resolve_egress(sandbox.spec, template.spec)
-    metadata = _metadata(sandbox, child_names(name).network_policy)
     always_denied = _networks(ALWAYS_DENIED_CIDRS)
-    internet = _anywhere_but([*always_denied, *_networks(cluster_cidrs)])
+    internet = _anywhere_but([*always_denied, *_networks(settings.cluster_cidrs)])
     if network.mode is EgressMode.ALLOW:
         egress.append({"to": internet})
     elif network.mode is EgressMode.ALLOW_LIST:
@@ -407,12 +517,12 @@ def build_network_policy(
         blocks = [block for target in targets if (block := _excepting(target, always_denied)) is not None]
         if blocks:
             egress.append({"to": blocks})
-        ports = sorted({int(host.rsplit(":", 1)[1]) for host in network.hosts})
-        if ports:
+        host_ports = sorted({int(host.rsplit(":", 1)[1]) for host in network.hosts})
+        if host_ports:
             egress.append(
                 {
                     "to": internet,
-                    "ports": [{"protocol": "TCP", "port": port} for port in ports],
+                    "ports": [{"protocol": "TCP", "port": port} for port in host_ports],
                 }
             )
             metadata["annotations"] = {EGRESS_HOSTS_NOT_ENFORCED_ANNOTATION: ",".join(network.hosts)}
@@ -422,7 +532,7 @@ def build_network_policy(
             "kind": "NetworkPolicy",
             "metadata": metadata,
             "spec": {
-                "podSelector": {"matchLabels": selector_labels(name)},
+                "podSelector": {"matchLabels": pod_selector},
                 "policyTypes": ["Ingress", "Egress"],
                 "ingress": ingress,
                 "egress": egress,

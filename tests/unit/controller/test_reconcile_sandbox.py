@@ -13,6 +13,7 @@ back (status.startedAt, metadata.creationTimestamp), never by waiting.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,6 +32,7 @@ from sandbox_operator.api.names import (
     SANDBOXES,
     SERVICES,
 )
+from sandbox_operator.controller.reconcile import reconcile_sandbox
 from sandbox_operator.kube import ApiError
 from sandbox_operator.lifecycle.pool import workspace_claim_of
 from sandbox_operator.resources import child_names
@@ -39,6 +41,7 @@ NS = "team-a"
 NAME = "sb"
 KEY = (NS, NAME)
 CHILDREN = child_names(NAME)
+SHARED_DENY = "sbx-net-base-deny"  # the NetworkPolicy every deny-class pod of template base in NS shares
 POD_IP = "127.3.0.9"  # loopback, like the container node's pod IPs (never reached: the agent is stubbed)
 HOLD = "example.com/hold"  # a finalizer of somebody else's (a backup tool's, say)
 TEMPLATE: JSON = {
@@ -169,7 +172,7 @@ async def test_a_cold_sandbox_gets_its_children_in_one_pass_and_runs_on_the_next
     pod = api.of_kind(PODS, NS)[CHILDREN.pod]
     assert workspace_claim_of(pod) == CHILDREN.pvc
     assert api.names(SERVICES, NS) == set()  # a Service is opt-in (network.service)
-    assert api.names(NETWORK_POLICIES, NS) == {CHILDREN.network_policy}
+    assert api.names(NETWORK_POLICIES, NS) == {SHARED_DENY}
     # Pass 2: the kubelet reports the pod running and ready.
     api.set_pod_status(NS, CHILDREN.pod, "Running", True, pod_ip=POD_IP)
     assert await harness.sandbox_pass(KEY) == [STATUS, EVENT]
@@ -224,14 +227,17 @@ async def test_a_sandbox_on_a_warm_pod_runs_in_one_status_write_and_counts_as_a_
     api.set_pod_status(NS, warm, "Running", True, pod_ip=POD_IP)
     api.add(SANDBOXES, sandbox_body())
     transitions, starts = harness.samples(TRANSITIONS), harness.samples(TIME_TO_RUNNING)
-    # The claim relabels the warm pod's workspace and the pod (no create); one status write takes
-    # the sandbox from nothing to Running, with both phase changes' Events.
+    # The claim relabels the warm pod's workspace and the pod (no create; the pool wrote the shared
+    # policy before its first warm pod); one status write takes the sandbox from nothing to Running,
+    # with both phase changes' Events.
+    assert selected_by(api, warm) == {SHARED_DENY}
     assert_writes(
         await harness.sandbox_pass(KEY),
-        [("PATCH", "persistentvolumeclaims"), CREATE_POLICY, ("PATCH", "pods")],
+        [("PATCH", "persistentvolumeclaims"), ("PATCH", "pods")],
         [STATUS],
         [EVENT, EVENT],
     )
+    assert selected_by(api, warm) == {SHARED_DENY}
     assert (status(api)["phase"], status(api)["podName"], status(api)["podIP"]) == ("Running", warm, POD_IP)
     assert api.of_kind(PODS, NS)[warm]["metadata"]["annotations"][CLAIMED_FROM_POOL_ANNOTATION] == "warm"
     assert delta(harness.samples(TRANSITIONS), transitions) == {
@@ -302,8 +308,136 @@ async def test_a_failed_policy_write_leaves_no_pod_without_its_policy(harness: H
     api.heal("POST", NETWORK_POLICIES.collection(NS))
     assert_writes(await harness.sandbox_pass(KEY), [CREATE_POLICY, CREATE_POD], [STATUS], [EVENT])
     assert harness.last_pass.index(CREATE_POLICY) < harness.last_pass.index(CREATE_POD)
-    assert api.names(NETWORK_POLICIES, NS) == {CHILDREN.network_policy}
+    assert api.names(NETWORK_POLICIES, NS) == {SHARED_DENY}
     assert api.names(PODS, NS) == {CHILDREN.pod}
+
+
+# --- shared NetworkPolicies --------------------------------------------------------------------------
+
+RELABEL_POD: Write = ("PATCH", "pods")
+DELETE_POLICY: Write = ("DELETE", "networkpolicies")
+
+
+def pod_labels(api: FakeApi, name: str = CHILDREN.pod) -> dict[str, str]:
+    return dict(api.of_kind(PODS, NS)[name]["metadata"]["labels"])
+
+
+def selected_by(api: FakeApi, pod: str = CHILDREN.pod) -> set[str]:
+    """The NetworkPolicies whose podSelector matches the pod's labels."""
+    labels = pod_labels(api, pod)
+    return {
+        name
+        for name, policy in api.of_kind(NETWORK_POLICIES, NS).items()
+        if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    }
+
+
+async def test_sandboxes_of_one_template_and_class_share_one_policy_written_once(harness: Harness) -> None:
+    api = harness.api
+    api.add(SANDBOX_TEMPLATES, {**TEMPLATE, "spec": {**TEMPLATE["spec"], "persistence": {"enabled": False}}})
+    for name in ("one", "two"):
+        api.add(SANDBOXES, {**sandbox_body(), "metadata": {"name": name, "namespace": NS}})
+    assert_writes(await harness.sandbox_pass((NS, "one")), [CREATE_POLICY, CREATE_POD], [STATUS], [EVENT])
+    # The second sandbox finds the policy current: one pod, one status, one Event.
+    assert_writes(await harness.sandbox_pass((NS, "two")), [CREATE_POD], [STATUS], [EVENT])
+    assert api.names(NETWORK_POLICIES, NS) == {SHARED_DENY}
+    for name in ("one", "two"):
+        assert selected_by(api, child_names(name).pod) == {SHARED_DENY}
+    policy = api.of_kind(NETWORK_POLICIES, NS)[SHARED_DENY]
+    assert "ownerReferences" not in policy["metadata"]  # it outlives any one sandbox
+    # Deleting a sandbox leaves the shared policy to the others.
+    api.remove(SANDBOXES.path(NS, "one"))
+    assert DELETE_POLICY not in await harness.sandbox_pass((NS, "one"))
+    assert api.names(NETWORK_POLICIES, NS) == {SHARED_DENY}
+
+
+async def test_concurrent_first_passes_write_the_shared_policy_once(harness: Harness) -> None:
+    api = harness.api
+    api.add(SANDBOX_TEMPLATES, {**TEMPLATE, "spec": {**TEMPLATE["spec"], "persistence": {"enabled": False}}})
+    names = [f"burst-{i}" for i in range(20)]
+    for name in names:
+        api.add(SANDBOXES, {**sandbox_body(), "metadata": {"name": name, "namespace": NS}})
+    api.take()
+    harness.deliver()
+    await asyncio.gather(*(reconcile_sandbox(harness.rt, (NS, name)) for name in names))
+    await harness.settle()
+    writes = api.take()
+    assert writes.count(CREATE_POLICY) == 1 and writes.count(CREATE_POD) == len(names)
+    assert all(selected_by(api, child_names(name).pod) == {SHARED_DENY} for name in names)
+
+
+async def test_an_allow_list_of_its_own_gets_its_own_policy_and_back(harness: Harness) -> None:
+    api = harness.api
+    api.add(SANDBOX_TEMPLATES, {**TEMPLATE, "spec": {**TEMPLATE["spec"], "persistence": {"enabled": False}}})
+    own = {"egress": "allowList", "egressAllow": ["203.0.113.0/24"]}
+    api.add(SANDBOXES, sandbox_body(network=own))
+    assert_writes(await harness.sandbox_pass(KEY), [CREATE_POLICY, CREATE_POD], [STATUS], [EVENT])
+    assert api.names(NETWORK_POLICIES, NS) == {CHILDREN.network_policy}
+    assert pod_labels(api)["sandbox.dev/egress-class"] == "own"
+    assert selected_by(api) == {CHILDREN.network_policy}
+    api.set_pod_status(NS, CHILDREN.pod, "Running", True, pod_ip=POD_IP)
+    await harness.sandbox_pass(KEY)
+    # Its author drops the allow-list: the shared deny policy is written, the pod relabelled for it,
+    # and only then its own policy deleted (the pod is never selected by none).
+    api.edit(SANDBOXES.path(NS, NAME), {"spec": {"network": None}})
+    writes = await harness.sandbox_pass(KEY)
+    assert writes[:3] == [CREATE_POLICY, RELABEL_POD, DELETE_POLICY], writes
+    assert api.names(NETWORK_POLICIES, NS) == {SHARED_DENY}
+    assert selected_by(api) == {SHARED_DENY}
+    assert not {CREATE_POLICY, RELABEL_POD, DELETE_POLICY} & set(await harness.sandbox_pass(KEY))  # settled
+    # And back to an allow-list: its own policy first, then the relabel (the shared one stays).
+    api.edit(SANDBOXES.path(NS, NAME), {"spec": {"network": own}})
+    writes = await harness.sandbox_pass(KEY)
+    assert writes[:2] == [CREATE_POLICY, RELABEL_POD], writes
+    assert selected_by(api) == {CHILDREN.network_policy}
+
+
+async def test_a_pod_made_before_policies_were_shared_moves_to_the_shared_one(harness: Harness) -> None:
+    api = harness.api
+    api.add(SANDBOX_TEMPLATES, {**TEMPLATE, "spec": {**TEMPLATE["spec"], "persistence": {"enabled": False}}})
+    api.add(SANDBOXES, sandbox_body())
+    await harness.sandbox_pass(KEY)
+    api.set_pod_status(NS, CHILDREN.pod, "Running", True, pod_ip=POD_IP)
+    await harness.sandbox_pass(KEY)
+    # As an older operator left it: a policy of its own, a pod without the class label.
+    api.remove(NETWORK_POLICIES.path(NS, SHARED_DENY))
+    api.rewrite(PODS.path(NS, CHILDREN.pod), lambda pod: pod["metadata"]["labels"].pop("sandbox.dev/egress-class"))
+    sandbox = api.objects[SANDBOXES.path(NS, NAME)]
+    own = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": CHILDREN.network_policy,
+            "namespace": NS,
+            "labels": {"app.kubernetes.io/managed-by": "sandbox-operator", "sandbox.dev/sandbox": NAME},
+            "annotations": {"sandbox.dev/spec-hash": "older"},
+            "ownerReferences": [{"uid": sandbox["metadata"]["uid"], "kind": "Sandbox", "name": NAME}],
+        },
+        "spec": {"podSelector": {"matchLabels": {"sandbox.dev/sandbox": NAME}}},
+    }
+    api.add(NETWORK_POLICIES, own, NS)
+    writes = await harness.sandbox_pass(KEY)
+    assert writes[:3] == [CREATE_POLICY, RELABEL_POD, DELETE_POLICY], writes
+    assert api.names(NETWORK_POLICIES, NS) == {SHARED_DENY}
+    assert selected_by(api) == {SHARED_DENY}
+
+
+async def test_a_deleted_shared_policy_is_written_again(harness: Harness) -> None:
+    api = harness.api
+    api.add(SANDBOX_TEMPLATES, {**TEMPLATE, "spec": {**TEMPLATE["spec"], "persistence": {"enabled": False}}})
+    api.add(SANDBOXES, sandbox_body())
+    await harness.sandbox_pass(KEY)
+    api.set_pod_status(NS, CHILDREN.pod, "Running", True, pod_ip=POD_IP)
+    await harness.sandbox_pass(KEY)
+    harness.deliver()
+    queue = harness.rt.queue
+    while len(queue):  # drain what earlier events queued: only the deletion may queue it again
+        queue.done(await queue.get())
+    api.remove(NETWORK_POLICIES.path(NS, SHARED_DENY))
+    harness.deliver()
+    assert len(queue) == 1 and await queue.get() == ("sandbox", NS, NAME)  # woken by the deletion
+    assert CREATE_POLICY in await harness.sandbox_pass(KEY)
+    assert selected_by(api) == {SHARED_DENY}
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -431,17 +565,12 @@ async def test_a_deleted_sandbox_deletes_its_children_and_leaves_the_finalizer_t
     transitions = harness.samples(TRANSITIONS)
     api.remove(SANDBOXES.path(NS, NAME))  # kubectl delete: held by the finalizer
     assert api.objects[SANDBOXES.path(NS, NAME)]["metadata"]["deletionTimestamp"]
-    # Pass 1: every child goes, one after the other.
-    assert await harness.sandbox_pass(KEY) == [
-        DELETE_POD,
-        ("DELETE", "persistentvolumeclaims"),
-        ("DELETE", "networkpolicies"),
-        STATUS,
-        EVENT,
-    ]
+    # Pass 1: every child goes, one after the other (the shared NetworkPolicy stays for the others).
+    assert await harness.sandbox_pass(KEY) == [DELETE_POD, ("DELETE", "persistentvolumeclaims"), STATUS, EVENT]
     assert (status(api)["phase"], status(api)["reason"]) == ("Terminating", "Deleted")
-    for resource in (PODS, PERSISTENT_VOLUME_CLAIMS, SERVICES, NETWORK_POLICIES):
+    for resource in (PODS, PERSISTENT_VOLUME_CLAIMS, SERVICES):
         assert api.names(resource, NS) == set(), resource
+    assert api.names(NETWORK_POLICIES, NS) == {SHARED_DENY}
     # Pass 2: the pod is gone: Terminated. The finalizer is not the operator's to remove.
     assert await harness.sandbox_pass(KEY) == [STATUS, EVENT]
     assert (status(api)["phase"], status(api)["reason"]) == ("Terminated", "Deleted")

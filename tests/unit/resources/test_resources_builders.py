@@ -8,13 +8,17 @@ import pytest
 from kubernetes import client
 from resources_factories import UID, sandbox, template
 
+from sandbox_operator.api import EgressClass, egress_class
 from sandbox_operator.resources import (
     ImageNotAllowedError,
+    PolicySettings,
     ResourcesExceedMaxError,
     build_network_policy,
     build_pod,
     build_pvc,
     build_service,
+    build_shared_network_policy,
+    governing_network_policy,
     sandbox_id,
     sandbox_id_for,
     spec_hash,
@@ -65,7 +69,7 @@ def test_pod_metadata() -> None:
     assert pod["metadata"] == {
         "name": "sbx-demo",
         "namespace": "team-a",
-        "labels": LABELS,
+        "labels": {**LABELS, "sandbox.dev/egress-class": "deny"},
         "ownerReferences": [OWNER],
     }
 
@@ -541,3 +545,67 @@ def test_builders_are_deterministic() -> None:
         sbx, tpl, gateway_namespace="gw"
     )
     assert sandbox_id(sbx) == SANDBOX_ID
+
+
+# --- shared NetworkPolicies -------------------------------------------------------------------------
+
+SETTINGS = PolicySettings(gateway_namespace="sandbox-system")
+
+
+@pytest.mark.parametrize(
+    ("own", "template_network", "template_ports", "expected"),
+    [
+        ({}, {}, None, EgressClass.DENY),
+        ({"egress": "deny"}, PACKAGE_INDEX, None, EgressClass.DENY),  # its own egress wins
+        ({"egress": "allow"}, {}, None, EgressClass.ALLOW),
+        ({}, {"egress": "allow"}, None, EgressClass.ALLOW),
+        ({}, PACKAGE_INDEX, None, EgressClass.TEMPLATE),
+        ({"egress": "allowList", "egressAllow": ["203.0.113.0/24"]}, {}, None, EgressClass.OWN),
+        ({"ports": [8080]}, {}, None, EgressClass.OWN),  # a port the template does not open
+        ({"ports": [8080]}, {}, [8080, 9000], EgressClass.DENY),  # the template's own ports
+    ],
+)
+def test_egress_class(
+    own: dict[str, Any], template_network: dict[str, Any], template_ports: list[int] | None, expected: EgressClass
+) -> None:
+    tpl = template(network=template_network, **({"ports": template_ports} if template_ports else {}))
+    assert egress_class(sandbox(network=own).spec, tpl.spec) is expected
+    assert build_pod(sandbox(network=own), tpl)["metadata"]["labels"]["sandbox.dev/egress-class"] == expected.value
+
+
+def test_a_shared_policy_selects_its_template_and_class_and_matches_an_own_policy_rule_for_rule() -> None:
+    tpl = template(network=PACKAGE_INDEX, ports=[8080])
+    shared = build_shared_network_policy("team-a", tpl, EgressClass.TEMPLATE, SETTINGS)
+    assert shared["metadata"]["name"] == "sbx-net-code-interpreter-template"
+    assert "ownerReferences" not in shared["metadata"]
+    selector = shared["spec"]["podSelector"]["matchLabels"]
+    assert selector == {
+        "app.kubernetes.io/managed-by": "sandbox-operator",
+        "sandbox.dev/template": "code-interpreter",
+        "sandbox.dev/egress-class": "template",
+    }
+    pod = build_pod(sandbox(), tpl)
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    # The same rules a policy of the sandbox's own would have had.
+    own = build_network_policy(sandbox(), tpl, gateway_namespace="sandbox-system")
+    assert shared["spec"]["ingress"] == own["spec"]["ingress"] and shared["spec"]["egress"] == own["spec"]["egress"]
+    assert shared["metadata"]["annotations"]["sandbox.dev/egress-hosts-not-enforced"] == (
+        "pypi.org:443,files.pythonhosted.org:443"
+    )
+    _validated(client.V1NetworkPolicy, shared)
+
+
+def test_every_sandbox_of_a_class_gets_the_same_shared_body() -> None:
+    tpl = template()
+    first, first_class = governing_network_policy(sandbox(), tpl, SETTINGS)
+    second, _ = governing_network_policy(sandbox(name="other"), tpl, SETTINGS)
+    assert first_class is EgressClass.DENY and first == second  # one digest: written once
+
+
+def test_a_sandbox_of_its_own_class_is_governed_by_its_own_policy() -> None:
+    own_network = {"egress": "allowList", "egressAllow": ["203.0.113.0/24"]}
+    policy, egress = governing_network_policy(sandbox(network=own_network), template(), SETTINGS)
+    assert egress is EgressClass.OWN and policy["metadata"]["name"] == "sbx-demo"
+    assert policy["metadata"]["ownerReferences"] == [OWNER]
+    with pytest.raises(ValueError, match="own"):
+        build_shared_network_policy("team-a", template(), EgressClass.OWN, SETTINGS)
