@@ -53,6 +53,79 @@ def test_create_reaches_running_with_children(cluster: Cluster, namespace: str) 
     )
 
 
+def _refuse_network_policies(cluster: Cluster, namespace: str, name: str) -> None:
+    """A ValidatingAdmissionPolicy (the API server's own CEL admission) that refuses every
+    NetworkPolicy write in `namespace`, in effect once a server-side dry run is refused."""
+    cluster.apply(f"""
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {name}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [networking.k8s.io]
+      apiVersions: [v1]
+      operations: [CREATE, UPDATE]
+      resources: [networkpolicies]
+  validations:
+  - expression: "false"
+    message: NetworkPolicies are refused here (test)
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {name}}}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {namespace}}}
+""")
+    probe = json.dumps(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "probe", "namespace": namespace},
+            "spec": {"podSelector": {}},
+        }
+    )
+
+    def refused() -> bool:
+        result = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=probe, check=False)
+        return result.returncode != 0 and "refused here" in result.stderr
+
+    wait_until(refused, timeout=60, message="the admission policy in effect")
+
+
+def test_no_pod_starts_before_its_network_policy_is_written(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    guard = f"refuse-netpol-{namespace[-6:]}"
+    _refuse_network_policies(cluster, namespace, guard)
+    try:
+        cluster.apply(sandbox_manifest("guarded"), namespace)
+        wait_until(
+            lambda: "NetworkPolicies are refused here" in operator.log_tail(400),
+            timeout=60,
+            message="the operator's policy write refused",
+        )
+        # Refused, and retried with backoff: no pod (nor anything that would run one) meanwhile.
+        again = operator.log_tail(4000).count("NetworkPolicies are refused here")
+        wait_until(
+            lambda: operator.log_tail(4000).count("NetworkPolicies are refused here") > again,
+            timeout=60,
+            message="a retry refused too",
+        )
+        assert children(cluster, namespace, "guarded")["pods"] == []
+        assert (sandbox(cluster, namespace, "guarded").get("status") or {}).get("phase") != "Running"
+    finally:
+        cluster.kubectl("delete", "validatingadmissionpolicybinding", guard, "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "validatingadmissionpolicy", guard, "--ignore-not-found", check=False)
+    running = wait_phase(cluster, namespace, "guarded", "Running", timeout=90)
+    assert governing_policies(cluster, namespace, running["status"]["podName"]) == ["sbx-net-it-base-deny"]
+
+
 def test_suspend_and_resume_keep_the_workspace(cluster: Cluster, namespace: str) -> None:
     cluster.apply(sandbox_manifest("sb2"), namespace)
     running = wait_phase(cluster, namespace, "sb2", "Running")
