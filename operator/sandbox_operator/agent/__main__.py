@@ -14,19 +14,23 @@ def main() -> None:
     make_undumpable()
     become_init_if_pid1()
     # Imported after the fork: the init parent stays a small process.
-    import asyncio
-
     from .config import parse_config
-    from .server import configure_logging, serve
+    from .listen import bind_listeners
 
     config = parse_config()
     # Read once; children get an environment without it anyway (config.SECRET_ENV_VARS), and nothing
     # later may find it in os.environ.
     for name in SECRET_ENV_VARS:
         os.environ.pop(name, None)
+    # Listening before the heavy imports: a connection made meanwhile waits instead of being refused.
+    bound = bind_listeners(config)
+    import asyncio
+
+    from .server import configure_logging, serve
+
     configure_logging()
     config.workdir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, bound))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sandbox_operator.api.names import EXECUTION_TIMEOUT_PREFIX
 
 from .config import without_secrets
+from .interpreter_errors import InterpreterError as InterpreterError  # still importable from here
 from .kernelwatch import (
     OUT_OF_MEMORY_MESSAGE,
     PROCESS_LIMIT_MESSAGE,
@@ -36,6 +37,7 @@ from .kernelwatch import (
 from .limits import ConcurrencyLimitError, ExecutionSlot, ExecutionStats, OutputLimiter
 from .sysmetrics import default_cgroup_root, memory_limit, oom_events_file, read_oom_kills
 from .users import SandboxState
+from .zmqcontext import shared_zmq_context as shared_zmq_context  # still importable from here
 
 if TYPE_CHECKING:
     import zmq.asyncio
@@ -100,13 +102,6 @@ MIME_FIELDS: Final[Mapping[str, str]] = {
 }
 
 JsonLine = dict[str, Any]
-
-
-class InterpreterError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def normalize_language(language: str | None) -> str:
@@ -367,25 +362,15 @@ class KernelContext:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
 
 
-def shared_zmq_context() -> zmq.asyncio.Context:
-    """The one zmq context of every kernel manager and client.
-
-    libzmq starts a context's I/O and reaper threads with its first socket and abort()s the whole
-    process when it cannot (`Resource temporarily unavailable (src/thread.cpp:241)`). A context per
-    manager and per client (plus the client's heartbeat thread) made every kernel start five threads
-    in the agent, so near the sandbox's process limit a kernel start killed the agent. One context,
-    its threads started now, makes starting a kernel cost the agent no thread at all.
-    """
-    import zmq
-    import zmq.asyncio
-
-    context = zmq.asyncio.Context()
-    context.socket(zmq.PAIR).close(linger=0)
-    return context
-
-
 class CodeInterpreter:
-    def __init__(self, state: SandboxState, stats: ExecutionStats, *, cgroup_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        state: SandboxState,
+        stats: ExecutionStats,
+        *,
+        cgroup_root: Path | None = None,
+        zmq_context: zmq.asyncio.Context | None = None,
+    ) -> None:
         self.state = state
         self.stats = stats
         self.contexts: dict[str, KernelContext] = {}
@@ -396,7 +381,8 @@ class CodeInterpreter:
         self._kernel_specs_at = 0.0
         self.cgroup_root = default_cgroup_root() if cgroup_root is None else cgroup_root
         self._oom_file = oom_events_file(self.cgroup_root)
-        self._zmq = shared_zmq_context()
+        # Its own (shutdown destroys it): the agent's, made at its start (zmqcontext), or a new one.
+        self._zmq = shared_zmq_context() if zmq_context is None else zmq_context
         # E2B's server creates its default Python context at startup, so GET /contexts lists it from
         # the start; here it is listed at once and its kernel starts on first use (or at startup with
         # --prewarm-kernel), which keeps the agent's own start fast.

@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -26,10 +26,15 @@ from .guard import (
     is_open_route,
     read_body,
 )
-from .interpreter import CodeInterpreter, InterpreterError, KernelContext
+from .interpreter_errors import InterpreterError
+from .lazy import Deferred, NotLoaded
 from .limits import ExecutionStats
 from .signing import tokens_equal
 from .users import PathError, SandboxState
+
+if TYPE_CHECKING:
+    # Loaded after the agent listens (lazy.Deferred): this module is on the way to /health.
+    from .interpreter import CodeInterpreter, KernelContext
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +160,17 @@ def refuse_unauthenticated() -> web.Response:
 
 
 class InterpreterServer:
-    def __init__(self, interpreter: CodeInterpreter, state: SandboxState, stats: ExecutionStats) -> None:
+    def __init__(self, interpreter: Deferred[CodeInterpreter], state: SandboxState, stats: ExecutionStats) -> None:
         self.interpreter = interpreter
         self.state = state
         self.stats = stats
+
+    async def _interpreter(self) -> CodeInterpreter:
+        """The interpreter, waiting while it loads (the agent's first moments); 503 if it takes too long."""
+        try:
+            return await self.interpreter.get()
+        except NotLoaded as error:
+            raise InterpreterError(503, str(error)) from error
 
     def routes(self, app: web.Application, *, with_health: bool) -> None:
         if with_health:
@@ -207,14 +219,15 @@ class InterpreterServer:
         # Authenticated by the middleware of whichever listener serves the route.
         try:
             execution = execute_request(await self._json_body(request))
+            interpreter = await self._interpreter()
             context: KernelContext
             if execution.context_id is not None:
-                context = self.interpreter.get(execution.context_id)
+                context = interpreter.get(execution.context_id)
             else:
-                context = await self.interpreter.default_context(execution.language)
+                context = await interpreter.default_context(execution.language)
             # Set when the client is gone: the execution is interrupted then (see CodeInterpreter.execute).
             gone = asyncio.Event()
-            lines = self.interpreter.execute(context, execution.code, execution.env_vars, execution.timeout, gone)
+            lines = interpreter.execute(context, execution.code, execution.env_vars, execution.timeout, gone)
             # The first line comes before the status is sent, so a refused execution gets a real error status.
             first = await anext(lines)
         except Exception as error:
@@ -257,7 +270,11 @@ class InterpreterServer:
         return True
 
     async def list_contexts(self, request: web.Request) -> web.Response:
-        return web.json_response(self.interpreter.listing())
+        try:
+            interpreter = await self._interpreter()
+        except Exception as error:
+            return _failure(error)
+        return web.json_response(interpreter.listing())
 
     async def create_context(self, request: web.Request) -> web.Response:
         try:
@@ -268,21 +285,21 @@ class InterpreterServer:
                 raise InterpreterError(400, "'language' must be a string")
             if cwd is not None and not isinstance(cwd, str):
                 raise InterpreterError(400, "'cwd' must be a string")
-            context = await self.interpreter.create_context(language, cwd)
+            context = await (await self._interpreter()).create_context(language, cwd)
         except Exception as error:
             return _failure(error)
         return web.json_response(context.describe())
 
     async def restart_context(self, request: web.Request) -> web.Response:
         try:
-            await self.interpreter.restart(request.match_info["context_id"])
+            await (await self._interpreter()).restart(request.match_info["context_id"])
         except Exception as error:
             return _failure(error)
         return web.json_response({})
 
     async def remove_context(self, request: web.Request) -> web.Response:
         try:
-            await self.interpreter.remove(request.match_info["context_id"])
+            await (await self._interpreter()).remove(request.match_info["context_id"])
         except Exception as error:
             return _failure(error)
         return web.Response(status=204)

@@ -1,4 +1,9 @@
-"""Wires the services together and serves the envd and code-interpreter listeners."""
+"""Wires the services together and serves the envd and code-interpreter listeners.
+
+On the way to /health only what envd needs is imported; the code interpreter (Jupyter, ZeroMQ) loads
+in the background shortly after the listeners serve, or at its first request (lazy.Deferred); its
+requests wait for it meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -17,12 +23,17 @@ from .config import AgentConfig
 from .envd import EnvdServer
 from .filesystem import FilesystemService
 from .guard import LIMITS, ConnectionGuard, ListenerLimits
-from .interpreter import CodeInterpreter
 from .interpreter_http import InterpreterServer
+from .lazy import Deferred, import_modules
 from .limits import ExecutionStats
+from .listen import BACKLOG, BoundPort, bind_listeners
 from .process import ProcessManager
 from .sysmetrics import ResourceSampler
 from .users import SandboxState
+from .zmqcontext import shared_zmq_context
+
+if TYPE_CHECKING:
+    from .interpreter import CodeInterpreter
 
 log = logging.getLogger("sandbox_operator.agent")
 
@@ -34,10 +45,20 @@ MAX_HEADERS = 128
 LINGERING_SECONDS = 5.0
 
 
+# Imported off the event loop once the agent listens: the interpreter; with a kernel to prewarm also
+# jupyter_client, which that kernel start would otherwise import on the event loop.
+INTERPRETER_MODULES = (f"{__package__}.interpreter",)
+KERNEL_CLIENT_MODULES = ("jupyter_client.manager", "jupyter_client.asynchronous.client")
+# Without a kernel to prewarm, the interpreter loads this long after the agent listens (or at its
+# first request, whichever is first): the first commands after a create come within tens of ms, and
+# an import on the worker thread meanwhile holds the GIL for part of them (~15 ms here, measured).
+INTERPRETER_LOAD_DELAY_SECONDS = 0.25
+
+
 @dataclass(frozen=True)
 class Listener:
     runner: web.AppRunner
-    server: asyncio.Server
+    servers: Sequence[asyncio.Server]
 
 
 class Agent:
@@ -47,7 +68,10 @@ class Agent:
         self.stats = ExecutionStats(limit=config.max_concurrent_executions)
         self.processes = ProcessManager(self.state, self.stats)
         self.filesystem = FilesystemService()
-        self.interpreter = CodeInterpreter(self.state, self.stats)
+        # Now, not when the interpreter loads: its threads must exist before any user process (see
+        # zmqcontext). About 10 ms of the start.
+        self.zmq = shared_zmq_context()
+        self.interpreter: Deferred[CodeInterpreter] = Deferred("code interpreter", self._load_interpreter)
         self.envd = EnvdServer(self.state, self.stats, self.processes, self.filesystem, ResourceSampler(config.workdir))
         self.interpreter_http = InterpreterServer(self.interpreter, self.state, self.stats)
 
@@ -79,9 +103,16 @@ class Agent:
         self.interpreter_http.routes(app, with_health=True)
         return app
 
-    async def _listen(self, build: Callable[[ConnectionGuard], web.Application], port: int) -> Listener:
-        """An app on host:port behind a ConnectionGuard (header deadline), with aiohttp's keep-alive
-        timeout and request-head limits."""
+    async def _load_interpreter(self) -> CodeInterpreter:
+        modules = INTERPRETER_MODULES + (KERNEL_CLIENT_MODULES if self.config.prewarm_kernel else ())
+        await import_modules(modules)
+        from .interpreter import CodeInterpreter
+
+        return CodeInterpreter(self.state, self.stats, zmq_context=self.zmq)
+
+    async def _listen(self, build: Callable[[ConnectionGuard], web.Application], bound: BoundPort) -> Listener:
+        """An app on the bound sockets behind a ConnectionGuard (header deadline), with aiohttp's
+        keep-alive timeout and request-head limits."""
         guard = ConnectionGuard(self.config.header_timeout)
         runner = web.AppRunner(
             build(guard),
@@ -96,24 +127,27 @@ class Agent:
         )
         await runner.setup()
         guard.factory = runner.server
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.Server] = []
         try:
-            server = await asyncio.get_running_loop().create_server(
-                guard.protocol, self.config.host, port, reuse_address=True, backlog=1024
-            )
+            for sock in bound.sockets:
+                servers.append(await loop.create_server(guard.protocol, sock=sock, backlog=BACKLOG))
         except BaseException:
+            for server in servers:
+                server.close()
             await runner.cleanup()
             raise
-        return Listener(runner, server)
+        return Listener(runner, servers)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, bound: Sequence[BoundPort] | None = None) -> None:
+        """Serve until `stop`; on `bound` (listen.bind_listeners: the envd port, then the interpreter's
+        unless it is 0), else on sockets bound here."""
         listeners: list[Listener] = []
-        wanted: list[tuple[Callable[[ConnectionGuard], web.Application], int]] = [
-            (self.envd_app, self.config.envd_port)
-        ]
-        if self.config.interpreter_port:
-            wanted.append((self.interpreter_app, self.config.interpreter_port))
+        delayed_load: asyncio.TimerHandle | None = None
+        ports = list(bound) if bound is not None else bind_listeners(self.config)
+        builds = [self.envd_app] + ([self.interpreter_app] if self.config.interpreter_port else [])
         try:
-            for build, port in wanted:
+            for build, port in zip(builds, ports, strict=True):
                 listeners.append(await self._listen(build, port))
             log.info(
                 "sandbox-agent ready: envd on %s:%d, code interpreter on %s, workdir %s",
@@ -124,39 +158,52 @@ class Agent:
             )
             prewarm = None
             if self.config.prewarm_kernel:
-                prewarm = asyncio.create_task(self._prewarm(), name="prewarm-kernel")
+                prewarm = asyncio.create_task(self._prewarm(), name="prewarm-kernel")  # loads it now
+            else:
+                delayed_load = asyncio.get_running_loop().call_later(
+                    INTERPRETER_LOAD_DELAY_SECONDS, self.interpreter.start
+                )
             await stop.wait()
             if prewarm is not None:
                 prewarm.cancel()
         finally:
+            if delayed_load is not None:
+                delayed_load.cancel()
             log.info("sandbox-agent stopping")
             # Stop listening and end keep-alive connections first: a request arriving while the
             # processes are being stopped must be refused (a client retries elsewhere), not start
             # a command that is killed a moment later.
             for listener in listeners:
-                listener.server.close()
+                for server in listener.servers:
+                    server.close()
                 if listener.runner.server is not None:
                     listener.runner.server.pre_shutdown()
+            for port in ports:
+                port.close()  # those not served yet (a start that failed); closing twice is harmless
             await self.processes.shutdown()
-            await self.interpreter.shutdown()
+            interpreter = await self.interpreter.close()
+            if interpreter is not None:
+                await interpreter.shutdown()  # destroys the ZeroMQ context too
+            else:
+                self.zmq.destroy(linger=0)
             self.filesystem.close()
             for listener in reversed(listeners):
                 await listener.runner.cleanup()
 
     async def _prewarm(self) -> None:
         try:
-            await self.interpreter.default_context(None)
+            await (await self.interpreter.get()).default_context(None)
         except Exception:
             log.exception("could not start the default Python kernel")
 
 
-async def serve(config: AgentConfig) -> None:
+async def serve(config: AgentConfig, bound: Sequence[BoundPort] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    await Agent(config).run(stop)
+    await Agent(config).run(stop, bound)
 
 
 def configure_logging() -> None:
