@@ -35,7 +35,13 @@ from sandbox_operator.controller.network import ensure_shared_policy, shared_pol
 from sandbox_operator.controller.pools import pools_of_template, try_claim_pool_pod
 from sandbox_operator.kube import JSON
 from sandbox_operator.lifecycle.decide import decide
-from sandbox_operator.lifecycle.observe import desired_from, idle_deadline_passed, observed_from, with_activity
+from sandbox_operator.lifecycle.observe import (
+    desired_from,
+    idle_deadline_passed,
+    observed_from,
+    serving_pod_ip,
+    with_activity,
+)
 from sandbox_operator.lifecycle.pool import WORKSPACE_VOLUME_KEY, may_claim_warm_pod
 from sandbox_operator.lifecycle.status import format_time, parse_time, progress_write_due, status_patch
 from sandbox_operator.lifecycle.template import has_started, template_missing
@@ -405,7 +411,7 @@ async def _write_status(
     decision = decisions[-1]
     pod = work.pod
     patch = status_patch(decision, current, now)
-    pod_ip = (pod or {}).get("status", {}).get("podIP") if decision.phase == Phase.RUNNING else None
+    pod_ip = serving_pod_ip(pod) if decision.phase == Phase.RUNNING else None
     pod_annotations = ((pod or {}).get("metadata") or {}).get("annotations") or {}
     extra = {
         "sandboxID": sandbox_id(sandbox),

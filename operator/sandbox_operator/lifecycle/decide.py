@@ -8,6 +8,7 @@ See docs/lifecycle.md for the behaviours, phase by phase.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -67,6 +68,14 @@ _REFUSAL_REASONS = frozenset(
 )
 
 
+def _exit_detail(code: int) -> str:
+    """An exit code as a person reads it: 137 is SIGKILL (128 + 9), as shells and kubelets count."""
+    try:
+        return f"exit code {code}: killed by {signal.Signals(code - 128).name}" if code > 128 else f"exit code {code}"
+    except ValueError:
+        return f"exit code {code}"
+
+
 class IllegalTransitionError(RuntimeError):
     """decide() computed a transition outside the table: a bug in this module, never user input."""
 
@@ -109,7 +118,8 @@ def classify_pod_failure(pod: PodObservation) -> tuple[Reason, str] | None:
     if "OOMKilled" in pod.terminated_reasons:
         return Reason.OOM_KILLED, "the sandbox ran out of memory (OOMKilled); raise spec.resources.memory"
     if pod.phase is PodPhase.FAILED:
-        causes = ", ".join(filter(None, (pod.reason, *pod.terminated_reasons))) or "unknown cause"
+        exits = (_exit_detail(code) for code in pod.exit_codes if code != 0)
+        causes = ", ".join(filter(None, (pod.reason, *pod.terminated_reasons, *exits))) or "unknown cause"
         return Reason.POD_FAILED, f"the sandbox pod failed ({causes}){detail}"
     if pod.phase is PodPhase.SUCCEEDED:
         return Reason.POD_SUCCEEDED, "the sandbox pod exited; the agent is not expected to stop"
@@ -301,12 +311,14 @@ class _Reconcile:
             return self._idle_plan()
         pod = self.pod
         if pod is not None and (failure := classify_pod_failure(pod)):
-            return _Plan(Phase.ERROR, *failure)
+            return self._failed_while_running(*failure)
         if self._workspace_lost():
             return _Plan(Phase.ERROR, Reason.WORKSPACE_LOST, "the workspace PVC lost its volume")
         if pod is None:
             return self._recreate_lost_pod()
         if pod.deleting:
+            if self._replacing_failed_pod():
+                return _Plan(Phase.RUNNING, self.observed.reason or Reason.POD_FAILED, self.observed.message or "")
             return _Plan(
                 Phase.RUNNING,
                 Reason.POD_TERMINATING,
@@ -356,8 +368,31 @@ class _Reconcile:
         due = last + self.desired.retry.delay_before_attempt(attempts)
         return due if due > self.now else None
 
+    def _failed_while_running(self, reason: Reason, message: str) -> _Plan:
+        """The pod of a running sandbox failed. A failure a fresh pod may well not repeat (the agent
+        crashed or exited, an eviction) is healed while the budget lasts: the failed pod is deleted and
+        then recreated like a lost one, the sandbox stays Running (Ready False, reason = the failure), so
+        clients wait for it instead of seeing it fail. Anything else, or with the budget spent: Error,
+        keeping the failed pod for `kubectl logs`."""
+        attempts, budget = self.observed.recreate_attempts, self.desired.retry.budget
+        if reason not in RETRYABLE_REASONS:
+            return _Plan(Phase.ERROR, reason, message)
+        if attempts >= budget:
+            return _Plan(Phase.ERROR, reason, f"{message}; recreated {attempts} times already, giving up")
+        message = f"{message}; replacing it"
+        plan = _Plan(Phase.RUNNING, reason, message, actions=self._delete_pod())
+        if self.observed.reason != reason:  # once per failure, not on every pass while it goes
+            plan.events.append(EmitEvent(EventType.WARNING, reason, message))
+        return plan
+
+    def _replacing_failed_pod(self) -> bool:
+        """This sandbox is Running through a failed pod's replacement (_failed_while_running): the
+        status keeps the failure as its reason until the new pod is made."""
+        return self.observed.phase is Phase.RUNNING and self.observed.reason in RETRYABLE_REASONS
+
     def _recreate_lost_pod(self) -> _Plan:
         attempts, budget = self.observed.recreate_attempts, self.desired.retry.budget
+        failure = self.observed.reason if self._replacing_failed_pod() else None
         if self.refusal:
             return self._refused_error(self.refusal)
         if attempts >= budget:
@@ -369,13 +404,16 @@ class _Reconcile:
         if blocker := self._pod_blockers():
             return _Plan(Phase.RUNNING, *blocker)
         if due := self._backoff_until():
+            if failure:  # the failure stays the reason: it says more than the wait
+                return _Plan(Phase.RUNNING, failure, self.observed.message or "", wake_at=[due])
             return _Plan(
                 Phase.RUNNING,
                 Reason.RECREATE_BACKOFF,
                 "the sandbox pod disappeared; recreating it after a backoff",
                 wake_at=[due],
             )
-        message = f"the sandbox pod disappeared; recreating it (attempt {attempts + 1} of {budget})"
+        what = f"the sandbox pod failed ({failure})" if failure else "the sandbox pod disappeared"
+        message = f"{what}; recreating it (attempt {attempts + 1} of {budget})"
         return _Plan(
             Phase.RUNNING,
             Reason.POD_RECREATED,

@@ -43,6 +43,7 @@ __all__ = [
     "observed_from",
     "pod_observation",
     "pvc_observation",
+    "serving_pod_ip",
     "with_activity",
 ]
 
@@ -55,19 +56,25 @@ def _list(value: object) -> list[Mapping[str, Any]]:
     return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
 
 
-def _container_reasons(statuses: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _container_reasons(
+    statuses: Iterable[Mapping[str, Any]],
+) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """The terminated reasons, the terminated exit codes and the waiting reasons, each once."""
     terminated: list[str] = []
+    exit_codes: list[int] = []
     waiting: list[str] = []
     for container in statuses:
         for state_key in ("state", "lastState"):
-            state = _mapping(container.get(state_key))
-            reason = _mapping(state.get("terminated")).get("reason")
+            state = _mapping(_mapping(container.get(state_key)).get("terminated"))
+            reason, code = state.get("reason"), state.get("exitCode")
             if isinstance(reason, str) and reason not in terminated:
                 terminated.append(reason)
+            if isinstance(code, int) and not isinstance(code, bool) and code not in exit_codes:
+                exit_codes.append(code)
         reason = _mapping(_mapping(container.get("state")).get("waiting")).get("reason")
         if isinstance(reason, str) and reason not in waiting:
             waiting.append(reason)
-    return tuple(terminated), tuple(waiting)
+    return tuple(terminated), tuple(exit_codes), tuple(waiting)
 
 
 def pod_observation(pod: Mapping[str, Any]) -> PodObservation:
@@ -82,7 +89,7 @@ def pod_observation(pod: Mapping[str, Any]) -> PodObservation:
         for condition in _list(status.get("conditions"))
     )
     containers = [*_list(status.get("initContainerStatuses")), *_list(status.get("containerStatuses"))]
-    terminated, waiting = _container_reasons(containers)
+    terminated, exit_codes, waiting = _container_reasons(containers)
     reason, message = status.get("reason"), status.get("message")
     return PodObservation(
         phase=phase,
@@ -91,8 +98,20 @@ def pod_observation(pod: Mapping[str, Any]) -> PodObservation:
         reason=reason if isinstance(reason, str) else None,
         message=message if isinstance(message, str) else None,
         terminated_reasons=terminated,
+        exit_codes=exit_codes,
         waiting_reasons=waiting,
     )
+
+
+def serving_pod_ip(pod: Mapping[str, Any] | None) -> str | None:
+    """The pod IP clients may be sent to (status.podIP of a Running sandbox): a Running pod's that is
+    not being deleted. A failed pod keeps its IP in its status, but nothing answers there any more:
+    clients (the gateway) wait for the pod that replaces it instead of calling a dead agent."""
+    if pod is None or _mapping(pod.get("metadata")).get("deletionTimestamp") is not None:
+        return None
+    status = _mapping(pod.get("status"))
+    ip = status.get("podIP")
+    return ip if status.get("phase") == PodPhase.RUNNING and isinstance(ip, str) and ip else None
 
 
 def pvc_observation(pvc: Mapping[str, Any]) -> PvcObservation:

@@ -80,6 +80,8 @@ class PodObservation:
     message: str | None = None
     # Reasons of containers whose state (or lastState) is terminated, e.g. "OOMKilled", "Error".
     terminated_reasons: tuple[str, ...] = ()
+    # The distinct exit codes of those terminated states (state before lastState), e.g. 137 for SIGKILL.
+    exit_codes: tuple[int, ...] = ()
     # Reasons of containers that are waiting, e.g. "ImagePullBackOff", "ContainerCreating".
     waiting_reasons: tuple[str, ...] = ()
 

@@ -27,6 +27,7 @@ from lifecycle_factories import (
 from sandbox_operator.api import OnIdle, Phase
 from sandbox_operator.api.names import ConditionType
 from sandbox_operator.lifecycle import (
+    RETRYABLE_REASONS,
     CreatePod,
     DeleteNetworkPolicy,
     DeleteObject,
@@ -43,6 +44,7 @@ from sandbox_operator.lifecycle import (
     Reason,
     RetryPolicy,
     SuspendCause,
+    classify_pod_failure,
     decide,
     status_patch,
 )
@@ -344,13 +346,87 @@ def test_expires_at_includes_idle_only_when_idle_terminates() -> None:
 )
 @pytest.mark.parametrize("phase", [P.CREATING, P.RUNNING, P.RESUMING])
 def test_pod_failures_are_errors_with_their_reason(failed_pod: object, reason: Reason, phase: Phase) -> None:
-    decision = decide(desired(), observed(phase, pod=failed_pod), at(30))
+    # A running sandbox heals a retryable failure while its budget lasts (below): here it is spent.
+    spent = 3 if phase is P.RUNNING and reason in RETRYABLE_REASONS else 0
+    decision = decide(desired(), observed(phase, pod=failed_pod, recreate_attempts=spent), at(30))
     assert (decision.phase, decision.reason) == (P.ERROR, reason)
     assert not creates_anything(decision)
     assert work(decision) == []  # the failed pod is kept for `kubectl logs`
     (event,) = events(decision)
     assert (event.type, event.reason) == (EventType.WARNING, reason)
     assert condition(decision, "Ready") == ("False", "Error")
+
+
+KILLED_AGENT = pod(PodPhase.FAILED, terminated_reasons=("Error",), exit_codes=(137,))
+
+
+def test_a_crashed_agent_is_replaced_while_the_sandbox_stays_running() -> None:
+    """The agent killed (the pod Failed, exit 137): the failed pod is deleted, then recreated like a
+    lost one; the sandbox never leaves Running, Ready is False with the failure as its reason (kstatus
+    InProgress, not Failed), and the Events say what happened and which attempt this is."""
+    crashed = observed(P.RUNNING, reason=Reason.STARTED, pod=KILLED_AGENT)
+    seen = decide(desired(), crashed, at(100))
+    assert (seen.phase, seen.reason) == (P.RUNNING, Reason.POD_FAILED)
+    assert "exit code 137: killed by SIGKILL" in seen.message
+    assert work(seen) == [DeletePod()]
+    (event,) = events(seen)
+    assert (event.type, event.reason, event.message) == (EventType.WARNING, Reason.POD_FAILED, seen.message)
+    assert condition(seen, "Ready") == ("False", Reason.POD_FAILED)
+    assert condition(seen, "Reconciling")[0] == "True" and condition(seen, "Stalled")[0] == "False"
+    assert seen.status.recreate_attempts == 0  # spent when the new pod is made
+
+    going = replace(fed_back(crashed, seen), pod=replace(KILLED_AGENT, deleting=True))
+    waiting = decide(desired(), going, at(101))
+    assert (waiting.phase, waiting.reason, waiting.message) == (P.RUNNING, Reason.POD_FAILED, seen.message)
+    assert (work(waiting), events(waiting)) == ([], [])  # no second delete, no second Event
+
+    gone = replace(fed_back(going, waiting), pod=None)
+    recreated = decide(desired(), gone, at(102))
+    assert (recreated.phase, recreated.reason) == (P.RUNNING, Reason.POD_RECREATED)
+    assert work(recreated) == [CreatePod()]
+    (event,) = events(recreated)
+    assert (event.type, event.reason) == (EventType.WARNING, Reason.POD_RECREATED)
+    assert event.message == "the sandbox pod failed (PodFailed); recreating it (attempt 1 of 3)"
+    assert (recreated.status.recreate_attempts, recreated.status.last_recreate_at) == (1, at(102))
+
+    back = decide(desired(), replace(fed_back(gone, recreated), pod=READY_POD), at(110))
+    assert (back.phase, back.reason, work(back), events(back)) == (P.RUNNING, Reason.STARTED, [], [])
+    assert condition(back, "Ready") == ("True", Reason.STARTED)
+    assert back.status.recreate_attempts == 1  # until it has run stably for stable_after
+
+
+def test_a_second_crash_waits_out_the_backoff_under_its_own_reason() -> None:
+    again = observed(P.RUNNING, reason=Reason.POD_FAILED, pod=None, recreate_attempts=1, last_recreate_at=at(100))
+    waiting = decide(desired(), again, at(105))
+    assert (waiting.phase, waiting.reason, work(waiting)) == (P.RUNNING, Reason.POD_FAILED, [])
+    assert requeue(waiting) == 5.0
+    retried = decide(desired(), fed_back(again, waiting), at(110))
+    assert (retried.reason, work(retried), retried.status.recreate_attempts) == (
+        Reason.POD_RECREATED,
+        [CreatePod()],
+        2,
+    )
+
+
+def test_a_crash_with_the_budget_spent_is_an_error_that_keeps_the_pod() -> None:
+    spent = observed(P.RUNNING, pod=KILLED_AGENT, recreate_attempts=3, last_recreate_at=at(100))
+    decision = decide(desired(), spent, at(200))
+    assert (decision.phase, decision.reason, work(decision)) == (P.ERROR, Reason.POD_FAILED, [])
+    assert decision.message.endswith("recreated 3 times already, giving up")
+    assert condition(decision, "Stalled") == ("True", Reason.POD_FAILED)
+    stays = decide(desired(), fed_back(spent, decision), at(300))
+    assert (stays.phase, work(stays)) == (P.ERROR, [])
+
+
+@pytest.mark.parametrize(
+    ("exit_codes", "detail"),
+    [((137,), "exit code 137: killed by SIGKILL"), ((1,), "exit code 1"), ((255,), "exit code 255"), ((0,), "")],
+)
+def test_a_failed_pod_message_names_the_exit_code(exit_codes: tuple[int, ...], detail: str) -> None:
+    failed = pod(PodPhase.FAILED, terminated_reasons=("Error",), exit_codes=exit_codes)
+    reason, message = classify_pod_failure(failed) or ("", "")
+    assert reason == Reason.POD_FAILED
+    assert message == f"the sandbox pod failed (Error{', ' + detail if detail else ''})"
 
 
 def test_evicted_message_is_kept() -> None:

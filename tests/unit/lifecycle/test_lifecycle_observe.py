@@ -17,6 +17,7 @@ from sandbox_operator.lifecycle import (
     pod_observation,
     pvc_observation,
 )
+from sandbox_operator.lifecycle.observe import serving_pod_ip
 
 
 def test_ready_running_pod() -> None:
@@ -36,9 +37,10 @@ def test_failed_pod_reasons() -> None:
                 "message": "low on memory",
                 "containerStatuses": [
                     {
-                        "state": {"terminated": {"reason": "Error"}},
-                        "lastState": {"terminated": {"reason": "OOMKilled"}},
+                        "state": {"terminated": {"reason": "Error", "exitCode": 137}},
+                        "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
                     },
+                    {"state": {"terminated": {"reason": "Completed", "exitCode": 0}}},
                     {"state": {"waiting": {"reason": "ImagePullBackOff"}}},
                 ],
             },
@@ -46,7 +48,8 @@ def test_failed_pod_reasons() -> None:
     )
     assert seen.phase is PodPhase.FAILED
     assert (seen.reason, seen.message, seen.deleting) == ("Evicted", "low on memory", True)
-    assert seen.terminated_reasons == ("Error", "OOMKilled")
+    assert seen.terminated_reasons == ("Error", "OOMKilled", "Completed")
+    assert seen.exit_codes == (137, 0)  # each once, in the containers' order
     assert seen.waiting_reasons == ("ImagePullBackOff",)
 
 
@@ -203,3 +206,18 @@ def test_observed_from_needs_a_creation_timestamp() -> None:
     body = {"metadata": {"name": "x"}, "spec": {"template": "python"}}
     with pytest.raises(ValueError, match="creationTimestamp"):
         observed_from(Sandbox.from_body(body), pod=None, pvc=None)
+
+
+@pytest.mark.parametrize(
+    ("pod", "ip"),
+    [
+        ({"status": {"phase": "Running", "podIP": "10.0.0.7"}}, "10.0.0.7"),
+        ({"status": {"phase": "Failed", "podIP": "10.0.0.7"}}, None),  # the agent is dead: nothing answers
+        ({"status": {"phase": "Running", "podIP": "10.0.0.7"}, "metadata": {"deletionTimestamp": "x"}}, None),
+        ({"status": {"phase": "Pending"}}, None),
+        ({"status": {"phase": "Running", "podIP": ""}}, None),
+        (None, None),
+    ],
+)
+def test_serving_pod_ip_is_a_running_pods_only(pod: dict[str, Any] | None, ip: str | None) -> None:
+    assert serving_pod_ip(pod) == ip
