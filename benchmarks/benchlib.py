@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -132,3 +133,10 @@ def cluster_down(state_dir: Path) -> None:
         text=True,
         timeout=120,
     )
+
+
+def control_plane_pids(state_dir: Path) -> dict[str, int]:
+    """PIDs of the components `hack/cluster up` started from `state_dir` (its state.json), by name:
+    etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok."""
+    state = json.loads((state_dir / "state.json").read_text())
+    return {name: int(process["pid"]) for name, process in state.get("processes", {}).items()}
