@@ -467,18 +467,30 @@ def suspended_or_gone(body: Mapping[str, Any] | None) -> bool:
     return body is None or (body.get("status") or {}).get("phase") == Phase.SUSPENDED
 
 
+def suspend_declared(body: Mapping[str, Any]) -> bool:
+    """Someone asks for the sandbox to be suspended: its spec, or an API client's pause."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return bool((body.get("spec") or {}).get("suspended")) or annotations.get(PAUSED_ANNOTATION) == "true"
+
+
 def settled(body: Mapping[str, Any] | None) -> bool:
-    """A start has an outcome: gone, failed, ended, or Running with a pod IP to talk to."""
-    if body is None:
+    """A start has an outcome: gone, failed, ended, suspended again by someone, or Running with a
+    pod IP to talk to."""
+    if body is None or suspend_declared(body):
         return True
     status = body.get("status") or {}
     return status.get("phase") in SETTLED_PHASES and (status.get("phase") != Phase.RUNNING or bool(status.get("podIP")))
 
 
 def started(body: JSON | None) -> JSON:
-    """The settled sandbox when it runs; 409 when it was deleted meanwhile, 500 when it failed."""
+    """The settled sandbox when it runs; 409 when it was deleted or paused meanwhile, 500 when it
+    failed."""
     if body is None:
         raise Refused(409, "the sandbox was deleted while it was starting")
+    if suspend_declared(body):
+        # Another client (kubectl, another SDK) paused it while this start waited: theirs is the
+        # later word, and waiting on would only run into the timeout.
+        raise Refused(409, "the sandbox was paused while it was starting (spec.suspended or sandbox.dev/paused)")
     status = body["status"]
     if status["phase"] != Phase.RUNNING:
         reason = status.get("reason") or status["phase"]

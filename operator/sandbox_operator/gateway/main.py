@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
@@ -19,6 +20,11 @@ from sandbox_operator.keys import TOKEN_KEY_ENV, read_token_key
 from sandbox_operator.kube import Credentials, KubeClient
 
 log = logging.getLogger(__name__)
+
+# A create, patch or delete the API server has not answered in this long is refused (503), well
+# before the SDKs' own request timeout (60 s): someone is waiting. Reads (the caches' lists) keep the
+# client's 30 s.
+API_WRITE_TIMEOUT_S = 15.0
 
 
 def load_token_key(path: str | None) -> bytes:
@@ -50,7 +56,10 @@ async def serve(
         raise SystemExit("--metrics-port must differ from --port: metrics are not for the public listener")
     credentials = await asyncio.to_thread(Credentials.load, kubeconfig)
     client = KubeClient(
-        credentials, reload=functools.partial(Credentials.load, kubeconfig), field_manager=GATEWAY_FIELD_MANAGER
+        credentials,
+        reload=functools.partial(Credentials.load, kubeconfig),
+        field_manager=GATEWAY_FIELD_MANAGER,
+        write_timeout=API_WRITE_TIMEOUT_S,
     )
     gateway = Gateway(client, config)
     if metrics_port:
@@ -59,6 +68,7 @@ async def serve(
     runner, guard = guarded_runner(gateway.app(), limits)
     await runner.setup()
     server: asyncio.Server | None = None
+    watching_api = asyncio.create_task(gateway.watch_api(), name="watch-api")
     try:
         await gateway.cache.synced(within=60)
         server = await listen(runner, guard, host, port)
@@ -74,6 +84,9 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        watching_api.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching_api
         if server is not None:
             server.close()  # no new connections; runner.cleanup() ends the open ones
         await runner.cleanup()

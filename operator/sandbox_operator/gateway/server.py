@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +35,7 @@ from sandbox_operator.gateway.http import MAX_JSON_BYTES, agent_json, json_respo
 from sandbox_operator.gateway.session import SESSION_PATH_PREFIX, SessionOps
 from sandbox_operator.gateway.session import routes as session_routes
 from sandbox_operator.kube import ApiError, KubeClient
+from sandbox_operator.kube.client import ApiUnreachable
 from sandbox_operator.metrics.process import register_process_metrics
 from sandbox_operator.resources.tokens import agent_token
 
@@ -50,6 +51,11 @@ READY_WAIT_S = 1.0  # how long /ready waits for the watch caches before answerin
 HEALTH_POLL_MAX_DELAY_S = 0.05  # an agent starting up is polled often: create latency waits on it
 DELETE_SEEN_WITHIN_S = 5.0  # how long a delete waits for its watch event (read-your-writes)
 END_SEEN_WITHIN_S = 10.0  # how long set_timeout waits for the operator to move status.expiresAt
+API_PROBE_PATH = "/version"  # what watch_api asks the API server: the cheapest answer it gives
+API_PROBE_INTERVAL_S = 5.0
+API_PROBE_TIMEOUT_S = 5.0
+UNANSWERED_CREATE_CLEANUP_S = 600.0  # how long the gateway tries to delete a create that got no answer
+UNANSWERED_CREATE_GRACE_S = 30.0  # how long after a 404 it watches for that create still landing
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,9 @@ class Gateway:
         self._upstream: aiohttp.ClientSession | None = None
         self._tokens: dict[tuple[str, str, str], str] = {}  # (kind, sandbox uid, token epoch) -> token
         self._agent_tokens: dict[str, str] = {}  # status.agentTokenId -> agent token
+        # Why the API server did not answer watch_api's last probe; None when it did (or none ran).
+        self.api_failure: ApiUnreachable | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- application -----------------------------------------------------------------------------
 
@@ -191,6 +200,9 @@ class Gateway:
         )
 
     async def _on_cleanup(self, _: web.Application) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.cache.stop()
         if self._upstream is not None:
             await self._upstream.close()
@@ -218,6 +230,10 @@ class Gateway:
         except ApiError as exc:
             status, body = e2b.kubernetes_error(exc.status, exc.body)
             response = error_response(request, status, body["message"])
+        except ApiUnreachable as exc:
+            # No answer (within the client's timeout): unavailable, not the gateway's fault (500) nor
+            # the sandbox's (504), and never a hang.
+            response = error_response(request, 503, str(exc))
         except TimeoutError:
             response = error_response(request, 504, "timed out waiting for the sandbox")
         except BodyTimeout:
@@ -326,11 +342,16 @@ class Gateway:
 
     async def _until_serving(self, key: tuple[str, str], within: float) -> JSON:
         deadline = time.monotonic() + within
-        body = e2b.started(await self.cache.wait_for(key, e2b.settled, within))
-        await self._agent_healthy(body["status"]["podIP"], deadline)
-        return body
+        while True:
+            body = e2b.started(await self.cache.wait_for(key, e2b.settled, max(0.0, deadline - time.monotonic())))
+            pod_ip = str(body["status"]["podIP"])
+            if await self._agent_healthy(pod_ip, deadline, lambda: e2b.running_pod_ip(self.cache.sandbox(key))):
+                return body
+            # Its pod went meanwhile (another client suspended and resumed it): wait for the next.
 
-    async def _agent_healthy(self, pod_ip: str, deadline: float) -> None:
+    async def _agent_healthy(self, pod_ip: str, deadline: float, current_ip: Callable[[], str | None]) -> bool:
+        """Poll the agent at `pod_ip` until it answers (True), or until the sandbox is no longer
+        served there (False: `current_ip` moved on); TimeoutError at `deadline`."""
         delay = 0.02
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
@@ -338,7 +359,9 @@ class Gateway:
                     f"http://{pod_ip}:{ENVD_PORT}/health", timeout=aiohttp.ClientTimeout(total=2)
                 ) as response:
                     if response.status < 300:
-                        return
+                        return True
+            if current_ip() != pod_ip:
+                return False
             if time.monotonic() + delay > deadline:
                 raise TimeoutError
             await asyncio.sleep(delay)  # the agent is starting: poll its health with backoff
@@ -364,19 +387,80 @@ class Gateway:
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
         """Readiness (the chart's readinessProbe; /health is liveness): 503 until every watch cache
-        (sandboxes, templates, API keys) has listed once."""
+        (sandboxes, templates, API keys) has listed once. An API server that stopped answering keeps
+        it 200: the caches still serve reads and every running sandbox's traffic, and what needs the
+        API server is refused with 503 at once; the answer says so (`kubernetesApi`)."""
         try:
             await self.cache.synced(within=READY_WAIT_S)
         except TimeoutError:
             return json_response(503, {"status": "syncing"})
+        if self.api_failure is not None:
+            return json_response(
+                200, {"status": "ready", "kubernetesApi": "unreachable", "kubernetesApiError": str(self.api_failure)}
+            )
         return json_response(200, {"status": "ready"})
+
+    async def watch_api(self) -> None:
+        """Ask the API server for its version every few seconds, for /ready to tell whether it answers
+        (the watches alone cannot: a stream from a hung server is just quiet). Runs until cancelled."""
+        while True:
+            failure: ApiUnreachable | None = None
+            try:
+                async with asyncio.timeout(API_PROBE_TIMEOUT_S):
+                    await self.client.request("GET", API_PROBE_PATH)
+            except ApiUnreachable as exc:
+                failure = exc
+            except TimeoutError as exc:
+                failure = ApiUnreachable("GET", API_PROBE_PATH, exc, sent=True, timeout=API_PROBE_TIMEOUT_S)
+            except ApiError:
+                pass  # it answered, if only with an error
+            if failure is not None and self.api_failure is None:
+                log.warning("%s: /ready says so until it answers again", failure)
+            elif failure is None and self.api_failure is not None:
+                log.info("the Kubernetes API server answers the gateway's probe again")
+            self.api_failure = failure
+            await asyncio.sleep(API_PROBE_INTERVAL_S)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._background.discard)
+
+    async def _delete_unanswered_create(self, namespace: str, name: str) -> None:
+        """Delete the Sandbox of a create the API server did not answer, should it have applied it
+        (once it answers again): the client was told 503, so nothing of it may stay behind."""
+        deadline = time.monotonic() + UNANSWERED_CREATE_CLEANUP_S
+        delay = 1.0
+        while time.monotonic() < deadline:
+            try:
+                if await self.client.delete(SANDBOXES.path(namespace, name)):
+                    log.info("deleted sandbox %s/%s, whose create got no answer in time", namespace, name)
+                    return
+            except (ApiUnreachable, ApiError) as exc:
+                log.debug("deleting sandbox %s/%s (unanswered create) failed, retrying: %s", namespace, name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            # Not there (yet): the unanswered request may still be in the resumed server's hands.
+            try:
+                await self.cache.wait_for((namespace, name), lambda body: body is not None, UNANSWERED_CREATE_GRACE_S)
+            except TimeoutError:
+                return  # never created
+        log.warning("gave up deleting sandbox %s/%s, whose create got no answer in time", namespace, name)
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         namespace = self.namespace_of(request)
         payload = await read_payload(request)
         manifest = e2b.sandbox_for_create(payload, namespace=namespace, templates=self.cache.templates)
-        await self.create_sandbox(namespace, manifest)
-        body = await self.until_serving((namespace, manifest["metadata"]["name"]), delete_on_failure=True)
+        name = manifest["metadata"]["name"]
+        try:
+            await self.create_sandbox(namespace, manifest)
+        except ApiUnreachable as exc:
+            if not exc.maybe_applied:
+                raise
+            self._spawn(self._delete_unanswered_create(namespace, name), f"delete-unanswered-{name}")
+            raise e2b.Refused(503, f"{exc}; should it still create the sandbox, the gateway deletes it") from exc
+        body = await self.until_serving((namespace, name), delete_on_failure=True)
         return json_response(201, self.sandbox_response(body))
 
     async def list(self, request: web.Request) -> web.StreamResponse:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,23 @@ class ApiError(Exception):
         if isinstance(self.body, Mapping):
             return str(self.body.get("reason") or self.status)
         return str(self.status)
+
+
+class ApiUnreachable(ConnectionError):
+    """The API server gave no answer: the connection failed, broke or timed out. A ConnectionError
+    (so an OSError), like the aiohttp and timeout errors it stands for: callers that catch OSError
+    still do, and only what maps failures to answers (the gateway's 503) needs to know it."""
+
+    def __init__(self, method: str, path: str, cause: BaseException, *, sent: bool, timeout: float | None) -> None:
+        self.method, self.path, self.cause = method, path, cause
+        # A request that went out and got no answer may still be applied (a stopped API server reads
+        # it when it resumes); one that never connected was not.
+        self.maybe_applied = sent and method in KubeClient.WRITE_VERBS
+        if isinstance(cause, TimeoutError) and timeout is not None:
+            what = f"did not answer {method} {path} within {timeout:g} s"
+        else:
+            what = f"could not be reached for {method} {path} ({type(cause).__name__}: {cause})"
+        super().__init__(f"the Kubernetes API server {what}")
 
 
 @dataclass
@@ -86,6 +104,7 @@ class KubeClient:
         timeout: float = 30.0,
         reload: Callable[[], Credentials] | None = None,
         field_manager: str | None = None,
+        write_timeout: float | None = None,
     ) -> None:
         self.credentials = credentials
         # Every create/update/patch names its writer, so managedFields tell the operator's and the
@@ -100,8 +119,16 @@ class KubeClient:
         self._retired_sessions: list[aiohttp.ClientSession] = []
         self._limit = asyncio.Semaphore(max_in_flight)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # Writes are single objects: a caller with someone waiting (the gateway) gives up on them
+        # sooner than on reads, whose lists may be large.
+        self._write_timeout = aiohttp.ClientTimeout(total=write_timeout) if write_timeout else self._timeout
         self._session: aiohttp.ClientSession | None = None
         self.writes: Counter[tuple[str, str]] = Counter()  # (verb, resource) -> count
+        # The failure of the last request when it got no answer; None once one is answered. Changes
+        # are logged once each way, so an outage is one warning (and one line when it ends), not one
+        # per request.
+        self.unreachable: ApiUnreachable | None = None
+        self._unreachable_since = 0.0
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -130,6 +157,7 @@ class KubeClient:
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
     ) -> Any:
+        """The decoded answer; ApiError for an error status, ApiUnreachable when none came in time."""
         try:
             return await self._request(method, path, body, content_type=content_type, params=params)
         except ApiError as exc:
@@ -163,16 +191,23 @@ class KubeClient:
         session = await self._get_session()
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else None
+        limit = self._write_timeout if method in self.WRITE_VERBS else self._timeout
         async with self._limit:
             if method in self.WRITE_VERBS:
                 self.writes[(method, _resource_of(path))] += 1
             if self.field_manager and method in self.MANAGED_VERBS:
                 params = {**(params or {}), "fieldManager": self.field_manager}
-            async with session.request(
-                method, self.credentials.server + path, data=data, headers=headers, params=params
-            ) as response:
-                raw = await response.read()
-                status = response.status
+            try:
+                async with session.request(
+                    method, self.credentials.server + path, data=data, headers=headers, params=params, timeout=limit
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                raise self._no_answer(method, path, exc, sent=False, timeout=limit.total) from exc
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise self._no_answer(method, path, exc, sent=True, timeout=limit.total) from exc
+        self._answered()
         payload: Any
         try:
             payload = json.loads(raw) if raw else None
@@ -182,6 +217,24 @@ class KubeClient:
             raise ApiError(status, payload, method, path)
         return payload
 
+    def _no_answer(
+        self, method: str, path: str, cause: BaseException, *, sent: bool, timeout: float | None
+    ) -> ApiUnreachable:
+        failure = ApiUnreachable(method, path, cause, sent=sent, timeout=timeout)
+        if self.unreachable is None:
+            self._unreachable_since = time.monotonic()
+            log.warning("%s; requests fail until it answers again", failure)
+        self.unreachable = failure
+        return failure
+
+    def _answered(self) -> None:
+        if self.unreachable is not None:
+            log.info(
+                "the Kubernetes API server answers again (unreachable for %.0f s)",
+                time.monotonic() - self._unreachable_since,
+            )
+            self.unreachable = None
+
     async def watch_lines(self, path: str, params: Mapping[str, str]) -> AsyncIterator[JSON]:
         """The events of a watch request (`params` carries watch=1 and resourceVersion), one JSON
         object per line, until the server closes the stream. Outside the in-flight limit: a watch
@@ -189,6 +242,7 @@ class KubeClient:
         session = await self._get_session()
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=self._timeout.total)
         async with session.get(self.credentials.server + path, params=params, timeout=timeout) as response:
+            self._answered()
             if response.status >= 400:
                 raw = await response.read()
                 try:

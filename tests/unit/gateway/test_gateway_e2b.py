@@ -18,6 +18,7 @@ from sandbox_operator.api.names import (
     AGENT_TOKEN_HEADER,
     ENVD_PORT,
     INTERPRETER_PORT,
+    PAUSED_ANNOTATION,
     SESSION_TYPE_ANNOTATION,
     SIGNED_PATH_HEADER,
     TOKEN_EPOCH_ANNOTATION,
@@ -390,7 +391,12 @@ def with_status(phase: str, **status: Any) -> dict[str, Any]:
         (with_status("Running", podIP="10.0.0.7"), True),
         (with_status("Error"), True),
         (with_status("Terminated"), True),
-        (with_status("Suspended"), False),
+        (with_status("Suspended"), False),  # a resume under way: the operator has not started it yet
+        ({**with_status("Suspended"), "spec": {"template": "base", "suspended": True}}, True),  # suspended again
+        (
+            {**with_status("Resuming"), "metadata": {**cr()["metadata"], "annotations": {PAUSED_ANNOTATION: "true"}}},
+            True,
+        ),
     ],
 )
 def test_a_start_settles_on_running_with_an_ip_or_an_end(body: dict[str, Any] | None, settled: bool) -> None:
@@ -408,6 +414,11 @@ def test_a_settled_start_is_served_or_refused() -> None:
     assert failed.value.status == 500
     with pytest.raises(e2b.Refused, match="failed to start: Terminated: None"):
         e2b.started(with_status("Terminated"))
+    # Another client paused it while this start waited: theirs is the later word (409, not a 504).
+    paused = {**with_status("Resuming"), "metadata": {**cr()["metadata"], "annotations": {PAUSED_ANNOTATION: "true"}}}
+    with pytest.raises(e2b.Refused, match="paused while it was starting") as repaused:
+        e2b.started(paused)
+    assert repaused.value.status == 409
 
 
 NOW = datetime(2026, 12, 1, 10, 1, 30, tzinfo=UTC)  # 90 s after cr()'s creation, 210 s before its end
