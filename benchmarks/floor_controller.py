@@ -44,7 +44,10 @@ log = logging.getLogger("floor")
 
 
 def load_credentials(kubeconfig: str) -> Credentials:
-    """Server, bearer token and CA of the current context (hack/cluster writes JSON kubeconfigs)."""
+    """Server, bearer token and CA of the current context (hack/cluster writes JSON kubeconfigs).
+
+    Not Credentials.load: that imports the `kubernetes` package, whose memory and start-up a floor
+    controller should not carry (its RSS and CPU are what the operator is compared with)."""
     text = Path(kubeconfig).read_text()
     try:
         config: JSON = json.loads(text)

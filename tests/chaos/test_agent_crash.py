@@ -22,13 +22,10 @@ from chaoslib import Gateway
 from e2b import CommandResult, Sandbox, SandboxException
 
 from testlib import (
-    BASE_TEMPLATE,
     Cluster,
     ObjectWatch,
     OperatorProcess,
-    apply_crds_to,
     local_cluster,
-    session_operator,
     wait_until,
 )
 
@@ -41,25 +38,6 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         pytest.skip("the agent is killed from the host: the test needs the container node the fixtures start")
     with local_cluster(tmp_path_factory, "containers") as started:
         yield started
-
-
-@pytest.fixture(scope="module")
-def apply_crds(cluster: Cluster) -> list[str]:
-    return apply_crds_to(cluster)
-
-
-@pytest.fixture(scope="module")
-def base_template(cluster: Cluster, apply_crds: list[str]) -> str:
-    cluster.apply(BASE_TEMPLATE)
-    return "it-base"
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, apply_crds: list[str], base_template: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with session_operator(cluster, tmp_path_factory.mktemp("operator-crash") / "operator.log") as handle:
-        yield handle
 
 
 @pytest.fixture(scope="module")
