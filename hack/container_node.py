@@ -981,6 +981,11 @@ class PodWorker(threading.Thread):
                 if update is not None:
                     self._release_pod()
                 return True
+            if self._last_status is not None and _ready_of(update) != _ready_of(self._last_status):
+                # Someone else rewrote the pod's readiness (the node lifecycle controller marks the pods
+                # of a node that stopped reporting not ready): report ours again, as a kubelet's status
+                # manager does when the API server's copy drifts from what it knows.
+                self._last_status = None
             self.pod = update
 
     def _wait(self, seconds: float) -> None:
@@ -1391,6 +1396,14 @@ class PodWorker(threading.Thread):
             self.updates.put(None)  # gone (or replaced): stop what runs
         else:
             log(f"{self.namespace}/{self.pod_name}: status update answered {code}: {str(answer)[:200]}")
+
+
+def _ready_of(pod: dict[str, Any]) -> str | None:
+    """The status of a pod's Ready condition (as the API server has it, or as last reported)."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return str(condition.get("status"))
+    return None
 
 
 def volume_sources(volume: dict[str, Any]) -> list[dict[str, Any]]:

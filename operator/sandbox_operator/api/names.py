@@ -44,6 +44,7 @@ __all__ = [
     "MANAGED_BY_LABEL",
     "NAME_LABEL",
     "NETWORK_POLICIES",
+    "NODES",
     "OPERATOR_COMPONENT",
     "OPERATOR_FIELD_MANAGER",
     "PAUSED_ANNOTATION",
@@ -218,6 +219,11 @@ class Reason(enum.StrEnum):
     POD_TERMINATING = "PodTerminating"
     POD_RECREATED = "PodRecreated"
     RECREATE_BACKOFF = "RecreateBackoff"
+    NODE_LOST = "NodeLost"
+    """The node of the sandbox's pod stopped reporting (its Ready condition is not True): the pod
+    waits for it until Kubernetes evicts it, then it is replaced."""
+    NODE_RECOVERED = "NodeRecovered"
+    """A Normal Event: the pod's node reports again and the same pod serves."""
     # Suspend / resume
     SUSPEND_REQUESTED = "SuspendRequested"
     RESUME_REQUESTED = "ResumeRequested"
@@ -307,5 +313,7 @@ SERVICES: Final = ApiResource("", "v1", "services")
 SECRETS: Final = ApiResource("", "v1", "secrets")
 EVENTS: Final = ApiResource("", "v1", "events")
 NETWORK_POLICIES: Final = ApiResource("networking.k8s.io", "v1", "networkpolicies")
+NODES: Final = ApiResource("", "v1", "nodes")
+"""Cluster-scoped: read (get only) when a sandbox pod's node may be lost."""
 LEASES: Final = ApiResource("coordination.k8s.io", "v1", "leases")
 """The operator's leader election Lease (controller.leader)."""

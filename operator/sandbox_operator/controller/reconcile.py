@@ -38,6 +38,7 @@ from sandbox_operator.lifecycle.decide import decide
 from sandbox_operator.lifecycle.observe import (
     desired_from,
     idle_deadline_passed,
+    node_to_check,
     observed_from,
     serving_pod_ip,
     with_activity,
@@ -60,6 +61,8 @@ from sandbox_operator.lifecycle.types import (
     EnsurePVC,
     EnsureService,
     EventType,
+    ForceDeletePod,
+    NodeObservation,
     Observed,
     RequeueAfter,
 )
@@ -124,7 +127,9 @@ async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
         build_service(sandbox, template) if resolve_service(sandbox.spec, template.spec) else None, policy, egress
     )
     desired = desired_from(sandbox, template)
-    observed = await _with_agent_activity(rt, desired, _observe(rt, sandbox, pod, pvc, children), pod, now)
+    node_name = node_to_check(pod)
+    node = await rt.node_status(node_name) if node_name else None
+    observed = await _with_agent_activity(rt, desired, _observe(rt, sandbox, pod, pvc, children, node), pod, now)
     decision = decide(desired, observed, now)
 
     work = _Pass(rt, key, body, sandbox, template, pod, pvc)
@@ -196,6 +201,7 @@ class _Pass:
             CreatePod: self._create_pod,
             EnsurePVC: self._ensure_pvc,
             DeletePod: self._delete_pod,
+            ForceDeletePod: self._force_delete_pod,
             DeletePVC: self._delete_pvc,
             DeleteService: self._delete_service,
             DeleteNetworkPolicy: self._delete_network_policy,
@@ -303,6 +309,14 @@ class _Pass:
             await self.rt.client.delete(PODS.path(self.key[0], metadata["name"]), uid=metadata.get("uid"))
         return False
 
+    async def _force_delete_pod(self, _: Action) -> bool:
+        if self.pod is not None:
+            metadata = self.pod["metadata"]
+            path = PODS.path(self.key[0], metadata["name"])
+            log.warning("force-deleting pod %s/%s: its node is not ready", self.key[0], metadata["name"])
+            await self.rt.client.delete(path, uid=metadata.get("uid"), grace_seconds=0)
+        return False
+
     async def _delete_pvc(self, _: Action) -> bool:
         await self.rt.client.delete(PERSISTENT_VOLUME_CLAIMS.path(self.key[0], self.names.pvc))
         return False
@@ -348,7 +362,12 @@ def _decide_again(
 
 
 def _observe(
-    rt: ReconcileContext, sandbox: Sandbox, pod: JSON | None, pvc: JSON | None, children: _Children
+    rt: ReconcileContext,
+    sandbox: Sandbox,
+    pod: JSON | None,
+    pvc: JSON | None,
+    children: _Children,
+    node: NodeObservation | None = None,
 ) -> Observed:
     namespace, uid = str(sandbox.metadata.namespace), str(sandbox.metadata.uid)
     names = child_names(str(sandbox.metadata.name))
@@ -364,6 +383,7 @@ def _observe(
             else rt.store.child_hash("service", (namespace, names.service)) is not None
         ),
         network_policy_present=_policy_in_place(rt, (namespace, names.network_policy), uid, pod, children),
+        node=node,
     )
 
 

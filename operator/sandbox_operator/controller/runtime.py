@@ -17,6 +17,7 @@ from typing import Any, Literal
 from sandbox_operator.api.names import (
     CLAIMED_FROM_POOL_ANNOTATION,
     EGRESS_CLASS_LABEL,
+    NODES,
     POOL_LABEL,
     SANDBOX_LABEL,
     TEMPLATE_LABEL,
@@ -29,6 +30,8 @@ from sandbox_operator.controller.store import Key, Store, key_of
 from sandbox_operator.controller.usage import UsageCollector
 from sandbox_operator.controller.workqueue import QueueClosed, WorkQueue
 from sandbox_operator.kube import ApiError, KubeClient
+from sandbox_operator.lifecycle import NodeObservation
+from sandbox_operator.lifecycle.observe import node_observation
 from sandbox_operator.metrics.lifecycle import LifecycleMetrics, PhaseCount, PoolCount
 from sandbox_operator.metrics.usage import UsageExporter
 from sandbox_operator.resources.names import label_value
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BACKGROUND_LIMIT = 32  # best-effort writes (Events) in flight at once
 BACKGROUND_DRAIN_S = 2.0  # how long a stopping operator lets them finish
+NODE_CACHE_S = 5.0  # how long a node's readiness, once read, answers for every sandbox on it
 
 
 class Runtime:
@@ -60,6 +64,8 @@ class Runtime:
         self._background: set[asyncio.Task[None]] = set()
         self._background_slots = asyncio.Semaphore(BACKGROUND_LIMIT)
         self.agents = AgentClient(config.agent_port)
+        self._nodes: dict[str, tuple[float, NodeObservation | None]] = {}  # name -> (valid until, readiness)
+        self._node_read_refused = False
         self.usage = UsageCollector(self.store, client, config, lambda key: self.requeue(("sandbox", *key)))
         self.metrics.registry.register(UsageExporter(self.usage.usage, config.metric_metadata_keys))
 
@@ -99,6 +105,24 @@ class Runtime:
 
     async def agent_activity(self, pod_ip: str, token: str | None) -> datetime | None:
         return await self.agents.last_activity(pod_ip, token)
+
+    async def node_status(self, name: str) -> NodeObservation | None:
+        """The node's readiness, read at most every NODE_CACHE_S (sandboxes on a node that stopped
+        reporting all ask at once); None when it cannot be read, which the lifecycle treats as a
+        node that is fine: a GET refused by RBAC must not turn into lost sandboxes."""
+        cached = self._nodes.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            body = await self.client.get(NODES.path(None, name))
+        except ApiError as error:
+            if not self._node_read_refused:
+                log.warning("cannot read node %s (%s): node loss is not detected", name, error)
+                self._node_read_refused = True
+            return None
+        observation = node_observation(body) if body is not None else None
+        self._nodes[name] = (time.monotonic() + NODE_CACHE_S, observation)
+        return observation
 
     def spawn(self, write: Coroutine[Any, Any, None]) -> None:
         """Run a best-effort write (it handles its own errors) without holding up the reconcile."""

@@ -38,6 +38,12 @@ def strip_pod(body: Mapping[str, Any]) -> JSON:
     stripped = strip(body, keep_spec=False)
     spec = body.get("spec") or {}
     stripped["spec"] = {"nodeName": spec.get("nodeName"), "volumes": spec.get("volumes", [])}
+    # Only the NoExecute tolerations: how long the pod stays on a node that stopped reporting.
+    tolerations = [
+        t for t in spec.get("tolerations") or () if isinstance(t, Mapping) and t.get("effect") == "NoExecute"
+    ]
+    if tolerations:
+        stripped["spec"]["tolerations"] = tolerations
     return stripped
 
 

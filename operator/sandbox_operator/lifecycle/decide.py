@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sandbox_operator.api import Phase
@@ -34,6 +34,7 @@ from sandbox_operator.lifecycle.types import (
     EnsurePVC,
     EnsureService,
     EventType,
+    ForceDeletePod,
     Observed,
     OnIdle,
     PodObservation,
@@ -60,6 +61,8 @@ _FATAL_WAITING_REASONS: dict[str, Reason] = {
     "CreateContainerError": Reason.CONTAINER_CONFIG_ERROR,
 }
 _PULL_WAITING_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull"})
+# How often a sandbox whose pod's node stopped reporting looks at the node again.
+NODE_RECHECK = timedelta(seconds=30)
 _SUSPEND_REASONS = frozenset({Reason.SUSPEND_REQUESTED, Reason.IDLE_TIMEOUT})
 # What the template refuses about a spec (Desired's *_violation fields): no child is made while one
 # holds, and it is not a failure, so fixing it (spec or template) retries without spending an attempt.
@@ -146,7 +149,25 @@ def _pod_ready(pod: PodObservation | None) -> bool:
     return pod is not None and pod.ready and not pod.deleting and pod.phase is PodPhase.RUNNING
 
 
+def _node_lost_message(pod: PodObservation) -> str:
+    """What a pod on a node that stopped reporting waits for (pod.node is set and not ready)."""
+    node = pod.node
+    assert node is not None
+    since = f" since {node.since.strftime('%Y-%m-%dT%H:%M:%SZ')}" if node.since else ""
+    what = f"the node {node.name} of the sandbox pod is not ready ({node.reason or 'no reason given'}{since})"
+    if pod.deleting:
+        return f"{what}; the pod is being deleted there and is recreated once it is gone"
+    eviction = (
+        f"Kubernetes evicts the pod {pod.unreachable_toleration} s after the node became unreachable"
+        if pod.unreachable_toleration is not None
+        else "Kubernetes evicts the pod when its toleration of the node's taint runs out"
+    )
+    return f"{what}; the sandbox waits for it: {eviction}, then a new pod is made"
+
+
 def _waiting_reason(pod: PodObservation) -> tuple[Reason, str]:
+    if pod.node_lost:
+        return Reason.NODE_LOST, _node_lost_message(pod)
     pulling = [reason for reason in pod.waiting_reasons if reason in _PULL_WAITING_REASONS]
     if pulling:
         return Reason.IMAGE_PULL_BACK_OFF, f"pulling the sandbox image: {pulling[0]}"
@@ -189,6 +210,28 @@ class _Reconcile:
         return deadline is not None and deadline <= self.now
 
     # --- building blocks -------------------------------------------------------------------------
+
+    def _unstick_pod_deletion(self, plan: _Plan) -> None:
+        """A pod being deleted on a node that stopped reporting is never confirmed gone (that is the
+        kubelet's part), so every phase waiting for it would wait forever. Once its grace period is
+        over it is deleted with grace 0, as `kubectl delete --force` would; the node's kubelet, if it
+        comes back, stops the containers of a pod it no longer finds."""
+        pod = self.pod
+        if pod is None or not pod.deleting or not pod.node_lost or pod.deletion_due is None:
+            return
+        if pod.deletion_due > self.now:
+            plan.wake_at.append(pod.deletion_due)
+            return
+        assert pod.node is not None
+        plan.actions.append(ForceDeletePod())
+        plan.events.append(
+            EmitEvent(
+                EventType.WARNING,
+                Reason.NODE_LOST,
+                f"the sandbox pod's grace period is over and its node {pod.node.name} is not ready "
+                f"({pod.node.reason or 'no reason given'}): deleting it without the node's confirmation",
+            )
+        )
 
     def _delete_pod(self) -> list[Action]:
         if self.pod is None or self.pod.deleting:
@@ -244,7 +287,9 @@ class _Reconcile:
 
     def run(self) -> Decision:
         if self.observed.deleting:
-            return self._finish(self._deletion())
+            plan = self._deletion()
+            self._unstick_pod_deletion(plan)
+            return self._finish(plan)
         handler = {
             None: self._creating,
             Phase.CREATING: self._creating,
@@ -260,6 +305,7 @@ class _Reconcile:
         if self.observed.phase is None and plan.phase is not Phase.CREATING:
             # A new object can only enter Creating; take the real step right after, on the next pass.
             plan = _Plan(Phase.CREATING, Reason.CREATING, "the sandbox is being set up", again_now=True)
+        self._unstick_pod_deletion(plan)
         return self._finish(plan)
 
     def _creating(self) -> _Plan:
@@ -319,19 +365,30 @@ class _Reconcile:
         if pod.deleting:
             if self._replacing_failed_pod():
                 return _Plan(Phase.RUNNING, self.observed.reason or Reason.POD_FAILED, self.observed.message or "")
+            if pod.node_lost:
+                return _Plan(Phase.RUNNING, Reason.NODE_LOST, _node_lost_message(pod))
             return _Plan(
                 Phase.RUNNING,
                 Reason.POD_TERMINATING,
                 "the sandbox pod is being deleted; it will be recreated",
             )
         if not _pod_ready(pod):
-            return _Plan(Phase.RUNNING, *_waiting_reason(pod), actions=self._ensure_children())
+            plan = _Plan(Phase.RUNNING, *_waiting_reason(pod), actions=self._ensure_children())
+            if plan.reason == Reason.NODE_LOST:
+                plan.wake_at.append(self.now + NODE_RECHECK)  # a node may return before its pods say so
+                if self.observed.reason != Reason.NODE_LOST:
+                    plan.events.append(EmitEvent(EventType.WARNING, Reason.NODE_LOST, plan.message))
+            return plan
         plan = _Plan(
             Phase.RUNNING,
             self.observed.reason if self.observed.reason in (Reason.STARTED, Reason.RESUMED) else Reason.STARTED,
             "the sandbox is running",
             actions=self._ensure_children(),
         )
+        if self.observed.reason == Reason.NODE_LOST:
+            plan.events.append(
+                EmitEvent(EventType.NORMAL, Reason.NODE_RECOVERED, "the node reports again: the same pod serves")
+            )
         self._reset_attempts_when_stable(plan)
         return plan
 
@@ -412,7 +469,12 @@ class _Reconcile:
                 "the sandbox pod disappeared; recreating it after a backoff",
                 wake_at=[due],
             )
-        what = f"the sandbox pod failed ({failure})" if failure else "the sandbox pod disappeared"
+        if failure:
+            what = f"the sandbox pod failed ({failure})"
+        elif self.observed.reason == Reason.NODE_LOST:
+            what = "the sandbox pod was lost with its node"
+        else:
+            what = "the sandbox pod disappeared"
         message = f"{what}; recreating it (attempt {attempts + 1} of {budget})"
         return _Plan(
             Phase.RUNNING,

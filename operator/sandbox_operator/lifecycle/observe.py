@@ -29,6 +29,7 @@ from sandbox_operator.lifecycle.status import parse_time
 from sandbox_operator.lifecycle.types import (
     ConditionType,
     Desired,
+    NodeObservation,
     Observed,
     PodObservation,
     PodPhase,
@@ -40,6 +41,8 @@ from sandbox_operator.lifecycle.types import (
 __all__ = [
     "desired_from",
     "idle_deadline_passed",
+    "node_observation",
+    "node_to_check",
     "observed_from",
     "pod_observation",
     "pvc_observation",
@@ -77,8 +80,46 @@ def _container_reasons(
     return tuple(terminated), tuple(exit_codes), tuple(waiting)
 
 
-def pod_observation(pod: Mapping[str, Any]) -> PodObservation:
-    """The facts the lifecycle needs from a Pod object."""
+UNREACHABLE_TAINT = "node.kubernetes.io/unreachable"  # the node lifecycle controller's taint
+
+
+def _unreachable_toleration(spec: Mapping[str, Any]) -> int | None:
+    for toleration in _list(spec.get("tolerations")):
+        if toleration.get("key") == UNREACHABLE_TAINT and toleration.get("effect") == "NoExecute":
+            seconds = toleration.get("tolerationSeconds")
+            return seconds if isinstance(seconds, int) and not isinstance(seconds, bool) else None
+    return None
+
+
+def node_to_check(pod: Mapping[str, Any] | None) -> str | None:
+    """The node whose readiness the lifecycle needs for `pod`: a bound pod that is not ready or is
+    being deleted (a node that stopped reporting explains both). A ready pod needs no lookup."""
+    if pod is None:
+        return None
+    node = _mapping(pod.get("spec")).get("nodeName")
+    if not isinstance(node, str) or not node:
+        return None
+    observation = pod_observation(pod)
+    return node if observation.deleting or not observation.ready else None
+
+
+def node_observation(node: Mapping[str, Any]) -> NodeObservation:
+    """The facts the lifecycle needs from a Node object."""
+    name = str(_mapping(node.get("metadata")).get("name") or "")
+    for condition in _list(_mapping(node.get("status")).get("conditions")):
+        if condition.get("type") == "Ready":
+            reason = condition.get("reason")
+            return NodeObservation(
+                name=name,
+                ready=condition.get("status") == "True",
+                reason=reason if isinstance(reason, str) else None,
+                since=parse_time(condition.get("lastTransitionTime")),
+            )
+    return NodeObservation(name=name, ready=False, reason="NoReadyCondition")
+
+
+def pod_observation(pod: Mapping[str, Any], node: NodeObservation | None = None) -> PodObservation:
+    """The facts the lifecycle needs from a Pod object (and its node, when that was looked up)."""
     metadata, status = _mapping(pod.get("metadata")), _mapping(pod.get("status"))
     try:
         phase = PodPhase(status.get("phase") or PodPhase.PENDING)
@@ -100,6 +141,9 @@ def pod_observation(pod: Mapping[str, Any]) -> PodObservation:
         terminated_reasons=terminated,
         exit_codes=exit_codes,
         waiting_reasons=waiting,
+        deletion_due=parse_time(metadata.get("deletionTimestamp")),
+        node=node,
+        unreachable_toleration=_unreachable_toleration(_mapping(pod.get("spec"))),
     )
 
 
@@ -182,11 +226,13 @@ def observed_from(
     pvc: Mapping[str, Any] | None,
     service_present: bool | None = None,
     network_policy_present: bool | None = None,
+    node: NodeObservation | None = None,
 ) -> Observed:
     """Observed state from the Sandbox (metadata and status) and its children as seen.
 
     ``pod``/``pvc`` are the child objects (None when absent). Children that are not watched can be
-    passed as None ("unknown"): the lifecycle then asks for idempotent ensures.
+    passed as None ("unknown"): the lifecycle then asks for idempotent ensures. ``node`` is the
+    pod's node when it was looked up (see node_to_check).
     """
     metadata, status = sandbox.metadata, sandbox.status
     if metadata.creation_timestamp is None:
@@ -213,7 +259,7 @@ def observed_from(
         suspended_by=status.suspended_by,
         resume_request_seen=status.resume_request_seen,
         resume_request=resume_request(sandbox),
-        pod=pod_observation(pod) if pod is not None else None,
+        pod=pod_observation(pod, node) if pod is not None else None,
         pvc=pvc_observation(pvc) if pvc is not None else None,
         service_present=service_present,
         network_policy_present=network_policy_present,

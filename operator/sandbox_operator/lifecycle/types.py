@@ -32,6 +32,8 @@ __all__ = [
     "EnsurePVC",
     "EnsureService",
     "EventType",
+    "ForceDeletePod",
+    "NodeObservation",
     "Observed",
     "OnIdle",
     "PodObservation",
@@ -69,6 +71,16 @@ class PvcPhase(StrEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NodeObservation:
+    """The node a sandbox pod is bound to, as far as the lifecycle cares: does it still report."""
+
+    name: str
+    ready: bool  # its Ready condition is True
+    reason: str | None = None  # of the Ready condition, e.g. "NodeStatusUnknown" when it stopped reporting
+    since: datetime | None = None  # the Ready condition's lastTransitionTime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PodObservation:
     """The few facts about the sandbox Pod that the lifecycle looks at (see observe.pod_observation)."""
 
@@ -84,6 +96,17 @@ class PodObservation:
     exit_codes: tuple[int, ...] = ()
     # Reasons of containers that are waiting, e.g. "ImagePullBackOff", "ContainerCreating".
     waiting_reasons: tuple[str, ...] = ()
+    # metadata.deletionTimestamp: when a deletion's grace period ends (the kubelet confirms before).
+    deletion_due: datetime | None = None
+    # The pod's node, when it was looked up (a bound pod that is not ready or is being deleted).
+    node: NodeObservation | None = None
+    # tolerationSeconds of the pod's NoExecute toleration of node.kubernetes.io/unreachable: how long
+    # Kubernetes leaves it on a node that stopped reporting before evicting it.
+    unreachable_toleration: int | None = None
+
+    @property
+    def node_lost(self) -> bool:
+        return self.node is not None and not self.node.ready
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,6 +232,12 @@ class DeletePod:
 
 
 @dataclass(frozen=True, slots=True)
+class ForceDeletePod:
+    """Delete the sandbox Pod with grace 0: it is being deleted on a node that stopped reporting,
+    past its grace period, so no kubelet will ever confirm the deletion."""
+
+
+@dataclass(frozen=True, slots=True)
 class DeletePVC:
     """Delete the workspace PVC (only when the Sandbox itself is being deleted)."""
 
@@ -255,6 +284,7 @@ Action = (
     | EnsureService
     | CreatePod
     | DeletePod
+    | ForceDeletePod
     | DeletePVC
     | DeleteService
     | DeleteNetworkPolicy

@@ -25,6 +25,7 @@ from sandbox_operator.api.names import (
     ENVD_PORT,
     EVENTS,
     NETWORK_POLICIES,
+    NODES,
     PERSISTENT_VOLUME_CLAIMS,
     PODS,
     SANDBOX_POOLS,
@@ -585,3 +586,67 @@ async def test_a_deleted_sandbox_deletes_its_children_and_leaves_the_finalizer_t
         transition("Running", "Terminating", "Deleted"): 1,
         transition("Terminating", "Terminated", "Deleted"): 1,
     }
+
+
+# --- node loss ------------------------------------------------------------------------------------
+
+NODE = "node-a"
+
+
+def _add_node(api: FakeApi, ready: str) -> None:
+    reason = "KubeletReady" if ready == "True" else "NodeStatusUnknown"
+    condition = {"type": "Ready", "status": ready, "reason": reason, "lastTransitionTime": minutes_ago(1)}
+    api.add(NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+
+    def report(node: JSON) -> None:
+        node["status"] = {"conditions": [condition]}
+
+    api.rewrite(NODES.path(None, NODE), report)
+
+
+def _strand_pod(api: FakeApi, *, deleted_ago: timedelta | None = None) -> None:
+    """The node lifecycle controller's work: the pod bound to NODE marked not ready (and, when
+    `deleted_ago`, the taint manager's deletion that long ago, which no kubelet will confirm)."""
+
+    def strand(pod: JSON) -> None:
+        pod["spec"]["nodeName"] = NODE
+        pod["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+        if deleted_ago is not None:
+            pod["metadata"]["deletionTimestamp"] = format_time(datetime.now(UTC) - deleted_ago)
+
+    api.rewrite(PODS.path(NS, CHILDREN.pod), strand)
+
+
+async def test_a_pod_on_a_lost_node_is_reported_then_force_deleted_and_replaced(harness: Harness) -> None:
+    api = harness.api
+    await start(harness)
+    _add_node(api, "Unknown")
+    _strand_pod(api)
+    assert await harness.sandbox_pass(KEY) == [STATUS, EVENT]
+    assert (status(api)["phase"], status(api)["reason"]) == ("Running", "NodeLost")
+    assert "(NodeStatusUnknown since " in status(api)["message"]
+    # The pod IP stays: a node cut off from the control plane may well still serve its sandboxes.
+    assert condition(api, "Ready")["status"] == "False" and status(api)["podIP"] == POD_IP
+    assert events(api)[-1] == ("Warning", "NodeLost")
+    assert await harness.sandbox_pass(KEY) == []  # waiting costs nothing
+
+    _strand_pod(api, deleted_ago=timedelta(seconds=1))  # evicted; its grace period is over
+    writes = await harness.sandbox_pass(KEY)
+    assert writes[0] == DELETE_POD and EVENT in writes
+    (force,) = api.written("DELETE", "pods")[-1:]
+    assert force.body["gracePeriodSeconds"] == 0
+    assert force.body["preconditions"]["uid"]
+
+    assert api.names(PODS, NS) == set()
+    assert CREATE_POD in await harness.sandbox_pass(KEY)
+    assert (status(api)["phase"], status(api)["reason"]) == ("Running", "PodRecreated")
+
+
+async def test_a_node_that_cannot_be_read_is_not_a_lost_one(harness: Harness) -> None:
+    api = harness.api
+    await start(harness)
+    api.fail("GET", NODES.path(None, NODE), 403, "Forbidden")
+    _strand_pod(api, deleted_ago=timedelta(seconds=1))
+    writes = await harness.sandbox_pass(KEY)
+    assert DELETE_POD not in writes  # no force without knowing the node is gone
+    assert status(api)["reason"] != "NodeLost"

@@ -47,3 +47,12 @@ def test_a_deleted_template_serves_only_sandboxes_that_already_started() -> None
     store.put_template(obj("base", "2", namespace=None, spec={"image": "j"}))
     assert store.template_for("base", started=False)["spec"] == {"image": "j"}  # type: ignore[index]
     assert store.retired_templates == {}
+
+
+def test_a_stripped_pod_keeps_its_noexecute_tolerations_for_node_loss() -> None:
+    store = Store()
+    unreachable = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "tolerationSeconds": 300}
+    schedule_only = {"key": "gpu", "effect": "NoSchedule"}
+    pod = obj("sbx-a", "1", meta={"labels": {SANDBOX_LABEL: "a"}}, spec={"tolerations": [unreachable, schedule_only]})
+    assert store.put_pod(pod)["spec"]["tolerations"] == [unreachable]
+    assert "tolerations" not in store.put_pod(obj("sbx-b", "1", spec={}))["spec"]
