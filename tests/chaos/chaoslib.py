@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sandbox_operator.gateway.e2b import api_key_secret
-from testlib import Cluster, free_port, request_json, stop_process, wait_until
+from testlib import Cluster, free_port, local_cluster, request_json, stop_process, wait_until
 
 APISERVER = "kube-apiserver"  # the name hack/cluster records the process under in its state.json
 
@@ -79,9 +81,61 @@ def resume_if_stopped(cluster: Cluster, name: str) -> None:
 
 
 @contextlib.contextmanager
-def gateway_on(cluster: Cluster, workdir: Path, template_manifest: str, namespace_prefix: str) -> Iterator[Gateway]:
+def private_container_cluster(
+    tmp_path_factory: Any, extra_env: dict[str, str] | None = None, stopped_on_exit: str | None = None
+) -> Iterator[Cluster]:
+    """A control plane of the module's own on the container node, with a pod range of its own: the
+    node binds each pod's agent on its pod IP in the host's network namespace, so two container
+    clusters on the default 127.3.0.0/16 (the e2e session's and this one) would hand out the same
+    addresses and one agent would answer for another's pod. `extra_env` goes to hack/cluster;
+    `stopped_on_exit` names a component a failed test may have left SIGSTOPped (resumed first)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SANDBOX_CLUSTER_CONTAINER_POD_CIDR", f"127.{secrets.choice(range(200, 250))}.0.0/16")
+        for key, value in (extra_env or {}).items():
+            env.setenv(key, value)
+        with local_cluster(tmp_path_factory, "containers") as started:
+            try:
+                yield started
+            finally:
+                if stopped_on_exit:
+                    resume_if_stopped(started, stopped_on_exit)
+
+
+def start_gateway(cluster: Cluster, namespace: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A gateway process on 127.0.0.1:`port` taking its API keys from `namespace`, its output appended
+    to `log`; returned once /health answers (it listens only after its caches have listed)."""
+    argv = [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", cluster.kubeconfig]
+    argv += ["--bind-address", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port())]
+    argv += ["--keys-namespace", namespace, "--create-timeout", "60"]
+    with open(log, "ab") as out:
+        # The token key the operator has too: agent tokens derive from it on both sides.
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=cluster.env())
+    url = f"http://127.0.0.1:{port}"
+
+    def serving() -> bool:
+        if process.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+            raise AssertionError(f"gateway exited with {process.returncode}:\n{tail}")
+        try:
+            return request_json("GET", url + "/health", timeout=5)[0] == 200
+        except urllib.error.URLError:
+            return False  # not listening yet: it lists the cluster first
+
+    try:
+        wait_until(serving, timeout=90, message=f"gateway /health on port {port}")
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
+
+
+@contextlib.contextmanager
+def gateway_on(
+    cluster: Cluster, workdir: Path, template_manifest: str, namespace_prefix: str, port: int | None = None
+) -> Iterator[Gateway]:
     """A gateway whose key grants a fresh namespace the session operator watches (`op-*` prefixes),
-    with `template_manifest` applied; stopped (and the namespace deleted) afterwards."""
+    with `template_manifest` applied, on `port` (a free one by default); stopped (the process
+    `handle.process` names then, so a restarted one too) and the namespace deleted afterwards."""
     namespace = f"{namespace_prefix}-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", namespace)
     wait_until(
@@ -92,29 +146,13 @@ def gateway_on(cluster: Cluster, workdir: Path, template_manifest: str, namespac
     cluster.apply(template_manifest)
     api_key = "e2b_" + secrets.token_hex(20)
     cluster.apply(json.dumps(api_key_secret("key-chaos", api_key, keys_namespace=namespace, grants=namespace)))
-    port, metrics_port = free_port(), free_port()
+    port = port or free_port()
     log = workdir / "gateway.log"
-    argv = [sys.executable, "-m", "sandbox_operator", "gateway", "--kubeconfig", cluster.kubeconfig]
-    argv += ["--bind-address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
-    argv += ["--keys-namespace", namespace, "--create-timeout", "60"]
-    with open(log, "wb") as out:
-        # The token key the operator has too: agent tokens derive from it on both sides.
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=cluster.env())
-    handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, process, log)
-
-    def serving() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"gateway exited:\n{handle.log_tail()}")
-        try:
-            return request_json("GET", handle.url + "/health", timeout=5)[0] == 200
-        except urllib.error.URLError:
-            return False  # not listening yet: it lists the cluster first
-
+    handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, start_gateway(cluster, namespace, port, log), log)
     try:
-        wait_until(serving, timeout=90, message="gateway /health")
         yield handle
     finally:
-        code = stop_process(process)
+        code = stop_process(handle.process)
         if code not in (0, -15):
             print(f"gateway exited with {code}:\n{handle.log_tail()}", file=sys.stderr)
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

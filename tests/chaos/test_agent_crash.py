@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 from agentcrashlib import agent_pid, gateway_on, kill_agent
-from chaoslib import Gateway
+from chaoslib import Gateway, private_container_cluster
 from e2b import CommandResult, Sandbox, SandboxException
 
 from testlib import (
     Cluster,
     ObjectWatch,
     OperatorProcess,
-    local_cluster,
     wait_until,
 )
 
@@ -36,7 +35,7 @@ TEMPLATE = "crash-base"
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if request.config.getoption("--kubeconfig"):
         pytest.skip("the agent is killed from the host: the test needs the container node the fixtures start")
-    with local_cluster(tmp_path_factory, "containers") as started:
+    with private_container_cluster(tmp_path_factory) as started:
         yield started
 
 

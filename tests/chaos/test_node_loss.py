@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 from agentcrashlib import agent_pid, gateway_on
-from chaoslib import Gateway, component_pid, resume_if_stopped, stopped
+from chaoslib import Gateway, component_pid, private_container_cluster, stopped
 from e2b import Sandbox
 
-from testlib import Cluster, ObjectWatch, OperatorProcess, local_cluster, wait_until
+from testlib import Cluster, ObjectWatch, OperatorProcess, wait_until
 
 TEMPLATE = "nodeloss-base"
 NODE_PROCESS = "container-node"  # its name in hack/cluster's state.json
@@ -39,14 +39,13 @@ NODE_LOST_WITHIN = GRACE_S + 60
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if request.config.getoption("--kubeconfig"):
         pytest.skip("the node's heartbeats are stopped from the host: the test needs the container node it starts")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SANDBOX_CLUSTER_NODE_MONITOR_GRACE", f"{GRACE_S}s")
-        env.setenv("SANDBOX_CLUSTER_NODE_LOST_TOLERATION_SECONDS", str(TOLERATION_S))
-        with local_cluster(tmp_path_factory, "containers") as started:
-            try:
-                yield started
-            finally:
-                resume_if_stopped(started, NODE_PROCESS)  # a stopped node would not stop on SIGTERM
+    waits = {
+        "SANDBOX_CLUSTER_NODE_MONITOR_GRACE": f"{GRACE_S}s",
+        "SANDBOX_CLUSTER_NODE_LOST_TOLERATION_SECONDS": str(TOLERATION_S),
+    }
+    # A stopped node would not stop on SIGTERM: it is resumed before the cluster goes down.
+    with private_container_cluster(tmp_path_factory, waits, stopped_on_exit=NODE_PROCESS) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +215,15 @@ def test_a_node_lost_past_the_toleration_gets_the_sandbox_a_new_pod_and_nothing_
             status = _sandbox(cluster, gateway.namespace, sbx.sandbox_id)["status"]
             return status if _ready(status)[0] == "True" else None
 
-        after = wait_until(serving, timeout=120, message="the sandbox Ready on its new pod")
+        try:
+            after = wait_until(serving, timeout=120, message="the sandbox Ready on its new pod")
+        except AssertionError as error:
+            pods = [
+                (p["metadata"]["uid"], p["spec"].get("nodeName"), p.get("status"))
+                for p in _pods(cluster, gateway.namespace)
+            ]
+            status = _sandbox(cluster, gateway.namespace, sbx.sandbox_id)["status"]
+            raise AssertionError(f"{error}\nsandbox status: {status}\npods: {pods}") from None
         phases = {str(s.get("phase")) for s in (o.get("status") or {} for o in list(watch.objects))}
     finally:
         watch.close()

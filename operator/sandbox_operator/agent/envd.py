@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -55,6 +54,7 @@ from .protojson import (
 from .rpc import client_stream, server_stream, unary, unimplemented
 from .signing import Operation, tokens_equal, verify_signature
 from .sysmetrics import PROMETHEUS_CONTENT_TYPE, ResourceSampler, envd_metrics, prometheus_text
+from .uploadfile import UploadFile, open_upload
 from .users import PathError, SandboxState, UserContext, UserError, check_path_text, username_from_basic_auth
 
 log = logging.getLogger(__name__)
@@ -431,22 +431,27 @@ class EnvdServer:
     ) -> JsonObject:
         loop = asyncio.get_running_loop()
         limit = self.state.config.max_upload_bytes
-        handle: IO[bytes] = await loop.run_in_executor(None, _open_for_write, path, user)
-        size = 0
+        # Written beside `path` and renamed over it when complete (uploadfile.py): an upload that
+        # fails or is cut short leaves the file as it was.
+        upload = await loop.run_in_executor(None, _open_for_write, path, user)
         try:
+            size = 0
             async for chunk in chunks:
                 size += len(chunk)
                 if limit and size > limit:
                     raise _UploadTooLarge
-                await loop.run_in_executor(None, handle.write, chunk)
-        finally:
-            await loop.run_in_executor(None, handle.close)
-        try:
-            # Every upload replaces the file's metadata (none sent = cleared), as envd does.
-            await loop.run_in_executor(None, write_metadata, path, metadata)
-        except OSError as error:
-            if metadata:
-                raise OSError(error.errno, f"cannot store metadata: {error.strerror}") from error
+                await loop.run_in_executor(None, upload.handle.write, chunk)
+            await loop.run_in_executor(None, upload.handle.close)
+            try:
+                # Every upload replaces the file's metadata (none sent = cleared), as envd does.
+                await loop.run_in_executor(None, write_metadata, upload.written, metadata)
+            except OSError as error:
+                if metadata:
+                    raise OSError(error.errno, f"cannot store metadata: {error.strerror}") from error
+            await loop.run_in_executor(None, upload.commit)
+        except BaseException:
+            upload.discard()  # here, not in a thread: it must run when the handler is cancelled too
+            raise
         info: JsonObject = {"name": path.name, "type": "file", "path": str(path)}
         if metadata:
             info["metadata"] = metadata
@@ -794,15 +799,11 @@ def _open_regular_file(path: Path) -> IO[bytes]:
         raise
 
 
-def _open_for_write(path: Path, user: UserContext) -> IO[bytes]:
+def _open_for_write(path: Path, user: UserContext) -> UploadFile:
     if path.is_dir():
         raise IsADirectoryError(21, "is a directory", str(path))
     make_dirs_as(path.parent, user)
-    handle = open(path, "wb")  # noqa: SIM115 - closed by the caller after streaming
-    if user.switch:
-        with contextlib.suppress(OSError):
-            os.fchown(handle.fileno(), user.uid, user.gid)
-    return handle
+    return open_upload(path, user)
 
 
 async def _part_chunks(part: BodyPartReader, idle: float) -> AsyncIterator[bytes]:

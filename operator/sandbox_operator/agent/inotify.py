@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from .uploadfile import TEMPORARY_NAME
+
 IN_MODIFY: Final = 0x00000002
 IN_ATTRIB: Final = 0x00000004
 IN_CLOSE_WRITE: Final = 0x00000008
@@ -66,17 +68,23 @@ def event_type(mask: int) -> str | None:
     return None
 
 
-def parse_events(buffer: bytes) -> list[tuple[int, int, str]]:
-    """Split a read() of an inotify fd into (watch descriptor, mask, name) records."""
-    events: list[tuple[int, int, str]] = []
+def parse_records(buffer: bytes) -> list[tuple[int, int, int, str]]:
+    """Split a read() of an inotify fd into (watch descriptor, mask, cookie, name) records (the
+    cookie pairs the moved-from and moved-to records of one rename)."""
+    records: list[tuple[int, int, int, str]] = []
     offset = 0
     while offset + _EVENT_HEADER.size <= len(buffer):
-        wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buffer, offset)
+        wd, mask, cookie, length = _EVENT_HEADER.unpack_from(buffer, offset)
         offset += _EVENT_HEADER.size
         raw_name = buffer[offset : offset + length]
         offset += length
-        events.append((wd, mask, raw_name.rstrip(b"\0").decode(errors="surrogateescape")))
-    return events
+        records.append((wd, mask, cookie, raw_name.rstrip(b"\0").decode(errors="surrogateescape")))
+    return records
+
+
+def parse_events(buffer: bytes) -> list[tuple[int, int, str]]:
+    """Split a read() of an inotify fd into (watch descriptor, mask, name) records."""
+    return [(wd, mask, name) for wd, mask, _cookie, name in parse_records(buffer)]
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class DirectoryWatch:
         self.recursive = recursive
         self._on_event = on_event
         self._directories: dict[int, Path] = {}
+        self._uploads_renamed: set[int] = set()  # cookies of uploads' temporary files renamed away
         fd = _lib().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
@@ -124,12 +133,20 @@ class DirectoryWatch:
             buffer = os.read(self._fd, 64 * 1024)
         except BlockingIOError:
             return
-        for wd, mask, name in parse_events(buffer):
+        for wd, mask, cookie, name in parse_records(buffer):
             directory = self._directories.get(wd)
             if mask & IN_IGNORED:
                 self._directories.pop(wd, None)
                 continue
             if directory is None:
+                continue
+            if TEMPORARY_NAME.fullmatch(name):
+                # An upload's temporary file (uploadfile.py) is not reported; its rename over the
+                # destination is, below, as a write in place would show it.
+                if mask & IN_MOVED_FROM:
+                    if len(self._uploads_renamed) >= 1024:
+                        self._uploads_renamed.clear()  # renamed out of every watched directory
+                    self._uploads_renamed.add(cookie)
                 continue
             path = directory / name if name else directory
             if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
@@ -142,6 +159,9 @@ class DirectoryWatch:
                 continue
             relative = os.path.relpath(path, self.root) if path != self.root else path.name
             self._on_event(WatchEvent(relative, kind, path))
+            if mask & IN_MOVED_TO and cookie in self._uploads_renamed:
+                self._uploads_renamed.discard(cookie)
+                self._on_event(WatchEvent(relative, EVENT_WRITE, path))  # the upload's content
 
     def close(self) -> None:
         if self._fd is None:
