@@ -42,6 +42,7 @@ from sandbox_operator.lifecycle.observe import (
     observed_from,
     serving_pod_ip,
     with_activity,
+    with_node,
 )
 from sandbox_operator.lifecycle.pool import WORKSPACE_VOLUME_KEY, may_claim_warm_pod
 from sandbox_operator.lifecycle.status import format_time, parse_time, progress_write_due, status_patch
@@ -62,7 +63,6 @@ from sandbox_operator.lifecycle.types import (
     EnsureService,
     EventType,
     ForceDeletePod,
-    NodeObservation,
     Observed,
     RequeueAfter,
 )
@@ -127,9 +127,10 @@ async def reconcile_sandbox(rt: ReconcileContext, key: Key) -> None:
         build_service(sandbox, template) if resolve_service(sandbox.spec, template.spec) else None, policy, egress
     )
     desired = desired_from(sandbox, template)
-    node_name = node_to_check(pod)
-    node = await rt.node_status(node_name) if node_name else None
-    observed = await _with_agent_activity(rt, desired, _observe(rt, sandbox, pod, pvc, children, node), pod, now)
+    observed = _observe(rt, sandbox, pod, pvc, children)
+    if node_name := node_to_check(observed):
+        observed = with_node(observed, await rt.node_status(node_name))
+    observed = await _with_agent_activity(rt, desired, observed, pod, now)
     decision = decide(desired, observed, now)
 
     work = _Pass(rt, key, body, sandbox, template, pod, pvc)
@@ -362,12 +363,7 @@ def _decide_again(
 
 
 def _observe(
-    rt: ReconcileContext,
-    sandbox: Sandbox,
-    pod: JSON | None,
-    pvc: JSON | None,
-    children: _Children,
-    node: NodeObservation | None = None,
+    rt: ReconcileContext, sandbox: Sandbox, pod: JSON | None, pvc: JSON | None, children: _Children
 ) -> Observed:
     namespace, uid = str(sandbox.metadata.namespace), str(sandbox.metadata.uid)
     names = child_names(str(sandbox.metadata.name))
@@ -383,7 +379,6 @@ def _observe(
             else rt.store.child_hash("service", (namespace, names.service)) is not None
         ),
         network_policy_present=_policy_in_place(rt, (namespace, names.network_policy), uid, pod, children),
-        node=node,
     )
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "pvc_observation",
     "serving_pod_ip",
     "with_activity",
+    "with_node",
 ]
 
 
@@ -91,16 +92,20 @@ def _unreachable_toleration(spec: Mapping[str, Any]) -> int | None:
     return None
 
 
-def node_to_check(pod: Mapping[str, Any] | None) -> str | None:
-    """The node whose readiness the lifecycle needs for `pod`: a bound pod that is not ready or is
+def node_to_check(observed: Observed) -> str | None:
+    """The node whose readiness the lifecycle needs: that of a bound pod that is not ready or is
     being deleted (a node that stopped reporting explains both). A ready pod needs no lookup."""
-    if pod is None:
+    pod = observed.pod
+    if pod is None or pod.node_name is None or (pod.ready and not pod.deleting):
         return None
-    node = _mapping(pod.get("spec")).get("nodeName")
-    if not isinstance(node, str) or not node:
-        return None
-    observation = pod_observation(pod)
-    return node if observation.deleting or not observation.ready else None
+    return pod.node_name
+
+
+def with_node(observed: Observed, node: NodeObservation | None) -> Observed:
+    """``observed`` with its pod's node as looked up (None: unknown, which is not lost)."""
+    if observed.pod is None or node is None:
+        return observed
+    return replace(observed, pod=replace(observed.pod, node=node))
 
 
 def node_observation(node: Mapping[str, Any]) -> NodeObservation:
@@ -118,9 +123,9 @@ def node_observation(node: Mapping[str, Any]) -> NodeObservation:
     return NodeObservation(name=name, ready=False, reason="NoReadyCondition")
 
 
-def pod_observation(pod: Mapping[str, Any], node: NodeObservation | None = None) -> PodObservation:
-    """The facts the lifecycle needs from a Pod object (and its node, when that was looked up)."""
-    metadata, status = _mapping(pod.get("metadata")), _mapping(pod.get("status"))
+def pod_observation(pod: Mapping[str, Any]) -> PodObservation:
+    """The facts the lifecycle needs from a Pod object."""
+    metadata, spec, status = _mapping(pod.get("metadata")), _mapping(pod.get("spec")), _mapping(pod.get("status"))
     try:
         phase = PodPhase(status.get("phase") or PodPhase.PENDING)
     except ValueError:
@@ -142,8 +147,8 @@ def pod_observation(pod: Mapping[str, Any], node: NodeObservation | None = None)
         exit_codes=exit_codes,
         waiting_reasons=waiting,
         deletion_due=parse_time(metadata.get("deletionTimestamp")),
-        node=node,
-        unreachable_toleration=_unreachable_toleration(_mapping(pod.get("spec"))),
+        node_name=node_name if isinstance(node_name := spec.get("nodeName"), str) and node_name else None,
+        unreachable_toleration=_unreachable_toleration(spec),
     )
 
 
@@ -226,13 +231,12 @@ def observed_from(
     pvc: Mapping[str, Any] | None,
     service_present: bool | None = None,
     network_policy_present: bool | None = None,
-    node: NodeObservation | None = None,
 ) -> Observed:
     """Observed state from the Sandbox (metadata and status) and its children as seen.
 
     ``pod``/``pvc`` are the child objects (None when absent). Children that are not watched can be
-    passed as None ("unknown"): the lifecycle then asks for idempotent ensures. ``node`` is the
-    pod's node when it was looked up (see node_to_check).
+    passed as None ("unknown"): the lifecycle then asks for idempotent ensures. The pod's node is
+    added by with_node when node_to_check asks for it.
     """
     metadata, status = sandbox.metadata, sandbox.status
     if metadata.creation_timestamp is None:
@@ -259,7 +263,7 @@ def observed_from(
         suspended_by=status.suspended_by,
         resume_request_seen=status.resume_request_seen,
         resume_request=resume_request(sandbox),
-        pod=pod_observation(pod, node) if pod is not None else None,
+        pod=pod_observation(pod) if pod is not None else None,
         pvc=pvc_observation(pvc) if pvc is not None else None,
         service_present=service_present,
         network_policy_present=network_policy_present,

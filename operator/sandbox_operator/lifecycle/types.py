@@ -98,7 +98,8 @@ class PodObservation:
     waiting_reasons: tuple[str, ...] = ()
     # metadata.deletionTimestamp: when a deletion's grace period ends (the kubelet confirms before).
     deletion_due: datetime | None = None
-    # The pod's node, when it was looked up (a bound pod that is not ready or is being deleted).
+    node_name: str | None = None  # spec.nodeName: the node it is bound to
+    # That node, when it was looked up (observe.node_to_check, observe.with_node).
     node: NodeObservation | None = None
     # tolerationSeconds of the pod's NoExecute toleration of node.kubernetes.io/unreachable: how long
     # Kubernetes leaves it on a node that stopped reporting before evicting it.

@@ -26,7 +26,7 @@ from sandbox_operator.lifecycle import (
     Reason,
     decide,
 )
-from sandbox_operator.lifecycle.observe import node_observation, node_to_check, pod_observation
+from sandbox_operator.lifecycle.observe import node_observation, node_to_check, pod_observation, with_node
 
 P = Phase
 LOST = NodeObservation(name="node-a", ready=False, reason="NodeStatusUnknown", since=at(50))
@@ -155,17 +155,29 @@ def _pod_body(ready: str, *, deleting: bool = False, node: str | None = "node-a"
     return {"metadata": metadata, "spec": spec, "status": status}
 
 
+def _observed(pod_body: dict[str, Any] | None) -> Any:
+    return observed(P.RUNNING, pod=pod_observation(pod_body) if pod_body is not None else None)
+
+
 def test_only_a_bound_pod_that_is_not_ready_or_going_needs_its_node_looked_up() -> None:
-    assert node_to_check(_pod_body("True")) is None
-    assert node_to_check(_pod_body("False")) == "node-a"
-    assert node_to_check(_pod_body("True", deleting=True)) == "node-a"
-    assert node_to_check(_pod_body("False", node=None)) is None
-    assert node_to_check(None) is None
+    assert node_to_check(_observed(_pod_body("True"))) is None
+    assert node_to_check(_observed(_pod_body("False"))) == "node-a"
+    assert node_to_check(_observed(_pod_body("True", deleting=True))) == "node-a"
+    assert node_to_check(_observed(_pod_body("False", node=None))) is None
+    assert node_to_check(_observed(None)) is None
 
 
 def test_a_pod_observation_carries_its_deletion_deadline_toleration_and_node() -> None:
-    seen = pod_observation(_pod_body("True", deleting=True), LOST)
-    assert (seen.deletion_due, seen.unreachable_toleration, seen.node_lost) == (at(365), 20, True)
+    seen = with_node(_observed(_pod_body("True", deleting=True)), LOST).pod
+    assert seen is not None
+    assert (seen.deletion_due, seen.unreachable_toleration, seen.node_name, seen.node_lost) == (
+        at(365),
+        20,
+        "node-a",
+        True,
+    )
+    unknown = _observed(_pod_body("False"))
+    assert with_node(unknown, None) is unknown  # a node that could not be read: nothing known, nothing lost
 
 
 def test_a_node_observation_reads_the_ready_condition() -> None:
