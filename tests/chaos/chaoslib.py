@@ -148,11 +148,21 @@ def gateway_on(
     cluster.apply(json.dumps(api_key_secret("key-chaos", api_key, keys_namespace=namespace, grants=namespace)))
     port = port or free_port()
     log = workdir / "gateway.log"
+    try:
+        with gateway_process(cluster, namespace, api_key, port, log) as handle:
+            yield handle
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@contextlib.contextmanager
+def gateway_process(cluster: Cluster, namespace: str, api_key: str, port: int, log: Path) -> Iterator[Gateway]:
+    """A gateway on `port` for the keys in `namespace` (start_gateway); afterwards the process the
+    handle names then (a test may have restarted it) is stopped, its log tail printed on a failure."""
     handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, start_gateway(cluster, namespace, port, log), log)
     try:
         yield handle
     finally:
         code = stop_process(handle.process)
         if code not in (0, -15):
-            print(f"gateway exited with {code}:\n{handle.log_tail()}", file=sys.stderr)
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+            print(f"gateway on port {port} exited with {code}:\n{handle.log_tail()}", file=sys.stderr)

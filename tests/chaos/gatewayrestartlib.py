@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from chaoslib import Gateway, start_gateway
+from chaoslib import Gateway, gateway_process, start_gateway
 
-from testlib import Cluster, free_port, stop_process
+from testlib import Cluster, free_port
 
 
 def kill(gateway: Gateway) -> int:
@@ -37,15 +36,8 @@ def replica(cluster: Cluster, of: Gateway, workdir: Path) -> Iterator[Gateway]:
     """Another gateway process serving what `of` serves (its keys namespace: the same API key Secret;
     the cluster's token key, as the operator's) on a port of its own; stopped afterwards."""
     port = free_port()
-    log = workdir / f"gateway-{port}.log"
-    process = start_gateway(cluster, of.namespace, port, log)
-    handle = Gateway(f"http://127.0.0.1:{port}", of.namespace, of.api_key, process, log)
-    try:
+    with gateway_process(cluster, of.namespace, of.api_key, port, workdir / f"gateway-{port}.log") as handle:
         yield handle
-    finally:
-        code = stop_process(handle.process)
-        if code not in (0, -15):
-            print(f"gateway replica exited with {code}:\n{handle.log_tail()}", file=sys.stderr)
 
 
 class RoundRobin:

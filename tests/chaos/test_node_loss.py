@@ -65,6 +65,12 @@ def _ready(status: dict[str, Any]) -> tuple[str, str]:
     return ready
 
 
+def _ready_status(cluster: Cluster, namespace: str, sandbox_id: str) -> dict[str, Any] | None:
+    """The sandbox's status once it is Ready, else None."""
+    status: dict[str, Any] = _sandbox(cluster, namespace, sandbox_id)["status"]
+    return status if _ready(status)[0] == "True" else None
+
+
 def _events(cluster: Cluster, namespace: str, name: str) -> list[tuple[str, str, str]]:
     listing = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
     return [(e["type"], e["reason"], e["message"]) for e in (listing or {}).get("items", [])]
@@ -164,11 +170,11 @@ def test_a_node_back_before_the_eviction_brings_back_the_same_pod_with_its_proce
             assert sbx.commands.run("cat kept.txt").stdout == "before the node went quiet\n"
         wait_until(lambda: _node_ready(cluster) == "True", timeout=60, message="the node Ready again")
 
-        def recovered() -> dict[str, Any] | None:
-            status = _sandbox(cluster, gateway.namespace, sbx.sandbox_id)["status"]
-            return status if _ready(status)[0] == "True" else None
-
-        after = wait_until(recovered, timeout=60, message="the sandbox Ready again")
+        after = wait_until(
+            lambda: _ready_status(cluster, gateway.namespace, sbx.sandbox_id),
+            timeout=60,
+            message="the sandbox Ready again",
+        )
         phases = {str(s.get("phase")) for s in (o.get("status") or {} for o in list(watch.objects))}
     finally:
         watch.close()
@@ -211,12 +217,12 @@ def test_a_node_lost_past_the_toleration_gets_the_sandbox_a_new_pod_and_nothing_
             assert status["recreateAttempts"] == 1
         wait_until(lambda: _node_ready(cluster) == "True", timeout=60, message="the node Ready again")
 
-        def serving() -> dict[str, Any] | None:
-            status = _sandbox(cluster, gateway.namespace, sbx.sandbox_id)["status"]
-            return status if _ready(status)[0] == "True" else None
-
         try:
-            after = wait_until(serving, timeout=120, message="the sandbox Ready on its new pod")
+            after = wait_until(
+                lambda: _ready_status(cluster, gateway.namespace, sbx.sandbox_id),
+                timeout=120,
+                message="the sandbox Ready on its new pod",
+            )
         except AssertionError as error:
             pods = [
                 (p["metadata"]["uid"], p["spec"].get("nodeName"), p.get("status"))
