@@ -16,6 +16,7 @@ from sandbox_operator.api.names import (
     API_KEY_LABEL,
     API_KEY_NAMESPACES_ANNOTATION,
     CREATED_BY_ANNOTATION,
+    PAUSED_ANNOTATION,
     PUBLIC_TRAFFIC_ANNOTATION,
     SANDBOX_TEMPLATES,
     SANDBOXES,
@@ -33,7 +34,15 @@ Key = tuple[str, str]
 
 RELIST_BACKOFF_S = (0.2, 1.0, 5.0)
 # The annotations of a Sandbox the gateway reads (the rest is not kept: thousands of sandboxes are).
-KEPT_ANNOTATIONS = (TOKEN_EPOCH_ANNOTATION, SESSION_TYPE_ANNOTATION, CREATED_BY_ANNOTATION, PUBLIC_TRAFFIC_ANNOTATION)
+# PAUSED_ANNOTATION: a start waiting for Running ends (409) when another client pauses the sandbox
+# (e2b.settled); without it the wait ran into the create timeout (504).
+KEPT_ANNOTATIONS = (
+    TOKEN_EPOCH_ANNOTATION,
+    SESSION_TYPE_ANNOTATION,
+    CREATED_BY_ANNOTATION,
+    PUBLIC_TRAFFIC_ANNOTATION,
+    PAUSED_ANNOTATION,
+)
 
 
 class Cache:

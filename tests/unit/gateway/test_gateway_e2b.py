@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -419,6 +420,32 @@ def test_a_settled_start_is_served_or_refused() -> None:
     with pytest.raises(e2b.Refused, match="paused while it was starting") as repaused:
         e2b.started(paused)
     assert repaused.value.status == 409
+
+
+async def test_a_start_waiting_on_the_cache_is_refused_when_another_client_pauses() -> None:
+    # Connect and create wait on the gateway's watched copy, which keeps only the annotations it
+    # reads: without sandbox.dev/paused among them, a pause by another client left the wait to run
+    # into the create timeout (504) instead of the documented 409.
+    from sandbox_operator.gateway.cache import Cache
+
+    cache = Cache(client=None, keys_namespace="sandbox-system")  # type: ignore[arg-type]  # no watches here
+    resuming = with_status("Resuming")
+    resuming["metadata"]["resourceVersion"] = "2"
+    cache.observe(resuming)
+    waiting = asyncio.create_task(cache.wait_for(("team-a", "e2b-abc"), e2b.settled, 5))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    paused = {
+        **with_status("Suspending"),
+        "metadata": {**resuming["metadata"], "resourceVersion": "3", "annotations": {PAUSED_ANNOTATION: "true"}},
+    }
+    cache._on_sandbox("MODIFIED", paused)  # what the watch loop does with an event, then wakes the waiters
+    await cache._notify()
+    body = await waiting
+    assert body is not None and body["metadata"]["annotations"] == {PAUSED_ANNOTATION: "true"}
+    with pytest.raises(e2b.Refused, match="paused while it was starting") as refused:
+        e2b.started(body)
+    assert refused.value.status == 409
 
 
 NOW = datetime(2026, 12, 1, 10, 1, 30, tzinfo=UTC)  # 90 s after cr()'s creation, 210 s before its end
