@@ -502,17 +502,26 @@ class ObjectWatch:
     """
 
     def __init__(
-        self, cluster: Cluster, namespace: str, plural: str, *, name: str | None = None, timeout_s: int = 600
+        self,
+        cluster: Cluster,
+        namespace: str,
+        plural: str,
+        *,
+        name: str | None = None,
+        timeout_s: int = 600,
+        api: str = "/apis/sandbox.dev/v1alpha1",  # "/api/v1" for pods
     ) -> None:
         version = cluster.kubectl(
             "get", plural, "-n", namespace, "-o", "jsonpath={.metadata.resourceVersion}"
         ).stdout.strip()
         selector = f"&fieldSelector=metadata.name%3D{name}" if name else ""
         path = (
-            f"/apis/sandbox.dev/v1alpha1/namespaces/{namespace}/{plural}?watch=1"
+            f"{api}/namespaces/{namespace}/{plural}?watch=1"
             f"&resourceVersion={version}{selector}&timeoutSeconds={timeout_s}"
         )
         self.objects: list[dict[str, Any]] = []
+        # Every event in the API server's order, deletions too: (type, object).
+        self.events: list[tuple[str, dict[str, Any]]] = []
         self._process = subprocess.Popen(
             [kubectl_binary(), "get", "--raw", path],
             stdout=subprocess.PIPE,
@@ -527,6 +536,8 @@ class ObjectWatch:
         assert self._process.stdout is not None
         for line in self._process.stdout:
             event = json.loads(line)
+            if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                self.events.append((event["type"], event["object"]))
             if event.get("type") in ("ADDED", "MODIFIED"):
                 self.objects.append(event["object"])
 
