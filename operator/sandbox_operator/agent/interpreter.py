@@ -25,6 +25,7 @@ from sandbox_operator.api.names import EXECUTION_TIMEOUT_PREFIX
 
 from .config import without_secrets
 from .interpreter_errors import InterpreterError as InterpreterError  # still importable from here
+from .kernel_env import env_code
 from .kernelwatch import (
     OUT_OF_MEMORY_MESSAGE,
     PROCESS_LIMIT_MESSAGE,
@@ -61,8 +62,13 @@ KERNEL_SPEC_RESCAN_INTERVAL: Final = 30.0
 # The SQLite history costs about a millisecond per execution and nothing in a sandbox reads it.
 # ipykernel sleeps 0.5 ms before each execute_reply to let output reach IOPub first; the agent ends
 # an execution on IOPub's idle status, which follows all its output on the same socket, so the
-# sleep only adds latency (~1 ms per run_code).
-PYTHON_KERNEL_ARGUMENTS: Final = ("--HistoryManager.enabled=False", "--IPythonKernel._execute_sleep=0")
+# sleep only adds latency (~1 ms per run_code). kernel_charts adds the chart data of matplotlib
+# figures (Result.chart).
+PYTHON_KERNEL_ARGUMENTS: Final = (
+    "--HistoryManager.enabled=False",
+    "--IPythonKernel._execute_sleep=0",
+    "--IPKernelApp.extensions=sandbox_operator.agent.kernel_charts",
+)
 # SDK language names → canonical language.
 LANGUAGE_ALIASES: Final[Mapping[str, str]] = {
     "python": "python",
@@ -159,6 +165,15 @@ def _find_kernel_specs() -> dict[str, str]:
     from jupyter_client.kernelspec import KernelSpecManager
 
     return dict(KernelSpecManager().find_kernel_specs())
+
+
+# Kernels whose ZeroMQ library speaks TCP only (Deno's zeromq-rs, JeroMQ); they listen on loopback.
+TCP_ONLY_KERNELS: Final = frozenset({"deno", "java"})
+
+
+def kernel_transport(kernel_name: str) -> str:
+    """IPC sockets where the kernel can: quicker than loopback TCP and not reachable over the network."""
+    return "tcp" if kernel_name in TCP_ONLY_KERNELS else "ipc"
 
 
 def pick_kernel(language: str, available: Mapping[str, str]) -> str | None:
@@ -445,11 +460,11 @@ class CodeInterpreter:
     async def _spawn_kernel(self, context_id: str, kernel_name: str, cwd: str) -> Kernel:
         from jupyter_client.manager import AsyncKernelManager
 
-        # IPC sockets are quicker than loopback TCP and not reachable over the network.
+        transport = kernel_transport(kernel_name)
         manager = AsyncKernelManager(
             kernel_name=kernel_name,
-            transport="ipc",
-            ip=os.path.join(self._socket_dir(), context_id),
+            transport=transport,
+            ip=os.path.join(self._socket_dir(), context_id) if transport == "ipc" else "127.0.0.1",
             context=self._zmq,
         )
         extra = list(PYTHON_KERNEL_ARGUMENTS) if kernel_name in KERNEL_NAMES["python"] else []
@@ -802,22 +817,14 @@ class CodeInterpreter:
                 restore = None
                 try:
                     if env_vars:
-                        if context.kernel_name not in KERNEL_NAMES["python"]:
-                            yield error_line("ValueError", "env_vars are only supported for Python contexts", "")
+                        code_for_env = env_code(normalize_language(context.language), env_vars)
+                        if code_for_env is None:
+                            message = f"env_vars are not supported for {context.language} contexts"
+                            yield error_line("ValueError", message, "")
                             yield {"type": "end_of_execution"}
                             return
-                        await self._run_silently(
-                            kernel,
-                            "import os as _e2b_os\n"
-                            f"_e2b_saved_env = {{k: _e2b_os.environ.get(k) for k in {list(env_vars)!r}}}\n"
-                            f"_e2b_os.environ.update({dict(env_vars)!r})",
-                        )
-                        restore = (
-                            "for _e2b_k, _e2b_v in _e2b_saved_env.items():\n"
-                            "    _e2b_os.environ.pop(_e2b_k, None) if _e2b_v is None "
-                            "else _e2b_os.environ.__setitem__(_e2b_k, _e2b_v)\n"
-                            "del _e2b_saved_env"
-                        )
+                        await self._run_silently(kernel, code_for_env.apply)
+                        restore = code_for_env.restore
                     async for line in self._stream(context, kernel, code, execution, time_limit, abandoned):
                         yield line
                 except KernelExited:

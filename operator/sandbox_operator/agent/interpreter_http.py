@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -48,6 +49,8 @@ INTERPRETER_TOKEN_REFUSAL: Final = (
     "the code interpreter needs the sandbox's access token"
 )
 # The most an /execute body's `timeout` may ask for (30 days): beyond it a number is a mistake.
+# Names every kernel's language can set (bash's `export` takes no others).
+ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_EXECUTE_TIMEOUT: Final = 30 * 24 * 3600.0
 # How often a running /execute checks that its client is still connected. The SDK's `run_code(timeout=)`
 # is a client-side deadline: when it runs out the SDK drops the connection (httpx.ReadTimeout →
@@ -121,6 +124,9 @@ def execute_request(body: Mapping[str, Any]) -> ExecuteRequest:
         not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values())
     ):
         raise InterpreterError(400, "'env_vars' must be a map of strings")
+    bad_name = next((name for name in env_vars or () if not ENV_NAME.fullmatch(name)), None)
+    if bad_name is not None:
+        raise InterpreterError(400, f"invalid environment variable name {bad_name[:64]!r}: letters, digits and _")
     if context_id is not None and not isinstance(context_id, str):
         raise InterpreterError(400, "'context_id' must be a string")
     timeout = execute_timeout(body.get("timeout"))
