@@ -43,13 +43,15 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process so far."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """user + system CPU time of a process so far; with `children`, also that of the children it has
+    waited for (a container node's crun processes and the containers that ended under them)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_seconds() -> float:
@@ -103,14 +105,19 @@ def machine() -> JSON:
     }
 
 
-def cluster_up(state_dir: Path, pod_cidr: str) -> str:
+def cluster_up(state_dir: Path, pod_cidr: str, node: str = "kwok", ca_bundle: Path | None = None) -> str:
+    """`hack/cluster up --node NODE` (kwok or containers; `ca_bundle` for the container node's
+    containers, see docs/container-node.md); the kubeconfig path."""
     started = time.monotonic()
     # A pod range of our own: the usage collector scrapes pod IPs, and another local cluster's
     # tests may run real agents on the default range's addresses.
-    env = {**os.environ, "SANDBOX_CLUSTER_POD_CIDR": pod_cidr}
+    cidr_env = "SANDBOX_CLUSTER_CONTAINER_POD_CIDR" if node == "containers" else "SANDBOX_CLUSTER_POD_CIDR"
+    env = {**os.environ, cidr_env: pod_cidr}
+    argv = [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir), "--node", node]
+    argv += ["--ca-bundle", str(ca_bundle)] if ca_bundle else []
     for attempt in (1, 2):  # a free port picked by `up` can be taken by another process meanwhile
         up = subprocess.run(
-            [sys.executable, str(REPO / "hack" / "cluster"), "up", "--state-dir", str(state_dir)],
+            argv,
             capture_output=True,
             text=True,
             timeout=300,
@@ -140,3 +147,36 @@ def control_plane_pids(state_dir: Path) -> dict[str, int]:
     etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok."""
     state = json.loads((state_dir / "state.json").read_text())
     return {name: int(process["pid"]) for name, process in state.get("processes", {}).items()}
+
+
+def run_facts(args: Any, load_before: tuple[float, float, float], started: float, measured_at: str) -> JSON:
+    """What every result file records about its run: the arguments, the machine, its load average
+    before and after (contention), how long it took and when."""
+    return {
+        "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+        "machine": machine(),
+        "contention": {
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "duration_s": round(time.monotonic() - started, 1),
+        "measured_at": measured_at,
+    }
+
+
+def write_results(results: JSON, path: Path, default: Any = None) -> None:
+    """The run's JSON (`default` serializes what json cannot, as json.dumps takes it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=default) + "\n")
+    print(f"\nwrote {path}")
+
+
+def print_rows(rows: list[tuple[str, str, str]]) -> None:
+    """The measure / figure / target table a benchmark prints at its end."""
+    width = max(len(row[0]) for row in rows)
+    figure_width = max(len(row[1]) for row in rows)
+    print()
+    print(f"{'measure':<{width}}  {'figure':<{figure_width}}  target")
+    print("-" * (width + figure_width + 12))
+    for measure, figure, target in rows:
+        print(f"{measure:<{width}}  {figure:<{figure_width}}  {target}")

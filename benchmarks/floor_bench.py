@@ -61,10 +61,11 @@ from benchlib import (
     control_plane_pids,
     cpu_seconds,
     log,
-    machine,
     machine_busy_seconds,
     mb,
     proc_status,
+    run_facts,
+    write_results,
 )
 from operator_bench import (
     GROUP_PATH,
@@ -864,22 +865,13 @@ def main() -> None:
     results["bottlenecks"] = bottlenecks(results)
     results.update(
         {
-            "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
-            "machine": machine(),
-            "contention": {
-                "loadavg_before": [round(x, 2) for x in load_before],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            },
             "attribution": "controller writes: apiserver_flowcontrol_dispatched_requests_total of per-controller "
             "FlowSchemas (own service account); all clients: apiserver_request_total deltas",
-            "duration_s": round(time.monotonic() - started, 1),
-            "measured_at": measured_at,
+            **run_facts(args, load_before, started, measured_at),
         }
     )
     print_report(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

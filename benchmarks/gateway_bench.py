@@ -75,11 +75,13 @@ from benchlib import (  # noqa: E402
     cpu_seconds,
     free_port,
     log,
-    machine,
     machine_busy_seconds,
     mb,
+    print_rows,
     proc_status,
+    run_facts,
     summary_ms,
+    write_results,
 )
 from sandbox_operator.kube import Credentials  # noqa: E402 - needs the source root on sys.path
 from testlib import CODE_INTERPRETER_TEMPLATE, stop_process  # noqa: E402
@@ -998,16 +1000,6 @@ def table(results: JSON, args: argparse.Namespace) -> list[tuple[str, str, str]]
     return rows
 
 
-def print_report(rows: list[tuple[str, str, str]]) -> None:
-    width = max(len(r[0]) for r in rows)
-    fig_width = max(len(r[1]) for r in rows)
-    print()
-    print(f"{'measure':<{width}}  {'figure':<{fig_width}}  target")
-    print("-" * (width + fig_width + 12))
-    for measure, figure, target in rows:
-        print(f"{measure:<{width}}  {figure:<{fig_width}}  {target}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run: fewer creates and calls, 3 s loads")
@@ -1069,20 +1061,11 @@ def main() -> None:
         "scenarios": scenarios,
         "targets": TARGETS,
         "table": rows,
-        "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
-        "machine": machine(),
-        "contention": {
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        },
         "logs": str(LOG_DIR.relative_to(REPO)),
-        "duration_s": round(time.monotonic() - started, 1),
-        "measured_at": measured_at,
+        **run_facts(args, load_before, started, measured_at),
     }
-    print_report(rows)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    print_rows(rows)
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,13 @@ from benchlib import (  # noqa: E402
     cpu_seconds,
     free_port,
     log,
-    machine,
     machine_busy_seconds,
     mb,
+    print_rows,
     proc_status,
+    run_facts,
     summary_ms,
+    write_results,
 )
 from sandbox_operator.kube import Credentials  # noqa: E402 - needs the source root on sys.path
 from testlib import stop_process  # noqa: E402
@@ -1311,14 +1313,7 @@ def table(results: JSON) -> list[tuple[str, str, str]]:
 
 
 def print_report(results: JSON) -> None:
-    rows = results["table"]
-    width = max(len(r[0]) for r in rows)
-    fig_width = max(len(r[1]) for r in rows)
-    print()
-    print(f"{'measure':<{width}}  {'figure':<{fig_width}}  target")
-    print("-" * (width + fig_width + 14))
-    for measure, figure, target in rows:
-        print(f"{measure:<{width}}  {figure:<{fig_width}}  {target}")
+    print_rows(results["table"])
     for key in ("cold", "cold_emptydir", "pool", "burst_emptydir", "burst"):
         if not (results["scenarios"].get(key) or {}).get("stages"):
             continue
@@ -1434,22 +1429,13 @@ def main() -> None:
     results: JSON = {
         "scenarios": scenarios,
         "targets": TARGETS,
-        "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
-        "machine": machine(),
-        "contention": {
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            "other_kube_apiservers_at_start": other_planes,
-        },
         "operator_logs": str(LOG_DIR.relative_to(REPO)),
-        "duration_s": round(time.monotonic() - started, 1),
-        "measured_at": measured_at,
+        **run_facts(args, load_before, started, measured_at),
     }
+    results["contention"]["other_kube_apiservers_at_start"] = other_planes
     results["table"] = table(scenarios)
     print_report(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2, default=lambda o: asdict(o)) + "\n")
-    print(f"\nwrote {args.output}")
+    write_results(results, args.output, default=lambda o: asdict(o))
 
 
 if __name__ == "__main__":
