@@ -82,7 +82,7 @@ def test_envs_of_one_execution_stay_in_it(
     def output(code: str, **envs: str) -> str:
         execution = sandbox.run_code(code, language=language, envs=envs or None, timeout=RUN_TIMEOUT)
         assert execution.error is None, execution.error
-        text = {
+        text: str | None = {
             "text": execution.text,
             "results": execution.results[0].text if execution.results else None,
             "stdout": "".join(execution.logs.stdout),
@@ -126,3 +126,43 @@ def test_matplotlib_figures_carry_chart_data(sandbox: CodeSandbox) -> None:
     blank = sandbox.run_code("import matplotlib.pyplot as plt\nplt.figure()\nplt.show()")
     assert all(r.chart is None for r in blank.results)
     assert sandbox.run_code("1 + 1").results[0].chart is None
+
+
+def test_dataframes_carry_their_data(sandbox: CodeSandbox) -> None:
+    execution = sandbox.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2, 3], 'b': ['x', None, 'z']})")
+    assert execution.error is None, execution.error
+    (result,) = execution.results
+    assert result.data == {"a": [1, 2, 3], "b": ["x", None, "z"]}
+    assert result.html and "<table" in result.html  # pandas' own representations stay
+
+
+def test_pil_images_shown_or_saved_come_back_as_png(sandbox: CodeSandbox) -> None:
+    code = (
+        "import numpy\nfrom PIL import Image\n"
+        "image = Image.fromarray((numpy.random.rand(8, 8, 3) * 255).astype('uint8')).convert('RGBA')\n"
+        "image.show()\nimage.save('shown.png')\nprint('done')"
+    )
+    execution = sandbox.run_code(code)
+    assert execution.error is None, execution.error
+    assert len(execution.results) == 2 and all(result.png for result in execution.results)
+    assert execution.logs.stdout == ["done\n"]
+    assert sandbox.files.exists("/home/user/shown.png")
+
+
+def test_default_contexts_are_listed_first(gateway: Gateway) -> None:
+    fresh = CodeSandbox.create(**gateway.sdk())
+    try:
+        created = fresh.create_code_context()
+        contexts = fresh.list_code_contexts()
+        assert [context.language for context in contexts[:2]] == ["python", "javascript"]
+        assert contexts[-1].id == created.id
+        # Removing a default context works; running code without one makes a new default.
+        fresh.remove_code_context(contexts[1].id)
+        assert fresh.run_code("1 + 2", language="js").text == "3"
+    finally:
+        fresh.kill()
+
+
+def test_a_cwd_the_sandbox_user_cannot_enter_is_refused(sandbox: CodeSandbox) -> None:
+    with pytest.raises(SandboxException, match=r"400.*'/root' is not accessible"):
+        sandbox.create_code_context(cwd="/root")

@@ -62,12 +62,12 @@ KERNEL_SPEC_RESCAN_INTERVAL: Final = 30.0
 # The SQLite history costs about a millisecond per execution and nothing in a sandbox reads it.
 # ipykernel sleeps 0.5 ms before each execute_reply to let output reach IOPub first; the agent ends
 # an execution on IOPub's idle status, which follows all its output on the same socket, so the
-# sleep only adds latency (~1 ms per run_code). kernel_charts adds the chart data of matplotlib
+# sleep only adds latency (~1 ms per run_code). kernel_display adds the chart data of matplotlib
 # figures (Result.chart).
 PYTHON_KERNEL_ARGUMENTS: Final = (
     "--HistoryManager.enabled=False",
     "--IPythonKernel._execute_sleep=0",
-    "--IPKernelApp.extensions=sandbox_operator.agent.kernel_charts",
+    "--IPKernelApp.extensions=sandbox_operator.agent.kernel_display",
 )
 # SDK language names → canonical language.
 LANGUAGE_ALIASES: Final[Mapping[str, str]] = {
@@ -167,6 +167,9 @@ def _find_kernel_specs() -> dict[str, str]:
     return dict(KernelSpecManager().find_kernel_specs())
 
 
+# E2B's server creates default contexts for Python and JavaScript at its start; Python's is listed
+# from the agent's start, these once the installed kernels are known.
+LISTED_DEFAULT_LANGUAGES: Final = ("javascript",)
 # Kernels whose ZeroMQ library speaks TCP only (Deno's zeromq-rs, JeroMQ); they listen on loopback.
 TCP_ONLY_KERNELS: Final = frozenset({"deno", "java"})
 
@@ -402,6 +405,7 @@ class CodeInterpreter:
         # the start; here it is listed at once and its kernel starts on first use (or at startup with
         # --prewarm-kernel), which keeps the agent's own start fast.
         self._register_default("python", "python3")
+        self._defaults_listed = False  # the others: _list_defaults, on the first request
 
     def _socket_dir(self) -> str:
         """A private directory for the kernels' IPC sockets (never the workspace)."""
@@ -636,10 +640,14 @@ class CodeInterpreter:
 
     async def create_context(self, language: str | None, cwd: str | None) -> KernelContext:
         canonical = normalize_language(language)
+        await self._list_defaults()
         kernel_name = await self._kernel_name(canonical)
         workdir = self.state.user(None).resolve(cwd) if cwd else self.state.workdir
         if not workdir.is_dir():
             raise InterpreterError(400, f"cwd '{workdir}' does not exist or is not a directory")
+        if not os.access(workdir, os.R_OK | os.X_OK):
+            # The kernel runs as the sandbox's user: its start would fail on the chdir (EACCES).
+            raise InterpreterError(400, f"cwd '{workdir}' is not accessible to the sandbox's user")
         context_id = secrets.token_hex(16)
         started = time.monotonic()
         kernel = await self._start_kernel(context_id, kernel_name, str(workdir))
@@ -678,6 +686,7 @@ class CodeInterpreter:
         a new one). Raises InterpreterError before anything is listed for a language without a kernel,
         and when the kernel cannot start (the context stays listed; the next call tries again)."""
         canonical = normalize_language(language)
+        await self._list_defaults()
         context = self._default(canonical)
         if context is None:
             kernel_name = await self._kernel_name(canonical)
@@ -687,8 +696,21 @@ class CodeInterpreter:
                 await self._live_kernel(context)
         return context
 
-    def listing(self) -> list[dict[str, str]]:
+    async def _list_defaults(self) -> None:
+        """Also list E2B's other default context (JavaScript) where its kernel is installed, once,
+        before any context of the user's (they are listed after the defaults, as E2B's are)."""
+        if self._defaults_listed:
+            return
+        self._defaults_listed = True
+        available = self._kernel_specs if self._kernel_specs is not None else await self._scan_kernel_specs()
+        for language in LISTED_DEFAULT_LANGUAGES:
+            kernel_name = pick_kernel(language, available)
+            if kernel_name is not None and self._default(language) is None:
+                self._register_default(language, kernel_name)
+
+    async def listing(self) -> list[dict[str, str]]:
         """GET /contexts: every context, the default ones included before their kernel started."""
+        await self._list_defaults()
         for context in self.contexts.values():
             if context.unstarted:
                 context.cwd = str(self.state.workdir)

@@ -280,7 +280,7 @@ class InterpreterServer:
             interpreter = await self._interpreter()
         except Exception as error:
             return _failure(error)
-        return web.json_response(interpreter.listing())
+        return web.json_response(await interpreter.listing())
 
     async def create_context(self, request: web.Request) -> web.Response:
         try:

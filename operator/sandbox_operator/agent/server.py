@@ -170,6 +170,13 @@ class Agent:
             if delayed_load is not None:
                 delayed_load.cancel()
             log.info("sandbox-agent stopping")
+            # The sandbox is going away (killed, paused, evicted): streams still in flight are cut
+            # first, as a stopped VM's are, so an SDK waiting on one raises its "sandbox was killed"
+            # error instead of reading a clean end (closing the connections below would end them
+            # cleanly) that it takes for the command's or the code's own.
+            for listener in listeners:
+                if listener.runner.server is not None:
+                    abort_connections(listener.runner.server)
             # Stop listening and end keep-alive connections first: a request arriving while the
             # processes are being stopped must be refused (a client retries elsewhere), not start
             # a command that is killed a moment later.
@@ -195,6 +202,12 @@ class Agent:
             await (await self.interpreter.get()).default_context(None)
         except Exception:
             log.exception("could not start the default Python kernel")
+
+
+def abort_connections(server: web.Server) -> None:
+    """Drop every open connection of the server at once (no response end, no FIN handshake wait)."""
+    for transport in list(server._connections.values()):  # aiohttp keeps no public list of them
+        transport.abort()
 
 
 async def serve(config: AgentConfig, bound: Sequence[BoundPort] | None = None) -> None:

@@ -609,6 +609,13 @@ class Gateway:
                 await response.write(chunk)
             await response.write_eof()
             return response
+        except aiohttp.ClientPayloadError:
+            # The sandbox cut its response short (its agent stopped: kill, pause): cut the client's
+            # too, as the sandbox did. Returning would end it cleanly, which the SDKs read as a
+            # complete answer instead of raising their "sandbox was killed" error.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         except (aiohttp.ClientError, ConnectionResetError):
             # The client or the sandbox went away mid-stream: nothing more can be said to either.
             return response
