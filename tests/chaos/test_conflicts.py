@@ -2,9 +2,10 @@
 kubectl, pause and resume through the gateway) converge to the last write, never to a state nobody
 asked for.
 
-Who decides what (docs/lifecycle.md, the Suspending step; docs/api.md, `suspendedBy`): spec belongs to its author (kubectl
-here) and the gateway's pause and resume are requests on annotations, so each keeps its own last
-write, and a sandbox runs only when neither asks for it to be suspended. The writers race on every
+Who decides what (docs/lifecycle.md, the Suspending step; docs/api.md, `suspendedBy`): spec
+belongs to its author (kubectl here) and the gateway's pause and resume are requests on
+annotations, so each keeps its own last write, and a sandbox runs only when neither asks for it
+to be suspended. The writers race on every
 field; then one known write per owner and sandbox is made, serialized, and each Sandbox must end
 exactly there: the spec as last written, the phase and pods the two last writes add up to.
 """
