@@ -167,6 +167,10 @@ def _find_kernel_specs() -> dict[str, str]:
     return dict(KernelSpecManager().find_kernel_specs())
 
 
+# Kernels that may publish output after the idle status of its request (Deno's); for them an
+# execution also waits for the execute_reply (at most LATE_OUTPUT_WAIT s) and takes what is queued.
+LATE_OUTPUT_KERNELS: Final = frozenset({"deno"})
+LATE_OUTPUT_WAIT: Final = 2.0
 # E2B's server creates default contexts for Python and JavaScript at its start; Python's is listed
 # from the agent's start, these once the installed kernels are known.
 LISTED_DEFAULT_LANGUAGES: Final = ("javascript",)
@@ -750,6 +754,27 @@ class CodeInterpreter:
 
     # -- execution ---------------------------------------------------------------------------
 
+    async def _late_lines(
+        self, context: KernelContext, kernel: Kernel, msg_id: str, limiter: OutputLimiter, interrupted: bool
+    ) -> list[JsonLine]:
+        """Output of the request that came after its idle status: Deno's kernel publishes a result
+        after it now and then (1 in 6 runs here), never after its execute_reply. So, for such a
+        kernel: wait for the reply (bounded), then take what of this request is queued."""
+        if context.kernel_name not in LATE_OUTPUT_KERNELS:
+            return []
+        deadline = time.monotonic() + LATE_OUTPUT_WAIT
+        with contextlib.suppress(queue.Empty):
+            while (left := deadline - time.monotonic()) > 0:
+                reply = await kernel.client.get_shell_msg(timeout=left)
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    break
+        lines: list[JsonLine] = []
+        while kernel.pending is None and _has_message(kernel.client.iopub_channel.socket):
+            message = await kernel.client.get_iopub_msg(timeout=0)
+            if message["parent_header"].get("msg_id") == msg_id:
+                lines.extend(message_lines(message, limiter, interrupted=interrupted))
+        return lines
+
     async def _next_message(
         self, kernel: Kernel, wait: float, wake: asyncio.Future[Any] | None = None
     ) -> dict[str, Any] | None:
@@ -921,10 +946,13 @@ class CodeInterpreter:
                 if message["parent_header"].get("msg_id") != msg_id:
                     continue
                 if is_idle(message):
+                    lines = await self._late_lines(context, kernel, msg_id, limiter, timed_out_at is not None)
                     if timed_out_at is not None and not client_left:
                         execution.timed_out = True
                         assert timeout is not None  # only a deadline interrupts
-                        yield timeout_line(timeout, restarted=False)
+                        lines.append(timeout_line(timeout, restarted=False))
+                    for line in lines:
+                        yield line
                     return
                 for line in message_lines(message, limiter, interrupted=timed_out_at is not None):
                     yield line
