@@ -105,7 +105,7 @@ def test_the_standby_takes_over_a_killed_leader_without_double_acting(
         assert pods_of(cluster, namespace) == {"after": 1}  # no duplicate, no orphan
 
         # A clean stop hands over at once: the Lease is released, not left to expire.
-        assert second.kill(signal.SIGTERM) in (0, -signal.SIGTERM)
+        assert second.kill(signal.SIGTERM) in (0, -signal.SIGTERM), second.log_tail()
         released = lease(cluster, namespace)["spec"]
         assert not released.get("holderIdentity"), json.dumps(released)
     finally:

@@ -108,8 +108,11 @@ class LeaderElector:
         last_renewed = time.monotonic()
         while True:
             await asyncio.sleep(self.timings.retry_s)
+            # One slow answer (a loaded API server) may use what is left of the deadline, as in
+            # client-go; a retry-period bound lost the Lease to three slow renewals in a row.
+            left = self.timings.renew_deadline_s - (time.monotonic() - last_renewed)
             try:
-                renewed = await asyncio.wait_for(self._try(), self.timings.retry_s)
+                renewed = left > 0 and await asyncio.wait_for(self._try(), left)
             except (ApiError, OSError, TimeoutError) as exc:
                 log.warning("leader election: renewal failed: %s", exc)
                 renewed = False
