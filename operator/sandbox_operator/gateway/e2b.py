@@ -967,6 +967,48 @@ def forwarded_headers(
     return forwarded
 
 
+# The handshake headers the gateway's own WebSocket client sets towards the sandbox (a key, version
+# and extensions of its own; the client's subprotocols are offered as they were).
+WEBSOCKET_HANDSHAKE_HEADERS = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
+)
+# A relayed message larger than this closes both sides with 1009 (RFC 6455 §7.4.1): frames are
+# buffered whole, so the bound is per connection memory.
+WEBSOCKET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Close codes that are only ever reported, never sent in a close frame (RFC 6455 §7.4.1).
+_UNSENDABLE_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
+
+
+def _header_tokens(value: str | None) -> list[str]:
+    return [token.strip().lower() for token in (value or "").split(",") if token.strip()]
+
+
+def websocket_upgrade(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request opens a WebSocket (RFC 6455 §4.1): a GET asking to upgrade to `websocket`.
+    Other upgrades (h2c, custom protocols) are proxied as plain requests, their Upgrade dropped."""
+    return (
+        method == "GET"
+        and "upgrade" in _header_tokens(headers.get("Connection"))
+        and "websocket" in _header_tokens(headers.get("Upgrade"))
+    )
+
+
+def websocket_protocols(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The subprotocols the client offers, in its order, offered to the sandbox as they are."""
+    offered = headers.get("Sec-WebSocket-Protocol") or ""
+    return tuple(protocol.strip() for protocol in offered.split(",") if protocol.strip())
+
+
+def relayed_close_code(code: int | None) -> int:
+    """The close code to send one side when the other closed with `code`: the same, unless it is one
+    that cannot be sent (no status, abnormal closure: 1000 for none, 1011 for a broken connection)."""
+    if code is None or code == 1005:
+        return 1000
+    if code in _UNSENDABLE_CLOSE_CODES or not 1000 <= code <= 4999:
+        return 1011
+    return code
+
+
 def host_only_cookie(set_cookie: str) -> str:
     """A sandbox's Set-Cookie without its Domain attribute. With one, a cookie set by
     `{port}-{id}.<domain>` would reach `api.<domain>` and every other sandbox under the domain (session

@@ -47,6 +47,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 V1_LIST_PATH = "/sandboxes"  # the v1 list: everything at once, no pagination
 CONNECT_RETRY_S = 3.0  # how long a refused connection to a Running sandbox is retried
 CONNECT_RETRY_MAX_DELAY_S = 0.25
+WEBSOCKET_CLOSE_S = 5.0  # how long a relayed WebSocket waits for the other end's close frame
 READY_WAIT_S = 1.0  # how long /ready waits for the watch caches before answering 503
 HEALTH_POLL_MAX_DELAY_S = 0.05  # an agent starting up is polled often: create latency waits on it
 DELETE_SEEN_WITHIN_S = 5.0  # how long a delete waits for its watch event (read-your-writes)
@@ -145,6 +146,7 @@ class Gateway:
         # Why the API server did not answer watch_api's last probe; None when it did (or none ran).
         self.api_failure: ApiUnreachable | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._websockets: set[web.WebSocketResponse] = set()  # relayed ones open now, closed at shutdown
 
     # --- application -----------------------------------------------------------------------------
 
@@ -171,6 +173,7 @@ class Gateway:
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
         app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
@@ -197,6 +200,14 @@ class Gateway:
             auto_decompress=False,  # gzip bodies pass through untouched
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+        )
+
+    async def _on_shutdown(self, _: web.Application) -> None:
+        # A relayed WebSocket never ends by itself: going away (1001) lets its client reconnect at once
+        # instead of the shutdown waiting out aiohttp's timeout for its handler.
+        await asyncio.gather(
+            *(websocket.close(code=aiohttp.WSCloseCode.GOING_AWAY) for websocket in list(self._websockets)),
+            return_exceptions=True,
         )
 
     async def _on_cleanup(self, _: web.Application) -> None:
@@ -552,6 +563,8 @@ class Gateway:
         )
         if not e2b.declared_port(route.port, body, self.cache.template(body["spec"]["template"])):
             return json_response(502, e2b.port_not_open_body(route))
+        if e2b.websocket_upgrade(request.method, request.headers):
+            return await self._relay_websocket(request, route, body, path, admission)
         upstream = await self._open_upstream(request, route, body, path, admission)
         if isinstance(upstream, web.Response):
             return upstream
@@ -595,6 +608,57 @@ class Gateway:
             except (aiohttp.ClientConnectionError, OSError):
                 return json_response(502, e2b.port_not_open_body(route))
 
+    async def _relay_websocket(
+        self, request: web.Request, route: e2b.Route, body: JSON, path: str, admission: e2b.Admission
+    ) -> web.StreamResponse:
+        """A WebSocket to a sandbox port: the gateway opens its own to the sandbox first (so a refused
+        handshake reaches the client as the sandbox's status), then accepts the client's with the
+        subprotocol the sandbox chose and relays messages both ways until either side closes."""
+        headers = {
+            name: value
+            for name, value in e2b.forwarded_headers(
+                request.headers, None, port=route.port, agent_headers=self.agent_headers(body), admission=admission
+            ).items()
+            if name.lower() not in e2b.WEBSOCKET_HANDSHAKE_HEADERS and name.lower() != "accept-encoding"
+        }
+        query = request.rel_url.raw_query_string
+        origin = URL.build(scheme="ws", host=str(body["status"]["podIP"]), port=route.port)
+        url = URL(f"{origin}{path}?{query}" if query else f"{origin}{path}", encoded=True)
+        try:
+            sandbox_side = await self.upstream().ws_connect(
+                url,
+                headers=headers,
+                protocols=e2b.websocket_protocols(request.headers),
+                max_msg_size=e2b.WEBSOCKET_MAX_MESSAGE_BYTES,
+                timeout=aiohttp.ClientWSTimeout(ws_close=WEBSOCKET_CLOSE_S),
+            )
+        except aiohttp.WSServerHandshakeError as refused:
+            status = refused.status if 400 <= refused.status < 600 else 502
+            return json_response(
+                status, {"code": status, "message": f"the sandbox refused the WebSocket: {refused.message}"}
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return json_response(502, e2b.port_not_open_body(route))
+        client_side = web.WebSocketResponse(
+            protocols=(sandbox_side.protocol,) if sandbox_side.protocol else (),
+            max_msg_size=e2b.WEBSOCKET_MAX_MESSAGE_BYTES,
+            timeout=WEBSOCKET_CLOSE_S,
+        )
+        try:
+            await client_side.prepare(request)
+        except BaseException:
+            await sandbox_side.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+            raise
+        # The relay runs as a task of its own: a client that goes away cancels this handler, and the
+        # relay must still see that as the client's close and close the sandbox's side with it.
+        self._websockets.add(client_side)
+        relay = asyncio.create_task(_relay_messages(client_side, sandbox_side))
+        self._background.add(relay)
+        relay.add_done_callback(self._background.discard)
+        relay.add_done_callback(lambda _: self._websockets.discard(client_side))
+        await asyncio.shield(relay)
+        return client_side
+
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """The sandbox's response, streamed to the client as it comes."""
         try:
@@ -621,3 +685,39 @@ class Gateway:
             return response
         finally:
             upstream.release()
+
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _relay_messages(client_side: web.WebSocketResponse, sandbox_side: aiohttp.ClientWebSocketResponse) -> None:
+    """Both directions at once. Each pump ends when its source closes, closing its sink with the
+    source's code, and that close ends the other pump's read; what a cancelled relay (the gateway
+    stopping) left open is closed as going away (1001)."""
+    try:
+        await asyncio.gather(_pump_websocket(client_side, sandbox_side), _pump_websocket(sandbox_side, client_side))
+    finally:
+        for side in (sandbox_side, client_side):
+            if not side.closed:
+                with contextlib.suppress(Exception):
+                    await side.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+
+
+async def _pump_websocket(source: WebSocket, sink: WebSocket) -> None:
+    """Messages from `source` to `sink` as they come (sending waits for the sink to drain, so a slow
+    reader slows the writer instead of growing a buffer); when `source` closes or fails, `sink` is
+    closed with its code (a message over the bound: 1009)."""
+    code = None
+    try:
+        async for message in source:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            else:  # ERROR: a message over the bound, a broken frame
+                code = message.data.code if isinstance(message.data, aiohttp.WebSocketError) else None
+                break
+    finally:
+        if not sink.closed:
+            with contextlib.suppress(Exception):
+                await sink.close(code=e2b.relayed_close_code(code or source.close_code))

@@ -63,15 +63,32 @@ class Upstream:
 
     seen: list[Seen] = field(default_factory=list)
     cookies: list[str] = field(default_factory=list)
+    closed_with: list[int | None] = field(default_factory=list)  # the close codes its WebSockets saw
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         port = int(request.headers["X-Original-Port"])
         headers = {k: v for k, v in request.headers.items() if k != "X-Original-Port"}
         self.seen.append(Seen(port, request.raw_path, headers, await request.read()))
+        if request.path == "/ws":
+            return await self.websocket(request)
         response = web.Response(text="ok")
         for cookie in self.cookies:
             response.headers.add("Set-Cookie", cookie)
         return response
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        """A WebSocket app: echoes text upper-cased and bytes reversed; `close <code>` closes with it."""
+        socket = web.WebSocketResponse(protocols=("chat.v2",), max_msg_size=0)
+        await socket.prepare(request)
+        async for message in socket:
+            if message.type is aiohttp.WSMsgType.TEXT and message.data.startswith("close "):
+                await socket.close(code=int(message.data.split()[1]), message=b"asked to")
+            elif message.type is aiohttp.WSMsgType.TEXT:
+                await socket.send_str(message.data.upper())
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await socket.send_bytes(message.data[::-1])
+        self.closed_with.append(socket.close_code)
+        return socket
 
 
 @dataclass
@@ -249,6 +266,126 @@ async def test_sandbox_cookies_come_back_host_only() -> None:
         status, _, response = await call(served, "GET", "/", headers)
         assert status == 200
         assert response.headers.getall("Set-Cookie") == ["sid=1; Path=/; HttpOnly", "b=2"]
+
+
+# --- WebSockets ------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def websocket(
+    served: Served, headers: dict[str, str], protocols: tuple[str, ...] = ()
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(served.url + "/ws", headers=headers, protocols=protocols, max_msg_size=0) as socket,
+    ):
+        yield socket
+
+
+async def test_a_websocket_to_a_sandbox_port_is_relayed_both_ways() -> None:
+    async with serve() as served:
+        headers = {**route(USER_PORT), "X-Access-Token": served.token(), "X-API-KEY": API_KEY}
+        async with websocket(served, headers, protocols=("chat.v1", "chat.v2")) as socket:
+            assert socket.protocol == "chat.v2"  # the sandbox's choice among the client's offers
+            await socket.send_str("hello")
+            assert await socket.receive_str(timeout=10) == "HELLO"
+            await socket.send_bytes(b"\x00\x01\x02")
+            assert await socket.receive_bytes(timeout=10) == b"\x02\x01\x00"
+        (seen,) = served.upstream.seen
+        assert seen.port == USER_PORT and seen.headers["Sec-WebSocket-Protocol"] == "chat.v1,chat.v2"
+        assert "X-API-KEY" not in seen.headers and "X-Access-Token" not in seen.headers
+
+
+async def test_close_codes_pass_through_in_both_directions() -> None:
+    async with serve() as served:
+        headers = {**route(USER_PORT), "X-Access-Token": served.token()}
+        async with websocket(served, headers) as socket:
+            await socket.send_str("close 4001")
+            closing = await socket.receive(timeout=10)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 4001
+        async with websocket(served, headers) as socket:
+            await socket.close(code=4002)
+
+        async def sandbox_saw_it() -> bool:
+            return 4002 in served.upstream.closed_with
+
+        await until(sandbox_saw_it, 10, "the sandbox's side closed with the client's code")
+
+
+async def test_a_websocket_is_admitted_as_any_proxied_request() -> None:
+    async with serve() as served, aiohttp.ClientSession() as session:
+        for headers, status in (
+            (route(USER_PORT), 401),  # no token
+            ({**route(2375), "X-Access-Token": served.token()}, 502),  # a port nobody declared
+            ({**route(ENVD_PORT), "X-Access-Token": served.token()}, 200),  # the agent's port
+        ):
+            try:
+                async with session.ws_connect(served.url + "/ws", headers=headers):
+                    answered = 200
+            except aiohttp.WSServerHandshakeError as refused:
+                answered = refused.status
+            assert answered == status, headers
+        # The agent's port gets the agent's own token, as every proxied request to it does.
+        assert served.upstream.seen[-1].headers[AGENT_TOKEN_HEADER] == agent_token(TOKEN_KEY, TOKEN_ID)
+
+
+async def test_a_handshake_the_sandbox_refuses_answers_its_status() -> None:
+    async with serve() as served, aiohttp.ClientSession() as session:
+        headers = {**route(USER_PORT), "X-Access-Token": served.token()}
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            async with session.ws_connect(served.url + "/not-a-socket", headers=headers):
+                pass
+        assert refused.value.status == 502  # a 200 that is no WebSocket: the sandbox's port is no WebSocket
+
+
+async def test_a_message_over_the_bound_closes_both_sides_1009() -> None:
+    async with serve() as served:
+        headers = {**route(USER_PORT), "X-Access-Token": served.token()}
+        async with websocket(served, headers) as socket:
+            # The gateway closes as soon as the frame's length is over the bound: the client may still
+            # be writing it then, and see the connection go instead of reading the close frame.
+            with contextlib.suppress(ConnectionError):
+                await socket.send_bytes(b"x" * (e2b.WEBSOCKET_MAX_MESSAGE_BYTES + 1))
+            closing = await socket.receive(timeout=10)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+            assert closing.type is not aiohttp.WSMsgType.CLOSE or closing.data == 1009
+
+        async def sandbox_side_closed() -> bool:
+            return 1009 in served.upstream.closed_with
+
+        await until(sandbox_side_closed, 10, "the sandbox's side closed with 1009")
+
+
+async def test_a_gateway_shutdown_closes_relayed_websockets_going_away() -> None:
+    async with serve() as served:
+        headers = {**route(USER_PORT), "X-Access-Token": served.token()}
+        async with websocket(served, headers) as socket:
+            await socket.send_str("up")
+            assert await socket.receive_str(timeout=10) == "UP"
+            await served.gateway._on_shutdown(web.Application())
+            closing = await socket.receive(timeout=10)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1001
+
+
+@pytest.mark.parametrize(
+    ("method", "connection", "upgrade", "expected"),
+    [
+        ("GET", "Upgrade", "websocket", True),
+        ("GET", "keep-alive, Upgrade", "WebSocket", True),
+        ("POST", "Upgrade", "websocket", False),
+        ("GET", "keep-alive", "websocket", False),
+        ("GET", "Upgrade", "h2c", False),
+    ],
+)
+def test_what_opens_a_websocket(method: str, connection: str, upgrade: str, expected: bool) -> None:
+    assert e2b.websocket_upgrade(method, {"Connection": connection, "Upgrade": upgrade}) is expected
+
+
+@pytest.mark.parametrize(
+    ("code", "relayed"), [(None, 1000), (1000, 1000), (1005, 1000), (1006, 1011), (4001, 4001), (999, 1011)]
+)
+def test_close_codes_that_cannot_be_sent_are_replaced(code: int | None, relayed: int) -> None:
+    assert e2b.relayed_close_code(code) == relayed
 
 
 # --- slow clients ----------------------------------------------------------------------------------
