@@ -434,6 +434,15 @@ class SandboxSpec(_Model):
         default=OnIdle.SUSPEND,
         description="What the idle timeout does: suspend (delete the pod, keep the workspace) or terminate.",
     )
+    on_lifetime_end: OnIdle = Field(
+        default=OnIdle.TERMINATE,
+        description=(
+            "What the end of the lifetime (timeouts.maxLifetime, or the sandbox.dev/end-at an API client "
+            "set) does: terminate, or suspend (delete the pod, keep the workspace; E2B's autoPause). "
+            "A suspension by it is held until the sandbox.dev/resume-request annotation changes, and a "
+            "resume needs a later end (sandbox.dev/end-at or a longer maxLifetime)."
+        ),
+    )
     suspended: bool = Field(
         default=False,
         description="Desired state: true suspends the sandbox (pod deleted, workspace kept), false runs it.",
@@ -476,6 +485,7 @@ class SuspendCause(enum.StrEnum):
     SPEC = "Spec"  # spec.suspended: true
     REQUEST = "Request"  # the sandbox.dev/paused annotation (E2B pause)
     IDLE_TIMEOUT = "IdleTimeout"  # held until a new sandbox.dev/resume-request
+    MAX_LIFETIME = "MaxLifetime"  # onLifetimeEnd: suspend; held until a new sandbox.dev/resume-request
 
 
 class SandboxStatus(_StatusModel):
@@ -536,8 +546,8 @@ class SandboxStatus(_StatusModel):
         default=None,
         description=(
             "Why the sandbox is suspended, while Suspending or Suspended: Spec (spec.suspended), Request "
-            "(the sandbox.dev/paused annotation) or IdleTimeout (the operator's decision, held until the "
-            "sandbox.dev/resume-request annotation changes; spec is never written)."
+            "(the sandbox.dev/paused annotation), IdleTimeout or MaxLifetime (the operator's decision, held "
+            "until the sandbox.dev/resume-request annotation changes; spec is never written)."
         ),
     )
     resume_request_seen: str | None = Field(

@@ -63,7 +63,8 @@ _FATAL_WAITING_REASONS: dict[str, Reason] = {
 _PULL_WAITING_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull"})
 # How often a sandbox whose pod's node stopped reporting looks at the node again.
 NODE_RECHECK = timedelta(seconds=30)
-_SUSPEND_REASONS = frozenset({Reason.SUSPEND_REQUESTED, Reason.IDLE_TIMEOUT})
+_SUSPEND_REASONS = frozenset({Reason.SUSPEND_REQUESTED, Reason.IDLE_TIMEOUT, Reason.MAX_LIFETIME})
+_HELD_CAUSES = frozenset({SuspendCause.IDLE_TIMEOUT, SuspendCause.MAX_LIFETIME})
 # What the template refuses about a spec (Desired's *_violation fields): no child is made while one
 # holds, and it is not a failure, so fixing it (spec or template) retries without spending an attempt.
 _REFUSAL_REASONS = frozenset(
@@ -188,14 +189,16 @@ class _Reconcile:
         self.pod = observed.pod
         self.deadlines = self._deadlines(observed.started_at, observed.terminated_at)
         self.refusal = _refusal(desired)
-        self.idle_held = (
-            observed.suspended_by is SuspendCause.IDLE_TIMEOUT
+        # Suspended by the operator (an idle timeout, a lifetime end with onLifetimeEnd: suspend): held
+        # until a new sandbox.dev/resume-request.
+        self.timeout_held = (
+            observed.suspended_by in _HELD_CAUSES
             and observed.phase in (Phase.SUSPENDING, Phase.SUSPENDED)
             and observed.resume_request == observed.resume_request_seen
         )
-        # Suspended as declared (spec.suspended), as requested (sandbox.dev/paused), or held after an
-        # idle timeout until a new sandbox.dev/resume-request.
-        self.suspend_wanted = desired.suspended or desired.paused or self.idle_held
+        # Suspended as declared (spec.suspended), as requested (sandbox.dev/paused), or held.
+        self.suspend_wanted = desired.suspended or desired.paused or self.timeout_held
+        self.lifetime_suspends = desired.on_lifetime_end is OnIdle.SUSPEND
 
     def _deadlines(self, started_at: datetime | None, terminated_at: datetime | None) -> Deadlines:
         return compute_deadlines(
@@ -276,12 +279,24 @@ class _Reconcile:
     def _terminate(self, reason: Reason, message: str) -> _Plan:
         return _Plan(Phase.TERMINATING, reason, message, actions=self._delete_pod())
 
-    def _max_lifetime_plan(self) -> _Plan | None:
-        if self._passed(self.deadlines.max_lifetime):
+    def _max_lifetime_plan(self, *, may_suspend: bool = False) -> _Plan | None:
+        """The end of the lifetime: terminate; with onLifetimeEnd: suspend, a suspension (held like an
+        idle one) where the phase allows one (`may_suspend`), else nothing: an Error sandbox ends."""
+        if not self._passed(self.deadlines.max_lifetime):
+            return None
+        if self.lifetime_suspends and may_suspend:
+            plan = _Plan(
+                Phase.SUSPENDING,
+                Reason.MAX_LIFETIME,
+                "the sandbox reached the end of its lifetime: suspending (onLifetimeEnd: suspend)",
+                actions=self._delete_pod(),
+                suspended_by=SuspendCause.MAX_LIFETIME,
+                resume_request_seen=self.observed.resume_request,
+            )
+        else:
             plan = self._terminate(Reason.MAX_LIFETIME, "the sandbox reached its maximum lifetime")
-            plan.fired_timeout = TimeoutKind.MAX_LIFETIME
-            return plan
-        return None
+        plan.fired_timeout = TimeoutKind.MAX_LIFETIME
+        return plan
 
     # --- phases ----------------------------------------------------------------------------------
 
@@ -309,7 +324,7 @@ class _Reconcile:
         return self._finish(plan)
 
     def _creating(self) -> _Plan:
-        if plan := self._max_lifetime_plan():
+        if plan := self._max_lifetime_plan(may_suspend=True):
             return plan
         pod = self.pod
         if pod is not None and (failure := classify_pod_failure(pod)):
@@ -344,7 +359,7 @@ class _Reconcile:
         return _Plan(Phase.CREATING, *_waiting_reason(pod), actions=self._ensure_children())
 
     def _running(self) -> _Plan:
-        if plan := self._max_lifetime_plan():
+        if plan := self._max_lifetime_plan(may_suspend=True):
             return plan
         if self.suspend_wanted:
             return _Plan(
@@ -493,7 +508,18 @@ class _Reconcile:
         return _Plan(Phase.SUSPENDING, reason, "suspending: waiting for the pod to go away", actions=self._delete_pod())
 
     def _suspended(self) -> _Plan:
-        if plan := self._max_lifetime_plan():
+        if self.lifetime_suspends and self._passed(self.deadlines.max_lifetime) and not self.suspend_wanted:
+            # A resume asked for with the lifetime still over would only run into it again: stay, and
+            # hold again, until the end moves (a resume through the gateway moves it with the request).
+            return _Plan(
+                Phase.SUSPENDED,
+                Reason.MAX_LIFETIME,
+                "cannot resume: its lifetime is over; set a later sandbox.dev/end-at (or a longer "
+                "maxLifetime) with the resume request",
+                suspended_by=SuspendCause.MAX_LIFETIME,
+                resume_request_seen=self.observed.resume_request,
+            )
+        if not self.lifetime_suspends and (plan := self._max_lifetime_plan()):
             return plan
         reason = self.observed.reason if self.observed.reason in _SUSPEND_REASONS else Reason.SUSPEND_REQUESTED
         suspended = _Plan(
@@ -715,8 +741,11 @@ class _Reconcile:
             return {"suspended_by": None, "resume_request_seen": None}
         if plan.suspended_by is not None:
             return {"suspended_by": plan.suspended_by, "resume_request_seen": plan.resume_request_seen}
-        if self.idle_held:
-            return {"suspended_by": SuspendCause.IDLE_TIMEOUT, "resume_request_seen": self.observed.resume_request_seen}
+        if self.timeout_held:
+            return {
+                "suspended_by": self.observed.suspended_by,
+                "resume_request_seen": self.observed.resume_request_seen,
+            }
         if self.desired.suspended:
             return {"suspended_by": SuspendCause.SPEC, "resume_request_seen": None}
         if self.desired.paused:

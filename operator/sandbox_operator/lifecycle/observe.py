@@ -211,6 +211,7 @@ def desired_from(sandbox: Sandbox, template: SandboxTemplate, retry: RetryPolicy
         end_at=requested_end(sandbox, template),
         idle_timeout=_seconds(timeouts.idle),
         on_idle=spec.on_idle,
+        on_lifetime_end=spec.on_lifetime_end,
         ttl_after_terminated=None if ttl is None else timedelta(seconds=parse_duration(ttl)),
         persistent_workspace=template_spec.persistence.enabled,
         service=resolve_service(spec, template_spec),

@@ -152,6 +152,8 @@ class Desired:
     end_at: datetime | None = None
     idle_timeout: timedelta | None = None
     on_idle: OnIdle = OnIdle.SUSPEND
+    # What the end of the lifetime does (spec.onLifetimeEnd): terminate, or suspend (E2B's autoPause).
+    on_lifetime_end: OnIdle = OnIdle.TERMINATE
     ttl_after_terminated: timedelta | None = None
     # False when the template has no persistence: no PVC, the workspace is an emptyDir.
     persistent_workspace: bool = True
