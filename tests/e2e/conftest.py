@@ -106,7 +106,15 @@ def gateway(cluster: Cluster, operator: OperatorProcess, tmp_path_factory: pytes
             stderr=subprocess.STDOUT,
             env=cluster.env(),  # the token key the operator has too (agent tokens)
         )
-    handle = Gateway(f"http://127.0.0.1:{port}", namespace, api_key, other_key, process, log)
+    handle = Gateway(
+        f"http://127.0.0.1:{port}",
+        namespace,
+        api_key,
+        other_key,
+        process,
+        log,
+        f"http://127.0.0.1:{metrics_port}/metrics",
+    )
 
     def serving() -> bool:
         if process.poll() is not None:

@@ -16,6 +16,7 @@ class Gateway:
     other_key: str  # a key for another namespace
     process: subprocess.Popen[bytes]
     log: Path
+    metrics_url: str = ""  # its Prometheus metrics (--metrics-port)
 
     def sdk(self, api_key: str | None = None) -> dict[str, Any]:
         return {"api_key": api_key or self.api_key, "api_url": self.url, "sandbox_url": self.url}

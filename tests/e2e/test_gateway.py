@@ -123,8 +123,9 @@ def test_bad_requests_are_refused_and_leave_nothing(cluster: Cluster, gateway: G
     headers = {"X-API-KEY": gateway.api_key}
     status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "timeout": -5}, headers)
     assert status == 400 and "timeout" in body["message"]
-    status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True}, headers)
-    assert status == 400 and "autoPause" in body["message"]
+    auto_resume_only = {"templateID": "base", "autoResume": {"enabled": True}}
+    status, body = request(gateway, "POST", "/v2/sandboxes", auto_resume_only, headers)
+    assert status == 400 and "autoResume needs autoPause" in body["message"]
     status, body = request(gateway, "POST", "/v2/sandboxes", {"templateID": "base", "envVars": {"1BAD": "x"}}, headers)
     assert status == 400 and "env" in body["message"]  # refused by the CRD's own rule
     status, body = request(gateway, "GET", "/v2/sandboxes?state=sleeping", headers=headers)

@@ -21,6 +21,7 @@ __all__ = [
     "API_KEY_LABEL",
     "API_KEY_NAMESPACES_ANNOTATION",
     "API_VERSION",
+    "AUTO_RESUME_ANNOTATION",
     "CLAIMED_FROM_POOL_ANNOTATION",
     "COMPONENT_LABEL",
     "CREATED_BY_ANNOTATION",
@@ -152,6 +153,10 @@ maxLifetimeLimit. Not spec: the lifetime its author declared stays as written.""
 TOKEN_EPOCH_ANNOTATION: Final = "sandbox.dev/token-epoch"
 """On a Sandbox, set by its owner: any new value revokes the access tokens the gateway handed out
 for it (clients get the new one from connect)."""
+AUTO_RESUME_ANNOTATION: Final = "sandbox.dev/auto-resume"
+"""On a Sandbox (the gateway's E2B create with ``autoResume: {enabled: true}``, or its owner): ``true``
+makes the gateway resume the sandbox, while it is paused, when traffic for it arrives, and hold that
+request until the sandbox serves (docs/gateway.md, "Auto-pause and wake on traffic")."""
 PUBLIC_TRAFFIC_ANNOTATION: Final = "sandbox.dev/public-traffic"
 """On a Sandbox (the gateway's E2B create with ``network.allowPublicTraffic: false``, or its owner):
 ``false`` makes its user ports private, reachable through the gateway only with the sandbox's traffic

@@ -15,6 +15,7 @@ from typing import Any
 from sandbox_operator.api.names import (
     API_KEY_LABEL,
     API_KEY_NAMESPACES_ANNOTATION,
+    AUTO_RESUME_ANNOTATION,
     CREATED_BY_ANNOTATION,
     PAUSED_ANNOTATION,
     PUBLIC_TRAFFIC_ANNOTATION,
@@ -42,6 +43,7 @@ KEPT_ANNOTATIONS = (
     CREATED_BY_ANNOTATION,
     PUBLIC_TRAFFIC_ANNOTATION,
     PAUSED_ANNOTATION,
+    AUTO_RESUME_ANNOTATION,  # traffic wakes the sandbox (e2b.wakes_on_traffic)
 )
 
 

@@ -27,9 +27,11 @@ from sandbox_operator.agent import ENVD_COMPATIBLE_VERSION
 from sandbox_operator.agent.signing import tokens_equal, verify_signature
 from sandbox_operator.api import (
     API_VERSION,
+    OnIdle,
     Phase,
     capped_lifetime,
     namespace_allowed,
+    parse_duration,
     resolve_resources,
 )
 from sandbox_operator.api.names import (
@@ -37,6 +39,7 @@ from sandbox_operator.api.names import (
     AGENT_TOKEN_HEADER,
     API_KEY_LABEL,
     API_KEY_NAMESPACES_ANNOTATION,
+    AUTO_RESUME_ANNOTATION,
     CREATED_BY_ANNOTATION,
     END_AT_ANNOTATION,
     ENVD_PORT,
@@ -270,8 +273,7 @@ def sandbox_from_request(
     """A Sandbox object for POST /v2/sandboxes (or the v1 POST /sandboxes) in `namespace`. With the
     template's spec, the timeout is clamped to its maxLifetimeLimit as the operator would (0, "never
     ending", gets the limit), so the spec says the lifetime the sandbox really has."""
-    if request.get("autoPause"):
-        raise BadRequest("autoPause is not supported: a sandbox ends at its timeout (pause it explicitly)")
+    auto_pause, auto_resume = lifecycle_from_request(request)
     timeout = seconds(request.get("timeout"), "timeout", DEFAULT_TIMEOUT_S)
     if template_spec is not None:
         timeout = capped_lifetime(timeout, template_spec)
@@ -282,10 +284,14 @@ def sandbox_from_request(
         "metadata": string_map(request.get("metadata"), "metadata"),
         "env": string_map(request.get("envVars"), "envVars"),
     }
+    if auto_pause:
+        spec["onLifetimeEnd"] = OnIdle.SUSPEND.value  # the timeout pauses instead of killing
     network = _network_from_request(request)
     if network:
         spec["network"] = network
     annotations = {CREATED_BY_ANNOTATION: "e2b-api"}
+    if auto_resume:
+        annotations[AUTO_RESUME_ANNOTATION] = "true"
     if not allow_public_traffic(request):
         annotations[PUBLIC_TRAFFIC_ANNOTATION] = "false"
     return {
@@ -295,6 +301,65 @@ def sandbox_from_request(
         "metadata": {"name": f"e2b-{secrets.token_hex(6)}", "namespace": namespace, "annotations": annotations},
         "spec": spec,
     }
+
+
+def _optional_bool(request: Mapping[str, Any], field: str) -> bool | None:
+    value = request.get(field)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{field} must be a boolean (true or false)")
+    return value
+
+
+def lifecycle_from_request(request: Mapping[str, Any]) -> tuple[bool, bool]:
+    """E2B's lifecycle fields: whether the timeout pauses (`autoPause`) and whether traffic resumes
+    a paused sandbox (`autoResume.enabled`). `autoPauseMemory` is accepted either way: a pause here
+    never keeps memory (docs/gateway.md). Auto-resume needs auto-pause, and E2B refuses it with a
+    filesystem-only pause (`autoPauseMemory: false`), as here."""
+    auto_pause = bool(_optional_bool(request, "autoPause"))
+    keep_memory = _optional_bool(request, "autoPauseMemory")
+    resume = request.get("autoResume")
+    if resume is not None and not (isinstance(resume, Mapping) and isinstance(resume.get("enabled"), bool)):
+        raise BadRequest('autoResume must be an object {"enabled": true|false}')
+    auto_resume = bool(resume and resume["enabled"])
+    if auto_resume and not auto_pause:
+        raise BadRequest("autoResume needs autoPause (lifecycle on_timeout: pause)")
+    if auto_resume and keep_memory is False:
+        raise BadRequest("autoResume cannot be combined with a filesystem-only pause (autoPauseMemory: false)")
+    return auto_pause, auto_resume
+
+
+def auto_resumes(body: Mapping[str, Any]) -> bool:
+    """Traffic for this sandbox resumes it while it is paused (the sandbox.dev/auto-resume annotation)."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(AUTO_RESUME_ANNOTATION) == "true"
+
+
+def wakes_on_traffic(body: Mapping[str, Any]) -> bool:
+    """A request for this sandbox should wake it and wait: it auto-resumes and is paused (or already
+    resuming), and nobody is deleting it or holds it suspended by its spec."""
+    return (
+        auto_resumes(body)
+        and phase_of(body) in (*PAUSED_PHASES, Phase.RESUMING)
+        and not deleting(body)
+        and (body.get("spec") or {}).get("suspended") is not True
+    )
+
+
+def own_timeout(body: Mapping[str, Any]) -> int:
+    """The timeout a sandbox was created with (its spec's maxLifetime, in whole seconds): what a wake
+    on traffic gives it from the wake on, as E2B's auto-resume does. The E2B default without one."""
+    lifetime = ((body.get("spec") or {}).get("timeouts") or {}).get("maxLifetime")
+    try:
+        value = parse_duration(lifetime) if isinstance(lifetime, str) else 0
+    except ValueError:
+        value = 0
+    return value or DEFAULT_TIMEOUT_S
+
+
+def lifecycle_detail(body: Mapping[str, Any]) -> JSON:
+    """SandboxDetail's `lifecycle`: what the timeout does and whether traffic resumes."""
+    suspends = (body.get("spec") or {}).get("onLifetimeEnd") == OnIdle.SUSPEND.value
+    return {"autoResume": auto_resumes(body), "onTimeout": "pause" if suspends else "kill"}
 
 
 def allow_public_traffic(request: Mapping[str, Any]) -> bool:
@@ -395,14 +460,17 @@ def pause_patch() -> JSON:
     return {"metadata": {"annotations": {PAUSED_ANNOTATION: "true"}}}
 
 
-def resume_patch(now: datetime) -> JSON:
+def resume_patch(now: datetime, end: datetime | None = None) -> JSON:
     """The merge patch of a resume: the pause request goes, and a new resume request releases an idle
-    timeout's suspension (any new value does; a timestamp is new)."""
-    return {
-        "metadata": {
-            "annotations": {PAUSED_ANNOTATION: None, RESUME_REQUEST_ANNOTATION: now.isoformat(timespec="microseconds")}
-        }
+    or lifetime suspension (any new value does; a timestamp is new). With `end`, the new end in the
+    same patch: a lifetime suspension released without it would be held again at once."""
+    annotations: dict[str, Any] = {
+        PAUSED_ANNOTATION: None,
+        RESUME_REQUEST_ANNOTATION: now.isoformat(timespec="microseconds"),
     }
+    if end is not None:
+        annotations.update(end_patch(end)["metadata"]["annotations"])
+    return {"metadata": {"annotations": annotations}}
 
 
 def ensure_resumable(body: Mapping[str, Any], sandbox_id: str) -> None:
@@ -578,6 +646,7 @@ def sandbox_detail(
     if traffic is not None:
         detail["trafficAccessToken"] = traffic
         detail["network"] = {"allowPublicTraffic": public_traffic(body)}
+        detail["lifecycle"] = lifecycle_detail(body)
     return detail
 
 

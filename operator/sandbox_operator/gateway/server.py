@@ -140,6 +140,21 @@ class Gateway:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
         )
+        self.wakeups = Counter(
+            "sandbox_gateway_wakeups",
+            "Paused sandboxes resumed by the gateway, by trigger (connect: an API resume; traffic: a "
+            "data-plane request for an auto-resuming sandbox) and outcome (served, failed).",
+            ["trigger", "outcome"],
+            registry=self.registry,
+        )
+        self.wake_latency = Histogram(
+            "sandbox_gateway_wake_duration_seconds",
+            "From the resume request to the sandbox's agent serving, by trigger.",
+            ["trigger"],
+            registry=self.registry,
+            buckets=(0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60),
+        )
+        self._waking: dict[tuple[str, str], asyncio.Task[JSON]] = {}  # one wake per sandbox at a time
         self._upstream: aiohttp.ClientSession | None = None
         self._tokens: dict[tuple[str, str, str], str] = {}  # (kind, sandbox uid, token epoch) -> token
         self._agent_tokens: dict[str, str] = {}  # status.agentTokenId -> agent token
@@ -211,9 +226,10 @@ class Gateway:
         )
 
     async def _on_cleanup(self, _: web.Application) -> None:
-        for task in self._background:
+        tasks = [*self._background, *self._waking.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.cache.stop()
         if self._upstream is not None:
             await self._upstream.close()
@@ -321,9 +337,16 @@ class Gateway:
         created = await self.client.request("POST", SANDBOXES.collection(namespace), manifest)
         self.cache.observe(created)
 
-    async def set_suspended(self, namespace: str, name: str, suspended: bool) -> None:
-        """E2B pause / resume, as requests on the Sandbox's annotations (spec.suspended is its author's)."""
-        patch = e2b.pause_patch() if suspended else e2b.resume_patch(datetime.now(UTC))
+    async def set_suspended(self, namespace: str, name: str, suspended: bool, *, life_s: int | None = None) -> None:
+        """E2B pause / resume, as requests on the Sandbox's annotations (spec.suspended is its author's).
+        A resume with `life_s` asks for that many seconds of life in the same patch (only a longer end)."""
+        now = datetime.now(UTC)
+        if suspended:
+            patch = e2b.pause_patch()
+        else:
+            body = self.cache.sandbox((namespace, name))
+            end = e2b.requested_end(body, life_s, now, only_longer=True) if body and life_s is not None else None
+            patch = e2b.resume_patch(now, end)
         patched = await self.client.patch(SANDBOXES.path(namespace, name), patch)
         if patched is not None:
             self.cache.observe(patched)
@@ -516,14 +539,42 @@ class Gateway:
         namespace, body = self._sandbox(request)
         payload = await read_payload(request)
         name = body["metadata"]["name"]
+        timeout = e2b.seconds(payload["timeout"], "timeout") if payload.get("timeout") is not None else None
         resumed = e2b.state_of(body) == "paused"  # E2B answers a resume with 201
         if resumed:
             e2b.ensure_resumable(body, request.match_info["id"])
-            await self.set_suspended(namespace, name, False)
-        if payload.get("timeout") is not None:
-            await self._extend(namespace, body, e2b.seconds(payload["timeout"], "timeout"), only_longer=True)
+            # A resumed sandbox gets the timeout asked for, else E2B's default, from now on (a
+            # sandbox its lifetime paused would otherwise be paused again at once).
+            serving = await self._wake((namespace, name), "connect", timeout or e2b.DEFAULT_TIMEOUT_S)
+            return json_response(201, self.sandbox_response(serving))
+        if timeout is not None:
+            await self._extend(namespace, body, timeout, only_longer=True)
         serving = await self.until_serving((namespace, name), delete_on_failure=False)
-        return json_response(201 if resumed else 200, self.sandbox_response(serving))
+        return json_response(200, self.sandbox_response(serving))
+
+    async def _wake(self, key: tuple[str, str], trigger: str, life_s: int) -> JSON:
+        """Resume a paused sandbox and wait until its agent serves (bounded by the create timeout);
+        concurrent wakes of one sandbox share the first one's resume and wait."""
+        waking = self._waking.get(key)
+        if waking is None:
+            waking = asyncio.create_task(self._resume_until_serving(key, trigger, life_s), name=f"wake-{key[1]}")
+            self._waking[key] = waking
+            waking.add_done_callback(lambda _: self._waking.pop(key, None))
+        return await asyncio.shield(waking)  # one waiter going away does not stop the others' wake
+
+    async def _resume_until_serving(self, key: tuple[str, str], trigger: str, life_s: int) -> JSON:
+        started = time.perf_counter()
+        try:
+            body = self.cache.sandbox(key)
+            if body is not None and e2b.state_of(body) == "paused":
+                await self.set_suspended(*key, False, life_s=life_s)
+            serving = await self.until_serving(key, delete_on_failure=False)
+        except BaseException:
+            self.wakeups.labels(trigger, "failed").inc()
+            raise
+        self.wakeups.labels(trigger, "served").inc()
+        self.wake_latency.labels(trigger).observe(time.perf_counter() - started)
+        return serving
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         _, body = self._sandbox(request)
@@ -546,7 +597,7 @@ class Gateway:
 
     async def proxy(self, request: web.Request, route: e2b.Route) -> web.StreamResponse:
         body = self.cache.find(route.sandbox_id)
-        if body is None or e2b.running_pod_ip(body) is None:
+        if body is None or (e2b.running_pod_ip(body) is None and not e2b.wakes_on_traffic(body)):
             return json_response(502, e2b.sandbox_gone_body(route.sandbox_id))
         # Checked as it is forwarded: the normalised path, never what the client spelled.
         path = e2b.proxy_path(request.rel_url.raw_path)
@@ -563,6 +614,11 @@ class Gateway:
         )
         if not e2b.declared_port(route.port, body, self.cache.template(body["spec"]["template"])):
             return json_response(502, e2b.port_not_open_body(route))
+        if e2b.running_pod_ip(body) is None:
+            # Paused and auto-resuming: this request (admitted above, so nobody else can wake it)
+            # waits for the resume and is then forwarded (E2B's autoResume).
+            key = (body["metadata"]["namespace"], body["metadata"]["name"])
+            body = await self._wake(key, "traffic", e2b.own_timeout(body))
         if e2b.websocket_upgrade(request.method, request.headers):
             return await self._relay_websocket(request, route, body, path, admission)
         upstream = await self._open_upstream(request, route, body, path, admission)

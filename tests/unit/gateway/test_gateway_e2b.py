@@ -17,9 +17,12 @@ from sandbox_operator.agent.signing import compute_signature
 from sandbox_operator.api import Sandbox, SandboxSpec, SandboxTemplate
 from sandbox_operator.api.names import (
     AGENT_TOKEN_HEADER,
+    AUTO_RESUME_ANNOTATION,
+    END_AT_ANNOTATION,
     ENVD_PORT,
     INTERPRETER_PORT,
     PAUSED_ANNOTATION,
+    RESUME_REQUEST_ANNOTATION,
     SESSION_TYPE_ANNOTATION,
     SIGNED_PATH_HEADER,
     TOKEN_EPOCH_ANNOTATION,
@@ -73,7 +76,10 @@ def test_create_defaults_to_the_sdk_timeout() -> None:
         ({"timeout": True}, "timeout"),
         ({"metadata": {"a": 1}}, "metadata"),
         ({"envVars": ["A=1"]}, "envVars"),
-        ({"autoPause": True}, "autoPause"),
+        ({"autoPause": "yes"}, "autoPause must be a boolean"),
+        ({"autoResume": {"enabled": True}}, "autoResume needs autoPause"),
+        ({"autoPause": True, "autoResume": True}, "autoResume must be an object"),
+        ({"autoPause": True, "autoPauseMemory": False, "autoResume": {"enabled": True}}, "filesystem-only"),
         ({"network": {"rules": {}}}, "network.rules"),
         ({"network": {"denyOut": ["10.0.0.0/8"]}}, "denyOut"),
         ({"network": "none"}, "network"),
@@ -82,6 +88,52 @@ def test_create_defaults_to_the_sdk_timeout() -> None:
 def test_bad_create_requests_say_what_is_wrong(request_body: dict[str, Any], message: str) -> None:
     with pytest.raises(e2b.BadRequest, match=message):
         e2b.sandbox_from_request({"templateID": "base", **request_body}, namespace="n", template="base")
+
+
+def test_auto_pause_and_resume_map_to_the_lifetime_end_and_an_annotation() -> None:
+    body = e2b.sandbox_from_request(
+        {"templateID": "base", "timeout": 60, "autoPause": True, "autoResume": {"enabled": True}},
+        namespace="n",
+        template="base",
+    )
+    assert body["spec"]["onLifetimeEnd"] == "suspend" and body["spec"]["timeouts"]["maxLifetime"] == "60s"
+    assert body["metadata"]["annotations"][AUTO_RESUME_ANNOTATION] == "true"
+    Sandbox.model_validate({**body, "metadata": {**body["metadata"], "uid": UID}})  # the CRD's own model
+    assert e2b.lifecycle_detail(body) == {"autoResume": True, "onTimeout": "pause"}
+    assert e2b.own_timeout(body) == 60
+    plain = e2b.sandbox_from_request({"templateID": "base", "autoPause": False}, namespace="n", template="base")
+    assert "onLifetimeEnd" not in plain["spec"] and AUTO_RESUME_ANNOTATION not in plain["metadata"]["annotations"]
+    assert e2b.lifecycle_detail(plain) == {"autoResume": False, "onTimeout": "kill"}
+    # A pause that keeps only the filesystem is what every pause is here: accepted without auto-resume.
+    e2b.sandbox_from_request(
+        {"templateID": "base", "autoPause": True, "autoPauseMemory": False}, namespace="n", template="base"
+    )
+
+
+@pytest.mark.parametrize(
+    ("phase", "annotations", "spec", "wakes"),
+    [
+        ("Suspended", {AUTO_RESUME_ANNOTATION: "true"}, {}, True),
+        ("Suspending", {AUTO_RESUME_ANNOTATION: "true"}, {}, True),
+        ("Resuming", {AUTO_RESUME_ANNOTATION: "true"}, {}, True),
+        ("Suspended", {}, {}, False),  # no auto-resume: a paused sandbox is not running (502)
+        ("Suspended", {AUTO_RESUME_ANNOTATION: "true"}, {"suspended": True}, False),  # its author holds it
+        ("Terminated", {AUTO_RESUME_ANNOTATION: "true"}, {}, False),
+        ("Error", {AUTO_RESUME_ANNOTATION: "true"}, {}, False),
+    ],
+)
+def test_what_wakes_on_traffic(phase: str, annotations: dict[str, str], spec: dict[str, Any], wakes: bool) -> None:
+    body = {"metadata": {"annotations": annotations}, "spec": {"template": "base", **spec}, "status": {"phase": phase}}
+    assert e2b.wakes_on_traffic(body) is wakes
+
+
+def test_a_resume_moves_the_end_in_the_same_patch() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    patch = e2b.resume_patch(now, now + timedelta(seconds=300))
+    annotations = patch["metadata"]["annotations"]
+    assert annotations[END_AT_ANNOTATION] == "2026-01-01T00:05:00Z" and annotations[PAUSED_ANNOTATION] is None
+    assert RESUME_REQUEST_ANNOTATION in annotations
+    assert END_AT_ANNOTATION not in e2b.resume_patch(now)["metadata"]["annotations"]
 
 
 @pytest.mark.parametrize(

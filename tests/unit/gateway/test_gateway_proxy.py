@@ -21,7 +21,13 @@ from yarl import URL
 
 from fakeapi import FakeApi
 from sandbox_operator.agent.signing import compute_signature
-from sandbox_operator.api.names import AGENT_TOKEN_HEADER, ENVD_PORT, INTERPRETER_PORT, SIGNED_PATH_HEADER
+from sandbox_operator.api.names import (
+    AGENT_TOKEN_HEADER,
+    AUTO_RESUME_ANNOTATION,
+    ENVD_PORT,
+    INTERPRETER_PORT,
+    SIGNED_PATH_HEADER,
+)
 from sandbox_operator.gateway import e2b
 from sandbox_operator.gateway.listener import ConnectionGuard, ListenerLimits, guarded_runner, listen
 from sandbox_operator.gateway.server import Gateway, GatewayConfig
@@ -266,6 +272,32 @@ async def test_sandbox_cookies_come_back_host_only() -> None:
         status, _, response = await call(served, "GET", "/", headers)
         assert status == 200
         assert response.headers.getall("Set-Cookie") == ["sid=1; Path=/; HttpOnly", "b=2"]
+
+
+# --- wake on traffic --------------------------------------------------------------------------------
+
+
+async def test_only_an_admitted_request_wakes_a_paused_sandbox() -> None:
+    async with serve() as served:
+        paused = sandbox("e2b-paused", "sbxpaused1", TOKEN_ID)
+        paused["status"] = {"phase": "Suspended", "sandboxID": "sbxpaused1", "agentTokenId": TOKEN_ID}
+        paused["metadata"]["annotations"] = {AUTO_RESUME_ANNOTATION: "true"}
+        served.gateway.cache.observe(paused)
+        token = {"X-Access-Token": served.token("sbxpaused1")}
+        for headers, status in (
+            (route(ENVD_PORT, "sbxpaused1"), 401),  # no token: nobody may wake what they may not reach
+            ({**route(2375, "sbxpaused1"), **token}, 502),  # a port nobody declared
+        ):
+            assert (await call(served, "GET", "/health-not", headers))[0] == status, headers
+        assert served.gateway.client.take() == []  # type: ignore[attr-defined]  # no resume was written
+        assert served.gateway._waking == {}
+        # Without auto-resume a paused sandbox is not running, whoever asks (the SDK's not-running error).
+        paused["metadata"]["annotations"] = {}
+        paused["metadata"]["resourceVersion"] = "2"
+        served.gateway.cache.observe(paused)
+        status, text, _ = await call(served, "GET", "/files", {**route(ENVD_PORT, "sbxpaused1"), **token})
+        assert status == 502 and "was not found" in text
+        assert served.gateway.client.take() == []  # type: ignore[attr-defined]
 
 
 # --- WebSockets ------------------------------------------------------------------------------------
