@@ -15,6 +15,7 @@ objects of theirs only once user code made them.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import json
@@ -103,17 +104,17 @@ def patch_pil(image_module: Any) -> None:
     image_class = image_module.Image
     show, save = image_class.show, image_class.save
 
+    @functools.wraps(show)
     def show_displays(self: Any, *args: Any, **kwargs: Any) -> None:
         _display_image(self)
 
+    @functools.wraps(save)
     def save_displays(self: Any, fp: Any, *args: Any, **kwargs: Any) -> Any:
         result = save(self, fp, *args, **kwargs)
         if isinstance(fp, str | os.PathLike):  # a file of the user's; PNG rendering saves to a buffer
             _display_image(self)
         return result
 
-    show_displays.__wrapped__ = show  # type: ignore[attr-defined]
-    save_displays.__wrapped__ = save  # type: ignore[attr-defined]
     image_class.show, image_class.save = show_displays, save_displays
 
 

@@ -59,6 +59,7 @@ INTERPRETER_LOAD_DELAY_SECONDS = 0.25
 class Listener:
     runner: web.AppRunner
     servers: Sequence[asyncio.Server]
+    guard: ConnectionGuard
 
 
 class Agent:
@@ -137,7 +138,7 @@ class Agent:
                 server.close()
             await runner.cleanup()
             raise
-        return Listener(runner, servers)
+        return Listener(runner, servers, guard)
 
     async def run(self, stop: asyncio.Event, bound: Sequence[BoundPort] | None = None) -> None:
         """Serve until `stop`; on `bound` (listen.bind_listeners: the envd port, then the interpreter's
@@ -172,19 +173,12 @@ class Agent:
             log.info("sandbox-agent stopping")
             # The sandbox is going away (killed, paused, evicted): streams still in flight are cut
             # first, as a stopped VM's are, so an SDK waiting on one raises its "sandbox was killed"
-            # error instead of reading a clean end (closing the connections below would end them
-            # cleanly) that it takes for the command's or the code's own.
+            # error instead of reading a clean end it would take for the command's own. Then no
+            # new connections: a request arriving while the processes stop is refused, not started.
             for listener in listeners:
-                if listener.runner.server is not None:
-                    abort_connections(listener.runner.server)
-            # Stop listening and end keep-alive connections first: a request arriving while the
-            # processes are being stopped must be refused (a client retries elsewhere), not start
-            # a command that is killed a moment later.
-            for listener in listeners:
+                listener.guard.abort_all()
                 for server in listener.servers:
                     server.close()
-                if listener.runner.server is not None:
-                    listener.runner.server.pre_shutdown()
             for port in ports:
                 port.close()  # those not served yet (a start that failed); closing twice is harmless
             await self.processes.shutdown()
@@ -202,12 +196,6 @@ class Agent:
             await (await self.interpreter.get()).default_context(None)
         except Exception:
             log.exception("could not start the default Python kernel")
-
-
-def abort_connections(server: web.Server) -> None:
-    """Drop every open connection of the server at once (no response end, no FIN handshake wait)."""
-    for transport in list(server._connections.values()):  # aiohttp keeps no public list of them
-        transport.abort()
 
 
 async def serve(config: AgentConfig, bound: Sequence[BoundPort] | None = None) -> None:
