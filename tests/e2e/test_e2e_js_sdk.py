@@ -1,7 +1,8 @@
 """The unmodified E2B JavaScript SDKs (`e2b` and `@e2b/code-interpreter` from npm, versions pinned in
 tests/e2e/js/package.json) through the gateway, driven by node: create, commands (a failing one is
-CommandExitError, a timed-out one TimeoutError), files, get_info, list, kill, and the code
-interpreter (state across runs, an error's name, the default context listed).
+CommandExitError, a timed-out one TimeoutError), files, get_info, list, kill, the code
+interpreter (state across runs, an error's name, the default context listed), and auto-pause with
+auto-resume (the timeout pauses, a file read wakes it on the same workspace).
 
 The packages are installed once into a cache outside the repository, keyed by package.json."""
 
@@ -87,3 +88,5 @@ def test_the_js_sdks_work_through_the_gateway(gateway: Gateway) -> None:
     assert seen["codeText"] == "42" and seen["codeStdout"] == "43\n"
     assert seen["codeError"] == "NameError"
     assert "python" in seen["contexts"]
+    assert seen["lifecycle"] == {"autoResume": True, "onTimeout": "pause"}
+    assert seen["woken"] == "kept across the pause\n" and seen["wokenState"] == "running"

@@ -52,19 +52,9 @@ def test_javascript_and_typescript_run_in_deno(sandbox: CodeSandbox) -> None:
     assert sandbox.run_code("kept + 1", language="js").text == "42"
 
 
-# Deno's kernel publishes a result after its idle status now and then (1 in 6 in a loop here). The
-# agent waits for its execute_reply and takes what is queued then, which kept all 150 of a loop and
-# passes here unloaded, but one loaded CI run still lost a result: on a busy machine the result can
-# trail the reply too. Kept as a measurement until the agent has a cure that does not hold every
-# JavaScript execution back (docs/agent.md, "Languages").
-DENO_LATE_RESULT = pytest.mark.xfail(
-    reason="Deno may publish a result after its idle status and its reply (docs/agent.md)", strict=False
-)
-
-
-@DENO_LATE_RESULT
 def test_every_javascript_result_arrives(sandbox: CodeSandbox) -> None:
-    # 30 in a row all arriving is what a cure shows (at 1 loss in 6 without one: 0.5 % chance).
+    # Deno's kernel publishes a result after its idle status now and then (docs/agent.md,
+    # "Languages"): 30 in a row all arriving is what the agent's probe of the kernel makes sure of.
     texts = [sandbox.run_code(f"{n} * 2", language="js", timeout=RUN_TIMEOUT).text for n in range(30)]
     assert texts == [str(n * 2) for n in range(30)]
 
@@ -87,7 +77,7 @@ def test_bash_runs_in_bash_kernel(sandbox: CodeSandbox) -> None:
     ("language", "read", "read_or_default", "shown"),
     [
         ("python", "import os; os.environ['FOO']", "os.environ.get('FOO', 'default')", "text"),
-        pytest.param("js", "process.env.FOO", "process.env.FOO || 'default'", "text", marks=DENO_LATE_RESULT),
+        ("js", "process.env.FOO", "process.env.FOO || 'default'", "text"),
         # IRkernel shows a value as display data, not as the execution's main result.
         ("r", "Sys.getenv('FOO')", "Sys.getenv('FOO', unset = 'default')", "results"),
         ("bash", "echo $FOO", "echo ${FOO:-default}", "stdout"),

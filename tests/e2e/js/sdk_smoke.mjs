@@ -49,4 +49,20 @@ try {
   await ci.kill()
 }
 
+// Auto-pause and auto-resume: the timeout pauses it, the next call wakes it on the same workspace.
+const napping = await Sandbox.create('base', { timeoutMs: 5_000, lifecycle: { onTimeout: 'pause', autoResume: true } })
+try {
+  await napping.files.write('kept.txt', 'kept across the pause\n')
+  seen.lifecycle = (await napping.getInfo()).lifecycle
+  const deadline = Date.now() + 90_000
+  while ((await napping.getInfo()).state !== 'paused') {
+    if (Date.now() > deadline) throw new Error('the timeout did not pause the sandbox within 90 s')
+    await new Promise((resolve) => setTimeout(resolve, 500)) // polling a condition, with a deadline
+  }
+  seen.woken = await napping.files.read('kept.txt')
+  seen.wokenState = (await napping.getInfo()).state
+} finally {
+  await napping.kill()
+}
+
 console.log(JSON.stringify(seen))
