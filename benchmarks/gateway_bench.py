@@ -14,6 +14,8 @@ api_url and sandbox_url pointing at the gateway, it measures the figures of docs
 1. `Sandbox.create` through the gateway, one at a time, cold (no pool; PVC workspace), split into
    stages: POST → Sandbox Running (operator, PVC, scheduler, kwok), → agent listening (this
    harness's agent start, a container start in a cluster), → create returned (the gateway's tail);
+   then from a SandboxPool (each create claims a warm pod whose agent runs already), and the wake
+   of an auto-resuming sandbox: paused, then `commands.run` on it, timed from the call;
 2. `commands.run("echo hi")` p50/p99 through gateway → agent, and against the agent directly
    (sandbox_url = http://<podIP>:49983; the agent has no access token in this setup), interleaved
    in rounds so background load hits both alike, with the CPU each process spent per call;
@@ -89,6 +91,7 @@ from testlib import CODE_INTERPRETER_TEMPLATE, stop_process  # noqa: E402
 JSON = dict[str, Any]
 ENVD_PORT, INTERPRETER_PORT = 49983, 49999
 SANDBOX_LABEL = "sandbox.dev/sandbox"
+POOL_LABEL = "sandbox.dev/pool"  # a SandboxPool's warm pods, until claimed
 TARGETS = {"commands_run_p50_ms": 10, "run_code_p50_ms": 8, "proxy_req_per_s": 3000}
 
 
@@ -408,10 +411,10 @@ class ClusterView:
                 self._on_sandbox,
                 self.stop,
             ),
-            Watch(
+            Watch(  # every pod: sandboxes' and a SandboxPool's warm ones (their agents run before a claim)
                 credentials,
                 f"/api/v1/namespaces/{namespace}/pods",
-                {"labelSelector": SANDBOX_LABEL},
+                {},
                 self._on_pod,
                 self.stop,
             ),
@@ -461,7 +464,12 @@ class ClusterView:
                 if kind == "DELETED":
                     self.agents.pop(uid, None)
                 return
-            if agent is None and not self.stop.is_set() and status.get("phase") == "Running" and status.get("podIP"):
+            labels = meta.get("labels") or {}
+            if agent is not None and labels.get(SANDBOX_LABEL):
+                agent.sandbox = str(labels[SANDBOX_LABEL])  # a warm pod claimed: now this sandbox's
+            ours = SANDBOX_LABEL in labels or POOL_LABEL in labels
+            running = status.get("phase") == "Running" and status.get("podIP")
+            if agent is None and ours and running and not self.stop.is_set():
                 self.agents[uid] = self._start_agent(pod, now)
 
     def _start_agent(self, pod: JSON, seen_at: float) -> Agent:
@@ -470,6 +478,8 @@ class ClusterView:
         containers = (pod.get("spec") or {}).get("containers") or [{}]
         env = {item["name"]: item["value"] for item in containers[0].get("env") or () if "value" in item}
         env.pop("SANDBOX_WORKDIR", None)
+        # No agent token: the SDK's direct side (sandbox_url = the pod) has no way to send it.
+        env.pop("SANDBOX_ACCESS_TOKEN", None)
         workdir = self.workdir / uid
         workdir.mkdir(parents=True, exist_ok=True)
         log_path = workdir / "agent.log"
@@ -601,6 +611,74 @@ def create_run(view: ClusterView, sdk: JSON, count: int) -> JSON:
         "kill": summary_ms(stages["kill"], 1),
         "first_create_ms": first,
     }
+
+
+def pool_size_ready(kubectl: Kubectl, namespace: str, name: str, size: int) -> bool:
+    done = kubectl("get", "sandboxpool", name, "-n", namespace, "-o", "json", check=False)
+    if done.returncode != 0:
+        return False
+    return int((json.loads(done.stdout).get("status") or {}).get("ready") or 0) >= size
+
+
+def pool_create_run(kubectl: Kubectl, view: ClusterView, sdk: JSON, namespace: str, count: int) -> JSON:
+    """Sandbox.create through the gateway for a template with a SandboxPool: each create claims a warm
+    pod whose agent already runs. The pool refills between creates (waited for, not measured)."""
+    from e2b import Sandbox
+
+    size = 2
+    pool = {
+        "apiVersion": "sandbox.dev/v1alpha1",
+        "kind": "SandboxPool",
+        "metadata": {"name": "bench-warm", "namespace": namespace},
+        "spec": {"template": "base", "size": size},
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(pool))
+    samples: list[float] = []
+    claimed = 0
+    try:
+        for index in range(count + 1):  # the first is reported apart, as for cold creates
+            wait_for(lambda: pool_size_ready(kubectl, namespace, "bench-warm", size), 60, "the pool full")
+            started = time.perf_counter()
+            sandbox: Any = Sandbox.create(template="base", **sdk)
+            elapsed = (time.perf_counter() - started) * 1000
+            pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l", f"{SANDBOX_LABEL}", "-o", "json").stdout)[
+                "items"
+            ]
+            seen = view.sandbox_by_id(sandbox.sandbox_id)
+            claimed += any(
+                (pod["metadata"].get("labels") or {}).get(SANDBOX_LABEL) == seen.name
+                and "sandbox.dev/claimed-from-pool" in (pod["metadata"].get("annotations") or {})
+                for pod in pods
+            )
+            sandbox.kill()
+            wait_for(functools.partial(view.gone, seen.name), 30, f"sandbox {seen.name} to be deleted")
+            if index:
+                samples.append(elapsed)
+    finally:
+        kubectl("delete", "sandboxpool", "bench-warm", "-n", namespace, "--wait=false", check=False)
+    return {"sandboxes": count, "claimed_from_pool": claimed, "latency": summary_ms(samples, 1)}
+
+
+def wake_run(view: ClusterView, sdk: JSON, count: int) -> JSON:
+    """An auto-resuming sandbox paused, then `commands.run` on it: the call wakes it (the gateway
+    resumes it and holds the request until the agent serves) and returns; timed from the call."""
+    from e2b import Sandbox
+
+    sandbox: Any = Sandbox.create(
+        template="base", timeout=3600, lifecycle={"on_timeout": "pause", "auto_resume": True}, **sdk
+    )
+    samples: list[float] = []
+    outputs: list[bool] = []
+    try:
+        for _ in range(count):
+            sandbox.pause()  # answered once Suspended
+            started = time.perf_counter()
+            outputs.append(sandbox.commands.run("echo woken").stdout == "woken\n")
+            samples.append((time.perf_counter() - started) * 1000)
+    finally:
+        with contextlib.suppress(Exception):
+            sandbox.kill()
+    return {"wakes": count, "all_answered": all(outputs), "latency": summary_ms(samples, 1)}
 
 
 # --- 2./3. SDK call latency, gateway vs direct --------------------------------------------------
@@ -828,6 +906,13 @@ def run(args: argparse.Namespace, workdir: Path, cleanup: list[Callable[[], None
     results["create"] = create_run(view, sdk, args.creates)
     log(f"   create p50 {results['create']['latency']['p50_ms']} ms, p99 {results['create']['latency']['p99_ms']} ms")
 
+    log(f"1b. Sandbox.create through the gateway from a SandboxPool: {args.creates} claims")
+    results["create_from_pool"] = pool_create_run(kubectl, view, sdk, namespace, args.creates)
+    log(f"   from a pool p50 {results['create_from_pool']['latency']['p50_ms']} ms")
+    log(f"1c. wake on traffic: {args.wakes} times pause, then commands.run on the paused sandbox")
+    results["wake_on_traffic"] = wake_run(view, sdk, args.wakes)
+    log(f"   wake p50 {results['wake_on_traffic']['latency']['p50_ms']} ms")
+
     base: Any = Sandbox.create(template="base", **sdk)
     base_seen = view.sandbox_by_id(base.sandbox_id)
     base_agent = view.agent_of(base_seen.name)
@@ -909,6 +994,27 @@ def fmt(value: Any, unit: str = "") -> str:
 
 def table(results: JSON, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
+    pooled = results.get("create_from_pool")
+    if pooled:
+        latency = pooled["latency"]
+        rows.append(
+            (
+                f"Sandbox.create via gateway from a SandboxPool, p50 / p99 (n={latency['n']})",
+                f"{latency['p50_ms']} / {latency['p99_ms']} ms ({pooled['claimed_from_pool']} claimed)",
+                "",
+            )
+        )
+    wake = results.get("wake_on_traffic")
+    if wake:
+        latency = wake["latency"]
+        rows.append(
+            (
+                f"wake on traffic: commands.run on a paused sandbox, p50 / p99 (n={latency['n']})",
+                f"{latency['p50_ms']} / {latency['p99_ms']} ms"
+                + ("" if wake["all_answered"] else " (NOT all answered)"),
+                "",
+            )
+        )
     create = results.get("create")
     if create:
         latency = create["latency"]
@@ -1004,6 +1110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run: fewer creates and calls, 3 s loads")
     parser.add_argument("--creates", type=int, help="cold creates through the gateway (default 20, quick 5)")
+    parser.add_argument("--wakes", type=int, help="pauses woken by a command (default 10, quick 3)")
     parser.add_argument("--iterations", type=int, help="measured SDK calls per side (default 200, quick 50)")
     parser.add_argument("--warmup", type=int, default=20, help="SDK calls per side before measuring")
     parser.add_argument("--rounds", type=int, default=4, help="gateway/direct blocks the calls are split into")
@@ -1031,6 +1138,7 @@ def main() -> None:
         parser.error("--clients: aiohttp and/or raw")
     args.creates = args.creates if args.creates is not None else (5 if args.quick else 20)
     args.iterations = args.iterations if args.iterations is not None else (50 if args.quick else 200)
+    args.wakes = args.wakes if args.wakes is not None else (3 if args.quick else 10)
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
     if args.quick:
         args.warmup = min(args.warmup, 10)
