@@ -119,7 +119,12 @@ def test_a_killed_agent_is_replaced_and_the_workspace_and_the_sdk_carry_on(
             found = [s for s in (o.get("status") or {} for o in list(watch.objects)) if s.get("reason") == "PodFailed"]
             return found[0] if found else None
 
-        crashed = wait_until(reported, timeout=60, message="the sandbox reporting the failed pod")
+        try:
+            crashed = wait_until(reported, timeout=60, message="the sandbox reporting the failed pod")
+        except AssertionError as missed:  # say what it reported instead, and what the pod says
+            seen = [(s.get("phase"), s.get("reason")) for s in (o.get("status") or {} for o in list(watch.objects))]
+            now = cluster.get_json("pod", pod["metadata"]["name"], "-n", gateway.namespace) or {}
+            raise AssertionError(f"{missed}; the Sandbox went {seen}; the pod: {now.get('status')}") from None
         assert crashed["phase"] == "Running" and _conditions(crashed)["Ready"] == ("False", "PodFailed")
         assert _conditions(crashed)["Stalled"][0] == "False"  # healing itself: kstatus InProgress, not Failed
         assert "exit code 137: killed by SIGKILL" in crashed["message"]

@@ -439,6 +439,7 @@ def test_minimal_sandbox_comes_back_with_defaults(cluster: Cluster, apply_crds: 
         "template": "base",
         "network": {},  # egress unset: the template's network decides
         "onIdle": "suspend",
+        "onLifetimeEnd": "terminate",
         "suspended": False,
     }
     sandbox = Sandbox.from_body(body)
