@@ -19,7 +19,8 @@ project's images (hack/build-images): the agent, and in the code-interpreter ima
    the scheduled time, so a stalled server cannot hide behind a slowed client), `--run-code-share`
    of them `run_code("1+1")`, the rest `commands.run("echo hi")`, round-robin over the sandboxes.
    Memory per sandbox is its container's memory cgroup (agent + kernel + their page cache), which
-   hack/container_node.py nests under its own memory cgroup as `sandbox-node-<node>/<pod uid>-<container>`.
+   hack/container_node.py nests under its own memory cgroup as
+   `sandbox-node-<node>-<state digest>/<pod uid>-<container>`.
 2. Churn (`--part churn`): `--clients` concurrent SDK clients, each looping for `--churn-duration`
    s: create a sandbox (`load-base`: the base image, emptyDir workspace, or `--churn-workspace pvc`),
    run a command, write and read a small file, kill. Every id a create returned is accounted for
@@ -159,18 +160,9 @@ class Stack:
         return self.gateway.sdk()
 
     def node_cgroups(self) -> Path:
-        """The container node's own memory cgroup directory for its containers (container_node.py:
-        `sandbox-node-<name>` under the memory cgroup the node process runs in)."""
-        for line in Path(f"/proc/{self.node_pid}/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if "memory" in controllers.split(","):
-                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                break
-        else:
-            line = next(x for x in Path(f"/proc/{self.node_pid}/cgroup").read_text().splitlines() if x[:3] == "0::")
-            base = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-        (root,) = base.glob("sandbox-node-*")
-        return root
+        """The container node's own memory cgroup directory for its containers: container_node.py
+        writes where it is to `cgroup-root` in its state dir (hack/cluster's `<state>/node`)."""
+        return Path((self.state_dir / "node" / "cgroup-root").read_text().strip())
 
     def container_cgroups(self) -> list[Path]:
         with contextlib.suppress(OSError, ValueError):

@@ -689,6 +689,17 @@ class Api:
 # host side: cgroups, crun, IPs
 
 
+CGROUP_ROOT_FILE = "cgroup-root"  # in the state dir: where this node's container cgroups are
+
+
+def node_cgroup_root(node_name: str, state_dir: Path) -> Path:
+    """The memory cgroup the node nests its containers under: named for the node *and* its state
+    dir, so two local clusters at once (an e2e session's and a chaos test's, both
+    `container-node-0`, both under this shell's cgroup) never clean up or remove each other's."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    return own_memory_cgroup() / f"sandbox-node-{node_name}-{digest}"
+
+
 def own_memory_cgroup() -> Path:
     """This process's memory cgroup directory (v1 hierarchy, or the v2 unified one)."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -1512,7 +1523,7 @@ class Node:
             host_resolv = ""
         self.resolv_conf = pod_resolv_conf(host_resolv)
         self.api = Api(Path(args.kubeconfig))
-        self.cgroup_root = own_memory_cgroup() / f"sandbox-node-{self.name}"
+        self.cgroup_root = node_cgroup_root(self.name, self.state_dir)
         self.disks = Disks(self.state_dir / "disks")
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
@@ -1776,7 +1787,7 @@ def main(argv: list[str] | None = None) -> int:
         print("container-node: crun not found; apt-get install -y crun", file=sys.stderr)
         return 1
     state_dir = Path(args.state_dir).resolve()
-    cgroup_root = own_memory_cgroup() / f"sandbox-node-{args.node_name}"
+    cgroup_root = node_cgroup_root(args.node_name, state_dir)
     if args.cleanup:
         for item in cleanup(state_dir, cgroup_root):
             log(f"removed {item}")
@@ -1787,6 +1798,7 @@ def main(argv: list[str] | None = None) -> int:
     private_mount_namespace()
     cleanup(state_dir, cgroup_root)  # a previous node of this state dir that died
     cgroup_root.mkdir(exist_ok=True)
+    (state_dir / CGROUP_ROOT_FILE).write_text(str(cgroup_root))  # for benchmarks that read the cgroups
     node = Node(args)
     node.register()
     trusted = f"; CAs from {node.ca_bundle}" if node.ca_bundle else ""

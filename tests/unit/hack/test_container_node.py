@@ -281,3 +281,13 @@ def test_a_pods_resolv_conf_is_the_hosts_name_servers() -> None:
     assert node.pod_resolv_conf(host) == "nameserver 10.255.255.53\nsearch corp.example\noptions ndots:2\n"
     assert node.pod_resolv_conf("") == "nameserver 127.0.0.53\n"
     assert node.pod_resolv_conf("search a\nnameserver\n") == "nameserver 127.0.0.53\nsearch a\n"
+
+
+def test_two_nodes_of_one_name_never_share_a_container_cgroup(tmp_path: Path) -> None:
+    # An e2e session's cluster and a chaos test's run at once, both `container-node-0` under this
+    # process's cgroup: sharing the directory, one node's start-up cleanup killed the other's containers.
+    first = node.node_cgroup_root("container-node-0", tmp_path / "a" / "node")
+    second = node.node_cgroup_root("container-node-0", tmp_path / "b" / "node")
+    assert first != second and first.parent == second.parent == node.own_memory_cgroup()
+    assert first.name.startswith("sandbox-node-container-node-0-")
+    assert node.node_cgroup_root("container-node-0", tmp_path / "a" / "node") == first  # stable for a state dir
