@@ -301,17 +301,22 @@ def test_the_gateways_signed_path_header_confines_the_request(secured: AgentProc
     assert raw(secured.envd_port, "GET", query)[::2] == (200, b"new")  # the signature alone still works
 
 
-def test_upload_part_filenames_stay_in_the_target_directory(secured: AgentProcess, tmp_path: Path) -> None:
+def test_upload_part_filenames_resolve_as_paths_do(secured: AgentProcess, tmp_path: Path) -> None:
+    # A part's filename is its destination, as the SDKs send it: resolved as a `path` would be, so an
+    # absolute one outside the home (`write_files` to /tmp) lands there, not under the home (aiohttp's
+    # parser dropped the leading "/"). The token holder may write there with `path` or a command
+    # anyway: the home was never a boundary, and a signed upload stays held to its one path (above).
     home = secured.workdir
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (home / "link-out").unlink(missing_ok=True)
-    (home / "link-out").symlink_to(elsewhere)
-    for filename in ("../escaped.txt", "a/../../escaped.txt", str(home.parent / "escaped.txt"), "link-out/x.txt"):
-        body, content_type = multipart(("file", filename, b"evil"))
-        status, _, reply = raw(secured.envd_port, "POST", "/files", {**AUTH, **content_type}, body)
-        assert status == 400 and b"target directory" in reply, (filename, reply)
-    assert not (home.parent / "escaped.txt").exists() and not list(elsewhere.iterdir())
+    body, content_type = multipart(("file", str(elsewhere / "absolute.txt"), b"abs"), ("file", "../up.txt", b"up"))
+    status, _, reply = raw(secured.envd_port, "POST", "/files", {**AUTH, **content_type}, body)
+    assert status == 200, reply
+    written = [entry["path"] for entry in json.loads(reply)]
+    assert written == [str(elsewhere / "absolute.txt"), str(home.parent / "up.txt")]
+    assert (elsewhere / "absolute.txt").read_bytes() == b"abs" and (home.parent / "up.txt").read_bytes() == b"up"
+    assert not (home / elsewhere.relative_to("/")).exists()  # not re-rooted under the home
+    (home.parent / "up.txt").unlink()
 
     # Inside it, relative, absolute or with a harmless `..`, several parts in one request work.
     body, content_type = multipart(

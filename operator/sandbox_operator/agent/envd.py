@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.message
 import errno
 import json
 import logging
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from sandbox_operator.api.names import AGENT_TOKEN_HEADER, SIGNED_PATH_HEADER
@@ -417,7 +418,7 @@ class EnvdServer:
                 continue
             if raw_path and written:
                 raise _BadUpload("with a 'path' query parameter an upload takes one file part")
-            destination = user.resolve(raw_path) if raw_path else part_destination(user, part.filename)
+            destination = user.resolve(raw_path) if raw_path else part_destination(user, part_filename(part))
             if destination in destinations:
                 raise _BadUpload(f"two file parts name the same path '{destination}'")
             destinations.add(destination)
@@ -730,21 +731,25 @@ def _init_refusal(body: JsonObject) -> str | None:
     return None
 
 
+def part_filename(part: BodyPartReader) -> str | None:
+    """A file part's filename as the client sent it: the SDKs put the destination path there. (aiohttp's
+    own parser drops a leading `/`, which turned `/tmp/a.txt` into `~/tmp/a.txt`; the standard
+    library's MIME parser keeps it, and decodes `filename*` too.)"""
+    header = part.headers.get(hdrs.CONTENT_DISPOSITION)
+    if header is None:
+        return None
+    message = email.message.Message()
+    message[hdrs.CONTENT_DISPOSITION] = header
+    return message.get_filename()
+
+
 def part_destination(user: UserContext, filename: str | None) -> Path:
-    """Where a multipart file part without a 'path' goes: its filename, relative to the user's home,
-    which it may not leave (an absolute name outside it, or one that climbs out with `..` or through a
-    symlink, is refused: _BadUpload, 400)."""
+    """Where a multipart file part without a 'path' goes: its filename, resolved as a `path` would be
+    (relative to the user's home, absolute as it is): what the user may write there, it may write
+    either way, so a part is held to nothing a `path` is not."""
     if not filename:
         raise _BadUpload("a file part has no destination path (filename or 'path')")
-    home = user.home
-    destination = user.resolve(filename)  # normalised: `..` applied
-    if home not in destination.parents:
-        raise _BadUpload(f"the part filename {filename[:256]!r} leaves the target directory '{home}'")
-    real_home = Path(os.path.realpath(home))
-    real_parent = Path(os.path.realpath(destination.parent))
-    if real_parent != real_home and real_home not in real_parent.parents:
-        raise _BadUpload(f"the part filename {filename[:256]!r} leaves the target directory '{home}' (symlink)")
-    return destination
+    return user.resolve(filename)
 
 
 class _BadUpload(Exception):
