@@ -191,3 +191,17 @@ def test_a_symlink_reports_its_resolved_absolute_target(sandbox: Any, agent: Any
     (agent.workdir / "link.txt").symlink_to("target.txt")  # relative, as `ln -s target.txt link.txt`
     info = sandbox.files.get_info("link.txt")
     assert info.symlink_target == str((agent.workdir / "target.txt").resolve())
+
+
+def test_a_directory_under_a_setgid_parent_reports_its_permission_bits(sandbox: Any, agent: Any) -> None:
+    # A sandbox's home is setgid (its volume's fsGroup) and new directories inherit the bit: E2B's SDK
+    # tests expect drwxr-xr-x and 0o755 for a new directory, as under E2B's plain home.
+    parent = agent.workdir / "setgid"
+    parent.mkdir()
+    parent.chmod(0o2755)
+    assert sandbox.files.make_dir("setgid/child") is True
+    assert (parent / "child").stat().st_mode & 0o2000  # the bit is there: only its report leaves it out
+    info = sandbox.files.get_info("setgid/child")
+    assert (info.permissions, info.mode) == ("drwxr-xr-x", 0o755)
+    (listed,) = sandbox.files.list("setgid")
+    assert listed.permissions == "drwxr-xr-x"

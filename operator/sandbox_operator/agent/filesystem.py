@@ -96,10 +96,10 @@ def entry_info(path: Path, include_metadata: bool = True) -> JsonObject:
         "type": file_type,
         "path": str(path),
         "size": str(info.st_size),
-        # The permission bits only (envd's FileMode.Perm()): a directory made under the setgid home
-        # reports 0o755, not 0o2755.
+        # The permission bits only (envd's FileMode.Perm()), in both: a directory made under the
+        # setgid home (the volume's fsGroup) reports 0o755 and drwxr-xr-x, as it does under E2B's.
         "mode": stat.S_IMODE(info.st_mode) & 0o777,
-        "permissions": stat.filemode(info.st_mode),
+        "permissions": stat.filemode(stat.S_IFMT(info.st_mode) | (info.st_mode & 0o777)),
         "owner": _owner_name(info.st_uid),
         "group": _group_name(info.st_gid),
         "modifiedTime": format_timestamp(info.st_mtime_ns),
