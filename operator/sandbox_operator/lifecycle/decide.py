@@ -285,13 +285,10 @@ class _Reconcile:
         if not self._passed(self.deadlines.max_lifetime):
             return None
         if self.lifetime_suspends and may_suspend:
-            plan = _Plan(
-                Phase.SUSPENDING,
+            plan = self._held_suspension(
                 Reason.MAX_LIFETIME,
                 "the sandbox reached the end of its lifetime: suspending (onLifetimeEnd: suspend)",
-                actions=self._delete_pod(),
-                suspended_by=SuspendCause.MAX_LIFETIME,
-                resume_request_seen=self.observed.resume_request,
+                SuspendCause.MAX_LIFETIME,
             )
         else:
             plan = self._terminate(Reason.MAX_LIFETIME, "the sandbox reached its maximum lifetime")
@@ -411,16 +408,23 @@ class _Reconcile:
         if self.desired.on_idle is OnIdle.TERMINATE:
             plan = self._terminate(Reason.IDLE_TIMEOUT, "the sandbox was idle for too long")
         else:
-            plan = _Plan(
-                Phase.SUSPENDING,
-                Reason.IDLE_TIMEOUT,
-                "the sandbox was idle for too long: suspending",
-                actions=self._delete_pod(),
-                suspended_by=SuspendCause.IDLE_TIMEOUT,
-                resume_request_seen=self.observed.resume_request,
+            plan = self._held_suspension(
+                Reason.IDLE_TIMEOUT, "the sandbox was idle for too long: suspending", SuspendCause.IDLE_TIMEOUT
             )
         plan.fired_timeout = TimeoutKind.IDLE
         return plan
+
+    def _held_suspension(self, reason: Reason, message: str, cause: SuspendCause) -> _Plan:
+        """A suspension the operator decides (a timeout): recorded in status with the resume request
+        seen now, so that only a new one releases it (spec stays the user's)."""
+        return _Plan(
+            Phase.SUSPENDING,
+            reason,
+            message,
+            actions=self._delete_pod(),
+            suspended_by=cause,
+            resume_request_seen=self.observed.resume_request,
+        )
 
     def _reset_attempts_when_stable(self, plan: _Plan) -> None:
         last = self.observed.last_recreate_at

@@ -9,10 +9,22 @@ from dataclasses import replace
 from lifecycle_factories import T0, at, desired, observed, work
 
 from sandbox_operator.api import OnIdle, Phase
-from sandbox_operator.lifecycle import CreatePod, DeletePod, Reason, SuspendCause, decide, status_patch
+from sandbox_operator.lifecycle import CreatePod, DeletePod, Observed, Reason, SuspendCause, decide, status_patch
 
 P = Phase
 SUSPENDS = {"on_lifetime_end": OnIdle.SUSPEND, "idle_timeout": None}
+
+
+def held_by_lifetime(resume_request: str) -> Observed:
+    """Suspended by its lifetime's end when the resume request was "r1"; now it is `resume_request`."""
+    return observed(
+        P.SUSPENDED,
+        reason=Reason.MAX_LIFETIME,
+        suspended_by=SuspendCause.MAX_LIFETIME,
+        resume_request_seen="r1",
+        resume_request=resume_request,
+        pod=None,
+    )
 
 
 def test_the_end_of_the_lifetime_suspends_a_running_sandbox() -> None:
@@ -29,14 +41,7 @@ def test_the_end_of_the_lifetime_suspends_a_running_sandbox() -> None:
 
 
 def test_a_suspension_by_the_lifetime_is_held_and_never_terminates() -> None:
-    held = observed(
-        P.SUSPENDED,
-        reason=Reason.MAX_LIFETIME,
-        suspended_by=SuspendCause.MAX_LIFETIME,
-        resume_request_seen="r1",
-        resume_request="r1",
-        pod=None,
-    )
+    held = held_by_lifetime(resume_request="r1")
     for later in (at(minutes=61), at(minutes=60 * 24 * 30)):
         stays = decide(desired(**SUSPENDS), held, later)
         assert stays.phase is P.SUSPENDED and not stays.has_action(CreatePod)
@@ -45,14 +50,7 @@ def test_a_suspension_by_the_lifetime_is_held_and_never_terminates() -> None:
 
 
 def test_a_resume_with_a_later_end_runs_it_again() -> None:
-    held = observed(
-        P.SUSPENDED,
-        reason=Reason.MAX_LIFETIME,
-        suspended_by=SuspendCause.MAX_LIFETIME,
-        resume_request_seen="r1",
-        resume_request="r2",
-        pod=None,
-    )
+    held = held_by_lifetime(resume_request="r2")
     later_end = desired(**SUSPENDS, end_at=at(minutes=120))
     resumed = decide(later_end, held, at(minutes=70))
     assert resumed.phase is P.RESUMING and resumed.has_action(CreatePod)
@@ -60,14 +58,7 @@ def test_a_resume_with_a_later_end_runs_it_again() -> None:
 
 
 def test_a_resume_with_the_lifetime_still_over_stays_suspended_and_says_why() -> None:
-    held = observed(
-        P.SUSPENDED,
-        reason=Reason.MAX_LIFETIME,
-        suspended_by=SuspendCause.MAX_LIFETIME,
-        resume_request_seen="r1",
-        resume_request="r2",
-        pod=None,
-    )
+    held = held_by_lifetime(resume_request="r2")
     stays = decide(desired(**SUSPENDS), held, at(minutes=70))
     assert stays.phase is P.SUSPENDED and not stays.has_action(CreatePod)
     assert "lifetime is over" in stays.message and "sandbox.dev/end-at" in stays.message
