@@ -992,39 +992,30 @@ def fmt(value: Any, unit: str = "") -> str:
     return "-" if value is None else f"{value}{unit}"
 
 
+def latency_row(label: str, latency: JSON, note: str = "", target: str = "") -> tuple[str, str, str]:
+    """A table row of a latency summary: its p50 / p99 in ms, with n in the label."""
+    return (
+        f"{label}, p50 / p99 (n={latency['n']})",
+        f"{fmt(latency.get('p50_ms'))} / {fmt(latency.get('p99_ms'))} ms{note}",
+        target,
+    )
+
+
 def table(results: JSON, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     pooled = results.get("create_from_pool")
     if pooled:
-        latency = pooled["latency"]
-        rows.append(
-            (
-                f"Sandbox.create via gateway from a SandboxPool, p50 / p99 (n={latency['n']})",
-                f"{latency['p50_ms']} / {latency['p99_ms']} ms ({pooled['claimed_from_pool']} claimed)",
-                "",
-            )
-        )
+        claimed = f" ({pooled['claimed_from_pool']} claimed)"
+        rows.append(latency_row("Sandbox.create via gateway from a SandboxPool", pooled["latency"], claimed))
     wake = results.get("wake_on_traffic")
     if wake:
-        latency = wake["latency"]
-        rows.append(
-            (
-                f"wake on traffic: commands.run on a paused sandbox, p50 / p99 (n={latency['n']})",
-                f"{latency['p50_ms']} / {latency['p99_ms']} ms"
-                + ("" if wake["all_answered"] else " (NOT all answered)"),
-                "",
-            )
-        )
+        answered = "" if wake["all_answered"] else " (NOT all answered)"
+        rows.append(latency_row("wake on traffic: commands.run on a paused sandbox", wake["latency"], answered))
     create = results.get("create")
     if create:
         latency = create["latency"]
-        rows.append(
-            (
-                f"Sandbox.create via gateway, cold, p50 / p99 (n={latency['n']})",
-                f"{fmt(latency.get('p50_ms'))} / {fmt(latency.get('p99_ms'))} ms",
-                "(operator alone: Running p50 <= 250, p99 <= 1000 ms)",
-            )
-        )
+        operator_target = "(operator alone: Running p50 <= 250, p99 <= 1000 ms)"
+        rows.append(latency_row("Sandbox.create via gateway, cold", latency, target=operator_target))
         stages = create["stages_ms_from_post_sent"]
         rows.append(
             (

@@ -303,10 +303,11 @@ def sandbox_from_request(
     }
 
 
-def _optional_bool(request: Mapping[str, Any], field: str) -> bool | None:
+def _optional_bool(request: Mapping[str, Any], field: str, name: str | None = None) -> bool | None:
+    """A boolean field, None when absent or null; anything else is refused, naming it (`name`)."""
     value = request.get(field)
     if value is not None and not isinstance(value, bool):
-        raise BadRequest(f"{field} must be a boolean (true or false)")
+        raise BadRequest(f"{name or field} must be a boolean (true or false)")
     return value
 
 
@@ -341,7 +342,7 @@ def wakes_on_traffic(body: Mapping[str, Any]) -> bool:
         auto_resumes(body)
         and phase_of(body) in (*PAUSED_PHASES, Phase.RESUMING)
         and not deleting(body)
-        and (body.get("spec") or {}).get("suspended") is not True
+        and not suspended_by_spec(body)
     )
 
 
@@ -365,12 +366,10 @@ def lifecycle_detail(body: Mapping[str, Any]) -> JSON:
 def allow_public_traffic(request: Mapping[str, Any]) -> bool:
     """network.allowPublicTraffic: a boolean, true when absent or null (E2B's default)."""
     network = request.get("network")
-    value = network.get("allowPublicTraffic") if isinstance(network, Mapping) else None
-    if value is None:
+    if not isinstance(network, Mapping):
         return True
-    if not isinstance(value, bool):
-        raise BadRequest("network.allowPublicTraffic must be a boolean (true or false)")
-    return value
+    value = _optional_bool(network, "allowPublicTraffic", "network.allowPublicTraffic")
+    return True if value is None else value
 
 
 def _network_from_request(request: Mapping[str, Any]) -> JSON:
@@ -473,9 +472,14 @@ def resume_patch(now: datetime, end: datetime | None = None) -> JSON:
     return {"metadata": {"annotations": annotations}}
 
 
+def suspended_by_spec(body: Mapping[str, Any]) -> bool:
+    """Its author holds it suspended (spec.suspended: true): no API call or traffic resumes it."""
+    return (body.get("spec") or {}).get("suspended") is True
+
+
 def ensure_resumable(body: Mapping[str, Any], sandbox_id: str) -> None:
     """A sandbox suspended by its spec resumes only by a spec change: its author's, not an API call's."""
-    if (body.get("spec") or {}).get("suspended") is True:
+    if suspended_by_spec(body):
         raise Refused(
             409, f"sandbox {sandbox_id} is suspended by its spec (spec.suspended: true): set it to false to resume"
         )
@@ -1048,8 +1052,13 @@ WEBSOCKET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _UNSENDABLE_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
 
 
+def _header_list(value: str | None) -> list[str]:
+    """A comma-separated header's items, trimmed, empty ones left out (RFC 9110 §5.6.1)."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 def _header_tokens(value: str | None) -> list[str]:
-    return [token.strip().lower() for token in (value or "").split(",") if token.strip()]
+    return [token.lower() for token in _header_list(value)]
 
 
 def websocket_upgrade(method: str, headers: Mapping[str, str]) -> bool:
@@ -1064,8 +1073,7 @@ def websocket_upgrade(method: str, headers: Mapping[str, str]) -> bool:
 
 def websocket_protocols(headers: Mapping[str, str]) -> tuple[str, ...]:
     """The subprotocols the client offers, in its order, offered to the sandbox as they are."""
-    offered = headers.get("Sec-WebSocket-Protocol") or ""
-    return tuple(protocol.strip() for protocol in offered.split(",") if protocol.strip())
+    return tuple(_header_list(headers.get("Sec-WebSocket-Protocol")))
 
 
 def relayed_close_code(code: int | None) -> int:

@@ -455,10 +455,11 @@ class Gateway:
             self.api_failure = failure
             await asyncio.sleep(API_PROBE_INTERVAL_S)
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)
         self._background.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _delete_unanswered_create(self, namespace: str, name: str) -> None:
         """Delete the Sandbox of a create the API server did not answer, should it have applied it
@@ -708,9 +709,7 @@ class Gateway:
         # The relay runs as a task of its own: a client that goes away cancels this handler, and the
         # relay must still see that as the client's close and close the sandbox's side with it.
         self._websockets.add(client_side)
-        relay = asyncio.create_task(_relay_messages(client_side, sandbox_side))
-        self._background.add(relay)
-        relay.add_done_callback(self._background.discard)
+        relay = self._spawn(_relay_messages(client_side, sandbox_side), f"websocket-{route.sandbox_id}")
         relay.add_done_callback(lambda _: self._websockets.discard(client_side))
         await asyncio.shield(relay)
         return client_side
